@@ -1,0 +1,144 @@
+"""Configuration: every `VLA_*` environment variable, its default and what is allowed.
+
+The single source of truth for settings. `Settings.from_env()` validates everything at
+start-up and raises `ConfigError` with one line naming the variable, the value and what is
+allowed; `vla-inference config` prints the effective values.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "VLA_"
+
+
+class ConfigError(ValueError):
+    """An invalid VLA_* value; the message is one line for the operator."""
+
+
+class Settings(BaseSettings):
+    """Server settings. Field `x` is read from `VLA_X`."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    # --- model -----------------------------------------------------------------------------
+    model_type: str = Field("pi0", description="Model family: pi0 (also pi0.5 checkpoints), openvla, groot")
+    model_path: str = Field("", description="Checkpoint directory; empty serves the embedded pi0 demo model")
+    device: str = Field("cpu", description="Torch device: cpu, cuda, cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight precision; auto = bfloat16 on CUDA, float32 on CPU"
+    )
+    chunk_size: int = Field(16, ge=1, le=1024, description="Most actions returned per chunk")
+    action_dim: int = Field(7, ge=1, le=128, description="Action dimensions returned when the checkpoint does not say")
+    image_width: int = Field(224, ge=16, le=4096, description="Model input width (images are resized to it)")
+    image_height: int = Field(224, ge=16, le=4096, description="Model input height")
+    tokenizer_path: str = Field("", description="Tokenizer file when the checkpoint has none")
+    norm_stats_key: str = Field("", description="Normalisation statistics to use when a checkpoint has several")
+    num_denoise_steps: int = Field(0, ge=0, le=100, description="Flow-matching steps; 0 = the model's default")
+    compile: bool = Field(False, description="torch.compile the model (CUDA)")
+
+    # --- serving ---------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="gRPC bind address (0.0.0.0 in containers)")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    max_workers: int = Field(4, ge=1, le=64, description="Threads for image decoding and preprocessing")
+    max_message_size_mb: int = Field(16, ge=1, le=1024, description="Largest gRPC message, both directions")
+    batch_size: int = Field(1, ge=1, le=256, description="Largest batch the engine forms")
+    batch_timeout_ms: float = Field(2.0, ge=0, le=1000, description="Longest wait for a batch to fill")
+    max_queue_size: int = Field(64, ge=1, le=100000, description="Requests admitted at once; more get RESOURCE_EXHAUSTED")
+    timeout_ms: int = Field(5000, ge=1, le=3_600_000, description="Deadline for requests that set none")
+    warmup_batches: int = Field(2, ge=0, le=100, description="Dummy batches run before SERVING")
+    shutdown_grace_s: float = Field(10.0, ge=0, le=600, description="Time to finish accepted requests on SIGTERM")
+    stuck_after_s: float = Field(30.0, gt=0, le=3600, description="A forward pass longer than this turns health NOT_SERVING")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level")
+
+    # --- input limits ----------------------------------------------------------------------
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=1, le=1 << 28, description="Most pixels per decoded image (checked before decoding)"
+    )
+    max_cameras: int = Field(4, ge=1, le=16, description="Most camera frames per observation")
+    max_joints: int = Field(128, ge=1, le=4096, description="Most joint values per observation")
+    max_instruction_chars: int = Field(1000, ge=1, le=100000, description="Longest language instruction")
+    max_stream_rate_hz: float = Field(
+        200.0, ge=0, le=100000, description="Most observations per second per stream; 0 = unlimited"
+    )
+
+    # --- metrics ---------------------------------------------------------------------------
+    metrics_enabled: bool = Field(True, description="Serve Prometheus metrics")
+    metrics_host: str = Field("127.0.0.1", description="Metrics bind address")
+    metrics_port: int = Field(9090, ge=0, le=65535, description="Metrics port; 0 picks a free one")
+
+    @field_validator("model_type")
+    @classmethod
+    def _known_model_type(cls, value: str) -> str:
+        from vla_inference.models.registry import available_model_types
+
+        value = value.strip().lower()
+        known = available_model_types()
+        if value not in known:
+            raise ValueError(f"one of {', '.join(known)}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value == "cpu" or value == "cuda" or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError("cpu, cuda or cuda:N")
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_size_mb * 1024 * 1024
+
+    def explicitly_set(self, name: str) -> bool:
+        """Whether the operator set this field (rather than it taking its default)."""
+        return name in self.model_fields_set
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Settings:
+        """Read VLA_* variables; raise ConfigError naming the first bad variable."""
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            raise ConfigError(_one_line(exc, overrides)) from None
+
+
+def _one_line(exc: ValidationError, overrides: dict[str, Any]) -> str:
+    error = exc.errors()[0]
+    field = str(error["loc"][0]) if error["loc"] else "?"
+    variable = ENV_PREFIX + field.upper()
+    value = overrides.get(field, os.environ.get(variable, error.get("input")))
+    allowed = _allowed(field, error)
+    return f"invalid {variable}={value!r}: expected {allowed}"
+
+
+def _allowed(field: str, error: Any) -> str:
+    info = Settings.model_fields.get(field)
+    message = str(error.get("msg", "")).removeprefix("Value error, ")
+    if info is None:
+        return message
+    bounds = []
+    for item in info.metadata:
+        for name, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            bound = getattr(item, name, None)
+            if bound is not None:
+                bounds.append(f"{word} {bound}")
+    kind = info.annotation.__name__ if isinstance(info.annotation, type) else None
+    if error.get("type", "").endswith("_parsing") or error.get("type") in {"int_type", "float_type", "bool_type"}:
+        kind_text = {"int": "a whole number", "float": "a number", "bool": "true or false"}.get(kind or "", kind)
+        return f"{kind_text}{' ' + ' and '.join(bounds) if bounds else ''}"
+    if bounds and error.get("type", "") in {"greater_than_equal", "less_than_equal", "greater_than", "less_than"}:
+        return " and ".join(bounds)
+    return message
+
+
+def describe(settings: Settings) -> list[tuple[str, str, str]]:
+    """(variable, effective value, description) for every setting, for `vla-inference config`."""
+    rows = []
+    for name, info in Settings.model_fields.items():
+        rows.append((ENV_PREFIX + name.upper(), str(getattr(settings, name)), info.description or ""))
+    return rows

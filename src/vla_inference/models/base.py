@@ -1,0 +1,183 @@
+"""The model-agnostic contract between the engine and every model family.
+
+A request travels through a model in three stages, each testable alone:
+
+  prepare(observation)      -> PreparedSample   (CPU, worker pool, thread-safe: validate, resize,
+                                                   normalise, tokenise)
+  forward(samples)          -> list[RawOutput]  (the model worker: one batched pass on the device)
+  finish(raw, sample)       -> ActionPrediction (CPU: un-normalise, slice to the robot)
+
+`predict(observation)` chains the three for one sample. The engine calls them separately so
+that preprocessing overlaps with the model and requests from many robots share one forward pass.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from vla_inference.config import Settings
+
+
+class InvalidObservation(ValueError):
+    """The observation cannot be served; `field` names the offending proto field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class ModelLoadError(RuntimeError):
+    """The checkpoint cannot be loaded; the message says what is missing and where to put it."""
+
+
+@dataclass(frozen=True)
+class Observation:
+    """A decoded, transport-independent observation."""
+
+    images: Mapping[str, np.ndarray]  # camera name -> (H, W, 3) uint8 RGB
+    joint_positions: np.ndarray  # (J,) float32
+    instruction: str
+    embodiment: str = ""  # "" = the model's default embodiment
+    joint_velocities: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (J,) or (0,)
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class ActionPrediction:
+    """A chunk of actions in the robot's units."""
+
+    actions: np.ndarray  # (T, D) float32
+    confidence: float  # in [0, 1]; meaning: ModelDescription.confidence_definition
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """What GetModelInfo reports and what the transport validates against."""
+
+    name: str
+    version: str
+    family: str
+    action_dim: int  # dimensions returned per action
+    chunk_size: int  # actions returned per chunk = min(settings.chunk_size, horizon)
+    horizon: int  # the model's own horizon
+    embodiments: tuple[str, ...]
+    default_embodiment: str
+    state_dims: Mapping[str, int]  # embodiment -> expected len(joint_positions)
+    camera_names: tuple[str, ...]
+    image_size: tuple[int, int]  # (width, height)
+    device: str
+    dtype: str
+    confidence_definition: str
+    demo: bool = False
+
+
+@dataclass
+class PreparedSample:
+    """One observation ready for the network. `inputs` is family-specific."""
+
+    inputs: Any
+    embodiment: str
+    seed: int
+    batch_key: Hashable = None  # samples share a batch only when their keys are equal
+
+
+class VLAModel(abc.ABC):
+    """Base class of every model family. Adding a model = one subclass + one registry line."""
+
+    #: The VLA_MODEL_TYPE value this class serves.
+    model_type: ClassVar[str]
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @abc.abstractmethod
+    def load(self, checkpoint_path: str | None, device: str) -> None:
+        """Load weights from `checkpoint_path` (None/"" = the family's embedded default, if any)."""
+
+    @property
+    @abc.abstractmethod
+    def model_info(self) -> ModelDescription:
+        """Describe the loaded model."""
+
+    @abc.abstractmethod
+    def prepare(self, observation: Observation) -> PreparedSample:
+        """Validate and preprocess one observation (thread-safe, no device work required).
+
+        Raises InvalidObservation naming the field when the observation cannot be served.
+        """
+
+    @abc.abstractmethod
+    def forward(self, samples: Sequence[PreparedSample]) -> list[Any]:
+        """Run one batched pass over samples that share a batch_key; one raw output per sample.
+
+        Each sample's sampling noise comes from its own seed, so a sample's output does not
+        depend on the other samples in the batch.
+        """
+
+    @abc.abstractmethod
+    def finish(self, raw: Any, sample: PreparedSample) -> ActionPrediction:
+        """Turn one raw output into actions in the robot's units."""
+
+    def predict_batch(self, samples: Sequence[PreparedSample]) -> list[ActionPrediction]:
+        return [self.finish(raw, s) for raw, s in zip(self.forward(samples), samples, strict=True)]
+
+    def predict(self, observation: Observation) -> ActionPrediction:
+        """Convenience for scripts and tests: prepare -> forward -> finish for one observation."""
+        return self.predict_batch([self.prepare(observation)])[0]
+
+    def warmup_observation(self) -> Observation:
+        """A valid dummy observation for warm-up batches."""
+        info = self.model_info
+        width, height = info.image_size
+        images = {name: np.zeros((height, width, 3), np.uint8) for name in info.camera_names[:1]}
+        joints = np.zeros(info.state_dims.get(info.default_embodiment, 0), np.float32)
+        return Observation(images=images, joint_positions=joints, instruction="warm up", seed=0)
+
+    def resolve_embodiment(self, tag: str) -> str:
+        """Map an Observation.embodiment_tag to a known embodiment, or raise InvalidObservation."""
+        info = self.model_info
+        tag = tag.strip()
+        if not tag:
+            return info.default_embodiment
+        if tag in info.embodiments:
+            return tag
+        raise InvalidObservation(
+            "embodiment_tag",
+            f"unknown embodiment {tag!r}; this model supports: {', '.join(info.embodiments)}",
+        )
+
+    def check_joints(self, observation: Observation, embodiment: str) -> None:
+        """Shared joint checks: count for the embodiment, finite values, velocities shape."""
+        expected = self.model_info.state_dims.get(embodiment)
+        joints = observation.joint_positions
+        if expected is not None and joints.shape != (expected,):
+            raise InvalidObservation(
+                "joint_positions",
+                f"expected {expected} values for embodiment {embodiment!r}, got {joints.size}",
+            )
+        if not np.all(np.isfinite(joints)):
+            raise InvalidObservation("joint_positions", "values must be finite (found NaN or inf)")
+        velocities = observation.joint_velocities
+        if velocities.size:
+            if velocities.shape != joints.shape:
+                raise InvalidObservation(
+                    "joint_velocities",
+                    f"expected 0 or {joints.size} values (one per joint position), got {velocities.size}",
+                )
+            if not np.all(np.isfinite(velocities)):
+                raise InvalidObservation("joint_velocities", "values must be finite (found NaN or inf)")
+
+
+def seeded_generator(seed: int, device: Any = "cpu") -> Any:
+    """A torch.Generator for one sample's noise, so batching never changes a sample's draw."""
+    import torch
+
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+    return generator

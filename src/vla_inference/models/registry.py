@@ -1,0 +1,38 @@
+"""The model registry: VLA_MODEL_TYPE -> model class.
+
+Only real backends are listed. Classes are imported lazily so that `vla-inference config`
+and the transport tests do not pay for importing torch model code.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from vla_inference.config import Settings
+from vla_inference.models.base import VLAModel
+
+# model type -> "module:ClassName"
+MODEL_CLASSES: dict[str, str] = {
+    "pi0": "vla_inference.models.pi0.policy:Pi0Policy",
+}
+
+
+def available_model_types() -> list[str]:
+    return sorted(MODEL_CLASSES)
+
+
+def model_class(model_type: str) -> type[VLAModel]:
+    try:
+        target = MODEL_CLASSES[model_type]
+    except KeyError:
+        raise ValueError(f"unknown model type {model_type!r}; available: {', '.join(available_model_types())}")
+    module_name, class_name = target.split(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    if not (isinstance(cls, type) and issubclass(cls, VLAModel)):
+        raise TypeError(f"{target} is not a VLAModel")
+    return cls
+
+
+def create_model(settings: Settings) -> VLAModel:
+    """Instantiate (not load) the model class that settings.model_type names."""
+    return model_class(settings.model_type)(settings)

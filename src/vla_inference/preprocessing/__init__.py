@@ -1,0 +1,1 @@
+"""Preprocessing shared by every model family: image decoding and resizing."""
