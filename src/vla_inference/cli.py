@@ -1,0 +1,160 @@
+"""The `vla-inference` command: serve, predict, info, health, config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from vla_inference.config import ConfigError, Settings, describe
+
+
+def _settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except ConfigError as exc:
+        print(f"vla-inference: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = _settings()
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    from vla_inference.models.base import ModelLoadError
+    from vla_inference.transport.server import VLAServer
+
+    try:
+        server = VLAServer(settings)
+        asyncio.run(server.serve_forever())
+    except (ModelLoadError, OSError, RuntimeError, ValueError) as exc:
+        logging.getLogger("vla_inference").error("cannot serve: %s", exc)
+        return 1
+    return 0
+
+
+def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from vla_inference.client import ChannelSecurity, VLAClient
+
+    def read(path: str) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    security = ChannelSecurity(
+        token=args.token or _token_from_file(args.token_file),
+        root_certificates=read(args.ca_cert),
+        certificate_chain=read(args.client_cert),
+        private_key=read(args.client_key),
+    )
+    return VLAClient(args.target, timeout=args.timeout, security=security)
+
+
+def _token_from_file(path: str) -> str:
+    return Path(path).read_text().strip().splitlines()[0] if path else ""
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import grpc
+
+    joints = [float(x) for x in args.joints.replace(",", " ").split()] if args.joints else []
+    image = Path(args.image).read_bytes()
+    with _client(args) as client:
+        try:
+            chunk = client.predict(
+                image, joints, args.instruction, embodiment=args.embodiment, seed=args.seed, request_id="cli"
+            )
+        except grpc.RpcError as exc:
+            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    out = {
+        "model": chunk.model_name,
+        "confidence": round(chunk.confidence, 6),
+        "inference_time_ms": round(chunk.inference_time_ms, 3),
+        "actions": [[round(v, 6) for v in a.joint_commands] for a in chunk.actions],
+    }
+    print(json.dumps(out))
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf import json_format
+
+    with _client(args) as client:
+        try:
+            info = client.info()
+        except grpc.RpcError as exc:
+            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print(json.dumps(json_format.MessageToDict(info), indent=2))
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    """Exit 0 only when the server answers SERVING on the standard health service."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with _client(args) as client:
+        try:
+            stub = health_pb2_grpc.HealthStub(client._channel)
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"not serving: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _config(args: argparse.Namespace) -> int:
+    settings = _settings()
+    rows = describe(settings)
+    width = max(len(r[0]) for r in rows)
+    for variable, value, help_text in rows:
+        shown = "***" if ("TOKEN" in variable and value) else value
+        print(f"{variable:<{width}}  {shown!s:<24}  {help_text}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vla-inference", description="gRPC server for VLA robot policies")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="serve the model chosen by VLA_* variables").set_defaults(fn=_serve)
+    sub.add_parser("config", help="print the effective configuration").set_defaults(fn=_config)
+
+    def client_parser(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        default_target = f"localhost:{os.environ.get('VLA_GRPC_PORT', '50051')}"
+        p.add_argument("--target", default=os.environ.get("VLA_TARGET", default_target), help="host:port")
+        p.add_argument("--timeout", type=float, default=10.0, help="seconds")
+        p.add_argument("--token", default=os.environ.get("VLA_CLIENT_TOKEN", ""), help="bearer token")
+        p.add_argument("--token-file", default="", help="file whose first line is the bearer token")
+        p.add_argument("--ca-cert", default="", help="CA certificate (PEM) to verify the server: enables TLS")
+        p.add_argument("--client-cert", default="", help="client certificate (PEM) for mutual TLS")
+        p.add_argument("--client-key", default="", help="client private key (PEM) for mutual TLS")
+        return p
+
+    p = client_parser("predict", "send one observation and print the action chunk as JSON")
+    p.add_argument("--image", required=True, help="JPEG or PNG file (main camera)")
+    p.add_argument("--instruction", default="", help="language instruction")
+    p.add_argument("--joints", default="", help="joint positions, comma or space separated")
+    p.add_argument("--embodiment", default="", help="embodiment tag")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.set_defaults(fn=_predict)
+    client_parser("info", "print the served model's description").set_defaults(fn=_info)
+    client_parser("health", "exit 0 when the server is SERVING (container probe)").set_defaults(fn=_health)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.fn(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

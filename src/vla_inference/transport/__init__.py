@@ -1,0 +1,1 @@
+"""gRPC transport: server assembly, request handlers, proto <-> domain conversion, status mapping."""

@@ -1,0 +1,178 @@
+"""Conversion between protobuf messages and the domain types of models/base.py.
+
+Cheap structural checks (sizes, counts, finite numbers) happen here with messages that name the
+proto field. Image decoding happens here too but is called from the worker pool.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+
+from vla_inference.api.v1 import vla_inference_pb2 as pb
+from vla_inference.config import Settings
+from vla_inference.engine import Completed
+from vla_inference.models.base import InvalidObservation, ModelDescription, Observation
+from vla_inference.preprocessing.images import JPEG, PNG, RAW_RGB, ImageError, decode_image
+
+MAX_REQUEST_ID_CHARS = 128
+BASE_CAMERA = "base"
+CAMERA_ALIASES = {"wrist": "left_wrist", "main": "base", "left": "left_wrist", "right": "right_wrist"}
+_ENCODINGS = {
+    pb.IMAGE_ENCODING_UNSPECIFIED: JPEG,
+    pb.IMAGE_ENCODING_JPEG: JPEG,
+    pb.IMAGE_ENCODING_PNG: PNG,
+    pb.IMAGE_ENCODING_RAW_RGB: RAW_RGB,
+}
+
+
+@dataclass(frozen=True)
+class _EncodedImage:
+    field: str
+    data: bytes
+    encoding: str
+    width: int
+    height: int
+
+
+def check_envelope(request: pb.Observation, settings: Settings, info: ModelDescription) -> None:
+    """Checks that need no decoding: run on the event loop before any work is queued."""
+    if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidObservation("request_id", f"at most {MAX_REQUEST_ID_CHARS} characters")
+    if len(request.language_instruction) > settings.max_instruction_chars:
+        raise InvalidObservation(
+            "language_instruction",
+            f"{len(request.language_instruction)} characters, over the limit of {settings.max_instruction_chars}",
+        )
+    joints = len(request.joint_positions)
+    if joints > settings.max_joints or len(request.joint_velocities) > settings.max_joints:
+        raise InvalidObservation("joint_positions", f"at most {settings.max_joints} values")
+    cameras = len(request.cameras) + (1 if request.camera_image else 0)
+    if cameras > settings.max_cameras:
+        raise InvalidObservation("cameras", f"{cameras} camera frames, over the limit of {settings.max_cameras}")
+    if cameras == 0:
+        raise InvalidObservation("camera_image", "no image: send camera_image or at least one entry in cameras")
+
+
+def _encoded_images(request: pb.Observation, info: ModelDescription) -> dict[str, _EncodedImage]:
+    images: dict[str, _EncodedImage] = {}
+    if request.camera_image:
+        images[BASE_CAMERA] = _EncodedImage(
+            "camera_image",
+            request.camera_image,
+            _encoding(request.camera_image_encoding, "camera_image_encoding"),
+            request.camera_image_width,
+            request.camera_image_height,
+        )
+    for index, camera in enumerate(request.cameras):
+        field = f"cameras[{index}]"
+        name = camera.name.strip().lower()
+        name = CAMERA_ALIASES.get(name, name)
+        if not name:
+            raise InvalidObservation(f"{field}.name", "camera name is empty")
+        if name in images:
+            raise InvalidObservation(f"{field}.name", f"camera {name!r} is given twice")
+        if name not in info.camera_names:
+            raise InvalidObservation(
+                f"{field}.name",
+                f"unknown camera {camera.name!r}; this model uses: {', '.join(info.camera_names)}",
+            )
+        images[name] = _EncodedImage(
+            field, camera.data, _encoding(camera.encoding, f"{field}.encoding"), camera.width, camera.height
+        )
+    return images
+
+
+def _encoding(value: int, field: str) -> str:
+    try:
+        return _ENCODINGS[value]
+    except KeyError:
+        raise InvalidObservation(field, f"unknown image encoding {value}; use JPEG, PNG or RAW_RGB") from None
+
+
+def observation_from_proto(request: pb.Observation, settings: Settings, info: ModelDescription) -> Observation:
+    """Decode images and copy fields; CPU work, called in the worker pool."""
+    images = {}
+    for name, encoded in _encoded_images(request, info).items():
+        try:
+            images[name] = decode_image(
+                encoded.data,
+                encoded.encoding,
+                width=encoded.width,
+                height=encoded.height,
+                max_pixels=settings.max_image_pixels,
+            )
+        except ImageError as exc:
+            raise InvalidObservation(encoded.field, str(exc)) from None
+    joints = np.asarray(request.joint_positions, dtype=np.float32)
+    if not np.all(np.isfinite(joints)):
+        raise InvalidObservation("joint_positions", "values must be finite (found NaN or inf)")
+    velocities = np.asarray(request.joint_velocities, dtype=np.float32)
+    if not np.all(np.isfinite(velocities)):
+        raise InvalidObservation("joint_velocities", "values must be finite (found NaN or inf)")
+    seed = request.seed if request.HasField("seed") else secrets.randbits(63)
+    return Observation(
+        images=images,
+        joint_positions=joints,
+        joint_velocities=velocities,
+        instruction=request.language_instruction,
+        embodiment=request.embodiment_tag,
+        seed=seed,
+    )
+
+
+def action_chunk(
+    request: pb.Observation,
+    done: Completed,
+    model_name: str,
+    *,
+    decode_s: float,
+    preprocess_s: float,
+    total_s: float,
+    skipped: list[str] | None = None,
+) -> pb.ActionChunk:
+    """Build the answer for one request."""
+    actions = np.asarray(done.prediction.actions, dtype=np.float32)
+    total_ms = total_s * 1000
+    return pb.ActionChunk(
+        actions=[pb.Action(joint_commands=row.tolist()) for row in actions],
+        inference_time_ms=total_ms,
+        confidence=float(done.prediction.confidence),
+        request_id=request.request_id,
+        observation_timestamp=request.timestamp,
+        model_name=model_name,
+        timing=pb.TimingBreakdown(
+            decode_ms=decode_s * 1000,
+            preprocess_ms=preprocess_s * 1000,
+            queue_ms=done.queue_s * 1000,
+            model_ms=done.model_s * 1000,
+            postprocess_ms=done.postprocess_s * 1000,
+            total_ms=total_ms,
+            batch_size=done.batch_size,
+        ),
+        skipped_request_ids=skipped or [],
+    )
+
+
+def model_info_message(info: ModelDescription, max_batch_size: int) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        model_name=info.name,
+        model_version=info.version,
+        action_dim=info.action_dim,
+        chunk_size=info.chunk_size,
+        supported_embodiments=list(info.embodiments),
+        device=info.device,
+        model_family=info.family,
+        demo=info.demo,
+        camera_names=list(info.camera_names),
+        image_width=info.image_size[0],
+        image_height=info.image_size[1],
+        state_dims=dict(info.state_dims),
+        default_embodiment=info.default_embodiment,
+        confidence_definition=info.confidence_definition,
+        model_horizon=info.horizon,
+        max_batch_size=max_batch_size,
+        dtype=info.dtype,
+    )

@@ -1,0 +1,178 @@
+"""Server assembly and lifecycle: gRPC server, health and reflection services, metrics endpoint,
+model loading, warm-up, signals and graceful drain.
+
+States: LOADING (port open, health NOT_SERVING) -> SERVING -> DRAINING on SIGTERM/SIGINT
+(health NOT_SERVING, new requests UNAVAILABLE, accepted ones answered within
+VLA_SHUTDOWN_GRACE_S) -> stopped. While one forward pass hangs past VLA_STUCK_AFTER_S, health
+reports NOT_SERVING until it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from vla_inference.api.v1 import vla_inference_pb2 as pb
+from vla_inference.api.v1 import vla_inference_pb2_grpc as pb_grpc
+from vla_inference.config import Settings
+from vla_inference.engine import InferenceEngine
+from vla_inference.models.base import VLAModel
+from vla_inference.models.registry import create_model
+from vla_inference.telemetry.gpu import GpuMonitor
+from vla_inference.telemetry.metrics import Metrics
+from vla_inference.transport.servicer import ServerState, VLAInferenceServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VLAInference"].full_name
+HEALTH_POLL_S = 0.25
+
+
+def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    """Channel options shared by server and client: message sizes and keepalive."""
+    size = settings.max_message_bytes
+    return [
+        ("grpc.max_receive_message_length", size),
+        ("grpc.max_send_message_length", size),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+class VLAServer:
+    """One model, one engine, one gRPC server. `model` may be injected (tests); otherwise the
+    registry builds the class VLA_MODEL_TYPE names and loads VLA_MODEL_PATH."""
+
+    def __init__(self, settings: Settings, model: VLAModel | None = None) -> None:
+        self.settings = settings
+        self.state = ServerState()
+        self.model = model if model is not None else create_model(settings)
+        self.gpu = GpuMonitor(settings.device)
+        self.metrics = Metrics(model_name=settings.model_type, gpu=self.gpu)
+        self.engine: InferenceEngine | None = None
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self.metrics_port = 0
+        self._server: grpc.aio.Server | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+        self._stopping = False
+
+    async def start(self) -> None:
+        """Open the port (health NOT_SERVING), load and warm the model, then turn SERVING."""
+        server = grpc.aio.server(options=grpc_options(self.settings))
+        pb_grpc.add_VLAInferenceServicer_to_server(
+            VLAInferenceServicer(self.settings, self.state, lambda: self.engine, self.gpu), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+        address = f"{_bracket(self.settings.host)}:{self.settings.grpc_port}"
+        self.port = server.add_insecure_port(address)
+        if self.port == 0:
+            raise RuntimeError(f"cannot bind gRPC to {address}")
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.start()
+        self._server = server
+        log.info("gRPC listening on %s:%d (model loading)", self.settings.host, self.port)
+        if self.settings.metrics_enabled:
+            self.metrics_port = self.metrics.serve_http(self.settings.metrics_host, self.settings.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", self.settings.metrics_host, self.metrics_port)
+
+        t0 = time.monotonic()
+        await asyncio.to_thread(self.model.load, self.settings.model_path or None, self.settings.device)
+        info = self.model.model_info
+        self.metrics.set_model(info.name, info.version, info.device, family=info.family, dtype=info.dtype)
+        log.info(
+            "loaded %s (%s, %s, %s) in %.1f s%s",
+            info.name, info.family, info.device, info.dtype, time.monotonic() - t0,
+            " -- DEMO MODEL: random weights, not a trained policy" if info.demo else "",
+        )
+        engine = InferenceEngine(self.model, self.settings, self.metrics)
+        await engine.start()
+        await engine.warmup(self.settings.warmup_batches)
+        self.engine = engine
+        self.state.phase = ServerState.SERVING
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._watch = asyncio.create_task(self._watch_stuck())
+        log.info("SERVING %s on port %d", info.name, self.port)
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def _watch_stuck(self) -> None:
+        """Health follows the model worker: NOT_SERVING while a forward pass hangs."""
+        assert self.engine is not None
+        while True:
+            await asyncio.sleep(HEALTH_POLL_S)
+            if self.state.phase not in (ServerState.SERVING, ServerState.NOT_SERVING):
+                continue
+            stuck = self.engine.stuck
+            if stuck and self.state.phase == ServerState.SERVING:
+                log.error("model worker stuck for over %.1f s: health NOT_SERVING", self.settings.stuck_after_s)
+                self.state.phase = ServerState.NOT_SERVING
+                await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            elif not stuck and self.state.phase == ServerState.NOT_SERVING:
+                log.info("model worker recovered: health SERVING")
+                self.state.phase = ServerState.SERVING
+                await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain: refuse new requests, answer accepted ones within the grace period, then stop."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        self.state.phase = ServerState.DRAINING
+        await self.health.enter_graceful_shutdown()
+        t0 = time.monotonic()
+        if self.engine is not None:
+            drained = await self.engine.drain(grace)
+            if not drained:
+                log.warning("grace period over with %d requests unanswered", self.engine.in_flight)
+        if self._watch is not None:
+            self._watch.cancel()
+        if self._server is not None:
+            await self._server.stop(max(0.0, grace - (time.monotonic() - t0)))
+        if self.engine is not None:
+            await self.engine.close()
+        self.metrics.close()
+        log.info("stopped")
+        self._stopped.set()
+
+    async def serve_forever(self) -> None:
+        """Run until SIGTERM / SIGINT, then drain and return."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        start = asyncio.create_task(self.start())
+        waiter = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({start, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if start in done:
+            start.result()  # raise load errors
+            await waiter
+        else:
+            start.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await start
+        log.info("signal received: draining (grace %.1f s)", self.settings.shutdown_grace_s)
+        await self.stop()
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host

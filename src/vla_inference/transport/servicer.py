@@ -1,0 +1,297 @@
+"""The VLAInference handlers: admission, preprocessing, engine, answer, and one status per outcome.
+
+Every request ends with exactly one counted outcome in `vla_inference_requests_total`
+(OK, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, UNAVAILABLE, INTERNAL, CANCELLED,
+or SKIPPED for stale stream observations). Clients never see a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from vla_inference.api.v1 import vla_inference_pb2 as pb
+from vla_inference.api.v1 import vla_inference_pb2_grpc as pb_grpc
+from vla_inference.config import Settings
+from vla_inference.engine import EngineError, InferenceEngine, Skipped, StreamSession
+from vla_inference.models.base import InvalidObservation, PreparedSample
+from vla_inference.telemetry.gpu import GpuMonitor
+from vla_inference.transport import codec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Failure:
+    status: grpc.StatusCode
+    message: str
+
+
+@dataclass
+class _Prepared:
+    sample: PreparedSample
+    decode_s: float
+    preprocess_s: float
+
+
+class ServerState:
+    """What the server is doing; shared by the handlers, the health services and the server."""
+
+    LOADING = "LOADING"
+    SERVING = "SERVING"
+    NOT_SERVING = "NOT_SERVING"
+    DRAINING = "DRAINING"
+
+    def __init__(self) -> None:
+        self.phase = self.LOADING
+        self.started = time.monotonic()
+
+
+class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
+    def __init__(
+        self,
+        settings: Settings,
+        state: ServerState,
+        engine_ref: Callable[[], InferenceEngine | None],
+        gpu: GpuMonitor,
+    ) -> None:
+        self.settings = settings
+        self.state = state
+        self._engine_ref = engine_ref
+        self._gpu = gpu
+
+    # --- helpers ----------------------------------------------------------------------------------
+    def _engine(self) -> InferenceEngine:
+        engine = self._engine_ref()
+        if engine is None or self.state.phase == ServerState.LOADING:
+            raise _Unavailable("the model is still loading; retry when health reports SERVING")
+        return engine
+
+    def _deadline(self, context: grpc.aio.ServicerContext, arrival: float) -> float:
+        remaining = context.time_remaining()
+        budget = self.settings.timeout_ms / 1000
+        if remaining is not None:
+            budget = min(budget, remaining) if remaining > 0 else 0.0
+        return arrival + budget
+
+    def _prepare(self, engine: InferenceEngine, request: pb.Observation) -> _Prepared:
+        """Decode + model preprocessing; runs in the worker pool."""
+        t0 = time.monotonic()
+        observation = codec.observation_from_proto(request, self.settings, engine.model.model_info)
+        t1 = time.monotonic()
+        sample = engine.model.prepare(observation)
+        t2 = time.monotonic()
+        return _Prepared(sample, t1 - t0, t2 - t1)
+
+    async def _prepare_checked(self, engine: InferenceEngine, request: pb.Observation) -> _Prepared:
+        codec.check_envelope(request, self.settings, engine.model.model_info)
+        prepared = await engine.preprocess(self._prepare, engine, request)
+        engine.metrics.preprocess_time.observe(prepared.decode_s + prepared.preprocess_s)
+        return prepared
+
+    def _failure(self, exc: BaseException, where: str) -> _Failure:
+        if isinstance(exc, InvalidObservation):
+            return _Failure(grpc.StatusCode.INVALID_ARGUMENT, f"invalid observation: {exc}")
+        if isinstance(exc, _Unavailable):
+            return _Failure(grpc.StatusCode.UNAVAILABLE, str(exc))
+        if isinstance(exc, EngineError):
+            return _Failure(getattr(grpc.StatusCode, exc.status, grpc.StatusCode.INTERNAL), exc.message)
+        log.exception("unexpected error in %s", where)
+        return _Failure(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see server log")
+
+    def _record(self, engine: InferenceEngine | None, status: str, embodiment: str = "", seconds: float = 0.0) -> None:
+        if engine is None:
+            return
+        metrics = engine.metrics
+        metrics.count(status)
+        if status == "OK":
+            metrics.inference_latency.labels(model=metrics.model_name, embodiment=embodiment or "default").observe(
+                seconds
+            )
+
+    # --- RPCs -----------------------------------------------------------------------------------
+    async def Predict(self, request: pb.Observation, context: grpc.aio.ServicerContext) -> pb.ActionChunk:
+        arrival = time.monotonic()
+        engine = self._engine_ref()
+        try:
+            engine = self._engine()
+            with engine.admit():
+                deadline = self._deadline(context, arrival)
+                prepared = await self._prepare_checked(engine, request)
+                done = await engine.infer(prepared.sample, deadline, request.request_id)
+            total = time.monotonic() - arrival
+            self._record(engine, "OK", prepared.sample.embodiment, total)
+            return codec.action_chunk(
+                request,
+                done,
+                engine.model.model_info.name,
+                decode_s=prepared.decode_s,
+                preprocess_s=prepared.preprocess_s,
+                total_s=total,
+            )
+        except asyncio.CancelledError:
+            self._record(engine, "CANCELLED")
+            raise
+        except Exception as exc:
+            failure = self._failure(exc, "Predict")
+        self._record(engine, failure.status.name)
+        await context.abort(failure.status, failure.message)
+        raise AssertionError("unreachable")  # abort raises
+
+    async def StreamControl(
+        self, request_iterator: AsyncIterator[pb.Observation], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ActionChunk]:
+        try:
+            engine = self._engine()
+        except _Unavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            return
+        session = StreamSession()
+        answers: asyncio.Queue[asyncio.Task[pb.ActionChunk | None] | None] = asyncio.Queue()
+        tasks: set[asyncio.Task[Any]] = set()
+        engine.sessions += 1
+        limiter = _RateLimiter(self.settings.max_stream_rate_hz)
+
+        async def read() -> None:
+            previous_submitted: asyncio.Event | None = None
+            async for request in request_iterator:
+                submitted = asyncio.Event()
+                step = asyncio.create_task(
+                    self._stream_step(engine, request, session, previous_submitted, submitted, limiter.allow())
+                )
+                tasks.add(step)
+                step.add_done_callback(tasks.discard)
+                await answers.put(step)
+                previous_submitted = submitted
+            await answers.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                step = await answers.get()
+                if step is None:
+                    break
+                chunk = await step
+                if chunk is not None:
+                    yield chunk
+            await reader
+        finally:
+            engine.sessions -= 1
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    async def _stream_step(
+        self,
+        engine: InferenceEngine,
+        request: pb.Observation,
+        session: StreamSession,
+        previous_submitted: asyncio.Event | None,
+        submitted: asyncio.Event,
+        allowed: bool,
+    ) -> pb.ActionChunk | None:
+        """One observation of a stream. Submission keeps arrival order; answers carry errors inline."""
+        arrival = time.monotonic()
+        try:
+            try:
+                if not allowed:
+                    raise _RateLimited(
+                        f"stream sends faster than VLA_MAX_STREAM_RATE_HZ={self.settings.max_stream_rate_hz:g}"
+                    )
+                with engine.admit():
+                    prepared = await self._prepare_checked(engine, request)
+                    if previous_submitted is not None:
+                        await previous_submitted.wait()
+                    item = engine.submit(
+                        prepared.sample, arrival + self.settings.timeout_ms / 1000, request.request_id, session
+                    )
+                    submitted.set()
+                    done = await engine.wait(item)
+            finally:
+                submitted.set()
+        except asyncio.CancelledError:
+            self._record(engine, "CANCELLED")
+            raise
+        except Skipped:
+            self._record(engine, "SKIPPED")
+            return None
+        except Exception as exc:
+            failure = self._failure(exc, "StreamControl")
+            self._record(engine, failure.status.name)
+            return pb.ActionChunk(
+                request_id=request.request_id,
+                observation_timestamp=request.timestamp,
+                model_name=engine.model.model_info.name,
+                error=pb.StreamError(code=failure.status.value[0], message=failure.message),
+            )
+        total = time.monotonic() - arrival
+        self._record(engine, "OK", prepared.sample.embodiment, total)
+        return codec.action_chunk(
+            request,
+            done,
+            engine.model.model_info.name,
+            decode_s=prepared.decode_s,
+            preprocess_s=prepared.preprocess_s,
+            total_s=total,
+            skipped=session.take_skipped(),
+        )
+
+    async def GetModelInfo(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        try:
+            engine = self._engine()
+        except _Unavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            raise
+        return codec.model_info_message(engine.model.model_info, self.settings.batch_size)
+
+    async def HealthCheck(self, request: Any, context: grpc.aio.ServicerContext) -> pb.HealthStatus:
+        engine = self._engine_ref()
+        reading = self._gpu.read()
+        return pb.HealthStatus(
+            ready=self.state.phase == ServerState.SERVING,
+            gpu_utilization=reading.utilization_percent if reading else 0.0,
+            uptime_seconds=time.monotonic() - self.state.started,
+            queue_depth=engine.queue_depth if engine else 0,
+            state=self.state.phase,
+            model_name=engine.model.model_info.name if engine and self.state.phase != ServerState.LOADING else "",
+            gpu_memory_used_bytes=reading.memory_used_bytes if reading else 0,
+            gpu_memory_total_bytes=reading.memory_total_bytes if reading else 0,
+            requests_in_flight=engine.in_flight if engine else 0,
+            active_streams=engine.sessions if engine else 0,
+        )
+
+
+class _Unavailable(Exception):
+    pass
+
+
+class _RateLimited(EngineError):
+    status = "RESOURCE_EXHAUSTED"
+
+
+class _RateLimiter:
+    """Token bucket per stream: a burst of one second's worth, refilled at `rate_hz`."""
+
+    def __init__(self, rate_hz: float) -> None:
+        self.rate = rate_hz
+        self.tokens = max(1.0, rate_hz)
+        self.last = time.monotonic()
+
+    def allow(self) -> bool:
+        if self.rate <= 0:
+            return True
+        now = time.monotonic()
+        self.tokens = min(max(1.0, self.rate), self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+

@@ -1,0 +1,254 @@
+"""The gRPC API over a real channel: each RPC, bad input, health, reflection, metrics."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+from google.protobuf import empty_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from tests.support.toy_model import ToyPolicy
+from vla_inference.api.v1 import vla_inference_pb2 as pb
+from vla_inference.client import make_observation
+from vla_inference.preprocessing.images import encode_jpeg
+
+IMAGE = (np.arange(64 * 48 * 3) % 251).astype(np.uint8).reshape(48, 64, 3)
+JOINTS = [0.1, -0.2, 0.3, 0.0, 0.5, -0.5, 1.0]
+
+
+@pytest.fixture
+def toy(server_factory):
+    return server_factory(ToyPolicy, chunk_size=5)
+
+
+def test_predict_returns_chunk_with_echoes_and_timing(toy):
+    with toy.client() as client:
+        chunk = client.predict(IMAGE, JOINTS, "pick up the red cup", request_id="r-1", timestamp=12.5, seed=7)
+    assert chunk.request_id == "r-1"
+    assert chunk.observation_timestamp == 12.5
+    assert chunk.model_name == "toy-policy"
+    assert len(chunk.actions) == 5  # min(VLA_CHUNK_SIZE=5, horizon 8)
+    assert all(len(a.joint_commands) == 7 for a in chunk.actions)
+    assert chunk.confidence == pytest.approx(0.5)
+    t = chunk.timing
+    assert t.batch_size == 1
+    assert t.total_ms > 0 and t.decode_ms > 0
+    assert t.total_ms >= t.model_ms
+    assert chunk.inference_time_ms == pytest.approx(t.total_ms)
+
+
+def test_same_seed_same_answer_and_other_seed_differs(toy):
+    with toy.client() as client:
+        a = client.predict(IMAGE, JOINTS, "x", seed=1)
+        b = client.predict(IMAGE, JOINTS, "x", seed=1)
+        c = client.predict(IMAGE, JOINTS, "x", seed=2)
+    assert a.actions == b.actions
+    assert a.actions != c.actions
+
+
+def test_png_raw_and_named_cameras_are_accepted(toy):
+    with toy.client() as client:
+        jpeg = client.predict(IMAGE, JOINTS, "x", seed=3)
+        raw = make_observation(None, JOINTS, "x", seed=3)
+        raw.camera_image = IMAGE.tobytes()
+        raw.camera_image_encoding = pb.IMAGE_ENCODING_RAW_RGB
+        raw.camera_image_width, raw.camera_image_height = 64, 48
+        raw_chunk = client.predict_observation(raw)
+        wrist = client.predict(IMAGE, JOINTS, "x", seed=3, cameras={"wrist": IMAGE})
+        only_named = client.predict(None, JOINTS, "x", seed=3, cameras={"base": IMAGE})
+    # JPEG is lossy; raw is exact: both close, same shape
+    assert len(raw_chunk.actions) == len(jpeg.actions) == len(wrist.actions) == len(only_named.actions)
+    assert np.allclose(
+        [a.joint_commands for a in raw_chunk.actions], [a.joint_commands for a in jpeg.actions], atol=0.02
+    )
+
+
+def test_get_model_info(toy):
+    with toy.client() as client:
+        info = client.info()
+    assert info.model_name == "toy-policy"
+    assert info.action_dim == 7 and info.chunk_size == 5 and info.model_horizon == 8
+    assert list(info.supported_embodiments) == ["arm7", "arm6"]
+    assert info.state_dims["arm6"] == 6
+    assert info.device == "cpu"
+    assert list(info.camera_names) == ["base", "left_wrist"]
+
+
+def test_health_check_rpc(toy):
+    with toy.client() as client:
+        status = client.health()
+    assert status.ready and status.state == "SERVING"
+    assert status.uptime_seconds > 0
+    assert status.queue_depth == 0
+    assert status.model_name == "toy-policy"
+
+
+def _bad(client, **changes):
+    observation = make_observation(IMAGE, JOINTS, "do it", seed=1)
+    for key, value in changes.items():
+        if key == "joints":
+            del observation.joint_positions[:]
+            observation.joint_positions.extend(value)
+        elif key == "velocities":
+            observation.joint_velocities.extend(value)
+        elif key == "cameras":
+            observation.cameras.extend(value)
+        else:
+            setattr(observation, key, value)
+    with pytest.raises(grpc.RpcError) as info:
+        client.predict_observation(observation)
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "words"),
+    [
+        ({"camera_image": b""}, "camera_image", "no image"),
+        ({"camera_image": b"not a jpeg at all"}, "camera_image", "JPEG"),
+        ({"camera_image": encode_jpeg(IMAGE)[:200]}, "camera_image", "JPEG"),
+        ({"joints": [float("nan")] * 7}, "joint_positions", "finite"),
+        ({"joints": [float("inf")] * 7}, "joint_positions", "finite"),
+        ({"joints": [0.0] * 3}, "joint_positions", "expected 7"),
+        ({"velocities": [0.0] * 2}, "joint_velocities", "expected 0 or 7"),
+        ({"embodiment_tag": "unitree_h1"}, "embodiment_tag", "arm7, arm6"),
+        ({"language_instruction": "x" * 5000}, "language_instruction", "over the limit"),
+        ({"cameras": [pb.CameraImage(name="ceiling", data=encode_jpeg(IMAGE))]}, "cameras[0].name", "unknown camera"),
+        ({"camera_image_encoding": pb.IMAGE_ENCODING_RAW_RGB, "camera_image_width": 10, "camera_image_height": 10},
+         "camera_image", "needs 300 bytes"),
+        ({"camera_image_encoding": 42}, "camera_image_encoding", "unknown image encoding"),
+        ({"request_id": "r" * 500}, "request_id", "128"),
+    ],
+)
+def test_bad_input_is_invalid_argument_naming_the_field(toy, changes, field, words):
+    with toy.client() as client:
+        error = _bad(client, **changes)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in error.details() and words in error.details()
+        assert "Traceback" not in error.details()
+        assert len(client.predict(IMAGE, JOINTS, "still serving").actions) == 5
+
+
+def test_image_over_pixel_cap_is_refused(server_factory):
+    running = server_factory(ToyPolicy, max_image_pixels=32 * 32)
+    with running.client() as client:
+        error = _bad(client)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "over the limit" in error.details() and "VLA_MAX_IMAGE_PIXELS" in error.details()
+
+
+def test_message_size_limit_applies(server_factory):
+    running = server_factory(ToyPolicy, max_message_size_mb=1)
+    big = np.random.default_rng(0).integers(0, 255, (1024, 1024, 3), dtype=np.uint8)
+    observation = make_observation(None, JOINTS, "x")
+    observation.camera_image = big.tobytes()
+    observation.camera_image_encoding = pb.IMAGE_ENCODING_RAW_RGB
+    observation.camera_image_width = observation.camera_image_height = 1024
+    with running.client(max_message_mb=8) as client:
+        with pytest.raises(grpc.RpcError) as info:
+            client.predict_observation(observation)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert len(client.predict(IMAGE, JOINTS, "x").actions) == 8
+
+
+def test_model_failure_is_internal_without_traceback(toy):
+    with toy.client() as client:
+        error = _bad(client, language_instruction="fail")
+        assert error.code() == grpc.StatusCode.INTERNAL
+        assert "see server log" in error.details()
+        assert "Traceback" not in error.details() and "simulated" not in error.details()
+        assert client.health().ready
+
+
+def test_standard_health_service_and_reflection(toy):
+    channel = grpc.insecure_channel(toy.target)
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "vla_inference.v1.VLAInference"):
+        reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+    names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {"vla_inference.v1.VLAInference", "grpc.health.v1.Health"} <= names
+    channel.close()
+
+
+def test_health_not_serving_while_loading(server_factory):
+    import threading
+
+    gate = threading.Event()
+
+    class SlowLoading(ToyPolicy):
+        def load(self, checkpoint_path, device):
+            gate.wait(20)
+            super().load(checkpoint_path, device)
+
+    running = server_factory(SlowLoading, wait=False)
+    import time
+
+    for _ in range(200):
+        if running.server.port:
+            break
+        time.sleep(0.02)
+    channel = grpc.insecure_channel(running.target)
+    health = health_pb2_grpc.HealthStub(channel)
+    reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+    assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    with running.client() as client:
+        with pytest.raises(grpc.RpcError) as info:
+            client.predict(IMAGE, JOINTS, "x")
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert client.health().state == "LOADING"
+    gate.set()
+    for _ in range(300):
+        reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        if reply.status == health_pb2.HealthCheckResponse.SERVING:
+            break
+        time.sleep(0.02)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    channel.close()
+
+
+METRIC_NAMES = [
+    "vla_inference_latency_seconds",
+    "vla_inference_requests_total",
+    "vla_batch_size",
+    "vla_gpu_utilization_percent",
+    "vla_gpu_memory_used_bytes",
+    "vla_gpu_memory_total_bytes",
+    "vla_queue_depth",
+    "vla_uptime_seconds",
+    "vla_model_info",
+    "vla_queue_duration_seconds",
+    "vla_model_duration_seconds",
+    "vla_stream_observations_skipped_total",
+]
+
+
+def test_metrics_scrape_has_every_metric_live(toy):
+    with toy.client() as client:
+        client.predict(IMAGE, JOINTS, "x")
+        _bad(client, joints=[1.0])
+    text = urllib.request.urlopen(toy.metrics_url, timeout=5).read().decode()
+    for name in METRIC_NAMES:
+        assert f"\n{name}" in text, name
+    assert 'vla_inference_requests_total{model="toy-policy",status="OK"} 1.0' in text
+    assert 'vla_inference_requests_total{model="toy-policy",status="INVALID_ARGUMENT"} 1.0' in text
+    assert 'vla_inference_latency_seconds_count{embodiment="arm7",model="toy-policy"} 1.0' in text
+    assert 'vla_model_info{device="cpu",dtype="float32",family="toy",name="toy-policy",version="1"} 1.0' in text
+    # warm-up (1 batch) + 1 request
+    assert "vla_batch_size_count 1.0" in text
+    uptime = [line for line in text.splitlines() if line.startswith("vla_uptime_seconds ")]
+    assert float(uptime[0].split()[1]) > 0
+
+
+def test_empty_request_types(toy):
+    channel = grpc.insecure_channel(toy.target)
+    from vla_inference.api.v1 import vla_inference_pb2_grpc as pb_grpc
+
+    stub = pb_grpc.VLAInferenceStub(channel)
+    assert stub.GetModelInfo(empty_pb2.Empty(), timeout=5).model_name == "toy-policy"
+    channel.close()
