@@ -71,7 +71,9 @@ def server_factory() -> Iterator[Callable[..., RunningServer]]:
     """Start servers with given settings/model; all are stopped at the end of the test."""
     started: list[RunningServer] = []
 
-    def factory(model_factory: Callable[[Settings], VLAModel] | None = None, wait: bool = True, **overrides: Any) -> RunningServer:
+    def factory(
+        model_factory: Callable[[Settings], VLAModel] | None = None, wait: bool = True, **overrides: Any
+    ) -> RunningServer:
         settings = make_settings(**overrides)
         running = start_server(settings, model_factory(settings) if model_factory else None, wait=wait)
         started.append(running)

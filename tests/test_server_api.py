@@ -116,9 +116,20 @@ def _bad(client, **changes):
         ({"velocities": [0.0] * 2}, "joint_velocities", "expected 0 or 7"),
         ({"embodiment_tag": "unitree_h1"}, "embodiment_tag", "arm7, arm6"),
         ({"language_instruction": "x" * 5000}, "language_instruction", "over the limit"),
-        ({"cameras": [pb.CameraImage(name="ceiling", data=encode_jpeg(IMAGE))]}, "cameras[0].name", "unknown camera"),
-        ({"camera_image_encoding": pb.IMAGE_ENCODING_RAW_RGB, "camera_image_width": 10, "camera_image_height": 10},
-         "camera_image", "needs 300 bytes"),
+        (
+            {"cameras": [pb.CameraImage(name="ceiling", data=encode_jpeg(IMAGE))]},
+            "cameras[0].name",
+            "unknown camera",
+        ),
+        (
+            {
+                "camera_image_encoding": pb.IMAGE_ENCODING_RAW_RGB,
+                "camera_image_width": 10,
+                "camera_image_height": 10,
+            },
+            "camera_image",
+            "needs 300 bytes",
+        ),
         ({"camera_image_encoding": 42}, "camera_image_encoding", "unknown image encoding"),
         ({"request_id": "r" * 500}, "request_id", "128"),
     ],
@@ -170,7 +181,9 @@ def test_standard_health_service_and_reflection(toy):
         reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+    responses = stub.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+    )
     names = {s.name for r in responses for s in r.list_services_response.service}
     assert {"vla_inference.v1.VLAInference", "grpc.health.v1.Health"} <= names
     channel.close()
@@ -238,7 +251,9 @@ def test_metrics_scrape_has_every_metric_live(toy):
     assert 'vla_inference_requests_total{model="toy-policy",status="OK"} 1.0' in text
     assert 'vla_inference_requests_total{model="toy-policy",status="INVALID_ARGUMENT"} 1.0' in text
     assert 'vla_inference_latency_seconds_count{embodiment="arm7",model="toy-policy"} 1.0' in text
-    assert 'vla_model_info{device="cpu",dtype="float32",family="toy",name="toy-policy",version="1"} 1.0' in text
+    assert (
+        'vla_model_info{device="cpu",dtype="float32",family="toy",name="toy-policy",version="1"} 1.0' in text
+    )
     # warm-up (1 batch) + 1 request
     assert "vla_batch_size_count 1.0" in text
     uptime = [line for line in text.splitlines() if line.startswith("vla_uptime_seconds ")]

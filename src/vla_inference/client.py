@@ -56,7 +56,7 @@ def _channel_options(max_message_mb: int) -> list[tuple[str, int]]:
     ]
 
 
-def encode_image(image: Any) -> tuple[bytes, int]:
+def encode_image(image: Any) -> tuple[bytes, Any]:
     """Return (bytes, ImageEncoding) for an array, a PIL image, or encoded bytes."""
     if isinstance(image, bytes | bytearray | memoryview):
         data = bytes(image)
@@ -121,15 +121,21 @@ class VLAClient:
         self._stub = pb_grpc.VLAInferenceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {self.security.token}"),) if self.security.token else ()
 
-    def predict(self, image: Any = None, joints: Sequence[float] = (), instruction: str = "", **kw: Any) -> pb.ActionChunk:
+    def predict(
+        self, image: Any = None, joints: Sequence[float] = (), instruction: str = "", **kw: Any
+    ) -> pb.ActionChunk:
         """Predict one chunk. Keyword arguments go to make_observation (cameras, seed, ...)."""
         timeout = kw.pop("timeout", self.timeout)
         return self.predict_observation(make_observation(image, joints, instruction, **kw), timeout=timeout)
 
-    def predict_observation(self, observation: pb.Observation, *, timeout: float | None = None) -> pb.ActionChunk:
+    def predict_observation(
+        self, observation: pb.Observation, *, timeout: float | None = None
+    ) -> pb.ActionChunk:
         return self._stub.Predict(observation, timeout=timeout or self.timeout, metadata=self._metadata)
 
-    def stream(self, observations: Iterable[pb.Observation], *, timeout: float | None = None) -> Iterator[pb.ActionChunk]:
+    def stream(
+        self, observations: Iterable[pb.Observation], *, timeout: float | None = None
+    ) -> Iterator[pb.ActionChunk]:
         """A StreamControl session: yields one ActionChunk per observation the server acts on."""
         return self._stub.StreamControl(iter(observations), timeout=timeout, metadata=self._metadata)
 
@@ -174,9 +180,13 @@ class AsyncVLAClient:
         self, image: Any = None, joints: Sequence[float] = (), instruction: str = "", **kw: Any
     ) -> pb.ActionChunk:
         timeout = kw.pop("timeout", self.timeout)
-        return await self.predict_observation(make_observation(image, joints, instruction, **kw), timeout=timeout)
+        return await self.predict_observation(
+            make_observation(image, joints, instruction, **kw), timeout=timeout
+        )
 
-    async def predict_observation(self, observation: pb.Observation, *, timeout: float | None = None) -> pb.ActionChunk:
+    async def predict_observation(
+        self, observation: pb.Observation, *, timeout: float | None = None
+    ) -> pb.ActionChunk:
         return await self._stub.Predict(observation, timeout=timeout or self.timeout, metadata=self._metadata)
 
     def stream(self, observations: Any, *, timeout: float | None = None) -> AsyncIterator[pb.ActionChunk]:

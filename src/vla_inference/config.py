@@ -33,12 +33,18 @@ class Settings(BaseSettings):
         "auto", description="Weight precision; auto = bfloat16 on CUDA, float32 on CPU"
     )
     chunk_size: int = Field(16, ge=1, le=1024, description="Most actions returned per chunk")
-    action_dim: int = Field(7, ge=1, le=128, description="Action dimensions returned when the checkpoint does not say")
+    action_dim: int = Field(
+        7, ge=1, le=128, description="Action dimensions returned when the checkpoint does not say"
+    )
     image_width: int = Field(224, ge=16, le=4096, description="Model input width (images are resized to it)")
     image_height: int = Field(224, ge=16, le=4096, description="Model input height")
     tokenizer_path: str = Field("", description="Tokenizer file when the checkpoint has none")
-    norm_stats_key: str = Field("", description="Normalisation statistics to use when a checkpoint has several")
-    num_denoise_steps: int = Field(0, ge=0, le=100, description="Flow-matching steps; 0 = the model's default")
+    norm_stats_key: str = Field(
+        "", description="Normalisation statistics to use when a checkpoint has several"
+    )
+    num_denoise_steps: int = Field(
+        0, ge=0, le=100, description="Flow-matching steps; 0 = the model's default"
+    )
     compile: bool = Field(False, description="torch.compile the model (CUDA)")
 
     # --- serving ---------------------------------------------------------------------------
@@ -48,11 +54,17 @@ class Settings(BaseSettings):
     max_message_size_mb: int = Field(16, ge=1, le=1024, description="Largest gRPC message, both directions")
     batch_size: int = Field(1, ge=1, le=256, description="Largest batch the engine forms")
     batch_timeout_ms: float = Field(2.0, ge=0, le=1000, description="Longest wait for a batch to fill")
-    max_queue_size: int = Field(64, ge=1, le=100000, description="Requests admitted at once; more get RESOURCE_EXHAUSTED")
+    max_queue_size: int = Field(
+        64, ge=1, le=100000, description="Requests admitted at once; more get RESOURCE_EXHAUSTED"
+    )
     timeout_ms: int = Field(5000, ge=1, le=3_600_000, description="Deadline for requests that set none")
     warmup_batches: int = Field(2, ge=0, le=100, description="Dummy batches run before SERVING")
-    shutdown_grace_s: float = Field(10.0, ge=0, le=600, description="Time to finish accepted requests on SIGTERM")
-    stuck_after_s: float = Field(30.0, gt=0, le=3600, description="A forward pass longer than this turns health NOT_SERVING")
+    shutdown_grace_s: float = Field(
+        10.0, ge=0, le=600, description="Time to finish accepted requests on SIGTERM"
+    )
+    stuck_after_s: float = Field(
+        30.0, gt=0, le=3600, description="A forward pass longer than this turns health NOT_SERVING"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level")
 
     # --- input limits ----------------------------------------------------------------------
@@ -128,10 +140,21 @@ def _allowed(field: str, error: Any) -> str:
             if bound is not None:
                 bounds.append(f"{word} {bound}")
     kind = info.annotation.__name__ if isinstance(info.annotation, type) else None
-    if error.get("type", "").endswith("_parsing") or error.get("type") in {"int_type", "float_type", "bool_type"}:
-        kind_text = {"int": "a whole number", "float": "a number", "bool": "true or false"}.get(kind or "", kind)
+    if error.get("type", "").endswith("_parsing") or error.get("type") in {
+        "int_type",
+        "float_type",
+        "bool_type",
+    }:
+        kind_text = {"int": "a whole number", "float": "a number", "bool": "true or false"}.get(
+            kind or "", kind
+        )
         return f"{kind_text}{' ' + ' and '.join(bounds) if bounds else ''}"
-    if bounds and error.get("type", "") in {"greater_than_equal", "less_than_equal", "greater_than", "less_than"}:
+    if bounds and error.get("type", "") in {
+        "greater_than_equal",
+        "less_than_equal",
+        "greater_than",
+        "less_than",
+    }:
         return " and ".join(bounds)
     return message
 

@@ -14,6 +14,8 @@ from vla_inference.models.base import VLAModel
 # model type -> "module:ClassName"
 MODEL_CLASSES: dict[str, str] = {
     "pi0": "vla_inference.models.pi0.policy:Pi0Policy",
+    "openvla": "vla_inference.models.openvla.policy:OpenVLAPolicy",
+    "groot": "vla_inference.models.groot.policy:GrootPolicy",
 }
 
 
@@ -25,7 +27,8 @@ def model_class(model_type: str) -> type[VLAModel]:
     try:
         target = MODEL_CLASSES[model_type]
     except KeyError:
-        raise ValueError(f"unknown model type {model_type!r}; available: {', '.join(available_model_types())}")
+        known = ", ".join(available_model_types())
+        raise ValueError(f"unknown model type {model_type!r}; available: {known}") from None
     module_name, class_name = target.split(":")
     cls = getattr(importlib.import_module(module_name), class_name)
     if not (isinstance(cls, type) and issubclass(cls, VLAModel)):

@@ -44,7 +44,8 @@ def _check_pixels(width: int, height: int, max_pixels: int) -> None:
         raise ImageError(f"image has no pixels ({width}x{height})")
     if width * height > max_pixels:
         raise ImageError(
-            f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} (VLA_MAX_IMAGE_PIXELS)"
+            f"image is {width}x{height} = {width * height} pixels, "
+            f"over the limit of {max_pixels} (VLA_MAX_IMAGE_PIXELS)"
         )
 
 
@@ -90,7 +91,9 @@ def _short(exc: BaseException) -> str:
 
 def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
     """(H, W, 3) uint8 RGB -> JPEG bytes (used by the client and tests)."""
-    return simplejpeg.encode_jpeg(np.ascontiguousarray(image, dtype=np.uint8), quality=quality, colorspace="RGB")
+    return simplejpeg.encode_jpeg(
+        np.ascontiguousarray(image, dtype=np.uint8), quality=quality, colorspace="RGB"
+    )
 
 
 def resize_with_pad(image: np.ndarray, width: int, height: int) -> np.ndarray:

@@ -53,15 +53,22 @@ class Metrics:
         self.model = Info("vla_model", "The served model", registry=r)
         # --- additions ----------------------------------------------------------------------
         self.queue_time = Histogram(
-            "vla_queue_duration_seconds", "Time from admission to the start of the forward pass",
-            buckets=LATENCY_BUCKETS, registry=r,
+            "vla_queue_duration_seconds",
+            "Time from admission to the start of the forward pass",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.model_time = Histogram(
-            "vla_model_duration_seconds", "Time of one batched forward pass", buckets=LATENCY_BUCKETS, registry=r
+            "vla_model_duration_seconds",
+            "Time of one batched forward pass",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.preprocess_time = Histogram(
-            "vla_preprocess_duration_seconds", "Image decoding and model preprocessing per request",
-            buckets=LATENCY_BUCKETS, registry=r,
+            "vla_preprocess_duration_seconds",
+            "Image decoding and model preprocessing per request",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.stream_skipped = Counter(
             "vla_stream_observations_skipped", "Stale stream observations skipped for a newer one", registry=r

@@ -20,7 +20,7 @@ from vla_inference.preprocessing.images import JPEG, PNG, RAW_RGB, ImageError, d
 MAX_REQUEST_ID_CHARS = 128
 BASE_CAMERA = "base"
 CAMERA_ALIASES = {"wrist": "left_wrist", "main": "base", "left": "left_wrist", "right": "right_wrist"}
-_ENCODINGS = {
+_ENCODINGS: dict[int, str] = {
     pb.IMAGE_ENCODING_UNSPECIFIED: JPEG,
     pb.IMAGE_ENCODING_JPEG: JPEG,
     pb.IMAGE_ENCODING_PNG: PNG,
@@ -44,16 +44,21 @@ def check_envelope(request: pb.Observation, settings: Settings, info: ModelDescr
     if len(request.language_instruction) > settings.max_instruction_chars:
         raise InvalidObservation(
             "language_instruction",
-            f"{len(request.language_instruction)} characters, over the limit of {settings.max_instruction_chars}",
+            f"{len(request.language_instruction)} characters, "
+            f"over the limit of {settings.max_instruction_chars}",
         )
     joints = len(request.joint_positions)
     if joints > settings.max_joints or len(request.joint_velocities) > settings.max_joints:
         raise InvalidObservation("joint_positions", f"at most {settings.max_joints} values")
     cameras = len(request.cameras) + (1 if request.camera_image else 0)
     if cameras > settings.max_cameras:
-        raise InvalidObservation("cameras", f"{cameras} camera frames, over the limit of {settings.max_cameras}")
+        raise InvalidObservation(
+            "cameras", f"{cameras} camera frames, over the limit of {settings.max_cameras}"
+        )
     if cameras == 0:
-        raise InvalidObservation("camera_image", "no image: send camera_image or at least one entry in cameras")
+        raise InvalidObservation(
+            "camera_image", "no image: send camera_image or at least one entry in cameras"
+        )
 
 
 def _encoded_images(request: pb.Observation, info: ModelDescription) -> dict[str, _EncodedImage]:
@@ -87,12 +92,14 @@ def _encoded_images(request: pb.Observation, info: ModelDescription) -> dict[str
 
 def _encoding(value: int, field: str) -> str:
     try:
-        return _ENCODINGS[value]
+        return _ENCODINGS[pb.ImageEncoding.ValueType(value)]
     except KeyError:
         raise InvalidObservation(field, f"unknown image encoding {value}; use JPEG, PNG or RAW_RGB") from None
 
 
-def observation_from_proto(request: pb.Observation, settings: Settings, info: ModelDescription) -> Observation:
+def observation_from_proto(
+    request: pb.Observation, settings: Settings, info: ModelDescription
+) -> Observation:
     """Decode images and copy fields; CPU work, called in the worker pool."""
     images = {}
     for name, encoded in _encoded_images(request, info).items():

@@ -76,7 +76,11 @@ class VLAServer:
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             server,
         )
         address = f"{_bracket(self.settings.host)}:{self.settings.grpc_port}"
@@ -88,7 +92,9 @@ class VLAServer:
         self._server = server
         log.info("gRPC listening on %s:%d (model loading)", self.settings.host, self.port)
         if self.settings.metrics_enabled:
-            self.metrics_port = self.metrics.serve_http(self.settings.metrics_host, self.settings.metrics_port)
+            self.metrics_port = self.metrics.serve_http(
+                self.settings.metrics_host, self.settings.metrics_port
+            )
             log.info("metrics on http://%s:%d/metrics", self.settings.metrics_host, self.metrics_port)
 
         t0 = time.monotonic()
@@ -97,7 +103,11 @@ class VLAServer:
         self.metrics.set_model(info.name, info.version, info.device, family=info.family, dtype=info.dtype)
         log.info(
             "loaded %s (%s, %s, %s) in %.1f s%s",
-            info.name, info.family, info.device, info.dtype, time.monotonic() - t0,
+            info.name,
+            info.family,
+            info.device,
+            info.dtype,
+            time.monotonic() - t0,
             " -- DEMO MODEL: random weights, not a trained policy" if info.demo else "",
         )
         engine = InferenceEngine(self.model, self.settings, self.metrics)
@@ -122,7 +132,9 @@ class VLAServer:
                 continue
             stuck = self.engine.stuck
             if stuck and self.state.phase == ServerState.SERVING:
-                log.error("model worker stuck for over %.1f s: health NOT_SERVING", self.settings.stuck_after_s)
+                log.error(
+                    "model worker stuck for over %.1f s: health NOT_SERVING", self.settings.stuck_after_s
+                )
                 self.state.phase = ServerState.NOT_SERVING
                 await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
             elif not stuck and self.state.phase == ServerState.NOT_SERVING:

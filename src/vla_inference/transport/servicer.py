@@ -19,7 +19,7 @@ import grpc
 from vla_inference.api.v1 import vla_inference_pb2 as pb
 from vla_inference.api.v1 import vla_inference_pb2_grpc as pb_grpc
 from vla_inference.config import Settings
-from vla_inference.engine import EngineError, InferenceEngine, Skipped, StreamSession
+from vla_inference.engine import DeadlineExceeded, EngineError, InferenceEngine, Skipped, StreamSession
 from vla_inference.models.base import InvalidObservation, PreparedSample
 from vla_inference.telemetry.gpu import GpuMonitor
 from vla_inference.transport import codec
@@ -73,12 +73,13 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
             raise _Unavailable("the model is still loading; retry when health reports SERVING")
         return engine
 
-    def _deadline(self, context: grpc.aio.ServicerContext, arrival: float) -> float:
+    def _deadline(self, context: grpc.aio.ServicerContext, arrival: float) -> tuple[float, str]:
+        """The call's deadline (monotonic) and how it was chosen, for error messages."""
         remaining = context.time_remaining()
-        budget = self.settings.timeout_ms / 1000
-        if remaining is not None:
-            budget = min(budget, remaining) if remaining > 0 else 0.0
-        return arrival + budget
+        default = self.settings.timeout_ms / 1000
+        if remaining is not None and remaining < default:
+            return arrival + max(0.0, remaining), f"client deadline {remaining * 1000:.0f} ms"
+        return arrival + default, f"VLA_TIMEOUT_MS={self.settings.timeout_ms}"
 
     def _prepare(self, engine: InferenceEngine, request: pb.Observation) -> _Prepared:
         """Decode + model preprocessing; runs in the worker pool."""
@@ -105,15 +106,17 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
         log.exception("unexpected error in %s", where)
         return _Failure(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see server log")
 
-    def _record(self, engine: InferenceEngine | None, status: str, embodiment: str = "", seconds: float = 0.0) -> None:
+    def _record(
+        self, engine: InferenceEngine | None, status: str, embodiment: str = "", seconds: float = 0.0
+    ) -> None:
         if engine is None:
             return
         metrics = engine.metrics
         metrics.count(status)
         if status == "OK":
-            metrics.inference_latency.labels(model=metrics.model_name, embodiment=embodiment or "default").observe(
-                seconds
-            )
+            metrics.inference_latency.labels(
+                model=metrics.model_name, embodiment=embodiment or "default"
+            ).observe(seconds)
 
     # --- RPCs -----------------------------------------------------------------------------------
     async def Predict(self, request: pb.Observation, context: grpc.aio.ServicerContext) -> pb.ActionChunk:
@@ -122,9 +125,12 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
         try:
             engine = self._engine()
             with engine.admit():
-                deadline = self._deadline(context, arrival)
+                deadline, budget = self._deadline(context, arrival)
                 prepared = await self._prepare_checked(engine, request)
-                done = await engine.infer(prepared.sample, deadline, request.request_id)
+                try:
+                    done = await engine.infer(prepared.sample, deadline, request.request_id)
+                except DeadlineExceeded as exc:
+                    raise DeadlineExceeded(f"{exc.message} ({budget})") from None
             total = time.monotonic() - arrival
             self._record(engine, "OK", prepared.sample.embodiment, total)
             return codec.action_chunk(
@@ -163,7 +169,9 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
             async for request in request_iterator:
                 submitted = asyncio.Event()
                 step = asyncio.create_task(
-                    self._stream_step(engine, request, session, previous_submitted, submitted, limiter.allow())
+                    self._stream_step(
+                        engine, request, session, previous_submitted, submitted, limiter.allow()
+                    )
                 )
                 tasks.add(step)
                 step.add_done_callback(tasks.discard)
@@ -201,16 +209,14 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
         try:
             try:
                 if not allowed:
-                    raise _RateLimited(
-                        f"stream sends faster than VLA_MAX_STREAM_RATE_HZ={self.settings.max_stream_rate_hz:g}"
-                    )
+                    rate = self.settings.max_stream_rate_hz
+                    raise _RateLimited(f"stream sends faster than VLA_MAX_STREAM_RATE_HZ={rate:g}")
                 with engine.admit():
                     prepared = await self._prepare_checked(engine, request)
                     if previous_submitted is not None:
                         await previous_submitted.wait()
-                    item = engine.submit(
-                        prepared.sample, arrival + self.settings.timeout_ms / 1000, request.request_id, session
-                    )
+                    deadline = arrival + self.settings.timeout_ms / 1000
+                    item = engine.submit(prepared.sample, deadline, request.request_id, session)
                     submitted.set()
                     done = await engine.wait(item)
             finally:
@@ -259,7 +265,9 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
             uptime_seconds=time.monotonic() - self.state.started,
             queue_depth=engine.queue_depth if engine else 0,
             state=self.state.phase,
-            model_name=engine.model.model_info.name if engine and self.state.phase != ServerState.LOADING else "",
+            model_name=engine.model.model_info.name
+            if engine and self.state.phase != ServerState.LOADING
+            else "",
             gpu_memory_used_bytes=reading.memory_used_bytes if reading else 0,
             gpu_memory_total_bytes=reading.memory_total_bytes if reading else 0,
             requests_in_flight=engine.in_flight if engine else 0,
@@ -293,5 +301,3 @@ class _RateLimiter:
             self.tokens -= 1.0
             return True
         return False
-
-
