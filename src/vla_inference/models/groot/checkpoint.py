@@ -35,7 +35,6 @@ entry has `"normalization_modes": {"state.left_arm": "q99", "action.x": "mean_st
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,7 +44,7 @@ import numpy as np
 import torch
 
 from vla_inference.models.base import ModelLoadError
-from vla_inference.models.groot.model import SIZES, GR00TN15, GrootConfig
+from vla_inference.models.groot.model import GR00TN15, SIZES, GrootConfig
 
 MODEL_TYPE = "gr00t_n1_5"
 METADATA_PATH = Path("experiment_cfg") / "metadata.json"
@@ -101,7 +100,8 @@ def config_from_json(raw: Mapping[str, Any], eagle: Mapping[str, Any] | None = N
     """config.json (+ optional Eagle config) -> GrootConfig."""
     if raw.get("model_type") != MODEL_TYPE:
         raise ModelLoadError(
-            f"config.json has model_type {raw.get('model_type')!r}; this backend serves GR00T N1.5 ({MODEL_TYPE!r})"
+            f"config.json has model_type {raw.get('model_type')!r}; "
+            f"this backend serves GR00T N1.5 ({MODEL_TYPE!r})"
         )
     backbone = dict(raw.get("backbone_cfg") or {})
     head = dict(raw.get("action_head_cfg") or {})
@@ -174,16 +174,22 @@ def config_from_json(raw: Mapping[str, Any], eagle: Mapping[str, Any] | None = N
 def _check_config(cfg: GrootConfig, dit: Mapping[str, Any]) -> None:
     problems = []
     if dit.get("positional_embeddings") not in (None, ""):
-        problems.append(f"diffusion_model_cfg.positional_embeddings={dit['positional_embeddings']!r} (N1.5 uses null)")
+        problems.append(
+            f"diffusion_model_cfg.positional_embeddings={dit['positional_embeddings']!r} (N1.5 uses null)"
+        )
     if dit.get("norm_type", "ada_norm") != "ada_norm":
         problems.append(f"diffusion_model_cfg.norm_type={dit['norm_type']!r} (N1.5 uses ada_norm)")
     if not 1 <= cfg.select_layer <= cfg.llm_layers:
         problems.append(f"backbone_cfg.select_layer={cfg.select_layer} outside 1..{cfg.llm_layers}")
     width = cfg.project_to_dim or cfg.llm_hidden
     if width != cfg.backbone_embedding_dim:
-        problems.append(f"backbone width {width} != action_head_cfg.backbone_embedding_dim {cfg.backbone_embedding_dim}")
+        problems.append(
+            f"backbone width {width} != action_head_cfg.backbone_embedding_dim {cfg.backbone_embedding_dim}"
+        )
     if cfg.use_vlln and cfg.vlsa_inner_dim != cfg.backbone_embedding_dim:
-        problems.append(f"VL adapter width {cfg.vlsa_inner_dim} != backbone_embedding_dim {cfg.backbone_embedding_dim}")
+        problems.append(
+            f"VL adapter width {cfg.vlsa_inner_dim} != backbone_embedding_dim {cfg.backbone_embedding_dim}"
+        )
     if cfg.dit_inner_dim != cfg.input_embedding_dim:
         problems.append(f"DiT width {cfg.dit_inner_dim} != input_embedding_dim {cfg.input_embedding_dim}")
     if problems:
@@ -215,7 +221,9 @@ def _weight_files(path: Path) -> list[Path]:
         return [single]
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise ModelLoadError(f"no safetensors weights in {path} (expected model.safetensors or an index + shards)")
+        raise ModelLoadError(
+            f"no safetensors weights in {path} (expected model.safetensors or an index + shards)"
+        )
     return files
 
 
@@ -230,34 +238,33 @@ def is_unused_key(name: str, cfg: GrootConfig) -> bool:
 
 
 def load_weights(model: GR00TN15, path: Path, dtype: torch.dtype, device: str) -> None:
-    """Copy the checkpoint tensors into `model` (names match), refusing gaps and extras."""
+    """Fill `model` (built on the meta device) from the checkpoint; names match one to one.
+
+    Refuses missing, unexpected and mis-shaped tensors, listing them. Tensors upstream keeps but
+    never uses for actions (SigLIP pooling head, lm_head, LM layers above select_layer) are skipped.
+    """
     from safetensors import safe_open
 
-    own = dict(model.named_parameters())
-    seen: set[str] = set()
+    own = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    state: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     wrong_shape: list[str] = []
     for file in _weight_files(path):
         try:
             with safe_open(str(file), framework="pt", device="cpu") as handle:
-                for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                for name in handle.keys():  # noqa: SIM118 - safe_open is not iterable
                     if name not in own:
                         if not is_unused_key(name, model.cfg):
                             unexpected.append(name)
                         continue
                     tensor = handle.get_tensor(name)
-                    param = own[name]
-                    if tuple(tensor.shape) != tuple(param.shape):
-                        wrong_shape.append(f"{name} {tuple(tensor.shape)} != {tuple(param.shape)}")
+                    if tuple(tensor.shape) != own[name]:
+                        wrong_shape.append(f"{name} {tuple(tensor.shape)} != {own[name]}")
                         continue
-                    with torch.no_grad():
-                        param.data = tensor.to(device=device, dtype=dtype)
-                    seen.add(name)
+                    state[name] = tensor.to(device=device, dtype=dtype)
         except (OSError, ValueError, RuntimeError) as exc:
-            if isinstance(exc, ModelLoadError):
-                raise
             raise ModelLoadError(f"cannot read {file}: {exc}") from None
-    missing = sorted(set(own) - seen)
+    missing = sorted(set(own) - set(state))
     if missing or unexpected or wrong_shape:
         parts = []
         if missing:
@@ -267,6 +274,7 @@ def load_weights(model: GR00TN15, path: Path, dtype: torch.dtype, device: str) -
         if wrong_shape:
             parts.append(f"wrong shapes ({len(wrong_shape)}): {', '.join(wrong_shape[:20])}")
         raise ModelLoadError(f"checkpoint {path} does not match GR00T N1.5: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True, assign=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,7 +344,9 @@ def unnormalize(x: np.ndarray, stats: Mapping[str, np.ndarray], mode: str) -> np
     return (np.clip(x, -1.0, 1.0) + 1.0) / 2.0 * (high - low) + low
 
 
-def _modalities(tag: str, kind: str, entry: Mapping[str, Any], modes: Mapping[str, str]) -> tuple[Modality, ...]:
+def _modalities(
+    tag: str, kind: str, entry: Mapping[str, Any], modes: Mapping[str, str]
+) -> tuple[Modality, ...]:
     layout = (entry.get("modalities") or {}).get(kind) or {}
     statistics = (entry.get("statistics") or {}).get(kind) or {}
     out = []
@@ -347,12 +357,16 @@ def _modalities(tag: str, kind: str, entry: Mapping[str, Any], modes: Mapping[st
         mode = modes.get(f"{kind}.{key}", "min_max")
         where = f"metadata.json {tag}.{kind}.{key}"
         if mode not in NORMALIZATION_MODES:
-            raise ModelLoadError(f"{where}: unknown normalisation mode {mode!r}; known: {', '.join(NORMALIZATION_MODES)}")
+            raise ModelLoadError(
+                f"{where}: unknown normalisation mode {mode!r}; known: {', '.join(NORMALIZATION_MODES)}"
+            )
         stats = {}
         for name, values in stats_raw.items():
             array = np.asarray(values, dtype=np.float64).reshape(-1)
             if array.shape != (dim,):
-                raise ModelLoadError(f"{where}: statistic {name!r} has {array.size} values, the modality has {dim}")
+                raise ModelLoadError(
+                    f"{where}: statistic {name!r} has {array.size} values, the modality has {dim}"
+                )
             stats[name] = array
         lacking = [name for name in _NEEDED_STATS.get(mode, ()) if name not in stats]
         if lacking:
@@ -368,7 +382,8 @@ def read_metadata(path: Path, cfg: GrootConfig) -> tuple[dict[str, Embodiment], 
     file = path / METADATA_PATH
     if not file.is_file():
         raise ModelLoadError(
-            f"missing {file}: GR00T checkpoints carry per-embodiment statistics there (experiment_cfg/metadata.json)"
+            f"missing {file}: GR00T checkpoints carry their per-embodiment statistics "
+            "and modalities in experiment_cfg/metadata.json"
         )
     raw = _read_json(file)
     if not isinstance(raw, dict):
@@ -381,16 +396,22 @@ def read_metadata(path: Path, cfg: GrootConfig) -> tuple[dict[str, Embodiment], 
             skipped.append(tag)
             continue
         if tag_id >= cfg.max_num_embodiments:
-            raise ModelLoadError(f"embodiment {tag} has id {tag_id} >= max_num_embodiments {cfg.max_num_embodiments}")
+            raise ModelLoadError(
+                f"embodiment {tag} has id {tag_id} >= max_num_embodiments {cfg.max_num_embodiments}"
+            )
         modes = entry.get("normalization_modes") or {}
         state = _modalities(tag, "state", entry, modes)
         action = _modalities(tag, "action", entry, modes)
         video = tuple(((entry.get("modalities") or {}).get("video") or {}).keys())
         emb = Embodiment(tag=tag, id=tag_id, state=state, action=action, video_keys=video)
         if emb.state_dim > cfg.max_state_dim:
-            raise ModelLoadError(f"{tag}: state has {emb.state_dim} dims, the model takes at most {cfg.max_state_dim}")
+            raise ModelLoadError(
+                f"{tag}: state has {emb.state_dim} dims, the model takes at most {cfg.max_state_dim}"
+            )
         if not action or emb.action_dim > cfg.action_dim:
-            raise ModelLoadError(f"{tag}: action has {emb.action_dim} dims, the model produces 1..{cfg.action_dim}")
+            raise ModelLoadError(
+                f"{tag}: action has {emb.action_dim} dims, the model produces 1..{cfg.action_dim}"
+            )
         if not video:
             raise ModelLoadError(f"{tag}: metadata lists no video modality")
         embodiments[tag] = emb
@@ -429,14 +450,19 @@ def load_tokenizer(file: Path, cfg: GrootConfig) -> Any:
         raise ModelLoadError(f"cannot read tokenizer {file}: {exc}") from None
     lacking = [t for t in REQUIRED_TOKENS if tokenizer.token_to_id(t) is None]
     if lacking:
-        raise ModelLoadError(f"tokenizer {file} lacks the Eagle tokens {', '.join(lacking)}. {TOKENIZER_HELP}")
+        raise ModelLoadError(
+            f"tokenizer {file} lacks the Eagle tokens {', '.join(lacking)}. {TOKENIZER_HELP}"
+        )
     image_id = tokenizer.token_to_id(IMAGE_CONTEXT_TOKEN)
     if image_id != cfg.image_token_id:
         raise ModelLoadError(
-            f"tokenizer {file} maps {IMAGE_CONTEXT_TOKEN} to {image_id}, the model expects {cfg.image_token_id}"
+            f"tokenizer {file} maps {IMAGE_CONTEXT_TOKEN} to {image_id}, "
+            f"the model expects {cfg.image_token_id}"
         )
     if tokenizer.get_vocab_size() > cfg.vocab_size:
-        raise ModelLoadError(f"tokenizer {file} has {tokenizer.get_vocab_size()} tokens, the model {cfg.vocab_size}")
+        raise ModelLoadError(
+            f"tokenizer {file} has {tokenizer.get_vocab_size()} tokens, the model {cfg.vocab_size}"
+        )
     return tokenizer
 
 
@@ -444,9 +470,3 @@ def parameter_count(cfg: GrootConfig) -> int:
     with torch.device("meta"):
         model = GR00TN15(cfg)
     return sum(p.numel() for p in model.parameters())
-
-
-def finite_or_error(value: float, what: str) -> float:
-    if not math.isfinite(value):
-        raise ModelLoadError(f"{what} is not finite")
-    return value

@@ -26,8 +26,7 @@ Deliberate differences from upstream (documented, both only matter for padded ba
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -87,7 +86,6 @@ class GrootConfig:
     vlsa_heads: int = 32
     vlsa_head_dim: int = 64
     vlsa_layers: int = 4
-    extra: dict[str, object] = field(default_factory=dict, compare=False)
 
     @property
     def num_image_tokens(self) -> int:
@@ -152,7 +150,7 @@ def config_for(name: str, **overrides: object) -> GrootConfig:
 # shared pieces
 
 
-def _key_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+def _key_mask(mask: Tensor | None) -> Tensor | None:
     """(B, S) bool keep-mask -> (B, 1, 1, S) bool for SDPA (True = attend)."""
     if mask is None:
         return None
@@ -170,7 +168,10 @@ class SiglipAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (N, P, D)
         n, p, d = x.shape
-        q, k, v = (proj(x).view(n, p, self.heads, -1).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            proj(x).view(n, p, self.heads, -1).transpose(1, 2)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
         y = F.scaled_dot_product_attention(q, k, v)  # (N, H, P, Dh)
         return self.out_proj(y.transpose(1, 2).reshape(n, p, d))
 
@@ -260,7 +261,9 @@ class RMSNorm(nn.Module):
 
 def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """positions (B, L) -> cos, sin (B, 1, L, Dh), rotate-half layout."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    )
     freqs = positions.float()[..., None] * inv_freq  # (B, L, Dh/2)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos()[:, None].to(dtype), emb.sin()[:, None].to(dtype)
@@ -368,7 +371,10 @@ class EagleModel(nn.Module):
         vit_out = cfg.vit_hidden * (int(1 / cfg.downsample_ratio) ** 2 if cfg.use_pixel_shuffle else 1)
         if cfg.mlp_connector_layers == 2:
             self.mlp1: nn.Sequential = nn.Sequential(
-                nn.LayerNorm(vit_out), nn.Linear(vit_out, cfg.llm_hidden), nn.GELU(), nn.Linear(cfg.llm_hidden, cfg.llm_hidden)
+                nn.LayerNorm(vit_out),
+                nn.Linear(vit_out, cfg.llm_hidden),
+                nn.GELU(),
+                nn.Linear(cfg.llm_hidden, cfg.llm_hidden),
             )
         elif cfg.mlp_connector_layers == 1:
             self.mlp1 = nn.Sequential(nn.Linear(vit_out, cfg.llm_hidden))
@@ -397,7 +403,8 @@ class EagleModel(nn.Module):
         selected = input_ids == self.cfg.image_token_id  # (B, L)
         if int(selected.sum()) != vit.shape[0] * vit.shape[1]:
             raise ValueError(
-                f"prompt has {int(selected.sum())} image tokens for {vit.shape[0]} images of {vit.shape[1]} tokens"
+                f"prompt has {int(selected.sum())} image tokens, "
+                f"the {vit.shape[0]} images have {vit.shape[1]} tokens each"
             )
         embeds = embeds.masked_scatter(selected[..., None], vit.to(embeds.dtype).reshape(-1))
         return self.language_model.model(embeds, attention_mask)
@@ -437,7 +444,7 @@ class Attention(nn.Module):
         q = self.to_q(x).view(b, n, self.heads, -1).transpose(1, 2)
         k = self.to_k(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)
         v = self.to_v(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=_key_mask(key_mask, q.dtype))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=_key_mask(key_mask))
         return self.to_out[0](y.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -476,17 +483,31 @@ class TransformerBlock(nn.Module):
     """diffusers BasicTransformerBlock as GR00T uses it: one attention (self or cross) + FF."""
 
     def __init__(
-        self, dim: int, heads: int, head_dim: int, *, ada_norm: bool, affine: bool, eps: float, kv_dim: int | None
+        self,
+        dim: int,
+        heads: int,
+        head_dim: int,
+        *,
+        ada_norm: bool,
+        affine: bool,
+        eps: float,
+        kv_dim: int | None,
     ) -> None:
         super().__init__()
         self.ada_norm = ada_norm
-        self.norm1: nn.Module = AdaLayerNorm(dim, eps) if ada_norm else nn.LayerNorm(dim, eps, elementwise_affine=affine)
+        self.norm1: nn.Module = (
+            AdaLayerNorm(dim, eps) if ada_norm else nn.LayerNorm(dim, eps, elementwise_affine=affine)
+        )
         self.attn1 = Attention(dim, heads, head_dim, kv_dim)
         self.norm3 = nn.LayerNorm(dim, eps, elementwise_affine=affine)
         self.ff = FeedForward(dim)
 
     def forward(
-        self, x: Tensor, temb: Tensor | None = None, context: Tensor | None = None, key_mask: Tensor | None = None
+        self,
+        x: Tensor,
+        temb: Tensor | None = None,
+        context: Tensor | None = None,
+        key_mask: Tensor | None = None,
     ) -> Tensor:
         h = self.norm1(x, temb) if self.ada_norm else self.norm1(x)
         x = x + self.attn1(h, context, key_mask)
@@ -500,7 +521,13 @@ class SelfAttentionTransformer(nn.Module):
         super().__init__()
         self.transformer_blocks = nn.ModuleList(
             TransformerBlock(
-                cfg.vlsa_inner_dim, cfg.vlsa_heads, cfg.vlsa_head_dim, ada_norm=False, affine=True, eps=1e-5, kv_dim=None
+                cfg.vlsa_inner_dim,
+                cfg.vlsa_heads,
+                cfg.vlsa_head_dim,
+                ada_norm=False,
+                affine=True,
+                eps=1e-5,
+                kv_dim=None,
             )
             for _ in range(cfg.vlsa_layers)
         )
@@ -567,10 +594,7 @@ class DiT(nn.Module):
     def forward(self, x: Tensor, vl: Tensor, vl_mask: Tensor | None, t: Tensor) -> Tensor:
         temb = self.timestep_encoder(t)  # (B, D)
         for i, block in enumerate(self.transformer_blocks):
-            if self._is_self_attn(i):
-                x = block(x, temb)
-            else:
-                x = block(x, temb, context=vl, key_mask=vl_mask)
+            x = block(x, temb) if self._is_self_attn(i) else block(x, temb, context=vl, key_mask=vl_mask)
         shift, scale = self.proj_out_1(F.silu(temb)).chunk(2, dim=1)
         x = self.norm_out(x) * (1 + scale[:, None]) + shift[:, None]
         return self.proj_out_2(x)
@@ -628,7 +652,9 @@ class FlowmatchingActionHead(nn.Module):
         self.cfg = cfg
         self.model = DiT(cfg)
         n = cfg.max_num_embodiments
-        self.state_encoder = CategorySpecificMLP(n, cfg.max_state_dim, cfg.hidden_size, cfg.input_embedding_dim)
+        self.state_encoder = CategorySpecificMLP(
+            n, cfg.max_state_dim, cfg.hidden_size, cfg.input_embedding_dim
+        )
         self.action_encoder = MultiEmbodimentActionEncoder(cfg.action_dim, cfg.input_embedding_dim, n)
         self.action_decoder = CategorySpecificMLP(n, cfg.hidden_size, cfg.hidden_size, cfg.action_dim)
         self.future_tokens = nn.Embedding(cfg.num_target_vision_tokens, cfg.input_embedding_dim)
@@ -643,7 +669,9 @@ class FlowmatchingActionHead(nn.Module):
             x = self.vl_self_attention(x, mask)
         return x
 
-    def velocity(self, vl: Tensor, vl_mask: Tensor, state_feat: Tensor, x: Tensor, bucket: Tensor, ids: Tensor) -> Tensor:
+    def velocity(
+        self, vl: Tensor, vl_mask: Tensor, state_feat: Tensor, x: Tensor, bucket: Tensor, ids: Tensor
+    ) -> Tensor:
         """One DiT evaluation: noisy actions x (B, H, A) at bucket (B,) -> velocity (B, H, A)."""
         a = self.action_encoder(x, bucket, ids)  # (B, H, D)
         if self.cfg.add_pos_embed:
@@ -662,7 +690,9 @@ class FlowmatchingActionHead(nn.Module):
         dt = 1.0 / steps
         v = torch.zeros_like(x)
         for i in range(steps):
-            bucket = torch.full((x.shape[0],), int(i / steps * self.cfg.num_timestep_buckets), device=x.device)
+            bucket = torch.full(
+                (x.shape[0],), int(i / steps * self.cfg.num_timestep_buckets), device=x.device
+            )
             v = self.velocity(vl, vl_mask, state_feat, x, bucket, ids)
             x = x + dt * v
         return x, v
@@ -692,9 +722,10 @@ class GR00TN15(nn.Module):
         features = self.backbone(pixels.to(dtype), input_ids, attention_mask)
         vl = self.action_head.process_backbone(features, attention_mask)
         return self.action_head.sample(
-            vl, attention_mask, state.to(dtype), embodiment_ids, noise.to(dtype), steps or self.cfg.num_inference_timesteps
+            vl,
+            attention_mask,
+            state.to(dtype),
+            embodiment_ids,
+            noise.to(dtype),
+            steps or self.cfg.num_inference_timesteps,
         )
-
-
-def expected_parameter_names(model: nn.Module) -> Sequence[str]:
-    return [name for name, _ in model.named_parameters()]

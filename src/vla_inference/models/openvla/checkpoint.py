@@ -270,8 +270,8 @@ def load_model(info: CheckpointInfo, device: str | torch.device, dtype: torch.dt
         raise ModelLoadError(f"{info.path} does not match the OpenVLA layout: " + "; ".join(parts))
 
     model = model.to_empty(device=device)
-    params = dict(model.named_parameters())
-    params.update(dict(model.named_buffers()))
+    params: dict[str, torch.Tensor] = dict(model.named_parameters())
+    params.update(model.named_buffers())
     with torch.no_grad():
         for file, names in info.weight_files.items():
             with safe_open(str(info.path / file), framework="pt", device="cpu") as handle:

@@ -119,7 +119,9 @@ NAMED_CONFIGS: dict[str, OpenVLAConfig] = {
     # Test size: same structure (registers, layer scale, attention pool), the real 32064 vocabulary.
     "tiny": OpenVLAConfig(
         dino=replace(DINOV2_L14_REG4, image_size=28, patch_size=7, width=32, depth=3, heads=2, mlp_hidden=64),
-        siglip=replace(SIGLIP_SO400M_14, image_size=28, patch_size=7, width=48, depth=3, heads=2, mlp_hidden=80),
+        siglip=replace(
+            SIGLIP_SO400M_14, image_size=28, patch_size=7, width=48, depth=3, heads=2, mlp_hidden=80
+        ),
         llm=LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, intermediate=128, max_seq_len=512),
     ),
 }
@@ -309,6 +311,9 @@ class KVCache(nn.Module):
             or k.dtype != like.dtype
             or k.device != like.device
         ):
+            if k is not None and k.dtype == like.dtype and k.device == like.device:
+                batch, seq = max(batch, k.shape[0]), max(seq, k.shape[2])  # grow, never shrink
+            self.k = self.v = None  # free the old cache before allocating the new one
             shape = (batch, heads, seq, head_dim)
             self.k = torch.zeros(shape, dtype=like.dtype, device=like.device)
             self.v = torch.zeros(shape, dtype=like.dtype, device=like.device)
@@ -397,6 +402,7 @@ class LlamaModel(nn.Module):
 
     def reserve_cache(self, batch: int, seq: int, like: Tensor) -> None:
         for layer in self.layers:
+            assert isinstance(layer, LlamaDecoderLayer)
             layer.self_attn.cache.reserve(batch, seq, self.cfg.n_kv_heads, self.cfg.head_dim, like)
 
 
@@ -495,21 +501,18 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def init_weights(model: OpenVLA, seed: int = 0, std: float = 0.02) -> None:
-    """Random weights for tests and demos (LayerNorm/RMSNorm = 1, biases small, layer scale ~1)."""
+def init_weights(model: nn.Module, seed: int = 0) -> None:
+    """Random weights for tests: matrices ~ N(0, 1/fan_in), norms ~1, biases small, layer scale 0.5..1."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
-            if leaf == "weight" and param.ndim == 1:  # norms
-                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
-            elif leaf == "scale_factor":
+            noise = torch.randn(param.shape, generator=generator)
+            if leaf == "scale_factor":
                 param.copy_(0.5 + 0.5 * torch.rand(param.shape, generator=generator))
-            elif leaf == "bias":
-                param.copy_(0.02 * torch.randn(param.shape, generator=generator))
-            else:
-                fan_in = param.shape[-1] if param.ndim >= 2 else 1
-                scale = std if param.ndim < 2 else 1.0 / math.sqrt(fan_in * (1 if param.ndim == 2 else 1))
-                if param.ndim == 4:  # conv: fan-in = C * k * k
-                    scale = 1.0 / math.sqrt(param[0].numel())
-                param.copy_(scale * torch.randn(param.shape, generator=generator))
+            elif leaf == "weight" and param.ndim == 1:  # LayerNorm / RMSNorm
+                param.copy_(1.0 + 0.1 * noise)
+            elif leaf == "bias" or param.ndim not in (2, 4):  # biases, tokens, pos_embed
+                param.copy_(0.02 * noise)
+            else:  # Linear (out, in), Conv2d (out, C, k, k), Embedding (V, D)
+                param.copy_(noise / math.sqrt(param[0].numel()))

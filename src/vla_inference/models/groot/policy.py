@@ -1,0 +1,355 @@
+"""GrootPolicy: NVIDIA GR00T N1.5 behind the VLAModel contract.
+
+Observation -> model inputs (prepare, CPU):
+  * embodiment: Observation.embodiment is an N1.5 embodiment tag; the supported tags are the
+    metadata.json entries with a known projector id (checkpoint.EMBODIMENT_IDS). "" = the
+    default: VLA_NORM_STATS_KEY when set, else the first supported tag in metadata.json.
+    The original design's example "unitree_h1" is not an N1.5 embodiment: an H1 is served by a
+    fine-tune saved under "new_embodiment" (send embodiment_tag "new_embodiment"); the tag
+    "unitree_h1" itself is refused with the list of supported tags.
+  * joint_positions = the embodiment's state modalities concatenated in metadata.json order
+    (e.g. gr1: left_arm, right_arm, left_hand, right_hand, waist as listed there); each key
+    is normalised with its statistics and mode (min_max unless metadata says otherwise), then
+    zero-padded to max_state_dim (64) as upstream's GR00TTransform does. joint_velocities are
+    checked but unused (N1.5 has no velocity input).
+  * cameras: the embodiment's video modalities in metadata.json order, one image each, named
+    in the server's camera vocabulary (camera_roles): the first is "base"; a wrist key is
+    "left_wrist" / "right_wrist" ("wrist" is the transport's alias of "left_wrist"); other keys
+    keep their own name. A frame may also be sent under the key name (e.g. "ego_view").
+    ModelInfo.camera_names lists the union over the supported embodiments.
+    Each image is resized (bilinear, no aspect-preserving pad) to 224 x 224, scaled to [0, 1]
+    and normalised with mean 0.5 / std 0.5 (SigLIP), one 256-token tile per view.
+  * prompt: the Eagle 2.5 Qwen3 chat format (default system turn, one user turn with the
+    images then the text, generation prompt), with each image placeholder expanded by the
+    Eagle processor to "<image N><img>" + 256 x <IMG_CONTEXT> + "</img>":
+        <|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n
+        <image 1><img><IMG_CONTEXT>...</img>{text}<|im_end|>\n<|im_start|>assistant\n
+    {text} is str([instruction]) - upstream's transform hands the language over as a
+    one-element array, and the LeRobot port of N1.5 reproduces that spelling. Simplification:
+    no dynamic tiling / thumbnail (a 224 x 224 frame is a single tile upstream as well).
+    The template is taken from the Eagle-family chat template (not from the N1.5 files, which
+    the public index does not hold): check it against eagle2_hg_model when real weights arrive.
+
+Model outputs -> actions (finish, CPU):
+  * 16-step horizon; the first min(VLA_CHUNK_SIZE, 16) steps are returned.
+  * the 32-dim normalised action is cut to the embodiment's action modalities (metadata order),
+    each un-normalised with its statistics, concatenated: (chunk, action_dim of the embodiment).
+  * confidence = 1 / (1 + RMS(v_last * dt)) over the returned steps and dims, where v_last is
+    the velocity of the final Euler step and dt = 1 / steps, in normalised units: how far the
+    last step still moved the actions; 1 = the flow had settled.
+
+Batching: samples of different embodiments share a batch (the category-specific layers pick
+weights per sample), so batch_key is None. Each sample draws its noise from its own seed.
+Precision: bfloat16 on CUDA, float32 on CPU (VLA_DTYPE overrides).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vla_inference.config import Settings
+from vla_inference.models.base import (
+    ActionPrediction,
+    InvalidObservation,
+    ModelDescription,
+    ModelLoadError,
+    Observation,
+    PreparedSample,
+    VLAModel,
+    seeded_generator,
+)
+from vla_inference.models.groot import checkpoint as ckpt
+from vla_inference.models.groot.model import GR00TN15, GrootConfig
+from vla_inference.preprocessing.images import resize
+
+DEFAULT_INSTRUCTION = "Perform the default behavior."
+SYSTEM_PROMPT = "You are a helpful assistant."
+BASE_CAMERA = "base"
+log = logging.getLogger(__name__)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class GrootInputs:
+    pixels: torch.Tensor  # (V, 3, S, S) float32, normalised
+    input_ids: torch.Tensor  # (L,) long
+    state: torch.Tensor  # (max_state_dim,) float32, normalised + zero padded
+    embodiment_id: int
+
+
+@dataclass
+class GrootRaw:
+    actions: np.ndarray  # (H, action_dim) float32, normalised units
+    velocity: np.ndarray  # (H, action_dim) float32, last Euler step
+    dt: float
+
+
+def prompt_text(instruction: str, num_images: int, tokens_per_image: int) -> str:
+    images = "".join(
+        f"<image {i + 1}><img>{ckpt.IMAGE_CONTEXT_TOKEN * tokens_per_image}</img>" for i in range(num_images)
+    )
+    return (
+        f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n"
+        f"<|im_start|>user\n{images}{[instruction]!s}<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def image_to_pixels(image: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (3, size, size) float32 in [-1, 1] (SigLIP mean = std = 0.5)."""
+    resized = resize(np.ascontiguousarray(image, dtype=np.uint8), size, size)
+    return (resized.astype(np.float32).transpose(2, 0, 1) / 255.0 - 0.5) / 0.5
+
+
+class GrootPolicy(VLAModel):
+    model_type = "groot"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self._model: GR00TN15 | None = None
+        self._cfg: GrootConfig | None = None
+        self._tokenizer: Any = None
+        self._embodiments: dict[str, ckpt.Embodiment] = {}
+        self._info: ModelDescription | None = None
+        self._device = "cpu"
+        self._dtype = torch.float32
+        self._lock = threading.Lock()
+
+    # --- loading ---------------------------------------------------------------------------
+
+    def load(self, checkpoint_path: str | None, device: str) -> None:
+        if not checkpoint_path:
+            raise ModelLoadError(
+                "GR00T has no embedded model: set VLA_MODEL_PATH to a GR00T N1.5 checkpoint directory "
+                "(config.json, *.safetensors, experiment_cfg/metadata.json, tokenizer.json)"
+            )
+        path = Path(checkpoint_path)
+        if not path.is_dir():
+            raise ModelLoadError(f"GR00T checkpoint {path} is not a directory")
+        cfg = ckpt.read_config(path)
+        embodiments, skipped = ckpt.read_metadata(path, cfg)
+        if skipped:
+            log.warning(
+                "GR00T metadata.json tags without a known embodiment id are not served: %s (known: %s)",
+                ", ".join(skipped),
+                ", ".join(ckpt.EMBODIMENT_IDS),
+            )
+        tokenizer = ckpt.load_tokenizer(ckpt.find_tokenizer(path, self.settings.tokenizer_path), cfg)
+        dtype = self._resolve_dtype(device)
+        with torch.device("meta"):
+            model = GR00TN15(cfg)
+        ckpt.load_weights(model, path, dtype, device)
+        model.eval()
+
+        default = self.settings.norm_stats_key.strip() or next(iter(embodiments))
+        if default not in embodiments:
+            raise ModelLoadError(
+                f"VLA_NORM_STATS_KEY={default!r} is not a supported embodiment of {path}; "
+                f"supported: {', '.join(embodiments)}"
+            )
+        self._model, self._cfg, self._tokenizer = model, cfg, tokenizer
+        self._embodiments, self._device, self._dtype = embodiments, device, dtype
+        first = embodiments[default]
+        cameras: list[str] = []
+        for emb in (first, *embodiments.values()):  # the default's first, then the others'
+            cameras += [role for role, _ in camera_roles(emb) if role not in cameras]
+        self._info = ModelDescription(
+            name=path.name,
+            version="gr00t-n1.5",
+            family="groot",
+            action_dim=first.action_dim,
+            chunk_size=min(self.settings.chunk_size, cfg.action_horizon),
+            horizon=cfg.action_horizon,
+            embodiments=tuple(embodiments),
+            default_embodiment=default,
+            state_dims={tag: e.state_dim for tag, e in embodiments.items()},
+            camera_names=tuple(cameras),
+            image_size=(cfg.image_size, cfg.image_size),
+            device=device,
+            dtype=str(dtype).removeprefix("torch."),
+            confidence_definition=(
+                "1 / (1 + RMS(v_last * dt)): v_last = velocity of the final flow-matching Euler step, "
+                "dt = 1/steps, over the returned steps and action dims, in normalised action units"
+            ),
+        )
+
+    def _resolve_dtype(self, device: str) -> torch.dtype:
+        if self.settings.dtype == "auto":
+            return torch.bfloat16 if device.startswith("cuda") else torch.float32
+        return _DTYPES[self.settings.dtype]
+
+    @property
+    def model_info(self) -> ModelDescription:
+        if self._info is None:
+            raise RuntimeError("GrootPolicy.load() has not been called")
+        return self._info
+
+    def embodiment(self, tag: str) -> ckpt.Embodiment:
+        return self._embodiments[self.resolve_embodiment(tag)]
+
+    def warmup_observation(self) -> Observation:
+        info = self.model_info
+        emb = self._embodiments[info.default_embodiment]
+        size = info.image_size[0]
+        images = {role: np.zeros((size, size, 3), np.uint8) for role, _ in camera_roles(emb)}
+        joints = np.zeros(emb.state_dim, np.float32)
+        return Observation(images=images, joint_positions=joints, instruction="warm up", seed=0)
+
+    # --- prepare ---------------------------------------------------------------------------
+
+    def prepare(self, observation: Observation) -> PreparedSample:
+        cfg = self._require_cfg()
+        emb = self.embodiment(observation.embodiment)
+        self.check_joints(observation, emb.tag)
+        instruction = observation.instruction.strip()
+        if len(instruction) > self.settings.max_instruction_chars:
+            raise InvalidObservation(
+                "instruction",
+                f"{len(instruction)} characters, over the limit of {self.settings.max_instruction_chars}",
+            )
+        pixels = np.stack([image_to_pixels(img, cfg.image_size) for img in self._images(observation, emb)])
+        text = prompt_text(instruction or DEFAULT_INSTRUCTION, len(emb.video_keys), cfg.num_image_tokens)
+        ids = self._tokenizer.encode(text, add_special_tokens=False).ids
+        state = np.zeros(cfg.max_state_dim, np.float32)
+        state[: emb.state_dim] = self._normalise_state(observation.joint_positions, emb)
+        seed = observation.seed if observation.seed is not None else secrets.randbits(63)
+        inputs = GrootInputs(
+            pixels=torch.from_numpy(pixels),
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            state=torch.from_numpy(state),
+            embodiment_id=emb.id,
+        )
+        return PreparedSample(inputs=inputs, embodiment=emb.tag, seed=int(seed), batch_key=None)
+
+    def _images(self, observation: Observation, emb: ckpt.Embodiment) -> list[np.ndarray]:
+        """One frame per video key of the embodiment, in metadata order (see camera_roles)."""
+        given = {name.lower(): image for name, image in observation.images.items()}
+        roles = camera_roles(emb)
+        out = []
+        for role, key in roles:
+            short = _short(key).lower()
+            image = next((given[n] for n in (role, short, f"video.{short}") if n in given), None)
+            if image is None:
+                raise InvalidObservation(
+                    "cameras",
+                    f"embodiment {emb.tag!r} needs cameras {', '.join(r for r, _ in roles)} "
+                    f"(video keys {', '.join(emb.video_keys)}); missing {role!r}",
+                )
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise InvalidObservation("cameras", f"camera {role!r} must be (H, W, 3) uint8 RGB")
+            out.append(image)
+        return out
+
+    @staticmethod
+    def _normalise_state(joints: np.ndarray, emb: ckpt.Embodiment) -> np.ndarray:
+        parts, start = [], 0
+        for modality in emb.state:
+            parts.append(modality.normalize(joints[start : start + modality.dim]))
+            start += modality.dim
+        return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
+
+    # --- forward ---------------------------------------------------------------------------
+
+    def forward(self, samples: Sequence[PreparedSample]) -> list[Any]:
+        model, cfg = self._require_model(), self._require_cfg()
+        if not samples:
+            return []
+        inputs: list[GrootInputs] = [s.inputs for s in samples]
+        length = max(int(x.input_ids.numel()) for x in inputs)
+        ids = torch.zeros(len(inputs), length, dtype=torch.long)
+        mask = torch.zeros(len(inputs), length, dtype=torch.bool)
+        for row, x in enumerate(inputs):
+            n = int(x.input_ids.numel())
+            ids[row, :n] = x.input_ids  # right padding: the causal LM never sees it
+            mask[row, :n] = True
+        pixels = torch.cat([x.pixels for x in inputs])
+        state = torch.stack([x.state for x in inputs])[:, None]  # (B, 1, S)
+        emb_ids = torch.tensor([x.embodiment_id for x in inputs], dtype=torch.long)
+        noise = torch.stack(
+            [
+                torch.randn(cfg.action_horizon, cfg.action_dim, generator=seeded_generator(s.seed))
+                for s in samples
+            ]
+        )
+        steps = self.settings.num_denoise_steps or cfg.num_inference_timesteps
+        dev = self._device
+        with self._lock, torch.inference_mode():
+            actions, velocity = model.sample(
+                pixels.to(dev),
+                ids.to(dev),
+                mask.to(dev),
+                state.to(dev),
+                emb_ids.to(dev),
+                noise.to(dev),
+                steps,
+            )
+        actions_np = actions.float().cpu().numpy()
+        velocity_np = velocity.float().cpu().numpy()
+        return [
+            GrootRaw(actions=a, velocity=v, dt=1.0 / steps)
+            for a, v in zip(actions_np, velocity_np, strict=True)
+        ]
+
+    # --- finish ----------------------------------------------------------------------------
+
+    def finish(self, raw: Any, sample: PreparedSample) -> ActionPrediction:
+        assert isinstance(raw, GrootRaw)
+        emb = self._embodiments[sample.embodiment]
+        chunk = min(self.settings.chunk_size, raw.actions.shape[0])
+        normalised = raw.actions[:chunk, : emb.action_dim]
+        parts, start = [], 0
+        for modality in emb.action:
+            parts.append(modality.unnormalize(normalised[:, start : start + modality.dim]))
+            start += modality.dim
+        actions = np.concatenate(parts, axis=1).astype(np.float32)
+        step = raw.velocity[:chunk, : emb.action_dim].astype(np.float64) * raw.dt
+        confidence = float(1.0 / (1.0 + np.sqrt(np.mean(step**2))))
+        return ActionPrediction(actions=actions, confidence=confidence)
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _require_model(self) -> GR00TN15:
+        if self._model is None:
+            raise RuntimeError("GrootPolicy.load() has not been called")
+        return self._model
+
+    def _require_cfg(self) -> GrootConfig:
+        if self._cfg is None:
+            raise RuntimeError("GrootPolicy.load() has not been called")
+        return self._cfg
+
+
+def _short(key: str) -> str:
+    return key.removeprefix("video.")
+
+
+def camera_roles(emb: ckpt.Embodiment) -> list[tuple[str, str]]:
+    """(server camera name, metadata video key) per video key, in metadata order.
+
+    The server's camera vocabulary is "base", "left_wrist", "right_wrist" (the transport maps
+    "wrist" to "left_wrist") plus free names. The first video key is "base"; a key naming a
+    wrist becomes "right_wrist" when it says right, else "left_wrist"; any other key keeps its
+    own lower-case name (e.g. "video.side_view" -> "side_view"). A frame may also be sent
+    under the key's own name, with or without "video.".
+    """
+    roles: list[tuple[str, str]] = []
+    for i, key in enumerate(emb.video_keys):
+        short = _short(key).lower()
+        if i == 0:
+            role = BASE_CAMERA
+        elif "wrist" in short:
+            role = "right_wrist" if "right" in short else "left_wrist"
+        else:
+            role = short
+        if role in (r for r, _ in roles):
+            role = short
+        roles.append((role, key))
+    return roles

@@ -1,0 +1,263 @@
+"""Tiny GR00T N1.5 checkpoints in the published on-disk layout, for tests.
+
+write_tiny_groot_checkpoint(path) writes:
+    config.json                       model_type gr00t_n1_5; backbone_cfg.eagle_config = tiny Eagle dims
+    model-00001-of-00002.safetensors  random weights (seeded), split over two shards
+    model-00002-of-00002.safetensors  + one LM layer above select_layer (upstream pops those; skipped)
+    model.safetensors.index.json
+    experiment_cfg/metadata.json      two embodiments with distinct dims, stats, modes, cameras
+    tokenizer.json                    word-level tokenizer with the Eagle special tokens
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vla_inference.models.groot.model import GR00TN15, SIZES
+
+TINY = SIZES["tiny"]
+
+# Per embodiment: state / action modalities (name, dim), video keys, normalisation overrides.
+EMBODIMENT_LAYOUTS: dict[str, dict[str, Any]] = {
+    "gr1": {
+        "state": [("left_arm", 3), ("left_hand", 2)],
+        "action": [("left_arm", 3), ("left_hand", 2)],
+        "video": ["ego_view"],
+        "modes": {},  # min_max everywhere (the default)
+    },
+    "so100": {
+        "state": [("single_arm", 5), ("gripper", 1)],
+        "action": [("single_arm", 5), ("gripper", 1)],
+        "video": ["front", "wrist"],
+        "modes": {"state.single_arm": "mean_std", "action.gripper": "q99"},
+    },
+    "new_embodiment": {
+        "state": [("joints", 4)],
+        "action": [("joints", 4)],
+        "video": ["base_view"],
+        "modes": {},
+    },
+}
+
+WORDS = ["pick", "up", "the", "red", "cube", "place", "it", "in", "box", "wave", "warm", "Perform", "default"]
+WORDS += [
+    "behavior",
+    "image",
+    "user",
+    "assistant",
+    "system",
+    "You",
+    "are",
+    "a",
+    "helpful",
+    "[",
+    "]",
+    "'",
+    "<",
+    ">",
+    "['",
+    "']",
+    ".",
+    "1",
+    "2",
+    "3",
+]
+SPECIAL = {
+    "<|im_start|>": 90,
+    "<|im_end|>": 91,
+    "<img>": 92,
+    "</img>": 93,
+    "<|endoftext|>": 94,
+    "<IMG_CONTEXT>": 95,
+}
+
+
+def tiny_statistics(tag: str, kind: str, key: str, dim: int, seed: int) -> dict[str, list[float]]:
+    """Distinct, hand-checkable statistics: min < q01 < mean < q99 < max per dimension."""
+    offset = {"gr1": 0.0, "so100": 10.0, "new_embodiment": -5.0}.get(tag, 1.0) + (
+        0.5 if kind == "action" else 0.0
+    )
+    offset += 0.25 * seed + len(key) * 0.01
+    low = [offset - 1.0 - 0.5 * i for i in range(dim)]
+    high = [offset + 2.0 + 1.0 * i for i in range(dim)]
+    return {
+        "min": low,
+        "max": high,
+        "q01": [lo + 0.1 for lo in low],
+        "q99": [hi - 0.1 for hi in high],
+        "mean": [(lo + hi) / 2 for lo, hi in zip(low, high, strict=True)],
+        "std": [0.5 + 0.1 * i for i in range(dim)],
+    }
+
+
+def tiny_metadata(embodiments: Sequence[str], seed: int = 0) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for tag in embodiments:
+        layout = EMBODIMENT_LAYOUTS[tag]
+        entry: dict[str, Any] = {
+            "statistics": {"state": {}, "action": {}},
+            "modalities": {
+                "video": {k: {"resolution": [64, 48], "channels": 3, "fps": 20.0} for k in layout["video"]},
+                "state": {},
+                "action": {},
+            },
+            "embodiment_tag": tag,
+        }
+        for kind in ("state", "action"):
+            for key, dim in layout[kind]:
+                entry["statistics"][kind][key] = tiny_statistics(tag, kind, key, dim, seed)
+                entry["modalities"][kind][key] = {"absolute": True, "rotation_type": None, "shape": [dim]}
+        if layout["modes"]:
+            entry["normalization_modes"] = dict(layout["modes"])
+        out[tag] = entry
+    return out
+
+
+def tiny_config_json() -> dict[str, Any]:
+    c = TINY
+    return {
+        "model_type": "gr00t_n1_5",
+        "architectures": ["GR00T_N1_5"],
+        "action_horizon": c.action_horizon,
+        "action_dim": c.action_dim,
+        "compute_dtype": "bfloat16",
+        "backbone_cfg": {
+            "select_layer": c.select_layer,
+            "project_to_dim": None,
+            "reproject_vision": False,
+            "eagle_config": {
+                "force_image_size": c.image_size,
+                "use_pixel_shuffle": False,
+                "mlp_connector_layers": 1,
+                "downsample_ratio": 0.5,
+                "image_token_index": c.image_token_id,
+                "text_config": {
+                    "architectures": ["Qwen3ForCausalLM"],
+                    "vocab_size": c.vocab_size,
+                    "hidden_size": c.llm_hidden,
+                    "num_hidden_layers": c.llm_layers,
+                    "num_attention_heads": c.llm_heads,
+                    "num_key_value_heads": c.llm_kv_heads,
+                    "head_dim": c.llm_head_dim,
+                    "intermediate_size": c.llm_intermediate,
+                    "rope_theta": c.rope_theta,
+                    "rms_norm_eps": c.rms_eps,
+                },
+                "vision_config": {
+                    "model_type": "siglip_vision_model",
+                    "hidden_size": c.vit_hidden,
+                    "num_hidden_layers": c.vit_layers,
+                    "num_attention_heads": c.vit_heads,
+                    "intermediate_size": c.vit_intermediate,
+                    "patch_size": c.patch_size,
+                    "image_size": c.image_size,
+                    "layer_norm_eps": c.vit_eps,
+                },
+            },
+        },
+        "action_head_cfg": {
+            "action_dim": c.action_dim,
+            "action_horizon": c.action_horizon,
+            "add_pos_embed": True,
+            "backbone_embedding_dim": c.backbone_embedding_dim,
+            "hidden_size": c.hidden_size,
+            "input_embedding_dim": c.input_embedding_dim,
+            "max_action_dim": c.action_dim,
+            "max_state_dim": c.max_state_dim,
+            "max_seq_len": c.max_seq_len,
+            "num_inference_timesteps": c.num_inference_timesteps,
+            "num_target_vision_tokens": c.num_target_vision_tokens,
+            "num_timestep_buckets": c.num_timestep_buckets,
+            "use_vlln": True,
+            "diffusion_model_cfg": {
+                "attention_head_dim": c.dit_head_dim,
+                "cross_attention_dim": c.cross_attention_dim,
+                "interleave_self_attention": True,
+                "norm_type": "ada_norm",
+                "num_attention_heads": c.dit_heads,
+                "num_layers": c.dit_layers,
+                "output_dim": c.dit_output_dim,
+                "positional_embeddings": None,
+            },
+            "vl_self_attention_cfg": {
+                "attention_head_dim": c.vlsa_head_dim,
+                "num_attention_heads": c.vlsa_heads,
+                "num_layers": c.vlsa_layers,
+                "positional_embeddings": None,
+            },
+        },
+    }
+
+
+def write_tiny_tokenizer(file: Path) -> None:
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0}
+    for word in WORDS:
+        vocab.setdefault(word, len(vocab))
+    for token, index in SPECIAL.items():
+        vocab[token] = index
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
+    tokenizer.save(str(file))
+
+
+def tiny_state_dict(seed: int) -> dict[str, torch.Tensor]:
+    """Random, well-conditioned weights: every tensor (norm gains included) is random, with
+    fan-in scaled matrices so activations stay O(1) and float32 noise stays small."""
+    torch.manual_seed(seed)
+    model = GR00TN15(TINY)
+    state = {}
+    for name, p in model.named_parameters():
+        shape = tuple(p.shape)
+        if name.endswith(".W"):  # category-specific (categories, in, out)
+            value = torch.randn(shape) / shape[1] ** 0.5
+        elif name.endswith(("embed_tokens.weight", "position_embedding.weight", "future_tokens.weight")):
+            value = 0.5 * torch.randn(shape)
+        elif p.ndim >= 2:  # Linear (out, in) / Conv (out, in, k, k)
+            fan_in = int(torch.tensor(shape[1:]).prod())
+            value = torch.randn(shape) / fan_in**0.5
+        elif name.endswith(".weight"):  # LayerNorm / RMSNorm gains
+            value = 1.0 + 0.1 * torch.randn(shape)
+        else:  # biases
+            value = 0.05 * torch.randn(shape)
+        state[name] = value.contiguous()
+    return state
+
+
+def write_tiny_groot_checkpoint(
+    path: Path, seed: int = 0, embodiments: Sequence[str] = ("gr1", "so100")
+) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    (path / "experiment_cfg").mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(tiny_config_json(), indent=2))
+    (path / "experiment_cfg" / "metadata.json").write_text(
+        json.dumps(tiny_metadata(embodiments, seed), indent=2)
+    )
+    write_tiny_tokenizer(path / "tokenizer.json")
+
+    state = tiny_state_dict(seed)
+    # A layer above select_layer, as an untruncated Eagle LM would carry: the loader skips it.
+    extra = f"backbone.eagle_model.language_model.model.layers.{TINY.select_layer}.input_layernorm.weight"
+    state[extra] = torch.ones(TINY.llm_hidden)
+    names = sorted(state)
+    half = len(names) // 2
+    shards = {
+        "model-00001-of-00002.safetensors": names[:half],
+        "model-00002-of-00002.safetensors": names[half:],
+    }
+    weight_map = {}
+    for file, keys in shards.items():
+        save_file({k: state[k] for k in keys}, str(path / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(keys, file))
+    index = {"metadata": {"total_size": sum(t.numel() * 4 for t in state.values())}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return path

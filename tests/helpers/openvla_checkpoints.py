@@ -1,0 +1,190 @@
+"""Tiny OpenVLA checkpoints in the published HF layout, for tests (written in well under a second).
+
+`write_tiny_openvla_checkpoint` writes what openvla/openvla-7b ships, at test size:
+
+  config.json                   published keys (timm_model_ids, image_sizes, image_resize_strategy,
+                                text_config, pad_token_id, pad_to_multiple_of, n_action_bins,
+                                norm_stats) plus `vla_inference_towers`, the tiny towers' sizes
+  model-0000N-of-00002.safetensors + model.safetensors.index.json   (or one model.safetensors)
+  tokenizer.model               a Llama-style SentencePiece BPE model (byte fallback, BOS = 1),
+                                trained deterministically here with a vocabulary of 400
+  preprocessor_config.json      means/stds/interpolations as published
+
+De-tokenisation stays real: the language model has the real 32000 + 64 vocabulary
+(text_config.vocab_size = 32064), and the policy counts action bins back from
+vocab_size - pad_to_multiple_of = 32000, never from the tokenizer. The tokenizer only encodes
+the prompt (its ids < 400 index the same embedding table); 29871 is appended as in the
+reference. The lm_head rows outside the 256 action tokens are zero, so the greedy token is
+always an action token and different images give different actions.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from vla_inference.models.openvla.model import OpenVLA, OpenVLAConfig, init_weights
+
+TINY = OpenVLAConfig.named("tiny")
+TOKENIZER_VOCAB = 400
+
+_WORDS = (
+    "pick place put the a red blue green block cup plate on in to of move open close drawer robot what "
+    "action should take out spoon carrot pot sink towel left right up down"
+)
+
+
+def tiny_tokenizer_model() -> bytes:
+    """A Llama-style SentencePiece model (BPE, byte fallback, unk 0 / bos 1 / eos 2), deterministic."""
+    import sentencepiece
+
+    rng = random.Random(0)
+    corpus = [" ".join(rng.choice(_WORDS.split()) for _ in range(8)) for _ in range(500)]
+    corpus += ["In: What action should the robot take to pick up the cup?", "Out:"]
+    out = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus),
+        model_writer=out,
+        vocab_size=TOKENIZER_VOCAB,
+        model_type="bpe",
+        byte_fallback=True,
+        num_threads=1,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        split_digits=True,
+        minloglevel=2,
+    )
+    return out.getvalue()
+
+
+def tiny_norm_stats(datasets: tuple[str, ...], seed: int = 0, dim: int = 7) -> dict[str, Any]:
+    """Per dataset: q01 < 0 < q99, mean/std/min/max, mask with the gripper (last) dimension False."""
+    rng = np.random.default_rng(seed + 1000)
+    stats: dict[str, Any] = {}
+    for name in datasets:
+        q01 = -rng.uniform(0.1, 2.0, dim)
+        q99 = rng.uniform(0.1, 2.0, dim)
+        stats[name] = {
+            "action": {
+                "mean": ((q01 + q99) / 2).tolist(),
+                "std": ((q99 - q01) / 4).tolist(),
+                "max": (q99 * 1.5).tolist(),
+                "min": (q01 * 1.5).tolist(),
+                "q01": q01.tolist(),
+                "q99": q99.tolist(),
+                "mask": [True] * (dim - 1) + [False],
+            },
+            "proprio": {k: [0.0] * dim for k in ("mean", "std", "max", "min", "q01", "q99")},
+            "num_transitions": 1000,
+            "num_trajectories": 10,
+        }
+    return stats
+
+
+def tiny_state_dict(seed: int = 0, cfg: OpenVLAConfig = TINY) -> dict[str, torch.Tensor]:
+    model = OpenVLA(cfg)
+    init_weights(model, seed)
+    with torch.no_grad():
+        head = model.language_model.lm_head.weight  # (32064, D)
+        first_action = cfg.action_vocab_size - (cfg.n_action_bins - 1)  # 31745: bins 254..0
+        keep = torch.zeros(head.shape[0], dtype=torch.bool)
+        keep[first_action : cfg.action_vocab_size] = True
+        head[~keep] = 0.0
+        head[keep] *= 4.0
+    return {name: t.detach().clone().contiguous() for name, t in model.state_dict().items()}
+
+
+def tiny_config_json(cfg: OpenVLAConfig, datasets: tuple[str, ...], seed: int) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return {
+        "architectures": ["OpenVLAForActionPrediction"],
+        "model_type": "openvla",
+        "arch_specifier": "no-align+fused-gelu-mlp",
+        "vision_backbone_id": "dinosiglip-vit-so-224px",
+        "llm_backbone_id": "llama2-7b-pure",
+        "hf_llm_id": "meta-llama/Llama-2-7b-hf",
+        "use_fused_vision_backbone": True,
+        "timm_model_ids": ["vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400m_patch14_siglip_224"],
+        "timm_override_act_layers": [None, None],
+        "image_sizes": [cfg.dino.image_size, cfg.siglip.image_size],
+        "image_resize_strategy": "resize-naive",
+        "llm_max_length": 2048,
+        "pad_token_id": cfg.pad_token_id,
+        "pad_to_multiple_of": cfg.pad_to_multiple_of,
+        "n_action_bins": cfg.n_action_bins,
+        "output_projector_states": False,
+        "torch_dtype": "float32",
+        "transformers_version": "4.40.1",
+        "text_config": {
+            "model_type": "llama",
+            "pad_token_id": cfg.pad_token_id,
+            "vocab_size": cfg.llm.vocab_size,
+            "hidden_size": cfg.llm.dim,
+            "intermediate_size": cfg.llm.intermediate,
+            "num_hidden_layers": cfg.llm.n_layers,
+            "num_attention_heads": cfg.llm.n_heads,
+            "num_key_value_heads": cfg.llm.n_kv_heads,
+            "max_position_embeddings": cfg.llm.max_seq_len,
+        },
+        "vla_inference_towers": [asdict(cfg.dino), asdict(cfg.siglip)],
+        "norm_stats": tiny_norm_stats(datasets, seed),
+    }
+
+
+def write_tiny_openvla_checkpoint(
+    path: Path, seed: int = 0, datasets: tuple[str, ...] = ("bridge_orig",), sharded: bool = True
+) -> Path:
+    """Write a tiny random OpenVLA checkpoint directory at `path`; return it."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = TINY
+    (path / "config.json").write_text(json.dumps(tiny_config_json(cfg, tuple(datasets), seed), indent=2))
+    (path / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "PrismaticImageProcessor",
+                "image_resize_strategy": "resize-naive",
+                "input_sizes": [[3, cfg.dino.image_size, cfg.dino.image_size]] * 2,
+                "interpolations": ["bicubic", "bicubic"],
+                "means": [[0.485, 0.456, 0.406], [0.5, 0.5, 0.5]],
+                "stds": [[0.229, 0.224, 0.225], [0.5, 0.5, 0.5]],
+                "use_fused_vision_backbone": True,
+            },
+            indent=2,
+        )
+    )
+    (path / "tokenizer.model").write_bytes(tiny_tokenizer_model())
+    tensors = tiny_state_dict(seed, cfg)
+    if not sharded:
+        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+        return path
+    # Like the published split: vision + projector + first LM tensors in shard 1, the rest in shard 2.
+    names = list(tensors)
+    half = len(names) // 2
+    shards = {
+        "model-00001-of-00002.safetensors": names[:half],
+        "model-00002-of-00002.safetensors": names[half:],
+    }
+    weight_map = {}
+    for file, shard_names in shards.items():
+        save_file({n: tensors[n] for n in shard_names}, str(path / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard_names, file))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
+    return path

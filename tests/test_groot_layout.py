@@ -1,0 +1,206 @@
+"""Real-size GR00T N1.5 on the meta device: every parameter name and shape, checked against an
+independently derived fixture of the published checkpoint's tensors.
+
+How the fixture is derived (none of it from our model code):
+  * backbone.eagle_model.language_model.model.*  = transformers' Qwen3Model built on meta with
+    the Qwen3-1.7B text config of N1.5's Eagle (hidden 2048, 16 heads, 8 kv heads, head_dim 128,
+    ffn 6144, vocab 151680), cut to select_layer = 12 layers as upstream's EagleBackbone does.
+  * backbone.eagle_model.vision_model.vision_model.* = transformers' SiglipVisionModel on meta with
+    the N1.5 vision config (1152 wide, 27 layers, 16 heads, ffn 4304, patch 14, 224 px), without
+    the pooling head (unused: GR00T takes last_hidden_state; the loader skips it if present).
+  * backbone.eagle_model.mlp1.0 = Linear(1152, 2048) (mlp_connector_layers 1, no pixel shuffle).
+  * action_head.* = shapes written out below from upstream's definitions
+    (flow_matching_action_head.py, cross_attention_dit.py, diffusers Attention / FeedForward /
+    TimestepEmbedding) with the published action_head_cfg of GR00T-N1.5-3B's config.json.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vla_inference.models.base import ModelLoadError
+from vla_inference.models.groot.checkpoint import config_from_json, parameter_count
+from vla_inference.models.groot.model import GR00TN15, SIZES
+
+transformers = pytest.importorskip("transformers")
+
+# The published nvidia/GR00T-N1.5-3B config.json (the fields that shape the network).
+N15_CONFIG_JSON = {
+    "model_type": "gr00t_n1_5",
+    "action_horizon": 16,
+    "action_dim": 32,
+    "backbone_cfg": {"project_to_dim": None, "reproject_vision": False, "select_layer": 12},
+    "action_head_cfg": {
+        "action_dim": 32,
+        "action_horizon": 16,
+        "add_pos_embed": True,
+        "backbone_embedding_dim": 2048,
+        "diffusion_model_cfg": {
+            "attention_head_dim": 48,
+            "cross_attention_dim": 2048,
+            "dropout": 0.2,
+            "final_dropout": True,
+            "interleave_self_attention": True,
+            "norm_type": "ada_norm",
+            "num_attention_heads": 32,
+            "num_layers": 16,
+            "output_dim": 1024,
+            "positional_embeddings": None,
+        },
+        "hidden_size": 1024,
+        "input_embedding_dim": 1536,
+        "max_action_dim": 32,
+        "max_state_dim": 64,
+        "num_inference_timesteps": 4,
+        "num_target_vision_tokens": 32,
+        "num_timestep_buckets": 1000,
+        "use_vlln": True,
+        "vl_self_attention_cfg": {
+            "attention_head_dim": 64,
+            "dropout": 0.2,
+            "final_dropout": True,
+            "num_attention_heads": 32,
+            "num_layers": 4,
+            "positional_embeddings": None,
+        },
+    },
+}
+
+
+def _prefixed(
+    module: torch.nn.Module, prefix: str, strip: str = "", skip: str = ""
+) -> dict[str, tuple[int, ...]]:
+    out = {}
+    for name, p in module.named_parameters():
+        name = name.removeprefix(strip)
+        if skip and name.startswith(skip):
+            continue
+        out[prefix + name] = tuple(p.shape)
+    return out
+
+
+def _action_head_fixture() -> dict[str, tuple[int, ...]]:
+    d, cats, state, act, hid, bb = 1536, 32, 64, 32, 1024, 2048
+    f: dict[str, tuple[int, ...]] = {}
+
+    def linear(name: str, i: int, o: int) -> None:
+        f[name + ".weight"], f[name + ".bias"] = (o, i), (o,)
+
+    def cat_linear(name: str, i: int, o: int) -> None:
+        f[name + ".W"], f[name + ".b"] = (cats, i, o), (cats, o)
+
+    p = "action_head.model."
+    linear(p + "timestep_encoder.timestep_embedder.linear_1", 256, d)
+    linear(p + "timestep_encoder.timestep_embedder.linear_2", d, d)
+    for i in range(16):
+        b = f"{p}transformer_blocks.{i}."
+        kv = bb if i % 2 == 0 else d  # even blocks cross-attend to the 2048-wide VL tokens
+        linear(b + "norm1.linear", d, 2 * d)  # AdaLayerNorm; norm3 has no affine params in the DiT
+        linear(b + "attn1.to_q", d, d)
+        linear(b + "attn1.to_k", kv, d)
+        linear(b + "attn1.to_v", kv, d)
+        linear(b + "attn1.to_out.0", d, d)
+        linear(b + "ff.net.0.proj", d, 4 * d)
+        linear(b + "ff.net.2", 4 * d, d)
+    linear(p + "proj_out_1", d, 2 * d)
+    linear(p + "proj_out_2", d, hid)
+    for i in range(4):
+        b = f"action_head.vl_self_attention.transformer_blocks.{i}."
+        f[b + "norm1.weight"], f[b + "norm1.bias"] = (bb,), (bb,)
+        f[b + "norm3.weight"], f[b + "norm3.bias"] = (bb,), (bb,)
+        for proj in ("to_q", "to_k", "to_v", "to_out.0"):
+            linear(b + "attn1." + proj, bb, bb)
+        linear(b + "ff.net.0.proj", bb, 4 * bb)
+        linear(b + "ff.net.2", 4 * bb, bb)
+    cat_linear("action_head.state_encoder.layer1", state, hid)
+    cat_linear("action_head.state_encoder.layer2", hid, d)
+    cat_linear("action_head.action_encoder.W1", act, d)
+    cat_linear("action_head.action_encoder.W2", 2 * d, d)
+    cat_linear("action_head.action_encoder.W3", d, d)
+    cat_linear("action_head.action_decoder.layer1", hid, hid)
+    cat_linear("action_head.action_decoder.layer2", hid, act)
+    f["action_head.future_tokens.weight"] = (32, d)
+    f["action_head.position_embedding.weight"] = (1024, d)
+    f["action_head.vlln.weight"], f["action_head.vlln.bias"] = (bb,), (bb,)
+    return f
+
+
+def _fixture() -> dict[str, tuple[int, ...]]:
+    text = transformers.Qwen3Config(
+        vocab_size=151680,
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=12,  # select_layer: upstream pops the layers above it
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
+    )
+    vision = transformers.SiglipVisionConfig(
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_hidden_layers=27,
+        num_attention_heads=16,
+        image_size=224,
+        patch_size=14,
+    )
+    with torch.device("meta"):
+        lm = transformers.Qwen3Model(text)
+        vit = transformers.SiglipVisionModel(vision)
+    fixture = _prefixed(lm, "backbone.eagle_model.language_model.model.", strip="model.")
+    fixture |= _prefixed(
+        vit, "backbone.eagle_model.vision_model.vision_model.", strip="vision_model.", skip="head."
+    )
+    fixture["backbone.eagle_model.mlp1.0.weight"] = (2048, 1152)
+    fixture["backbone.eagle_model.mlp1.0.bias"] = (2048,)
+    fixture |= _action_head_fixture()
+    return fixture
+
+
+def test_published_config_gives_the_n15_size() -> None:
+    assert config_from_json(N15_CONFIG_JSON) == SIZES["n1.5-3b"]
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        (None, "model_type", "gr00t_n1", "gr00t_n1_5"),
+        ("diffusion_model_cfg", "positional_embeddings", "sinusoidal", "positional_embeddings"),
+        ("diffusion_model_cfg", "num_attention_heads", 16, "DiT width"),
+        ("backbone_cfg", "select_layer", 40, "select_layer"),
+    ],
+)
+def test_unsupported_configs_are_refused(section: str | None, key: str, value: object, message: str) -> None:
+    import copy
+
+    raw = copy.deepcopy(N15_CONFIG_JSON)
+    target: dict = raw  # type: ignore[type-arg]
+    if section == "diffusion_model_cfg":
+        target = raw["action_head_cfg"]["diffusion_model_cfg"]  # type: ignore[index]
+    elif section is not None:
+        target = raw[section]  # type: ignore[assignment]
+    target[key] = value
+    with pytest.raises(ModelLoadError, match=message):
+        config_from_json(raw)
+
+
+def test_parameter_names_and_shapes_match_the_checkpoint_layout() -> None:
+    with torch.device("meta"):
+        model = GR00TN15(config_from_json(N15_CONFIG_JSON))
+    ours = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    fixture = _fixture()
+    assert sorted(set(fixture) - set(ours)) == []
+    assert sorted(set(ours) - set(fixture)) == []
+    mismatched = {k: (ours[k], fixture[k]) for k in ours if ours[k] != fixture[k]}
+    assert mismatched == {}
+
+
+def test_parameter_count() -> None:
+    total = parameter_count(SIZES["n1.5-3b"])
+    fixture_total = sum(int(torch.tensor(s).prod()) if s else 1 for s in _fixture().values())
+    assert total == fixture_total
+    # 2.40B built: LM cut at layer 12 ~0.915B, SigLIP ~0.412B, mlp1 2.4M, action head ~1.07B
+    # (DiT 0.55B, VL adapter 0.20B, the 32 category-specific encoders / decoders 0.32B).
+    # The "3B" in the published name counts the full 28-layer Qwen3 (+0.80B).
+    assert 2.35e9 < total < 2.45e9
