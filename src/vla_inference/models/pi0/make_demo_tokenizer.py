@@ -36,15 +36,17 @@ grasp the handle and pull the door open
 place the spoon next to the fork
 hand the object to the person
 warm up the robot and wait
-Task: pick up the cup, State: 128 127 130 64 200 255 0;
-Action: 
-Task: open the drawer, State: 12 45 78 99 101 150 250;
-Action: 
 """
+_PROMPTS = (
+    "Task: pick up the cup, State: 128 127 130 64 200 255 0;",
+    "Action: ",
+    "Task: open the drawer, State: 12 45 78 99 101 150 250;",
+    "Action: ",
+)
 
 
 def training_sentences() -> list[str]:
-    lines = [line for line in _TEXT.splitlines() if line.strip()]
+    lines = [line for line in _TEXT.splitlines() if line.strip()] + list(_PROMPTS)
     numbers = [" ".join(str((i * 37 + j * 11) % 256) for j in range(16)) for i in range(64)]
     return lines * 4 + numbers
 

@@ -26,12 +26,18 @@ Conventions taken from the reference:
   gate * branch;
 - flow matching: t = 1 is noise, t = 0 the action; x_{t+dt} = x_t + dt * v_t, dt = -1 / steps;
 - time embedding: sin/cos of t * 2π / period, periods geometric in [4e-3, 4], [sin, cos] order.
+
+Exact shortcuts at inference (they change no valid token's value): an image slot masked out in
+every sample of the batch skips the vision tower; the last VLM layer computes only its keys/values;
+the policy trims trailing padding tokens to the longest prompt of the batch. Every padding token
+attends to itself only, so no softmax row is empty (no NaN) and padding never reaches valid tokens.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +82,13 @@ class SiglipConfig:
 GEMMA_VARIANTS: dict[str, GemmaConfig] = {
     "gemma_2b": GemmaConfig(width=2048, depth=18, mlp_dim=16_384, num_heads=8, num_kv_heads=1, head_dim=256),
     "gemma_300m": GemmaConfig(width=1024, depth=18, mlp_dim=4096, num_heads=8, num_kv_heads=1, head_dim=256),
+    # openpi's LoRA fine-tuning variants have the base sizes (PyTorch checkpoints hold merged weights)
+    "gemma_2b_lora": GemmaConfig(
+        width=2048, depth=18, mlp_dim=16_384, num_heads=8, num_kv_heads=1, head_dim=256
+    ),
+    "gemma_300m_lora": GemmaConfig(
+        width=1024, depth=18, mlp_dim=4096, num_heads=8, num_kv_heads=1, head_dim=256
+    ),
     # openpi's own test variant
     "dummy": GemmaConfig(width=64, depth=4, mlp_dim=128, num_heads=8, num_kv_heads=1, head_dim=16),
     # ours: the embedded demo (fast on a small CPU)
@@ -104,7 +117,6 @@ class Pi0Config:
     image_slots: tuple[str, ...] = IMAGE_SLOTS
     min_period: float = 4e-3
     max_period: float = 4.0
-    extra: dict[str, object] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if self.max_token_len <= 0:
@@ -145,7 +157,9 @@ class Pi0Config:
 NAMED_CONFIGS: dict[str, Pi0Config] = {
     "pi0": Pi0Config(),
     "pi05": Pi0Config(pi05=True),
-    "pi0_dummy": Pi0Config(vlm_variant="dummy", expert_variant="dummy", vision_variant="tiny", vocab_size=512),
+    "pi0_dummy": Pi0Config(
+        vlm_variant="dummy", expert_variant="dummy", vision_variant="tiny", vocab_size=512
+    ),
     "pi05_dummy": Pi0Config(
         pi05=True, vlm_variant="dummy", expert_variant="dummy", vision_variant="tiny", vocab_size=512
     ),
@@ -250,6 +264,9 @@ class GemmaStack(nn.Module):
         self.layers = nn.ModuleList([GemmaLayer(cfg, cond_dim) for _ in range(cfg.depth)])
         self.norm = _norm(cfg.width, cond_dim, cfg.norm_eps)
 
+    def layer(self, index: int) -> GemmaLayer:
+        return cast(GemmaLayer, self.layers[index])
+
 
 class SiglipLayer(nn.Module):
     def __init__(self, cfg: SiglipConfig) -> None:
@@ -267,7 +284,10 @@ class SiglipLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, T, W = x.shape
         h = self.norm1(x)
-        q, k, v = (p(h).view(B, T, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            p(h).view(B, T, self.num_heads, -1).transpose(1, 2)
+            for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
         a = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, W/heads)
         x = x + self.out_proj(a.transpose(1, 2).reshape(B, T, W))
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate="tanh"))
@@ -323,8 +343,17 @@ class KVCache:
     The prefix fills [:P] once; each Euler step overwrites [P:] with the suffix keys/values.
     """
 
-    def __init__(self, layers: int, batch: int, kv_heads: int, prefix_len: int, suffix_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:  # fmt: skip
+    def __init__(
+        self,
+        layers: int,
+        batch: int,
+        kv_heads: int,
+        prefix_len: int,
+        suffix_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         shape = (layers, batch, kv_heads, prefix_len + suffix_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -357,8 +386,9 @@ class Pi0Model(nn.Module):
 
     # ---- embeddings ------------------------------------------------------------------------
 
-    def embed_prefix(self, images: Tensor, image_masks: Tensor, tokens: Tensor, token_masks: Tensor
-                     ) -> tuple[Tensor, Tensor]:  # fmt: skip
+    def embed_prefix(
+        self, images: Tensor, image_masks: Tensor, tokens: Tensor, token_masks: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """images (B, N, 3, S, S) in [-1, 1], image_masks (B, N), tokens/token_masks (B, T)
         -> embeddings (B, P, W), pad mask (B, P) with P = N * patches + T.
 
@@ -367,8 +397,9 @@ class Pi0Model(nn.Module):
         B, N = image_masks.shape
         patches, width = self.cfg.vision.num_patches, self.cfg.vlm.width
         slots = []
+        present = image_masks.any(dim=0).tolist()  # one host sync for all slots
         for i in range(N):
-            if bool(image_masks[:, i].any()):
+            if present[i]:
                 slots.append(self.projector(self.vision(images[:, i])))  # (B, patches, W)
             else:
                 slots.append(torch.zeros(B, patches, width, dtype=self.dtype, device=tokens.device))
@@ -386,9 +417,11 @@ class Pi0Model(nn.Module):
         return ar
 
     def embed_suffix(self, state: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
-        """state (B, A), x_t (B, H, A) float32, t (B,) -> embeddings (B, S, We), adaRMS cond (B, We) | None."""
+        """state (B, A), x_t (B, H, A) float32, t (B,) -> embeddings (B, S, We), adaRMS cond (B, We)|None."""
         width = self.cfg.expert.width
-        time_emb = sinusoidal_time_embedding(t, width, self.cfg.min_period, self.cfg.max_period).to(self.dtype)
+        time_emb = sinusoidal_time_embedding(t, width, self.cfg.min_period, self.cfg.max_period).to(
+            self.dtype
+        )
         action_emb = self.action_in_proj(x_t.to(self.dtype))  # (B, H, We)
         if self.cfg.pi05:
             cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(time_emb))))
@@ -406,8 +439,9 @@ class Pi0Model(nn.Module):
         B, _, T, _ = q.shape
         return out.transpose(1, 2).reshape(B, T, -1)
 
-    def joint_forward(self, embs: list[Tensor], mask: Tensor, positions: Tensor, conds: list[Tensor | None]
-                      ) -> list[Tensor]:  # fmt: skip
+    def joint_forward(
+        self, embs: list[Tensor], mask: Tensor, positions: Tensor, conds: list[Tensor | None]
+    ) -> list[Tensor]:
         """Run the experts together over the concatenated sequence, layer by layer, no cache.
 
         embs[i] (B, T_i, W_i) goes through stack i (0 = VLM, 1 = action expert); mask (B, T, T)
@@ -420,7 +454,7 @@ class Pi0Model(nn.Module):
         xs = list(embs)
         lengths = [x.shape[1] for x in xs]
         for li in range(cfg.depth):
-            layers = [stack.layers[li] for stack in stacks]
+            layers = [stack.layer(li) for stack in stacks]
             qs, ks, vs, gates = [], [], [], []
             for layer, x, cond in zip(layers, xs, conds, strict=False):
                 h, gate = layer.input_norm(x, cond)
@@ -433,7 +467,10 @@ class Pi0Model(nn.Module):
             k = apply_rope(torch.cat(ks, dim=2), cos, sin)
             attn = self._attend(q, k, torch.cat(vs, dim=2), mask[:, None])
             parts = attn.split(lengths, dim=1)
-            xs = [layer.finish(x, a, g, c) for layer, x, a, g, c in zip(layers, xs, parts, gates, conds, strict=False)]
+            xs = [
+                layer.finish(x, a, g, c)
+                for layer, x, a, g, c in zip(layers, xs, parts, gates, conds, strict=False)
+            ]
         return [stack.norm(x, c)[0] for stack, x, c in zip(stacks, xs, conds, strict=False)]
 
     def prefill(self, prefix_embs: Tensor, prefix_pad: Tensor, cache: KVCache) -> None:
@@ -448,33 +485,45 @@ class Pi0Model(nn.Module):
         ar = torch.zeros_like(prefix_pad, dtype=torch.int32)
         mask = block_causal_mask(ar, prefix_pad)[:, None]  # (B, 1, P, P)
         x = prefix_embs
-        for li, layer in enumerate(self.vlm.layers):
+        for li in range(cfg.depth):
+            layer = self.vlm.layer(li)
             h, _ = layer.input_norm(x)
             q, k, v = layer.qkv(h)
             k = apply_rope(k, cos, sin)
             cache.k[li, :, :, :P] = k
             cache.v[li, :, :, :P] = v
-            if li == len(self.vlm.layers) - 1:
+            if li == cfg.depth - 1:
                 break
             attn = self._attend(apply_rope(q, cos, sin), k, v, mask)
             x = layer.finish(x, attn, None, None)
 
-    def denoise_step(self, cache: KVCache, prefix_pad: Tensor, state: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+    def suffix_context(self, prefix_pad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """What every Euler step shares: mask (B, 1, S, P + S) bool and RoPE cos/sin (B, 1, S, D)."""
+        cfg = self.cfg.expert
+        B, P = prefix_pad.shape
+        S = self.cfg.suffix_len
+        positions = (
+            prefix_pad.sum(dim=1, keepdim=True) + torch.arange(S, device=prefix_pad.device)[None]
+        )  # (B, S)
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+        ones = torch.ones(B, S, dtype=torch.bool, device=prefix_pad.device)
+        suffix_mask = block_causal_mask(self.suffix_ar(B, prefix_pad.device), ones)  # (B, S, S)
+        mask = torch.cat([prefix_pad[:, None, :].expand(B, S, P), suffix_mask], dim=2)[:, None]
+        return mask, cos, sin
+
+    def denoise_step(
+        self, cache: KVCache, context: tuple[Tensor, Tensor, Tensor], state: Tensor, x_t: Tensor, t: Tensor
+    ) -> Tensor:
         """One velocity evaluation: the suffix through the action expert against the cached prefix.
 
-        prefix_pad (B, P), state (B, A), x_t (B, H, A) float32, t (B,) -> v_t (B, H, A) float32.
+        context = suffix_context(prefix_pad); state (B, A), x_t (B, H, A) float32, t (B,)
+        -> v_t (B, H, A) float32.
         """
-        cfg = self.cfg.expert
+        mask, cos, sin = context
         P = cache.prefix_len
-        embs, cond = self.embed_suffix(state, x_t, t)
-        B, S, _ = embs.shape
-        positions = prefix_pad.sum(dim=1, keepdim=True) + torch.arange(S, device=embs.device)[None]  # (B, S)
-        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-        ones = torch.ones(B, S, dtype=torch.bool, device=embs.device)
-        suffix_mask = block_causal_mask(self.suffix_ar(B, embs.device), ones)  # (B, S, S)
-        mask = torch.cat([prefix_pad[:, None, :].expand(B, S, P), suffix_mask], dim=2)[:, None]  # (B,1,S,P+S)
-        x = embs
-        for li, layer in enumerate(self.expert.layers):
+        x, cond = self.embed_suffix(state, x_t, t)  # (B, S, We)
+        for li in range(self.cfg.expert.depth):
+            layer = self.expert.layer(li)
             h, gate = layer.input_norm(x, cond)
             q, k, v = layer.qkv(h)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -505,29 +554,50 @@ class Pi0Model(nn.Module):
         prefix_embs, prefix_pad = self.embed_prefix(images, image_masks, tokens, token_masks)
         B, P, _ = prefix_embs.shape
         vlm = self.cfg.vlm
-        cache = KVCache(vlm.depth, B, vlm.num_kv_heads, P, self.cfg.suffix_len, vlm.head_dim, self.dtype,
-                        prefix_embs.device)  # fmt: skip
+        cache = KVCache(
+            vlm.depth,
+            B,
+            vlm.num_kv_heads,
+            P,
+            self.cfg.suffix_len,
+            vlm.head_dim,
+            self.dtype,
+            prefix_embs.device,
+        )
         self.prefill(prefix_embs, prefix_pad, cache)
+        context = self.suffix_context(prefix_pad)
         dt = -1.0 / steps
         x_t = noise.float()
         v_t = torch.zeros_like(x_t)
         t = torch.ones(B, dtype=torch.float32, device=x_t.device)
         for _ in range(steps):
-            v_t = self.denoise_step(cache, prefix_pad, state, x_t, t)
+            v_t = self.denoise_step(cache, context, state, x_t, t)
             x_t = x_t + dt * v_t
             t = t + dt
         return x_t, v_t
 
-    def velocity_full(self, images: Tensor, image_masks: Tensor, tokens: Tensor, token_masks: Tensor,
-                      state: Tensor, x_t: Tensor, t: Tensor) -> Tensor:  # fmt: skip
+    def velocity_full(
+        self,
+        images: Tensor,
+        image_masks: Tensor,
+        tokens: Tensor,
+        token_masks: Tensor,
+        state: Tensor,
+        x_t: Tensor,
+        t: Tensor,
+    ) -> Tensor:
         """The velocity recomputing prefix and suffix together (no cache), for checking the cache path."""
         prefix_embs, prefix_pad = self.embed_prefix(images, image_masks, tokens, token_masks)
         suffix_embs, cond = self.embed_suffix(state, x_t, t)
         B, S = suffix_embs.shape[:2]
         pad = torch.cat([prefix_pad, torch.ones(B, S, dtype=torch.bool, device=prefix_pad.device)], dim=1)
-        ar = torch.cat([torch.zeros_like(prefix_pad, dtype=torch.int32), self.suffix_ar(B, pad.device)], dim=1)
+        ar = torch.cat(
+            [torch.zeros_like(prefix_pad, dtype=torch.int32), self.suffix_ar(B, pad.device)], dim=1
+        )
         positions = torch.cumsum(pad.long(), dim=1) - 1
-        _, out = self.joint_forward([prefix_embs, suffix_embs], block_causal_mask(ar, pad), positions, [None, cond])
+        _, out = self.joint_forward(
+            [prefix_embs, suffix_embs], block_causal_mask(ar, pad), positions, [None, cond]
+        )
         return self.action_out_proj(out[:, -self.cfg.action_horizon :]).float()
 
 
@@ -538,5 +608,24 @@ def build(cfg: Pi0Config, device: str | torch.device = "cpu", dtype: torch.dtype
     return model.to(dtype=dtype)
 
 
-def with_overrides(cfg: Pi0Config, **changes: object) -> Pi0Config:
-    return replace(cfg, **changes)  # type: ignore[arg-type]
+def init_random_weights(model: nn.Module, seed: int) -> None:
+    """Deterministic random weights from one seed, independent of the global RNG.
+
+    Weights ~ N(0, 1/fan_in) (activations stay O(1)); biases 0; norm scales 0 (= identity for
+    Gemma's (1 + w)); LayerNorm weights 1; embeddings ~ N(0, 1/width).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            leaf = name.rsplit(".", 1)[-1]
+            is_norm = "norm" in name and "dense" not in name
+            if leaf == "bias":
+                value = torch.zeros(param.shape)
+            elif is_norm:
+                layer_norm = isinstance(model.get_submodule(name.rsplit(".", 1)[0]), nn.LayerNorm)
+                value = torch.ones(param.shape) if layer_norm else torch.zeros(param.shape)
+            elif param.ndim >= 2:
+                value = torch.randn(param.shape, generator=generator) / math.sqrt(param[0].numel())
+            else:
+                value = torch.randn(param.shape, generator=generator) * 0.02
+            param.copy_(value.to(param.dtype))

@@ -1,0 +1,365 @@
+"""Pi0Policy: serves pi0 and pi0.5 checkpoints (openpi PyTorch or LeRobot format) and the embedded demo.
+
+Cameras. pi0 has three image slots; observation camera names map to them as follows:
+
+    observation camera   model slot
+    "base"               base_0_rgb
+    "left_wrist"         left_wrist_0_rgb
+    "right_wrist"        right_wrist_0_rgb
+
+("wrist" is an alias of "left_wrist", as in the transport.)
+
+A camera that is not sent is a black image with its mask False (the model ignores its tokens).
+An unknown camera name is refused (InvalidObservation on "cameras"). A LeRobot checkpoint whose
+image features use other slot names takes those names as camera names.
+
+Preprocessing (prepare, CPU): images resized with padding to the tower's size (224) and scaled to
+[-1, 1]; the state normalised with the embodiment's statistics (pi0: z-score, pi0.5: quantiles; the
+LeRobot format uses its own normaliser settings) and zero-padded to the model's 32 dims; the prompt
+tokenised like the reference: pi0 "<instruction>" + "\\n" (BOS first), pi0.5
+"Task: <instruction>, State: <256-bin discretised normalised state>;\\nAction: ". A prompt longer
+than the model's max_token_len is refused rather than truncated.
+
+Embodiments are the checkpoint's norm-stats asset ids (VLA_NORM_STATS_KEY keeps only one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vla_inference.config import Settings
+from vla_inference.models.base import (
+    ActionPrediction,
+    InvalidObservation,
+    ModelDescription,
+    ModelLoadError,
+    Observation,
+    PreparedSample,
+    VLAModel,
+    seeded_generator,
+)
+from vla_inference.models.pi0 import checkpoint as ckpt
+from vla_inference.models.pi0.model import IMAGE_SLOTS, Pi0Config, Pi0Model, build
+from vla_inference.preprocessing.images import resize_with_pad
+
+CAMERA_TO_SLOT = {"base": "base_0_rgb", "left_wrist": "left_wrist_0_rgb", "right_wrist": "right_wrist_0_rgb"}
+SLOT_TO_CAMERA = {slot: camera for camera, slot in CAMERA_TO_SLOT.items()}
+# The transport's aliases (codec.CAMERA_ALIASES), accepted here too for direct callers.
+CAMERA_ALIASES = {"wrist": "left_wrist", "main": "base", "left": "left_wrist", "right": "right_wrist"}
+
+CONFIDENCE_DEFINITION = (
+    "1 / (1 + r), r = RMS over the chunk's robot action dimensions of the last Euler step's "
+    "displacement |dt| * v (normalised action units). Near 1 when the flow has settled at t = 0; "
+    "a cheap convergence signal, not a calibrated probability."
+)
+
+
+@dataclass
+class Pi0Inputs:
+    images: np.ndarray  # (N, 3, S, S) float32 in [-1, 1]
+    image_masks: np.ndarray  # (N,) bool
+    tokens: np.ndarray  # (T,) int64, T = max_token_len, valid first
+    token_mask: np.ndarray  # (T,) bool
+    state: np.ndarray  # (A,) float32, normalised and padded
+
+
+@dataclass
+class Pi0Raw:
+    actions: np.ndarray  # (H, A) float32, normalised units
+    last_velocity: np.ndarray  # (H, A) float32
+    dt: float
+
+
+def _resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def discretize_state(state: np.ndarray) -> np.ndarray:
+    """openpi's pi0.5 rule: np.digitize over 256 equal bins of [-1, 1], minus one.
+
+    Not clipped, as in the reference: values below -1 give -1, values above 1 give 255.
+    """
+    return np.digitize(state, bins=np.linspace(-1, 1, 256 + 1)[:-1]) - 1
+
+
+class Pi0Policy(VLAModel):
+    model_type = "pi0"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self._model: Pi0Model | None = None
+        self._info: ModelDescription | None = None
+        self._ckpt: ckpt.Checkpoint | None = None
+        self._tokenizer: Any = None
+        self._device = torch.device("cpu")
+        self._num_steps = 10
+
+    # ---- loading -----------------------------------------------------------------------------
+
+    def load(self, checkpoint_path: str | None, device: str) -> None:
+        demo = not checkpoint_path
+        if demo:
+            from vla_inference.models.pi0 import demo as demo_module
+
+            path = demo_module.ensure_demo_checkpoint()
+        else:
+            path = Path(str(checkpoint_path)).expanduser()
+        loaded = ckpt.load(
+            path, tokenizer_path=self.settings.tokenizer_path, norm_stats_key=self.settings.norm_stats_key
+        )
+        cfg = loaded.config
+        dtype = _resolve_dtype(self.settings.dtype, device)
+        model = build(cfg, device="meta")
+        try:
+            model.load_state_dict(loaded.state_dict, strict=True, assign=True)
+        except RuntimeError as exc:  # the key checks in checkpoint.py should make this unreachable
+            raise ModelLoadError(f"{path}: {exc}") from None
+        try:
+            model = model.to(device=device, dtype=dtype).eval()
+        except (RuntimeError, AssertionError) as exc:
+            raise ModelLoadError(f"cannot place the model on {device} as {dtype}: {exc}") from None
+        loaded.state_dict = {}
+
+        import sentencepiece
+
+        try:
+            tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(loaded.tokenizer_path))
+        except (OSError, RuntimeError) as exc:
+            raise ModelLoadError(f"{loaded.tokenizer_path} is not a SentencePiece model: {exc}") from None
+        if tokenizer.get_piece_size() > cfg.vocab_size:
+            raise ModelLoadError(
+                f"tokenizer {loaded.tokenizer_path} has {tokenizer.get_piece_size()} pieces but the model's "
+                f"embedding has {cfg.vocab_size} rows: wrong tokenizer for this checkpoint"
+            )
+
+        action_dim, state_dims = self._dims(loaded)
+        embodiments = tuple(sorted(loaded.norms)) or ("default",)
+        default = self.settings.norm_stats_key or embodiments[0]
+        if not loaded.norms:
+            state_dims = {"default": state_dims.get("default", action_dim)}
+        slots = loaded.image_slots
+        cameras = tuple(SLOT_TO_CAMERA.get(slot, slot) for slot in slots)
+        num_steps = self.settings.num_denoise_steps or loaded.num_steps or cfg.num_steps
+        if demo:
+            name = "pi0-demo (random weights, not a trained policy)"
+        else:
+            name = f"{'pi0.5' if cfg.pi05 else 'pi0'} {path.name} ({loaded.format} format)"
+        version = hashlib.sha256(f"{path.resolve()}|{cfg}".encode()).hexdigest()[:12]
+        self._info = ModelDescription(
+            name=name,
+            version=version,
+            family="pi05" if cfg.pi05 else "pi0",
+            action_dim=action_dim,
+            chunk_size=min(self.settings.chunk_size, cfg.action_horizon),
+            horizon=cfg.action_horizon,
+            embodiments=embodiments,
+            default_embodiment=default,
+            state_dims=state_dims,
+            camera_names=cameras,
+            image_size=(cfg.vision.image_size, cfg.vision.image_size),
+            device=str(device),
+            dtype=str(dtype).removeprefix("torch."),
+            confidence_definition=CONFIDENCE_DEFINITION,
+            demo=demo,
+        )
+        if self.settings.compile:
+            model.denoise_step = torch.compile(model.denoise_step, dynamic=False)  # type: ignore[method-assign]
+            model.prefill = torch.compile(model.prefill, dynamic=False)  # type: ignore[method-assign]
+        self._model, self._ckpt, self._tokenizer = model, loaded, tokenizer
+        self._device = torch.device(device)
+        self._num_steps = num_steps
+        self._slots = slots
+        self._camera_slot = dict(zip(cameras, range(len(slots)), strict=True))
+
+    def _dims(self, loaded: ckpt.Checkpoint) -> tuple[int, dict[str, int]]:
+        cfg = loaded.config
+        if loaded.norms:
+            sizes = {emb: n.actions.stats.size for emb, n in loaded.norms.items()}
+            distinct = set(sizes.values())
+            if len(distinct) != 1:
+                raise ModelLoadError(
+                    f"{loaded.path}: the norm stats disagree on the action size ({sizes}); "
+                    "choose one set with VLA_NORM_STATS_KEY"
+                )
+            action_dim = distinct.pop()
+            if action_dim == 0:
+                action_dim = self.settings.action_dim
+            elif self.settings.explicitly_set("action_dim") and self.settings.action_dim != action_dim:
+                raise ModelLoadError(
+                    f"VLA_ACTION_DIM={self.settings.action_dim} but the checkpoint's action statistics have "
+                    f"{action_dim} dimensions"
+                )
+            state_dims = {emb: (n.state.stats.size or action_dim) for emb, n in loaded.norms.items()}
+        else:
+            action_dim = self.settings.action_dim
+            state_dims = {"default": action_dim}
+        if action_dim > cfg.action_dim:
+            raise ModelLoadError(f"action dim {action_dim} exceeds the model's {cfg.action_dim}")
+        too_big = {e: d for e, d in state_dims.items() if d > cfg.action_dim}
+        if too_big:
+            raise ModelLoadError(f"state sizes {too_big} exceed the model's {cfg.action_dim}")
+        return action_dim, state_dims
+
+    @property
+    def model_info(self) -> ModelDescription:
+        if self._info is None:
+            raise RuntimeError("Pi0Policy.load() has not been called")
+        return self._info
+
+    @property
+    def config(self) -> Pi0Config:
+        assert self._model is not None
+        return self._model.cfg
+
+    @property
+    def model(self) -> Pi0Model:
+        assert self._model is not None
+        return self._model
+
+    # ---- prepare -----------------------------------------------------------------------------
+
+    def _norm(self, embodiment: str) -> ckpt.EmbodimentNorm | None:
+        assert self._ckpt is not None
+        return self._ckpt.norms.get(embodiment)
+
+    def tokenize(
+        self, instruction: str, normalized_state: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        cfg = self.config
+        cleaned = instruction.strip().replace("_", " ").replace("\n", " ")
+        if cfg.pi05:
+            state_str = " ".join(
+                str(int(v))
+                for v in discretize_state(normalized_state if normalized_state is not None else np.zeros(0))
+            )
+            ids = self._tokenizer.encode(f"Task: {cleaned}, State: {state_str};\nAction: ", add_bos=True)
+        else:
+            ids = self._tokenizer.encode(cleaned, add_bos=True) + self._tokenizer.encode("\n")
+        if len(ids) > cfg.max_token_len:
+            raise InvalidObservation(
+                "language_instruction",
+                f"the prompt is {len(ids)} tokens; this model takes at most {cfg.max_token_len} "
+                "(shorten the instruction)",
+            )
+        tokens = np.zeros(cfg.max_token_len, np.int64)
+        mask = np.zeros(cfg.max_token_len, bool)
+        tokens[: len(ids)] = ids
+        mask[: len(ids)] = True
+        return tokens, mask
+
+    def prepare(self, observation: Observation) -> PreparedSample:
+        info = self.model_info
+        cfg = self.config
+        embodiment = self.resolve_embodiment(observation.embodiment)
+        self.check_joints(observation, embodiment)
+        if len(observation.instruction) > self.settings.max_instruction_chars:
+            raise InvalidObservation(
+                "language_instruction",
+                f"{len(observation.instruction)} characters, over the limit of "
+                f"{self.settings.max_instruction_chars} (VLA_MAX_INSTRUCTION_CHARS)",
+            )
+        images_in = {
+            name if name in self._camera_slot else CAMERA_ALIASES.get(name, name): image
+            for name, image in observation.images.items()
+        }
+        unknown = sorted(set(images_in) - set(self._camera_slot))
+        if unknown:
+            raise InvalidObservation(
+                "cameras",
+                f"unknown camera(s) {', '.join(map(repr, unknown))}; "
+                f"this model takes: {', '.join(info.camera_names)}",
+            )
+        if len(images_in) != len(observation.images):
+            raise InvalidObservation("cameras", "the same camera is given twice (under an alias)")
+        if not images_in:
+            raise InvalidObservation(
+                "cameras", f"at least one camera image is required ({', '.join(info.camera_names)})"
+            )
+        size = cfg.vision.image_size
+        images = np.zeros((len(self._slots), 3, size, size), np.float32)
+        masks = np.zeros(len(self._slots), bool)
+        for camera, image in images_in.items():
+            if (
+                not isinstance(image, np.ndarray)
+                or image.dtype != np.uint8
+                or image.ndim != 3
+                or image.shape[2] != 3
+            ):
+                raise InvalidObservation(
+                    "cameras", f"camera {camera!r}: expected an (H, W, 3) uint8 RGB image"
+                )
+            slot = self._camera_slot[camera]
+            resized = resize_with_pad(image, size, size)
+            images[slot] = (resized.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)
+            masks[slot] = True
+
+        joints = np.asarray(observation.joint_positions, np.float32)
+        norm = self._norm(embodiment)
+        normalized = norm.state.normalize(joints) if norm is not None else joints.astype(np.float32)
+        state = np.zeros(cfg.action_dim, np.float32)
+        state[: normalized.shape[0]] = normalized
+        tokens, token_mask = self.tokenize(observation.instruction, normalized if cfg.pi05 else None)
+        seed = observation.seed if observation.seed is not None else secrets.randbits(63)
+        inputs = Pi0Inputs(images, masks, tokens, token_mask, state)
+        return PreparedSample(inputs=inputs, embodiment=embodiment, seed=int(seed), batch_key=("pi0",))
+
+    # ---- forward -----------------------------------------------------------------------------
+
+    def noise(self, seed: int) -> torch.Tensor:
+        cfg = self.config
+        return torch.randn(
+            (cfg.action_horizon, cfg.action_dim), generator=seeded_generator(seed), dtype=torch.float32
+        )
+
+    def forward(self, samples: Sequence[PreparedSample]) -> list[Any]:
+        model = self.model
+        inputs = [s.inputs for s in samples]
+        used = max(int(i.token_mask.sum()) for i in inputs)  # trailing padding never influences valid tokens
+        device = self._device
+
+        def stack(name: str, dtype: torch.dtype) -> torch.Tensor:
+            arr = np.stack([getattr(i, name) for i in inputs])
+            return torch.from_numpy(arr).to(device=device, dtype=dtype)
+
+        images = stack("images", model.dtype)
+        image_masks = stack("image_masks", torch.bool)
+        tokens = stack("tokens", torch.long)[:, :used]
+        token_masks = stack("token_mask", torch.bool)[:, :used]
+        state = stack("state", torch.float32)
+        noise = torch.stack([self.noise(s.seed) for s in samples]).to(device)
+        with torch.inference_mode():
+            actions, velocity = model.sample_actions(
+                images, image_masks, tokens, token_masks, state, noise, num_steps=self._num_steps
+            )
+        actions_np = actions.float().cpu().numpy()
+        velocity_np = velocity.float().cpu().numpy()
+        dt = 1.0 / self._num_steps
+        return [Pi0Raw(actions_np[i], velocity_np[i], dt) for i in range(len(samples))]
+
+    # ---- finish ------------------------------------------------------------------------------
+
+    def finish(self, raw: Any, sample: PreparedSample) -> ActionPrediction:
+        info = self.model_info
+        assert isinstance(raw, Pi0Raw)
+        norm = self._norm(sample.embodiment)
+        actions = (
+            norm.actions.unnormalize(raw.actions) if norm is not None else raw.actions.astype(np.float32)
+        )
+        actions = np.ascontiguousarray(actions[: info.chunk_size, : info.action_dim], dtype=np.float32)
+        step = raw.last_velocity[:, : info.action_dim].astype(np.float64) * raw.dt
+        rms = float(np.sqrt(np.mean(step**2))) if step.size else 0.0
+        confidence = 1.0 / (1.0 + rms) if np.isfinite(rms) else 0.0
+        return ActionPrediction(actions=actions, confidence=float(min(1.0, max(0.0, confidence))))
+
+
+__all__ = ["CAMERA_TO_SLOT", "IMAGE_SLOTS", "Pi0Policy"]
