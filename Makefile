@@ -37,8 +37,15 @@ lint: install proto ## ruff and mypy
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
-bench: install proto ## Benchmarks on this machine; results in bench/results/ and docs/benchmarks.md
-	$(BIN)/python -m bench.run
+BENCH_STAMP := $(VENV)/.installed-bench
+BENCH_ARGS ?=
+
+$(BENCH_STAMP): pyproject.toml $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench]'
+	@touch $(BENCH_STAMP)
+
+bench: install proto $(BENCH_STAMP) ## Benchmarks on this machine (about 5 min); results in bench/results/
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean: ## Remove the virtual environment, generated code and caches
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

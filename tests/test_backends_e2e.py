@@ -20,13 +20,20 @@ IMAGE = RNG.integers(0, 255, (180, 240, 3), dtype=np.uint8)  # not the model's s
 def _predict_and_stream(running, joints, *, embodiment="", cameras=None):
     with running.client(timeout=60) as client:
         info = client.info()
-        first = client.predict(IMAGE, joints, "pick up the red cup", seed=5, embodiment=embodiment,
-                               cameras=cameras)
-        again = client.predict(IMAGE, joints, "pick up the red cup", seed=5, embodiment=embodiment,
-                               cameras=cameras)
+        first = client.predict(
+            IMAGE, joints, "pick up the red cup", seed=5, embodiment=embodiment, cameras=cameras
+        )
+        again = client.predict(
+            IMAGE, joints, "pick up the red cup", seed=5, embodiment=embodiment, cameras=cameras
+        )
         frames = [
             make_observation(
-                IMAGE, joints, "pick up the red cup", request_id=f"f{i}", seed=5, embodiment=embodiment,
+                IMAGE,
+                joints,
+                "pick up the red cup",
+                request_id=f"f{i}",
+                seed=5,
+                embodiment=embodiment,
                 cameras=cameras,
             )
             for i in range(3)

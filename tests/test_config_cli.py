@@ -99,7 +99,18 @@ def test_cli_predict_info_health(toy_server, tmp_path, capsys):
     image.write_bytes(encode_jpeg(np.full((32, 32, 3), 100, np.uint8)))
     target = ["--target", toy_server.target]
     joints = "0.1,0.2,0.3,0.4,0.5,0.6,0.7"
-    argv = ["predict", *target, "--image", str(image), "--instruction", "wave", "--joints", joints, "--seed", "3"]
+    argv = [
+        "predict",
+        *target,
+        "--image",
+        str(image),
+        "--instruction",
+        "wave",
+        "--joints",
+        joints,
+        "--seed",
+        "3",
+    ]
     assert main(argv) == 0
     answer = json.loads(capsys.readouterr().out)
     assert answer["model"] == "toy-policy" and len(answer["actions"]) == 8 and len(answer["actions"][0]) == 7

@@ -8,9 +8,10 @@ allowed; `vla-inference config` prints the effective values.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "VLA_"
@@ -46,6 +47,9 @@ class Settings(BaseSettings):
         0, ge=0, le=100, description="Flow-matching steps; 0 = the model's default"
     )
     compile: bool = Field(False, description="torch.compile the model (CUDA)")
+    torch_threads: int = Field(
+        0, ge=0, le=512, description="CPU threads for torch; 0 = half the cores (min 1) on cpu"
+    )
 
     # --- serving ---------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="gRPC bind address (0.0.0.0 in containers)")
@@ -78,6 +82,29 @@ class Settings(BaseSettings):
         200.0, ge=0, le=100000, description="Most observations per second per stream; 0 = unlimited"
     )
 
+    # --- security (see SECURITY.md) ----------------------------------------------------------
+    tls_cert_file: str = Field(
+        "",
+        validate_default=True,
+        description="Server certificate chain (PEM); set with the key to enable TLS",
+    )
+    tls_key_file: str = Field(
+        "", validate_default=True, description="Server private key (PEM) for VLA_TLS_CERT_FILE"
+    )
+    tls_client_ca_file: str = Field(
+        "",
+        validate_default=True,
+        description="Client CA bundle (PEM): set = mutual TLS, clients without a cert it signed are refused",
+    )
+    auth_tokens: str = Field(
+        "",
+        repr=False,
+        description="Bearer tokens accepted on every RPC, comma-separated; none at all = no token check",
+    )
+    auth_token_file: str = Field(
+        "", description="File of accepted bearer tokens, one per line (# comments); adds to VLA_AUTH_TOKENS"
+    )
+
     # --- metrics ---------------------------------------------------------------------------
     metrics_enabled: bool = Field(True, description="Serve Prometheus metrics")
     metrics_host: str = Field("127.0.0.1", description="Metrics bind address")
@@ -102,6 +129,65 @@ class Settings(BaseSettings):
             return value
         raise ValueError("cpu, cuda or cuda:N")
 
+    @field_validator("tls_cert_file", "tls_client_ca_file")
+    @classmethod
+    def _pem_certificate_file(cls, value: str, info: ValidationInfo) -> str:
+        value = value.strip()
+        if info.field_name == "tls_client_ca_file" and value and not info.data.get("tls_cert_file"):
+            raise ValueError("a client CA only together with VLA_TLS_CERT_FILE and VLA_TLS_KEY_FILE")
+        if value:
+            _check_pem(value, "CERTIFICATE")
+        return value
+
+    @field_validator("tls_key_file")
+    @classmethod
+    def _pem_key_file(cls, value: str, info: ValidationInfo) -> str:
+        value = value.strip()
+        if bool(value) != bool(info.data.get("tls_cert_file")):
+            raise ValueError(
+                "VLA_TLS_CERT_FILE and VLA_TLS_KEY_FILE both set (TLS) or both empty (plaintext)"
+            )
+        if value:
+            _check_pem(value, "PRIVATE KEY")
+        return value
+
+    @field_validator("auth_tokens")
+    @classmethod
+    def _valid_tokens(cls, value: str) -> str:
+        for token in _split_tokens(value.split(",")):
+            _check_token(token)
+        return value
+
+    @field_validator("auth_token_file")
+    @classmethod
+    def _valid_token_file(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            return value
+        try:
+            text = Path(value).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(
+                f"a readable UTF-8 file of tokens, one per line ({type(exc).__name__})"
+            ) from None
+        tokens = _split_tokens(text.splitlines())
+        if not tokens:
+            raise ValueError("a file with at least one token (one per line)")
+        for token in tokens:
+            _check_token(token)
+        return value
+
+    def auth_token_list(self) -> list[str]:
+        """Every accepted bearer token: VLA_AUTH_TOKENS, then the lines of VLA_AUTH_TOKEN_FILE."""
+        tokens = _split_tokens(self.auth_tokens.split(","))
+        if self.auth_token_file:
+            tokens += _split_tokens(Path(self.auth_token_file).read_text(encoding="utf-8").splitlines())
+        return list(dict.fromkeys(tokens))
+
+    @property
+    def tls_enabled(self) -> bool:
+        return bool(self.tls_cert_file)
+
     @property
     def max_message_bytes(self) -> int:
         return self.max_message_size_mb * 1024 * 1024
@@ -119,11 +205,39 @@ class Settings(BaseSettings):
             raise ConfigError(_one_line(exc, overrides)) from None
 
 
+MIN_TOKEN_CHARS = 16
+SECRET_FIELDS = frozenset({"auth_tokens"})
+
+
+def _split_tokens(parts: list[str]) -> list[str]:
+    tokens = [part.strip() for part in parts]
+    return [token for token in tokens if token and not token.startswith("#")]
+
+
+def _check_token(token: str) -> None:
+    # Tokens travel in an HTTP/2 header: printable ASCII without spaces.
+    if not all(33 <= ord(c) <= 126 for c in token):
+        raise ValueError("tokens of printable ASCII characters without spaces")
+    if len(token) < MIN_TOKEN_CHARS:
+        raise ValueError(f"tokens of at least {MIN_TOKEN_CHARS} characters (e.g. `openssl rand -hex 32`)")
+
+
+def _check_pem(path: str, kind: str) -> None:
+    try:
+        text = Path(path).read_text(encoding="ascii", errors="replace")
+    except OSError as exc:
+        raise ValueError(f"a readable PEM file ({type(exc).__name__}: {exc.strerror or exc})") from None
+    if "-----BEGIN" not in text or kind not in text:
+        raise ValueError(f"a PEM file with a {kind} block")
+
+
 def _one_line(exc: ValidationError, overrides: dict[str, Any]) -> str:
     error = exc.errors()[0]
     field = str(error["loc"][0]) if error["loc"] else "?"
     variable = ENV_PREFIX + field.upper()
     value = overrides.get(field, os.environ.get(variable, error.get("input")))
+    if field in SECRET_FIELDS:
+        value = "***"  # never echo a secret into logs
     allowed = _allowed(field, error)
     return f"invalid {variable}={value!r}: expected {allowed}"
 

@@ -20,6 +20,7 @@ import collections
 import concurrent.futures
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -80,9 +81,12 @@ class StreamSession:
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    # Only look at torch when a model already imported it: importing it here, on the model thread
+    # at the first failure, would stall the worker for seconds.
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return "out of memory" in str(exc).lower()
 
 
 class InferenceEngine:
@@ -379,7 +383,6 @@ class InferenceEngine:
 
 
 def _release_device_memory() -> None:
-    import torch
-
-    if torch.cuda.is_available():
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -37,6 +37,39 @@ class _EncodedImage:
     height: int
 
 
+class MalformedMessage:
+    """Stands in for a request whose bytes are not a valid message of the expected type, so the
+    servicer can answer INVALID_ARGUMENT (gRPC's own deserializer would answer UNKNOWN)."""
+
+    request_id = ""
+    timestamp = 0.0
+
+    def __init__(self, type_name: str, reason: str) -> None:
+        self.type_name = type_name
+        self.reason = reason
+
+
+def parse_observation(data: bytes) -> pb.Observation | MalformedMessage:
+    """Request deserializer for Observation that never raises."""
+    try:
+        return pb.Observation.FromString(data)
+    except Exception as exc:  # DecodeError, RecursionError, invalid UTF-8 ...
+        return MalformedMessage("vla_inference.v1.Observation", type(exc).__name__)
+
+
+def parse_ignored(data: bytes) -> None:
+    """Request deserializer for RPCs whose request (google.protobuf.Empty) carries nothing."""
+    return None
+
+
+def require_observation(request: pb.Observation | MalformedMessage) -> pb.Observation:
+    if isinstance(request, MalformedMessage):
+        raise InvalidObservation(
+            "request", f"the bytes are not a valid serialized {request.type_name} ({request.reason})"
+        )
+    return request
+
+
 def check_envelope(request: pb.Observation, settings: Settings, info: ModelDescription) -> None:
     """Checks that need no decoding: run on the event loop before any work is queued."""
     if len(request.request_id) > MAX_REQUEST_ID_CHARS:

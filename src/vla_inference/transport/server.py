@@ -20,13 +20,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from vla_inference.api.v1 import vla_inference_pb2 as pb
-from vla_inference.api.v1 import vla_inference_pb2_grpc as pb_grpc
 from vla_inference.config import Settings
 from vla_inference.engine import InferenceEngine
 from vla_inference.models.base import VLAModel
 from vla_inference.models.registry import create_model
 from vla_inference.telemetry.gpu import GpuMonitor
 from vla_inference.telemetry.metrics import Metrics
+from vla_inference.transport import codec, security
 from vla_inference.transport.servicer import ServerState, VLAInferenceServicer
 
 log = logging.getLogger(__name__)
@@ -70,10 +70,11 @@ class VLAServer:
 
     async def start(self) -> None:
         """Open the port (health NOT_SERVING), load and warm the model, then turn SERVING."""
-        server = grpc.aio.server(options=grpc_options(self.settings))
-        pb_grpc.add_VLAInferenceServicer_to_server(
-            VLAInferenceServicer(self.settings, self.state, lambda: self.engine, self.gpu), server
+        server = grpc.aio.server(
+            options=grpc_options(self.settings),
+            interceptors=security.interceptors(self.settings, lambda: self.metrics.count("UNAUTHENTICATED")),
         )
+        _add_service(VLAInferenceServicer(self.settings, self.state, lambda: self.engine, self.gpu), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (
@@ -84,9 +85,14 @@ class VLAServer:
             server,
         )
         address = f"{_bracket(self.settings.host)}:{self.settings.grpc_port}"
-        self.port = server.add_insecure_port(address)
+        credentials = security.server_credentials(self.settings)
+        if credentials is None:
+            self.port = server.add_insecure_port(address)
+        else:
+            self.port = server.add_secure_port(address, credentials)
         if self.port == 0:
             raise RuntimeError(f"cannot bind gRPC to {address}")
+        self._log_exposure()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
@@ -97,6 +103,7 @@ class VLAServer:
             )
             log.info("metrics on http://%s:%d/metrics", self.settings.metrics_host, self.metrics_port)
 
+        _set_torch_threads(self.settings)
         t0 = time.monotonic()
         await asyncio.to_thread(self.model.load, self.settings.model_path or None, self.settings.device)
         info = self.model.model_info
@@ -118,6 +125,25 @@ class VLAServer:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._watch = asyncio.create_task(self._watch_stuck())
         log.info("SERVING %s on port %d", info.name, self.port)
+
+    def _log_exposure(self) -> None:
+        """Say at start-up what the transport protects, loudly when it protects little."""
+        s = self.settings
+        tls = ("mutual TLS" if s.tls_client_ca_file else "TLS") if s.tls_enabled else "plaintext"
+        tokens = len(s.auth_token_list())
+        log.info(
+            "gRPC transport: %s, %s",
+            tls,
+            f"{tokens} bearer token(s) required" if tokens else "no token check",
+        )
+        if not security.is_loopback(s.host) and (not s.tls_enabled or not tokens):
+            log.warning(
+                "gRPC bound to %s (not loopback) without %s: anyone who can reach this port can %s; "
+                "see SECURITY.md",
+                s.host,
+                " and ".join(x for x, on in (("TLS", s.tls_enabled), ("token auth", bool(tokens))) if not on),
+                "read observations and actions in transit" if tokens else "drive the policy",
+            )
 
     async def _set_health(self, status: int) -> None:
         for name in ("", SERVICE_NAME):
@@ -184,6 +210,50 @@ class VLAServer:
                 await start
         log.info("signal received: draining (grace %.1f s)", self.settings.shutdown_grace_s)
         await self.stop()
+
+
+def _add_service(servicer: VLAInferenceServicer, server: grpc.aio.Server) -> None:
+    """Register VLAInference like the generated add_VLAInferenceServicer_to_server, but with request
+    deserializers that never raise: a malformed request is answered INVALID_ARGUMENT by the servicer
+    instead of UNKNOWN with the parser's exception text."""
+    handlers = {
+        "Predict": grpc.unary_unary_rpc_method_handler(
+            servicer.Predict,
+            request_deserializer=codec.parse_observation,
+            response_serializer=pb.ActionChunk.SerializeToString,
+        ),
+        "StreamControl": grpc.stream_stream_rpc_method_handler(
+            servicer.StreamControl,
+            request_deserializer=codec.parse_observation,
+            response_serializer=pb.ActionChunk.SerializeToString,
+        ),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetModelInfo,
+            request_deserializer=codec.parse_ignored,
+            response_serializer=pb.ModelInfo.SerializeToString,
+        ),
+        "HealthCheck": grpc.unary_unary_rpc_method_handler(
+            servicer.HealthCheck,
+            request_deserializer=codec.parse_ignored,
+            response_serializer=pb.HealthStatus.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def _set_torch_threads(settings: Settings) -> None:
+    """On CPU, leave cores for decoding and gRPC: torch's default (all cores) starves them."""
+    import os
+
+    import torch
+
+    threads = settings.torch_threads
+    if threads == 0 and settings.device == "cpu":
+        threads = max(1, (os.cpu_count() or 2) // 2)
+    if threads > 0:
+        torch.set_num_threads(threads)
+        log.info("torch uses %d CPU threads", threads)
 
 
 def _bracket(host: str) -> str:

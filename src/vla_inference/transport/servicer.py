@@ -119,12 +119,15 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
             ).observe(seconds)
 
     # --- RPCs -----------------------------------------------------------------------------------
-    async def Predict(self, request: pb.Observation, context: grpc.aio.ServicerContext) -> pb.ActionChunk:
+    async def Predict(
+        self, request: pb.Observation | codec.MalformedMessage, context: grpc.aio.ServicerContext
+    ) -> pb.ActionChunk:
         arrival = time.monotonic()
         engine = self._engine_ref()
         try:
             engine = self._engine()
             with engine.admit():
+                request = codec.require_observation(request)
                 deadline, budget = self._deadline(context, arrival)
                 prepared = await self._prepare_checked(engine, request)
                 try:
@@ -151,7 +154,9 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
         raise AssertionError("unreachable")  # abort raises
 
     async def StreamControl(
-        self, request_iterator: AsyncIterator[pb.Observation], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[pb.Observation | codec.MalformedMessage],
+        context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ActionChunk]:
         try:
             engine = self._engine()
@@ -166,18 +171,22 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
 
         async def read() -> None:
             previous_submitted: asyncio.Event | None = None
-            async for request in request_iterator:
-                submitted = asyncio.Event()
-                step = asyncio.create_task(
-                    self._stream_step(
-                        engine, request, session, previous_submitted, submitted, limiter.allow()
+            try:
+                async for request in request_iterator:
+                    submitted = asyncio.Event()
+                    step = asyncio.create_task(
+                        self._stream_step(
+                            engine, request, session, previous_submitted, submitted, limiter.allow()
+                        )
                     )
-                )
-                tasks.add(step)
-                step.add_done_callback(tasks.discard)
-                await answers.put(step)
-                previous_submitted = submitted
-            await answers.put(None)
+                    tasks.add(step)
+                    step.add_done_callback(tasks.discard)
+                    await answers.put(step)
+                    previous_submitted = submitted
+            finally:
+                # Always end the answer loop, also when reading fails: `await reader` below then
+                # re-raises the failure instead of the stream hanging until its deadline.
+                answers.put_nowait(None)
 
         reader = asyncio.create_task(read())
         try:
@@ -198,7 +207,7 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
     async def _stream_step(
         self,
         engine: InferenceEngine,
-        request: pb.Observation,
+        request: pb.Observation | codec.MalformedMessage,
         session: StreamSession,
         previous_submitted: asyncio.Event | None,
         submitted: asyncio.Event,
@@ -212,11 +221,12 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
                     rate = self.settings.max_stream_rate_hz
                     raise _RateLimited(f"stream sends faster than VLA_MAX_STREAM_RATE_HZ={rate:g}")
                 with engine.admit():
-                    prepared = await self._prepare_checked(engine, request)
+                    observation = codec.require_observation(request)
+                    prepared = await self._prepare_checked(engine, observation)
                     if previous_submitted is not None:
                         await previous_submitted.wait()
                     deadline = arrival + self.settings.timeout_ms / 1000
-                    item = engine.submit(prepared.sample, deadline, request.request_id, session)
+                    item = engine.submit(prepared.sample, deadline, observation.request_id, session)
                     submitted.set()
                     done = await engine.wait(item)
             finally:
@@ -239,7 +249,7 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
         total = time.monotonic() - arrival
         self._record(engine, "OK", prepared.sample.embodiment, total)
         return codec.action_chunk(
-            request,
+            observation,
             done,
             engine.model.model_info.name,
             decode_s=prepared.decode_s,

@@ -1,0 +1,564 @@
+"""GPU benchmark: real-size model families with random weights built on the device.
+
+    bench/gpu.sh            # on a GPU machine (bf16, real sizes); < 8 minutes on one H100/H200
+    bench/gpu.sh --tiny     # anywhere, on CPU: the same code with tiny configurations
+
+For each family: pi0 (1 and 3 cameras), pi0.5, OpenVLA 7B, GR00T N1.5 —
+  - the network built from the family's named configuration directly on the device (no
+    checkpoint files, nothing downloaded), random weights, bf16 on CUDA (float32 on CPU),
+  - model latency p50/p99 at batch 1 and throughput at batch 8 (the model's own inference entry
+    point: pi0 sample_actions, OpenVLA generate, GR00T sample), synchronised timing,
+  - peak device memory (torch.cuda.max_memory_allocated) and the weights' size,
+  - end-to-end Predict through the real server (VLAServer, grpc.aio, 127.0.0.1) with a 224x224
+    JPEG, using a thin bench adapter (SyntheticPolicy) around the same network: the families'
+    own Policy classes load only from checkpoint files, so tokenisation is synthetic here (a fixed
+    prompt of typical length) while decode, resize, batching and the forward pass are real.
+A family whose model code is not importable is recorded as skipped with the reason; a failure
+in one family does not stop the others. Results: JSON at --out (default $OUT/gpu-bench.json, or
+bench/results/gpu-<stamp>.json).
+
+Needs only torch and numpy for the model figures; the end-to-end part also needs the server's
+own dependencies (grpcio, protobuf, pydantic-settings, simplejpeg) and the generated gRPC code,
+and is skipped with the reason when they are missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT / "src") not in sys.path:
+    sys.path.insert(0, str(ROOT / "src"))
+
+
+# --- timing helpers ----------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _stats(samples_s: Sequence[float]) -> dict[str, Any]:
+    if not samples_s:
+        return {"n": 0}
+    arr = np.asarray(samples_s) * 1000
+    return {
+        "n": int(arr.size),
+        "p50_ms": round(float(np.percentile(arr, 50)), 3),
+        "p99_ms": round(float(np.percentile(arr, 99)), 3),
+        "mean_ms": round(float(arr.mean()), 3),
+    }
+
+
+def _time(fn: Callable[[], Any], device: torch.device, reps: int, budget_s: float) -> list[float]:
+    out: list[float] = []
+    end = time.perf_counter() + budget_s
+    while len(out) < reps and (len(out) < 3 or time.perf_counter() < end):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Any:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _build(
+    factory: Callable[[], torch.nn.Module], device: torch.device, dtype: torch.dtype
+) -> torch.nn.Module:
+    """Construct directly on the device in the target dtype (no host copy, no checkpoint)."""
+    with torch.device(device), _default_dtype(dtype if dtype.is_floating_point else torch.float32):
+        model = factory()
+    model = model.to(device=device, dtype=dtype).eval()
+    with torch.no_grad():  # small random weights: finite activations in bf16
+        for name, param in model.named_parameters():
+            if param.ndim >= 2:
+                param.normal_(0.0, 0.02)
+            elif name.endswith("bias"):
+                param.zero_()
+    return model
+
+
+# --- families ----------------------------------------------------------------------------------
+@dataclass
+class Family:
+    """How to build one network and feed it a batch of synthetic inputs."""
+
+    name: str
+    module: str  # model code that must import
+    config_name: str
+    prompt_tokens: int
+    cameras: int = 1
+
+    # set by prepare()
+    model: Any = None
+    cfg: Any = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+
+    def build(self, device: torch.device, dtype: torch.dtype) -> None:
+        raise NotImplementedError
+
+    def image_size(self) -> int:
+        raise NotImplementedError
+
+    def sample_inputs(self, pixels: np.ndarray, seed: int) -> dict[str, Any]:
+        """Per-sample CPU inputs from one (S, S, 3) uint8 image (already at the model's size)."""
+        raise NotImplementedError
+
+    def run(self, samples: Sequence[dict[str, Any]]) -> np.ndarray:
+        """One batched inference pass -> (B, T, D) float32 actions (or tokens) on the host."""
+        raise NotImplementedError
+
+    def synthetic_batch(self, batch: int) -> list[dict[str, Any]]:
+        s = self.image_size()
+        rng = np.random.default_rng(0)
+        image = rng.integers(0, 255, (s, s, 3), dtype=np.uint8)
+        return [self.sample_inputs(image, seed=i) for i in range(batch)]
+
+
+def _normalise(pixels: np.ndarray) -> np.ndarray:
+    return (pixels.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)
+
+
+class Pi0Family(Family):
+    def build(self, device: torch.device, dtype: torch.dtype) -> None:
+        mod = importlib.import_module(self.module)
+        self.cfg = mod.NAMED_CONFIGS[self.config_name]
+        self.model = _build(lambda: mod.Pi0Model(self.cfg), device, dtype)
+        self.device, self.dtype = device, dtype
+
+    def image_size(self) -> int:
+        return int(self.cfg.vision.image_size)
+
+    def sample_inputs(self, pixels: np.ndarray, seed: int) -> dict[str, Any]:
+        cfg = self.cfg
+        slots = len(cfg.image_slots)
+        images = np.zeros((slots, 3, pixels.shape[0], pixels.shape[1]), np.float32)
+        masks = np.zeros(slots, bool)
+        for i in range(min(self.cameras, slots)):
+            images[i] = _normalise(pixels)
+            masks[i] = True
+        n = min(self.prompt_tokens, cfg.max_token_len)
+        rng = np.random.default_rng(seed)
+        tokens = rng.integers(3, min(cfg.vocab_size, 256_000), n).astype(np.int64)
+        tokens[0] = 2  # BOS
+        noise = rng.standard_normal((cfg.action_horizon, cfg.action_dim)).astype(np.float32)
+        return {
+            "images": images,
+            "masks": masks,
+            "tokens": tokens,
+            "state": np.zeros(cfg.action_dim, np.float32),
+            "noise": noise,
+        }
+
+    def run(self, samples: Sequence[dict[str, Any]]) -> np.ndarray:
+        dev = self.device
+
+        def stack(key: str, dtype: torch.dtype) -> torch.Tensor:
+            return torch.from_numpy(np.stack([s[key] for s in samples])).to(dev, dtype)
+
+        tokens = stack("tokens", torch.long)
+        with torch.inference_mode():
+            actions, _ = self.model.sample_actions(
+                stack("images", self.dtype),
+                stack("masks", torch.bool),
+                tokens,
+                torch.ones_like(tokens, dtype=torch.bool),
+                stack("state", torch.float32),
+                stack("noise", torch.float32),
+            )
+        return actions.float().cpu().numpy()
+
+
+class OpenVLAFamily(Family):
+    def build(self, device: torch.device, dtype: torch.dtype) -> None:
+        mod = importlib.import_module(self.module)
+        self.cfg = mod.OpenVLAConfig.named(self.config_name)
+        self.model = _build(lambda: mod.OpenVLA(self.cfg), device, dtype)
+        self.device, self.dtype = device, dtype
+
+    def image_size(self) -> int:
+        return int(self.cfg.dino.image_size)
+
+    def sample_inputs(self, pixels: np.ndarray, seed: int) -> dict[str, Any]:
+        img = _normalise(pixels)
+        rng = np.random.default_rng(seed)
+        ids = rng.integers(3, 32000, self.prompt_tokens).astype(np.int64)
+        ids[0] = 1  # BOS
+        return {"pixels": np.concatenate([img, img]), "ids": ids}
+
+    def run(self, samples: Sequence[dict[str, Any]]) -> np.ndarray:
+        pixels = torch.from_numpy(np.stack([s["pixels"] for s in samples])).to(self.device, self.dtype)
+        prompts = [torch.from_numpy(s["ids"]).to(self.device) for s in samples]
+        with torch.inference_mode():
+            out = self.model.generate(pixels, prompts, 7)  # 7 action tokens, as for a 7-DoF arm
+        return out.tokens.float().cpu().numpy()[:, None, :]
+
+
+class GrootFamily(Family):
+    def build(self, device: torch.device, dtype: torch.dtype) -> None:
+        mod = importlib.import_module(self.module)
+        self.cfg = mod.config_for(self.config_name)
+        self.model = _build(lambda: mod.GR00TN15(self.cfg), device, dtype)
+        self.device, self.dtype = device, dtype
+
+    def image_size(self) -> int:
+        return int(self.cfg.image_size)
+
+    def sample_inputs(self, pixels: np.ndarray, seed: int) -> dict[str, Any]:
+        cfg = self.cfg
+        rng = np.random.default_rng(seed)
+        text = rng.integers(3, min(cfg.vocab_size - 2, 150_000), self.prompt_tokens).astype(np.int64)
+        image_tokens = np.full(cfg.num_image_tokens * self.cameras, cfg.image_token_id, np.int64)
+        ids = np.concatenate([text[:2], image_tokens, text[2:]])
+        return {
+            "pixels": np.stack([_normalise(pixels)] * self.cameras),
+            "ids": ids,
+            "state": np.zeros((1, cfg.max_state_dim), np.float32),
+            "noise": rng.standard_normal((cfg.action_horizon, cfg.action_dim)).astype(np.float32),
+        }
+
+    def run(self, samples: Sequence[dict[str, Any]]) -> np.ndarray:
+        dev = self.device
+
+        def stack(key: str, dtype: torch.dtype) -> torch.Tensor:
+            return torch.from_numpy(np.stack([s[key] for s in samples])).to(dev, dtype)
+
+        ids = stack("ids", torch.long)
+        pixels = torch.from_numpy(np.concatenate([s["pixels"] for s in samples])).to(dev, self.dtype)
+        with torch.inference_mode():
+            actions, _ = self.model.sample(
+                pixels,
+                ids,
+                torch.ones_like(ids, dtype=torch.bool),
+                stack("state", torch.float32),
+                torch.zeros(len(samples), dtype=torch.long, device=dev),
+                stack("noise", torch.float32),
+            )
+        return actions.float().cpu().numpy()
+
+
+def families(tiny: bool) -> list[Family]:
+    pi0, pi05 = ("pi0_dummy", "pi05_dummy") if tiny else ("pi0", "pi05")
+    return [
+        Pi0Family("pi0 (1 camera)", "vla_inference.models.pi0.model", pi0, prompt_tokens=20, cameras=1),
+        Pi0Family("pi0 (3 cameras)", "vla_inference.models.pi0.model", pi0, prompt_tokens=20, cameras=3),
+        Pi0Family("pi0.5 (1 camera)", "vla_inference.models.pi0.model", pi05, prompt_tokens=60, cameras=1),
+        OpenVLAFamily("OpenVLA 7B", "vla_inference.models.openvla.model", "tiny" if tiny else "7b", 24),
+        GrootFamily("GR00T N1.5", "vla_inference.models.groot.model", "tiny" if tiny else "n1.5-3b", 16),
+    ]
+
+
+# --- end to end through the server ----------------------------------------------------------------
+def _synthetic_policy(family: Family, settings: Any) -> Any:
+    """A VLAModel around a built Family: real decode/resize/batching/forward, synthetic tokens."""
+    from vla_inference.models.base import ActionPrediction, ModelDescription, PreparedSample, VLAModel
+
+    size = family.image_size()
+
+    class SyntheticPolicy(VLAModel):
+        model_type = "bench-synthetic"
+
+        def load(self, checkpoint_path: str | None, device: str) -> None:
+            self._info = ModelDescription(
+                name=f"{family.name} random weights (bench)",
+                version="0",
+                family=family.name,
+                action_dim=7,
+                chunk_size=16,
+                horizon=16,
+                embodiments=("default",),
+                default_embodiment="default",
+                state_dims={"default": 7},
+                camera_names=("base",),
+                image_size=(size, size),
+                device=str(family.device),
+                dtype=str(family.dtype).removeprefix("torch."),
+                confidence_definition="bench: always 1",
+            )
+
+        @property
+        def model_info(self) -> ModelDescription:
+            return self._info
+
+        def prepare(self, observation: Any) -> PreparedSample:
+            image = observation.images["base"]
+            ys = np.linspace(0, image.shape[0] - 1, size).astype(np.int64)
+            xs = np.linspace(0, image.shape[1] - 1, size).astype(np.int64)
+            resized = image[ys][:, xs]
+            seed = int(observation.seed or 0)
+            return PreparedSample(family.sample_inputs(resized, seed), "default", seed, batch_key="x")
+
+        def forward(self, samples: Sequence[PreparedSample]) -> list[Any]:
+            out = family.run([s.inputs for s in samples])
+            return list(out)
+
+        def finish(self, raw: Any, sample: PreparedSample) -> ActionPrediction:
+            actions = np.zeros((16, 7), np.float32)
+            flat = np.asarray(raw, np.float32).reshape(-1)[: actions.size]
+            actions.reshape(-1)[: flat.size] = flat
+            return ActionPrediction(actions=actions, confidence=1.0)
+
+    return SyntheticPolicy(settings)
+
+
+def end_to_end(family: Family, requests: int, budget_s: float) -> dict[str, Any]:
+    """Sequential Predict calls over 127.0.0.1 through an in-process VLAServer (batch size 8)."""
+    import asyncio
+    import threading
+
+    from bench.common import jpeg_bytes
+    from vla_inference.client import VLAClient
+    from vla_inference.config import Settings
+    from vla_inference.transport.server import VLAServer
+
+    device = "cpu" if family.device.type == "cpu" else str(family.device)
+    settings = Settings(
+        host="127.0.0.1",
+        grpc_port=0,
+        metrics_enabled=False,
+        device=device,
+        batch_size=8,
+        batch_timeout_ms=2.0,
+        warmup_batches=2,
+        timeout_ms=120_000,
+        max_stream_rate_hz=0,
+    )
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True, name="bench-gpu-server")
+    thread.start()
+
+    async def make() -> VLAServer:
+        return VLAServer(settings, _synthetic_policy(family, settings))
+
+    server = asyncio.run_coroutine_threadsafe(make(), loop).result(60)
+    try:
+        asyncio.run_coroutine_threadsafe(server.start(), loop).result(300)
+        image = jpeg_bytes()
+        e2e: list[float] = []
+        timings = []
+        with VLAClient(f"127.0.0.1:{server.port}", timeout=120) as client:
+            for i in range(3):
+                client.predict(image, [0.0] * 7, "pick up the red cup", seed=i)
+            end = time.perf_counter() + budget_s
+            while len(e2e) < requests and (len(e2e) < 3 or time.perf_counter() < end):
+                t0 = time.perf_counter()
+                reply = client.predict(image, [0.0] * 7, "pick up the red cup", seed=len(e2e))
+                e2e.append(time.perf_counter() - t0)
+                timings.append(reply.timing)
+        server_total = [t.total_ms / 1000 for t in timings]
+        return {
+            "adapter": "bench SyntheticPolicy (synthetic tokens; real decode, resize, batching, forward)",
+            "e2e": _stats(e2e),
+            "server_total": _stats(server_total),
+            "model": _stats([t.model_ms / 1000 for t in timings]),
+            "transport": _stats([e - s for e, s in zip(e2e, server_total, strict=True)]),
+            "non_model": _stats([e - t.model_ms / 1000 for e, t in zip(e2e, timings, strict=True)]),
+        }
+    finally:
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(server.stop(1.0), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+
+
+def e2e_unavailable() -> str:
+    """'' when the server stack imports, else why not."""
+    for module in ("grpc", "vla_inference.transport.server", "vla_inference.client", "simplejpeg"):
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            return f"{module} not importable ({type(exc).__name__}: {exc})"
+    return ""
+
+
+# --- main ------------------------------------------------------------------------------------------
+def bench_family(
+    fam: Family, device: torch.device, dtype: torch.dtype, args: argparse.Namespace
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": fam.name, "config": fam.config_name, "cameras": fam.cameras}
+    try:
+        importlib.import_module(fam.module)
+    except Exception as exc:
+        out["skipped"] = f"{fam.module} not importable: {type(exc).__name__}: {exc}"
+        return out
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    fam.build(device, dtype)
+    _sync(device)
+    out["build_s"] = round(time.perf_counter() - t0, 2)
+    out["parameters"] = int(sum(p.numel() for p in fam.model.parameters()))
+    out["weights_gib"] = round(sum(p.numel() * p.element_size() for p in fam.model.parameters()) / 2**30, 3)
+    out["dtype"] = str(dtype).removeprefix("torch.")
+    b1 = fam.synthetic_batch(1)
+    bn = fam.synthetic_batch(args.batch)
+    for _ in range(args.warmup):
+        fam.run(b1)
+    fam.run(bn)
+    lat = _time(lambda: fam.run(b1), device, args.reps, args.budget_s)
+    out["latency_b1"] = _stats(lat)
+    thr = _time(lambda: fam.run(bn), device, max(3, args.reps // 4), args.budget_s)
+    stats = _stats(thr)
+    stats["samples_per_s"] = round(args.batch * 1000 / stats["p50_ms"], 3)
+    out[f"batch{args.batch}"] = stats
+    if cuda:
+        out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    if args.no_e2e:
+        out["e2e"] = {"skipped": "--no-e2e"}
+    else:
+        why = e2e_unavailable()
+        if why:
+            out["e2e"] = {"skipped": why}
+        else:
+            try:
+                out["e2e"] = end_to_end(fam, args.e2e_requests, args.budget_s)
+            except Exception as exc:
+                traceback.print_exc()
+                out["e2e"] = {"skipped": f"failed: {type(exc).__name__}: {exc}"}
+    if cuda:
+        out["peak_memory_gib_incl_e2e"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny configurations (runs on CPU)")
+    parser.add_argument("--device", default="", help="default: cuda when available and not --tiny, else cpu")
+    parser.add_argument("--dtype", default="", help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--only", default="", help="comma list of name prefixes, e.g. 'pi0,OpenVLA'")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--reps", type=int, default=30, help="timed repetitions at batch 1")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--budget-s", type=float, default=20.0, help="time cap per measurement")
+    parser.add_argument("--e2e-requests", type=int, default=30)
+    parser.add_argument("--no-e2e", action="store_true")
+    parser.add_argument("--deadline-s", type=float, default=450.0, help="skip families started after this")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    started = time.monotonic()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
+    dtype = (
+        getattr(torch, args.dtype)
+        if args.dtype
+        else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    )
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    out_path = args.out
+    if out_path is None:
+        base = Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "bench" / "results"
+        out_path = base / (f"gpu-{stamp}.json" if not os.environ.get("OUT") else "gpu-bench.json")
+    result: dict[str, Any] = {
+        "command": "python -m bench.gpu " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "started_utc": stamp,
+        "tiny": args.tiny,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "nproc": os.cpu_count(),
+        "batch": args.batch,
+        "families": [],
+    }
+    only = [x.strip().lower() for x in args.only.split(",") if x.strip()]
+    for fam in families(args.tiny):
+        if only and not any(fam.name.lower().startswith(p) for p in only):
+            continue
+        if time.monotonic() - started > args.deadline_s:
+            result["families"].append(
+                {"name": fam.name, "skipped": f"time budget ({args.deadline_s:.0f} s) spent"}
+            )
+            continue
+        print(f"[gpu-bench] {fam.name} ({fam.config_name}) on {device} {dtype}", flush=True)
+        try:
+            row = bench_family(fam, device, dtype, args)
+        except Exception as exc:
+            traceback.print_exc()
+            row = {
+                "name": fam.name,
+                "config": fam.config_name,
+                "skipped": f"failed: {type(exc).__name__}: {exc}",
+            }
+            if "out of memory" in str(exc).lower():
+                row["skipped"] = f"out of memory: {exc}"
+        fam.model = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        print(f"[gpu-bench] {json.dumps(row)}", flush=True)
+        result["families"].append(row)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(result, indent=2) + "\n")  # partial results survive a timeout
+    result["duration_s"] = round(time.monotonic() - started, 1)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    print(_table(result))
+    print(f"results: {out_path}")
+    return 0
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _table(result: dict[str, Any]) -> str:
+    lines = [
+        f"{result['device']} ({result['device_name']}), {result['dtype']}, torch {result['torch']}",
+        "| family | config | params (M) | b1 p50 ms | b1 p99 ms | b8 samples/s | peak GiB "
+        "| e2e p50 ms | e2e p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    batch_key = f"batch{result['batch']}"
+    for r in result["families"]:
+        if "skipped" in r:
+            lines.append(f"| {r['name']} | {r.get('config', '')} | skipped: {r['skipped']} |||||||")
+            continue
+        e2e = r.get("e2e", {}).get("e2e", {})
+        lines.append(
+            f"| {r['name']} | {r['config']} | {r['parameters'] / 1e6:.1f} | {r['latency_b1'].get('p50_ms')} "
+            f"| {r['latency_b1'].get('p99_ms')} | {r[batch_key].get('samples_per_s')} "
+            f"| {r.get('peak_memory_gib', '-')} | {e2e.get('p50_ms', '-')} | {e2e.get('p99_ms', '-')} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
