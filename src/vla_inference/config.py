@@ -57,7 +57,9 @@ class Settings(BaseSettings):
     max_workers: int = Field(4, ge=1, le=64, description="Threads for image decoding and preprocessing")
     max_message_size_mb: int = Field(16, ge=1, le=1024, description="Largest gRPC message, both directions")
     batch_size: int = Field(1, ge=1, le=256, description="Largest batch the engine forms")
-    batch_timeout_ms: float = Field(2.0, ge=0, le=1000, description="Longest wait for a batch to fill")
+    batch_timeout_ms: float = Field(
+        2.0, ge=0, le=1000, description="Wait for a batch to fill (x5 while requests are mid-decode)"
+    )
     max_queue_size: int = Field(
         64, ge=1, le=100000, description="Requests admitted at once; more get RESOURCE_EXHAUSTED"
     )

@@ -41,6 +41,7 @@ from vla_inference.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+PREPROCESS_WAIT_FACTOR = 5
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ class InferenceEngine:
         self._executing = 0
         self._draining = False
         self._forward_started: float | None = None
+        self._model_free_since = 0.0  # when the last forward pass ended
         self.sessions = 0
         metrics.bind_queue_depth(lambda: float(self.queue_depth))
         metrics.in_flight.set_function(lambda: float(self._in_flight))
@@ -117,6 +119,11 @@ class InferenceEngine:
     def queue_depth(self) -> int:
         """Requests admitted and not yet on the model (preprocessing or queued)."""
         return max(0, self._in_flight - self._executing)
+
+    @property
+    def _preprocessing(self) -> int:
+        """Admitted requests not yet queued nor executing: decoding or preprocessing right now."""
+        return self._in_flight - self._executing - len(self._queue)
 
     @property
     def in_flight(self) -> int:
@@ -223,17 +230,24 @@ class InferenceEngine:
 
     async def wait(self, item: _WorkItem) -> Completed:
         """Wait for a submitted item's answer until its deadline; cancelling the caller drops it."""
-        try:
-            timeout = max(0.0, item.deadline - time.monotonic())
-            return await asyncio.wait_for(asyncio.shield(item.future), timeout=timeout)
-        except TimeoutError:
+
+        # A timer on the item's own future rather than wait_for(shield(...)): when the deadline
+        # and an answer (or _prune's DeadlineExceeded) coincide, wait_for leaves the shield's
+        # exception unretrieved and asyncio logs it as an error.
+        def expire() -> None:
             if not item.future.done():
-                item.future.cancel()
-            raise DeadlineExceeded("no answer within the deadline") from None
+                item.future.set_exception(DeadlineExceeded("no answer within the deadline"))
+
+        timer = asyncio.get_running_loop().call_later(max(0.0, item.deadline - time.monotonic()), expire)
+        try:
+            return await item.future  # cancelling the caller cancels the item: it is never run
         except asyncio.CancelledError:
-            item.future.cancel()  # the client went away: never run it
+            if item.future.done() and not item.future.cancelled():
+                item.future.exception()  # answered as we were cancelled: mark it retrieved
+            item.future.cancel()
             raise
         finally:
+            timer.cancel()
             if item.session is not None and item.session.pending is item:
                 item.session.pending = None
 
@@ -276,8 +290,16 @@ class InferenceEngine:
                 continue
             first = self._queue[0]
             key = first.sample.batch_key
+            # The fill window opens when the oldest request arrived or when the model came free,
+            # whichever is later, and stays open while admitted requests are still being decoded
+            # (up to PREPROCESS_WAIT_FACTOR windows): under load, robots answered by the last pass
+            # join the next one instead of splitting the fleet into alternating half batches.
+            opened = max(first.enqueued_at, self._model_free_since)
+            window_end = opened + delay
+            stretch_end = opened + delay * PREPROCESS_WAIT_FACTOR
             while max_batch > 1 and len(self._compatible(key)) < max_batch:
-                remaining = first.enqueued_at + delay - time.monotonic()
+                end = stretch_end if self._preprocessing > 0 else window_end
+                remaining = end - time.monotonic()
                 if remaining <= 0 or not first.live:
                     break
                 self._wakeup.clear()
@@ -307,6 +329,7 @@ class InferenceEngine:
             outcomes, model_s = [(ModelFailure(f"model failed: {type(exc).__name__}"), 0.0)] * len(batch), 0.0
         finally:
             self._executing -= len(batch)
+            self._model_free_since = time.monotonic()
         self.metrics.batch_size.observe(len(batch))
         self.metrics.model_time.observe(model_s)
         for item, (outcome, post_s) in zip(batch, outcomes, strict=True):
