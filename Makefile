@@ -51,3 +51,6 @@ clean: ## Remove the virtual environment, generated code and caches
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
 	rm -f $(PROTO_DIR)/*_pb2*.py $(PROTO_DIR)/*_pb2*.pyi
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+bench-gpu: install proto ## GPU benchmark script (real sizes, bf16); `bench/gpu.sh --tiny` runs it on the CPU
+	bench/gpu.sh $(BENCH_ARGS)

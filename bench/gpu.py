@@ -480,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         base = Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "bench" / "results"
         out_path = base / (f"gpu-{stamp}.json" if not os.environ.get("OUT") else "gpu-bench.json")
     result: dict[str, Any] = {
-        "command": "python -m bench.gpu " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python -m bench.gpu", *(argv if argv is not None else sys.argv[1:])]),
         "started_utc": stamp,
         "tiny": args.tiny,
         "device": str(device),

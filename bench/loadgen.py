@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 from google.protobuf import empty_pb2
 
 from bench.common import LOOPBACK, ROOT, summary_ms
@@ -104,6 +105,10 @@ class ServerProcess:
                 proc.wait(timeout=10)
         self._log.close()
         self.proc = None
+
+
+def _p50(values: list[float]) -> float | None:
+    return round(float(np.percentile(values, 50)), 3) if values else None
 
 
 def load_average() -> float | None:
@@ -277,6 +282,7 @@ async def fleet(
     done: list[tuple[float, float]] = []  # (completion time, latency)
     first: list[float] = []
     batches: list[int] = []  # the server-reported batch size of each counted answer (ours only)
+    server_parts: list[tuple[float, float]] = []  # (model_ms, queue_ms) as the server reported them
     errors: list[str] = []
     t_start = time.perf_counter()
     t_end = t_start + window_s
@@ -304,6 +310,7 @@ async def fleet(
                     done.append((t1, t1 - t0))
                     if reply.timing.batch_size:
                         batches.append(reply.timing.batch_size)
+                        server_parts.append((reply.timing.model_ms, reply.timing.queue_ms))
 
     tasks = [asyncio.create_task(robot(i)) for i in range(clients)]
     await asyncio.wait(tasks, timeout=window_s)
@@ -329,6 +336,8 @@ async def fleet(
         "errors": len(errors),
         "error_codes": sorted(set(errors)),
         "mean_batch_size": round(sum(batches) / len(batches), 2) if batches else None,
+        "server_model_ms_p50": _p50([m for m, _ in server_parts]),
+        "server_queue_ms_p50": _p50([q for _, q in server_parts]),
     }
     if keep_latencies:
         row["_latencies_s"] = [lat for _, lat in inside]

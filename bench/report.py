@@ -149,8 +149,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", "## 4. Fleet: closed-loop robots, batching on and off", ""]
     lines += [
         "| model | batching | robots | window s | completed | req/s | p50 ms | p99 ms | ideal req/s "
-        "| efficiency | mean batch | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| efficiency | mean batch | server model p50 | server queue p50 | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     plan = result.get("plan", {})
     for t in targets:
@@ -165,6 +165,7 @@ def markdown(result: dict[str, Any]) -> str:
                     f"| {_f(r['throughput_rps'], 3)} | {_ms(r['latency'], 'p50_ms', 1)} "
                     f"| {_ms(r['latency'], 'p99_ms', 1)} | {_f(r['ideal_rps'], 3)} "
                     f"| {_f(r['efficiency'], 2)} | {_f(r.get('mean_batch_size'), 2)} "
+                    f"| {_f(r.get('server_model_ms_p50'), 1)} | {_f(r.get('server_queue_ms_p50'), 1)} "
                     f"| {r['errors']} |"
                 )
     lines += [""]

@@ -59,7 +59,7 @@ class Plan:
         self.batch_timeout_ms = batch_timeout_ms
         self.clients = clients
         self.floor_reps = 15 if quick else 40  # per batch size, within floor_budget_s
-        self.floor_budget_s = 6.0 if quick else 10.0
+        self.floor_budget_s = 6.0 if quick else 10.0  # tiny backends: 6 s
         self.unary_count = 20 if quick else 60
         self.unary_window_s = 5.0 if quick else 10.0
         self.stub_count = 150 if quick else 500
@@ -144,7 +144,7 @@ def bench_target(target: Target, plan: Plan, full: bool, logs: Path) -> dict[str
         res["checkpoint_writer"] = target.note
     sizes = sorted({1, 2, 4, plan.batch_size}) if full else [1, plan.batch_size]
     print(f"[{target.name}] floor at batch {sizes}", flush=True)
-    floor_budget = plan.floor_budget_s if full else 4.0
+    floor_budget = plan.floor_budget_s if full else 6.0
     bench_floor = Floor(target)
     try:
         floor = bench_floor.measure(sizes, plan.floor_reps, floor_budget)
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result: dict[str, Any] = {
         "schema": 1,
-        "command": "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python -m bench.run", *(argv if argv is not None else sys.argv[1:])]),
         "started_utc": stamp,
         "machine": machine_facts(),
         "plan": {k: v for k, v in vars(plan).items()},

@@ -133,12 +133,18 @@ def test_sigterm_under_load_drains_refuses_new_and_exits_zero(tmp_path):
     assert returncode == 0, server_log
     assert exit_s < GRACE_S + 1.5, f"exit took {exit_s:.1f} s"
     assert not any(t.is_alive() for t in threads)
-    codes = {o.code for o in outcomes}
-    assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, [
-        (o.request_id, o.code, round(o.sent - sigterm_at, 3), round(o.finished - sigterm_at, 3))
-        for o in outcomes
-        if o.code not in (grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE)
+    before = [o for o in outcomes if o.sent < sigterm_at]
+    after = [o for o in outcomes if o.sent >= sigterm_at]
+    # accepted before SIGTERM: answered, with its own answer
+    assert all(o.code == grpc.StatusCode.OK and o.correct for o in before), [
+        (o.request_id, o.code) for o in before if not o.correct
     ]
+    # sent after SIGTERM: answered, or refused UNAVAILABLE (retryable) -- never failed another way
+    refused = {grpc.StatusCode.UNAVAILABLE}
+    assert all(o.code == grpc.StatusCode.OK or o.code in refused for o in after), [
+        (o.request_id, o.code) for o in after
+    ]
+    assert sum(o.code == grpc.StatusCode.UNAVAILABLE for o in after) >= WORKERS // 2
     answered = [o for o in outcomes if o.code == grpc.StatusCode.OK]
     assert len(answered) >= WORKERS and all(o.correct for o in answered)
     assert len({o.request_id for o in outcomes}) == len(outcomes)  # each request answered once
@@ -147,6 +153,6 @@ def test_sigterm_under_load_drains_refuses_new_and_exits_zero(tmp_path):
     # every client's last request -- sent after SIGTERM -- was refused
     last = {o.request_id.split("-")[0]: o for o in sorted(outcomes, key=lambda o: o.sent)}
     assert len(last) == WORKERS
-    assert all(o.code == grpc.StatusCode.UNAVAILABLE and o.sent >= sigterm_at for o in last.values())
+    assert all(o.code in refused and o.sent >= sigterm_at for o in last.values())
     assert after_exit == grpc.StatusCode.UNAVAILABLE
     assert "signal received: draining" in server_log and "stopped" in server_log

@@ -116,7 +116,7 @@ def _config(args: argparse.Namespace) -> int:
     rows = describe(settings)
     width = max(len(r[0]) for r in rows)
     for variable, value, help_text in rows:
-        shown = "***" if ("TOKEN" in variable and value) else value
+        shown = "***" if (variable == "VLA_AUTH_TOKENS" and value) else value
         print(f"{variable:<{width}}  {shown!s:<24}  {help_text}")
     return 0
 

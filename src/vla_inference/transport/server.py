@@ -177,15 +177,18 @@ class VLAServer:
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
         self.state.phase = ServerState.DRAINING
         await self.health.enter_graceful_shutdown()
-        t0 = time.monotonic()
+        # Stop the gRPC server first (GOAWAY: new calls are refused UNAVAILABLE at the HTTP/2 level,
+        # accepted ones keep running for the grace period); stopping it only after the drain
+        # cancelled the calls that arrived in that instant (clients saw CANCELLED).
+        stopping = asyncio.create_task(self._server.stop(grace)) if self._server is not None else None
         if self.engine is not None:
             drained = await self.engine.drain(grace)
             if not drained:
                 log.warning("grace period over with %d requests unanswered", self.engine.in_flight)
         if self._watch is not None:
             self._watch.cancel()
-        if self._server is not None:
-            await self._server.stop(max(0.0, grace - (time.monotonic() - t0)))
+        if stopping is not None:
+            await stopping
         if self.engine is not None:
             await self.engine.close()
         self.metrics.close()

@@ -150,7 +150,7 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
         except Exception as exc:
             failure = self._failure(exc, "Predict")
         self._record(engine, failure.status.name)
-        await context.abort(failure.status, failure.message)
+        await _abort(context, failure)
         raise AssertionError("unreachable")  # abort raises
 
     async def StreamControl(
@@ -283,6 +283,19 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
             requests_in_flight=engine.in_flight if engine else 0,
             active_streams=engine.sessions if engine else 0,
         )
+
+
+async def _abort(context: grpc.aio.ServicerContext, failure: _Failure) -> None:
+    """context.abort, quiet when the call already ended (client deadline or cancel won the race):
+    gRPC would log that as an error with a traceback; it is an ordinary cancellation."""
+    try:
+        await context.abort(failure.status, failure.message)
+    except grpc.aio.AbortError:
+        raise
+    except Exception:
+        if not context.done():
+            raise
+        raise asyncio.CancelledError() from None
 
 
 class _Unavailable(Exception):
