@@ -252,5 +252,13 @@ def test_soak_every_good_request_gets_exactly_its_answer_and_metrics_add_up(serv
         # gRPC's own record when the client left just as its answer was being sent (a benign race
         # inside grpc.aio that the handler cannot see); the abort path handles its own version
         and not r.getMessage().startswith("ExecuteBatchError raised in core")
+        # grpc.aio's process-wide poller, shared by the test's client loops and the server loop,
+        # delivering an event for a client loop that asyncio.run already closed: an artefact of
+        # many event loops in one test process, not of the server
+        and not (
+            r.getMessage().startswith("Exception in callback PollerCompletionQueue._handle_events")
+            and r.exc_info is not None
+            and "Event loop is closed" in str(r.exc_info[1])
+        )
     ]
     assert errors == [], errors[:3]
