@@ -61,7 +61,14 @@ async def _make(settings: Settings, model: VLAModel | None) -> VLAServer:
 
 
 def make_settings(**overrides: Any) -> Settings:
-    base: dict[str, Any] = {"grpc_port": 0, "metrics_port": 0, "warmup_batches": 1, "shutdown_grace_s": 5.0}
+    # One torch thread: tests check behaviour, not speed, and stay steady on a loaded 2-core machine.
+    base: dict[str, Any] = {
+        "grpc_port": 0,
+        "metrics_port": 0,
+        "warmup_batches": 1,
+        "shutdown_grace_s": 5.0,
+        "torch_threads": 1,
+    }
     base.update(overrides)
     return Settings(**base)
 

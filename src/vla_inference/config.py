@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     )
     compile: bool = Field(False, description="torch.compile the model (CUDA)")
     torch_threads: int = Field(
-        0, ge=0, le=512, description="CPU threads for torch; 0 = half the cores (min 1) on cpu"
+        0, ge=0, le=512, description="CPU threads for torch; 0 = torch's default (all cores)"
     )
 
     # --- serving ---------------------------------------------------------------------------

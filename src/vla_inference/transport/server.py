@@ -246,17 +246,12 @@ def _add_service(servicer: VLAInferenceServicer, server: grpc.aio.Server) -> Non
 
 
 def _set_torch_threads(settings: Settings) -> None:
-    """On CPU, leave cores for decoding and gRPC: torch's default (all cores) starves them."""
-    import os
-
+    """Apply VLA_TORCH_THREADS (0 keeps torch's default of one thread per core)."""
     import torch
 
-    threads = settings.torch_threads
-    if threads == 0 and settings.device == "cpu":
-        threads = max(1, (os.cpu_count() or 2) // 2)
-    if threads > 0:
-        torch.set_num_threads(threads)
-        log.info("torch uses %d CPU threads", threads)
+    if settings.torch_threads > 0:
+        torch.set_num_threads(settings.torch_threads)
+    log.info("torch uses %d CPU threads", torch.get_num_threads())
 
 
 def _bracket(host: str) -> str:
