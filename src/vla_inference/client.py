@@ -41,8 +41,20 @@ class ChannelSecurity:
     def secure(self) -> bool:
         return self.tls or self.root_certificates is not None
 
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """Call metadata carrying the bearer token, if any."""
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
     def credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
+
+
+def _open_channel(module: Any, target: str, security: ChannelSecurity, max_message_mb: int) -> Any:
+    """A channel from `module` (grpc or grpc.aio), with TLS when the security settings ask for it."""
+    options = _channel_options(max_message_mb)
+    if security.secure:
+        return module.secure_channel(target, security.credentials(), options)
+    return module.insecure_channel(target, options)
 
 
 def _channel_options(max_message_mb: int) -> list[tuple[str, int]]:
@@ -113,13 +125,9 @@ class VLAClient:
     ) -> None:
         self.timeout = timeout
         self.security = security or ChannelSecurity()
-        options = _channel_options(max_message_mb)
-        if self.security.secure:
-            self._channel = grpc.secure_channel(target, self.security.credentials(), options)
-        else:
-            self._channel = grpc.insecure_channel(target, options)
+        self._channel = _open_channel(grpc, target, self.security, max_message_mb)
         self._stub = pb_grpc.VLAInferenceStub(self._channel)
-        self._metadata = (("authorization", f"Bearer {self.security.token}"),) if self.security.token else ()
+        self._metadata = self.security.metadata()
 
     def predict(
         self, image: Any = None, joints: Sequence[float] = (), instruction: str = "", **kw: Any
@@ -168,13 +176,9 @@ class AsyncVLAClient:
     ) -> None:
         self.timeout = timeout
         self.security = security or ChannelSecurity()
-        options = _channel_options(max_message_mb)
-        if self.security.secure:
-            self._channel = grpc.aio.secure_channel(target, self.security.credentials(), options)
-        else:
-            self._channel = grpc.aio.insecure_channel(target, options)
+        self._channel = _open_channel(grpc.aio, target, self.security, max_message_mb)
         self._stub = pb_grpc.VLAInferenceStub(self._channel)
-        self._metadata = (("authorization", f"Bearer {self.security.token}"),) if self.security.token else ()
+        self._metadata = self.security.metadata()
 
     async def predict(
         self, image: Any = None, joints: Sequence[float] = (), instruction: str = "", **kw: Any

@@ -19,7 +19,14 @@ import grpc
 from vla_inference.api.v1 import vla_inference_pb2 as pb
 from vla_inference.api.v1 import vla_inference_pb2_grpc as pb_grpc
 from vla_inference.config import Settings
-from vla_inference.engine import DeadlineExceeded, EngineError, InferenceEngine, Skipped, StreamSession
+from vla_inference.engine import (
+    Completed,
+    DeadlineExceeded,
+    EngineError,
+    InferenceEngine,
+    Skipped,
+    StreamSession,
+)
 from vla_inference.models.base import InvalidObservation, PreparedSample
 from vla_inference.telemetry.gpu import GpuMonitor
 from vla_inference.transport import codec
@@ -118,6 +125,28 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
                 model=metrics.model_name, embodiment=embodiment or "default"
             ).observe(seconds)
 
+    def _answer(
+        self,
+        engine: InferenceEngine,
+        request: pb.Observation,
+        prepared: _Prepared,
+        done: Completed,
+        arrival: float,
+        skipped: list[str] | None = None,
+    ) -> pb.ActionChunk:
+        """Count a success and build its ActionChunk."""
+        total = time.monotonic() - arrival
+        self._record(engine, "OK", prepared.sample.embodiment, total)
+        return codec.action_chunk(
+            request,
+            done,
+            engine.model.model_info.name,
+            decode_s=prepared.decode_s,
+            preprocess_s=prepared.preprocess_s,
+            total_s=total,
+            skipped=skipped,
+        )
+
     # --- RPCs -----------------------------------------------------------------------------------
     async def Predict(
         self, request: pb.Observation | codec.MalformedMessage, context: grpc.aio.ServicerContext
@@ -134,16 +163,7 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
                     done = await engine.infer(prepared.sample, deadline, request.request_id)
                 except DeadlineExceeded as exc:
                     raise DeadlineExceeded(f"{exc.message} ({budget})") from None
-            total = time.monotonic() - arrival
-            self._record(engine, "OK", prepared.sample.embodiment, total)
-            return codec.action_chunk(
-                request,
-                done,
-                engine.model.model_info.name,
-                decode_s=prepared.decode_s,
-                preprocess_s=prepared.preprocess_s,
-                total_s=total,
-            )
+            return self._answer(engine, request, prepared, done, arrival)
         except asyncio.CancelledError:
             self._record(engine, "CANCELLED")
             raise
@@ -246,17 +266,7 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
                 model_name=engine.model.model_info.name,
                 error=pb.StreamError(code=failure.status.value[0], message=failure.message),
             )
-        total = time.monotonic() - arrival
-        self._record(engine, "OK", prepared.sample.embodiment, total)
-        return codec.action_chunk(
-            observation,
-            done,
-            engine.model.model_info.name,
-            decode_s=prepared.decode_s,
-            preprocess_s=prepared.preprocess_s,
-            total_s=total,
-            skipped=session.take_skipped(),
-        )
+        return self._answer(engine, observation, prepared, done, arrival, session.take_skipped())
 
     async def GetModelInfo(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         try:
