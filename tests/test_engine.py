@@ -44,14 +44,10 @@ def scrape(running) -> str:
 
 
 def test_concurrent_clients_each_get_their_own_answer_in_shared_batches(server_factory):
-    holder: dict[str, ToyPolicy] = {}
-
-    def factory(settings):
-        holder["m"] = ToyPolicy(settings, batch_cost_s=0.02)
-        return holder["m"]
-
-    running = server_factory(factory, batch_size=8, batch_timeout_ms=20, max_queue_size=64)
-    model = holder["m"]
+    running = server_factory(
+        lambda s: ToyPolicy(s, batch_cost_s=0.02), batch_size=8, batch_timeout_ms=20, max_queue_size=64
+    )
+    model = running.server.model
 
     def call(i: int):
         embodiment = "arm6" if i % 3 == 0 else "arm7"
@@ -122,14 +118,8 @@ def test_full_queue_refuses_at_once_with_resource_exhausted(server_factory):
 
 
 def test_expired_requests_never_reach_the_model(server_factory):
-    holder: dict[str, ToyPolicy] = {}
-
-    def factory(settings):
-        holder["m"] = ToyPolicy(settings, batch_cost_s=0.4)
-        return holder["m"]
-
-    running = server_factory(factory)
-    model = holder["m"]
+    running = server_factory(lambda s: ToyPolicy(s, batch_cost_s=0.4))
+    model = running.server.model
     with ThreadPoolExecutor(2) as pool:
         blocker = pool.submit(lambda: running.client().predict(image(0), joints(0), "blocker"))
         time.sleep(0.1)
@@ -155,14 +145,8 @@ def test_server_default_timeout_applies_when_client_sets_none(server_factory):
 
 
 def test_cancelled_requests_are_dropped(server_factory):
-    holder: dict[str, ToyPolicy] = {}
-
-    def factory(settings):
-        holder["m"] = ToyPolicy(settings, batch_cost_s=0.4)
-        return holder["m"]
-
-    running = server_factory(factory)
-    model = holder["m"]
+    running = server_factory(lambda s: ToyPolicy(s, batch_cost_s=0.4))
+    model = running.server.model
 
     async def scenario():
         async with AsyncVLAClient(running.target) as client:
@@ -292,14 +276,8 @@ def test_stream_rate_limit(server_factory):
 
 
 def test_warmup_runs_before_serving(server_factory):
-    holder: dict[str, ToyPolicy] = {}
-
-    def factory(settings):
-        holder["m"] = ToyPolicy(settings)
-        return holder["m"]
-
-    server_factory(factory, warmup_batches=3, batch_size=4)
-    assert holder["m"].batches == [1, 4, 4]
+    running = server_factory(lambda s: ToyPolicy(s), warmup_batches=3, batch_size=4)
+    assert running.server.model.batches == [1, 4, 4]
 
 
 def test_exception_fails_only_its_own_request(server_factory):
@@ -321,14 +299,8 @@ def test_exception_fails_only_its_own_request(server_factory):
 
 
 def test_out_of_memory_retries_smaller_batches(server_factory):
-    holder: dict[str, ToyPolicy] = {}
-
-    def factory(settings):
-        holder["m"] = ToyPolicy(settings, batch_cost_s=0.05)
-        return holder["m"]
-
-    running = server_factory(factory, batch_size=8, batch_timeout_ms=50)
-    model = holder["m"]
+    running = server_factory(lambda s: ToyPolicy(s, batch_cost_s=0.05), batch_size=8, batch_timeout_ms=50)
+    model = running.server.model
     model.batches.clear()
 
     def call(i: int):
@@ -341,14 +313,8 @@ def test_out_of_memory_retries_smaller_batches(server_factory):
 
 
 def test_hung_worker_turns_health_not_serving_and_deadlines_cut_it(server_factory):
-    holder: dict[str, ToyPolicy] = {}
-
-    def factory(settings):
-        holder["m"] = ToyPolicy(settings)
-        return holder["m"]
-
-    running = server_factory(factory, stuck_after_s=0.3)
-    model = holder["m"]
+    running = server_factory(lambda s: ToyPolicy(s), stuck_after_s=0.3)
+    model = running.server.model
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     channel = grpc.insecure_channel(running.target)
