@@ -174,8 +174,9 @@ class VLAModel(abc.ABC):
                 raise InvalidObservation("joint_velocities", "values must be finite (found NaN or inf)")
 
 
-def seeded_generator(seed: int, device: Any = "cpu") -> Any:
-    """A torch.Generator for one sample's noise, so batching never changes a sample's draw."""
+def seeded_generator(seed: int) -> Any:
+    """A CPU torch.Generator for one sample's noise, so batching never changes a sample's draw
+    (and the draw is the same on every device: move the noise, not the generator)."""
     import torch
 
     generator = torch.Generator(device="cpu")
