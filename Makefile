@@ -9,7 +9,7 @@ PROTO_OUT := $(PROTO_DIR)/vla_inference_pb2.py
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto run test lint bench bench-gpu clean
+.PHONY: help install proto run test lint bench bench-gpu clean sim-install demos train-default eval
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -29,8 +29,15 @@ proto: $(PROTO_OUT) ## Generate the gRPC code from the .proto file
 run: install proto ## Serve the model chosen by VLA_* variables (default: embedded pi0 demo) on :50051
 	$(BIN)/vla-inference serve
 
-test: install proto ## Run the whole test suite
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+SIM_STAMP := $(VENV)/.installed-sim
+$(SIM_STAMP): pyproject.toml $(STAMP)
+	$(BIN)/pip install --quiet -e '.[sim]'
+	@touch $(SIM_STAMP)
+
+sim-install: $(SIM_STAMP) ## Install the simulated robot (MetaWorld, MuJoCo) into .venv
+
+test: install proto $(SIM_STAMP) ## Run the whole test suite
+	MUJOCO_GL=egl $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install proto ## ruff and mypy
 	$(BIN)/ruff check src tests bench
@@ -48,9 +55,24 @@ bench: install proto $(BENCH_STAMP) ## Benchmarks on this machine (about 5 min);
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean: ## Remove the virtual environment, generated code and caches
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache runs
 	rm -f $(PROTO_DIR)/*_pb2*.py $(PROTO_DIR)/*_pb2*.pyi
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+DEMOS := data/metaworld-mt10
+DEMO_EPISODES ?= 200
+
+$(DEMOS)/manifest.json: | $(SIM_STAMP)
+	MUJOCO_GL=egl $(BIN)/python -m vla_inference.sim.demos --out $(DEMOS) --episodes $(DEMO_EPISODES)
+
+demos: $(DEMOS)/manifest.json ## Record MetaWorld MT10 expert demonstrations into data/ (about 20 min)
+
+train-default: install proto sim-install demos ## Retrain the embedded default policy (about 90 min, resumable)
+	$(BIN)/python -m vla_inference.training.train --data $(DEMOS) --run runs/metaworld \
+		--export src/vla_inference/models/pi0/assets/metaworld
+
+eval: install proto sim-install ## Closed-loop evaluation of the default policy -> docs/evaluation.md (about 20 min)
+	MUJOCO_GL=egl $(BIN)/python -m vla_inference.sim.evaluate --out docs/evaluation.md
 
 bench-gpu: install proto ## GPU benchmark script (real sizes, bf16); `bench/gpu.sh --tiny` runs it on the CPU
 	bench/gpu.sh $(BENCH_ARGS)

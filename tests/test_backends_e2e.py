@@ -58,8 +58,8 @@ def test_registry_lists_only_real_backends():
     assert available_model_types() == ["groot", "openvla", "pi0"]
 
 
-def test_embedded_demo_model_serves_by_default(server_factory):
-    running = server_factory(chunk_size=10)
+def test_random_demo_model_serves_when_asked(server_factory):
+    running = server_factory(chunk_size=10, embedded_model="random")
     info, chunk = _predict_and_stream(running, [0.0] * 7, cameras={"wrist": IMAGE})
     assert info.demo and "not a trained policy" in info.model_name
     assert info.model_family == "pi0"

@@ -359,7 +359,7 @@ def test_demo_model_loads_through_the_checkpoint_code(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("VLA_CACHE_DIR", str(tmp_path))
-    policy = Pi0Policy(Settings())
+    policy = Pi0Policy(Settings(embedded_model="random"))
     policy.load("", "cpu")
     info = policy.model_info
     assert info.demo and "random weights" in info.name and info.family == "pi0"
@@ -369,7 +369,7 @@ def test_demo_model_loads_through_the_checkpoint_code(
     pred = policy.predict(policy.warmup_observation())
     assert pred.actions.shape == (16, 7) and np.isfinite(pred.actions).all()
     # a second server reuses the files and gets the same model
-    again = Pi0Policy(Settings())
+    again = Pi0Policy(Settings(embedded_model="random"))
     again.load(None, "cpu")
     assert list(tmp_path.glob("pi0-demo-*")) == [written]
     np.testing.assert_array_equal(again.predict(policy.warmup_observation()).actions, pred.actions)
@@ -380,7 +380,7 @@ def test_demo_cache_dir_not_writable(tmp_path: Path, monkeypatch: pytest.MonkeyP
     blocker.write_text("not a directory")
     monkeypatch.setenv("VLA_CACHE_DIR", str(blocker / "cache"))
     with pytest.raises(ModelLoadError, match="VLA_CACHE_DIR"):
-        Pi0Policy(Settings()).load("", "cpu")
+        Pi0Policy(Settings(embedded_model="random")).load("", "cpu")
 
 
 def test_lower_precision_on_cpu_when_asked(openpi_pi05: Path) -> None:

@@ -1,4 +1,4 @@
-"""The `vla-inference` command: serve, predict, info, health, config."""
+"""The `vla-inference` command: serve, predict, info, health, config, sim."""
 
 from __future__ import annotations
 
@@ -111,6 +111,80 @@ def _health(args: argparse.Namespace) -> int:
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
+def _sim(args: argparse.Namespace) -> int:
+    """Run MetaWorld episodes against a server and report success and smoothness."""
+    import grpc
+    from google.protobuf import json_format
+
+    try:
+        from vla_inference.sim import media, robot
+        from vla_inference.sim import tasks as mt
+    except ImportError as exc:
+        print(
+            f"vla-inference sim needs the sim extra (pip install 'vla-inference[sim]'): {exc}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        tasks = tuple(t.name for t in mt.parse_tasks(args.tasks))
+    except ValueError as exc:
+        print(f"vla-inference sim: {exc}", file=sys.stderr)
+        return 2
+    cfg = robot.SimConfig(
+        target=args.target,
+        tasks=tasks,
+        episodes=args.episodes,
+        seed=args.seed,
+        execute_steps=args.execute_steps,
+        mode=args.mode,
+        control_hz=args.control_hz,
+        delay_steps=args.delay_steps,
+        max_steps=args.max_steps,
+        instruction_from=args.instruction_from,
+        parallel=args.parallel,
+        timeout_s=args.timeout,
+        token=args.token or _token_from_file(args.token_file),
+        video_dir=args.video_dir,
+    )
+    with _client(args) as client:
+        try:
+            info = client.info()
+        except grpc.RpcError as exc:
+            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    problem = robot.check_model(info)
+    if problem:
+        print(f"vla-inference sim: {problem}", file=sys.stderr)
+        return 2
+    try:
+        results = robot.run(cfg)
+    except (grpc.RpcError, RuntimeError) as exc:
+        detail = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError) else str(exc)
+        print(f"vla-inference sim: {detail}", file=sys.stderr)
+        return 1
+    model = json_format.MessageToDict(info)
+    summary = robot.report(
+        cfg, results, {k: model.get(k) for k in ("modelName", "modelFamily", "modelVersion")}
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    if args.video_dir:
+        folder = Path(args.video_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in tasks:
+            first = next(r for r in results if r.task == name)
+            media.write_gif(first.frames, folder / f"{name}-seed{first.seed}.gif")
+            media.plot_actions(
+                first.actions,
+                first.chunk_starts,
+                folder / f"{name}-seed{first.seed}-actions.png",
+                title=f"{name} seed {first.seed}: {'success' if first.success else 'failure'} in "
+                f"{first.steps} steps ({cfg.mode}); grey lines: chunk boundaries",
+            )
+    print(robot.format_table(summary))
+    return 0
+
+
 def _config(args: argparse.Namespace) -> int:
     settings = _settings()
     rows = describe(settings)
@@ -147,6 +221,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.set_defaults(fn=_predict)
     client_parser("info", "print the served model's description").set_defaults(fn=_info)
+    p = client_parser("sim", "drive MetaWorld episodes against a server (needs the sim extra)")
+    p.add_argument("--tasks", default="mt10", help="comma-separated MetaWorld tasks, or mt10")
+    p.add_argument("--episodes", type=int, default=20, help="episodes per task")
+    p.add_argument("--seed", type=int, default=1000, help="first episode seed (demonstrations use 0-999)")
+    p.add_argument("--json", default="", help="write the report here")
+    p.add_argument("--execute-steps", type=int, default=4, help="actions executed per chunk (K)")
+    p.add_argument("--mode", choices=("lockstep", "realtime"), default="lockstep")
+    p.add_argument("--control-hz", type=float, default=80.0, help="realtime: control rate (0: no latency)")
+    p.add_argument("--delay-steps", type=int, default=0, help="realtime: extra inference delay, in steps")
+    p.add_argument("--max-steps", type=int, default=300, help="steps before an episode counts as failed")
+    p.add_argument(
+        "--instruction-from", choices=("task", "other"), default="task", help="other: another task's words"
+    )
+    p.add_argument("--parallel", type=int, default=1, help="worker processes")
+    p.add_argument("--video-dir", default="", help="write a GIF and an action plot per task here")
+    p.set_defaults(fn=_sim)
     client_parser("health", "exit 0 when the server is SERVING (container probe)").set_defaults(fn=_health)
     return parser
 

@@ -28,7 +28,12 @@ class Settings(BaseSettings):
 
     # --- model -----------------------------------------------------------------------------
     model_type: str = Field("pi0", description="Model family: pi0 (also pi0.5 checkpoints), openvla, groot")
-    model_path: str = Field("", description="Checkpoint directory; empty serves the embedded pi0 demo model")
+    model_path: str = Field("", description="Checkpoint directory; empty serves the embedded model")
+    embedded_model: Literal["metaworld", "random"] = Field(
+        "metaworld",
+        description="Model served when VLA_MODEL_PATH is empty: metaworld (pi0 trained in MetaWorld "
+        "simulation) or random (random weights, for tests)",
+    )
     device: str = Field("cpu", description="Torch device: cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weight precision; auto = bfloat16 on CUDA, float32 on CPU"

@@ -74,7 +74,11 @@ class ModelDescription:
     device: str
     dtype: str
     confidence_definition: str
-    demo: bool = False
+    demo: bool = False  # the random-weight demo
+    description: str = ""  # what the model is, trained on what, what it sees
+    # embodiment -> names of the joint_positions / action values, in order (when the checkpoint says)
+    state_layouts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    action_layouts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass

@@ -215,4 +215,7 @@ def model_info_message(info: ModelDescription, max_batch_size: int) -> pb.ModelI
         model_horizon=info.horizon,
         max_batch_size=max_batch_size,
         dtype=info.dtype,
+        description=info.description,
+        state_layouts={k: pb.Layout(names=list(v)) for k, v in info.state_layouts.items()},
+        action_layouts={k: pb.Layout(names=list(v)) for k, v in info.action_layouts.items()},
     )

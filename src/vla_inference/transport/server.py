@@ -117,6 +117,17 @@ class VLAServer:
             time.monotonic() - t0,
             " -- DEMO MODEL: random weights, not a trained policy" if info.demo else "",
         )
+        if info.description:
+            log.info("model: %s", info.description)
+        for embodiment in info.embodiments:
+            state = info.state_layouts.get(embodiment)
+            actions = info.action_layouts.get(embodiment)
+            log.info(
+                "embodiment %r: state %s; actions %s",
+                embodiment,
+                ", ".join(state) if state else f"{info.state_dims.get(embodiment, '?')} values",
+                ", ".join(actions) if actions else f"{info.action_dim} values",
+            )
         engine = InferenceEngine(self.model, self.settings, self.metrics)
         await engine.start()
         await engine.warmup(self.settings.warmup_batches)

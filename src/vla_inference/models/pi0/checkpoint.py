@@ -233,6 +233,40 @@ class Checkpoint:
     image_slots: tuple[str, ...] = IMAGE_SLOTS
     num_steps: int = 10
     notes: list[str] = field(default_factory=list)
+    about: About = field(default_factory=lambda: About())
+
+
+@dataclass(frozen=True)
+class About:
+    """What a checkpoint says about itself in config.json's optional "vla_inference" section:
+    {"description": str, "embodiments": {tag: {"state": [names], "actions": [names]}}}."""
+
+    description: str = ""
+    state_layouts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    action_layouts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @staticmethod
+    def from_config(config: Mapping[str, Any], where: Path) -> About:
+        section = config.get("vla_inference", {})
+        if not isinstance(section, dict):
+            raise ModelLoadError(f"{where}: 'vla_inference' must be an object")
+        description = section.get("description", "")
+        embodiments = section.get("embodiments", {})
+        if not isinstance(description, str) or not isinstance(embodiments, dict):
+            raise ModelLoadError(
+                f"{where}: 'vla_inference' needs a string description and an embodiments object"
+            )
+        layouts: dict[str, dict[str, tuple[str, ...]]] = {"state": {}, "actions": {}}
+        for tag, spec in embodiments.items():
+            for key in layouts:
+                names = spec.get(key, []) if isinstance(spec, dict) else None
+                if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                    raise ModelLoadError(
+                        f"{where}: vla_inference.embodiments.{tag}.{key} must be a list of names"
+                    )
+                if names:
+                    layouts[key][tag] = tuple(names)
+        return About(description, layouts["state"], layouts["actions"])
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -497,7 +531,8 @@ def load_openpi(path: Path, *, tokenizer_path: str = "", norm_stats_key: str = "
             _check_stats(stats[key], mode, f"{stats_path}:{key}")
         norms[asset_id] = EmbodimentNorm(Normalizer(mode, stats["state"]), Normalizer(mode, stats["actions"]))
     tokenizer = find_tokenizer(path, tokenizer_path, OPENPI)
-    return Checkpoint(OPENPI, path, cfg, state_dict, norms, tokenizer, notes=notes)
+    about = About.from_config(config, where)
+    return Checkpoint(OPENPI, path, cfg, state_dict, norms, tokenizer, notes=notes, about=about)
 
 
 def write_openpi(

@@ -1,11 +1,15 @@
-"""The embedded default model: a small random pi0, served through the normal loading code.
+"""The embedded models, served through the normal loading code when VLA_MODEL_PATH is empty.
 
-With VLA_MODEL_PATH empty, Pi0Policy.load() calls ensure_demo_checkpoint(): the first time it
-writes a tiny openpi-format checkpoint (weights from a fixed seed, the bundled SentencePiece
-tokenizer, norm stats for 7 joints / 7 action dims) into $VLA_CACHE_DIR (default
-~/.cache/vla-inference)/pi0-demo-<hash>, then loads it like any other checkpoint. The hash covers
-everything that defines the files, so a changed recipe gets a fresh directory. The weights are
-random: the demo exercises the whole server, it does not control a robot.
+VLA_EMBEDDED_MODEL=metaworld (the default) serves METAWORLD_CHECKPOINT, a small pi0 trained on
+MetaWorld MT10 demonstrations (`make train-default` reproduces it; training/train.py), shipped
+in the package as an openpi-format checkpoint.
+
+VLA_EMBEDDED_MODEL=random serves a random pi0 for tests: Pi0Policy.load() calls
+ensure_demo_checkpoint(), which the first time writes a tiny openpi-format checkpoint (weights
+from a fixed seed, the bundled SentencePiece tokenizer, norm stats for 7 joints / 7 action dims)
+into $VLA_CACHE_DIR (default ~/.cache/vla-inference)/pi0-demo-<hash>, then loads it like any
+other checkpoint. The hash covers everything that defines the files, so a changed recipe gets a
+fresh directory. Those weights are random: that demo exercises the server, it controls nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ DEMO_CONFIG = NAMED_CONFIGS["pi0_demo"]
 DEMO_SEED = 0
 DEMO_ASSET_ID = "demo"
 TOKENIZER_ASSET = Path(__file__).resolve().parent / "assets" / "demo_tokenizer.model"
+METAWORLD_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "metaworld"
 _RECIPE_VERSION = 1
 
 

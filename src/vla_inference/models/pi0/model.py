@@ -27,8 +27,8 @@ Conventions taken from the reference:
 - flow matching: t = 1 is noise, t = 0 the action; x_{t+dt} = x_t + dt * v_t, dt = -1 / steps;
 - time embedding: sin/cos of t * 2π / period, periods geometric in [4e-3, 4], [sin, cos] order.
 
-Exact shortcuts at inference (they change no valid token's value): an image slot masked out in
-every sample of the batch skips the vision tower; the last VLM layer computes only its keys/values;
+Exact shortcuts (they change no valid token's value): an image slot masked out in every sample
+of the batch is left out of the prefix; the last VLM layer computes only its keys/values;
 the policy trims trailing padding tokens to the longest prompt of the batch. Every padding token
 attends to itself only, so no softmax row is empty (no NaN) and padding never reaches valid tokens.
 """
@@ -93,6 +93,9 @@ GEMMA_VARIANTS: dict[str, GemmaConfig] = {
     "dummy": GemmaConfig(width=64, depth=4, mlp_dim=128, num_heads=8, num_kv_heads=1, head_dim=16),
     # ours: the embedded demo (fast on a small CPU)
     "demo": GemmaConfig(width=64, depth=2, mlp_dim=128, num_heads=4, num_kv_heads=1, head_dim=16),
+    # ours: the embedded default policy trained in MetaWorld (sized to train in ~1 h on 2 cores)
+    "metaworld_vlm": GemmaConfig(width=128, depth=3, mlp_dim=384, num_heads=4, num_kv_heads=1, head_dim=32),
+    "metaworld_expert": GemmaConfig(width=96, depth=3, mlp_dim=256, num_heads=4, num_kv_heads=1, head_dim=32),
 }
 
 SIGLIP_VARIANTS: dict[str, SiglipConfig] = {
@@ -100,6 +103,8 @@ SIGLIP_VARIANTS: dict[str, SiglipConfig] = {
     # ours: a tiny ViT on 224 px for tests and the demo (patch 28 -> 64 tokens per image)
     "tiny": SiglipConfig(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=28, image_size=224),
     "tiny14": SiglipConfig(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=14, image_size=224),
+    # ours: the MetaWorld policy's camera (96 px, patch 16 -> 36 tokens)
+    "metaworld": SiglipConfig(width=64, depth=2, mlp_dim=128, num_heads=2, patch_size=16, image_size=96),
 }
 
 
@@ -164,6 +169,13 @@ NAMED_CONFIGS: dict[str, Pi0Config] = {
         pi05=True, vlm_variant="dummy", expert_variant="dummy", vision_variant="tiny", vocab_size=512
     ),
     "pi0_demo": Pi0Config(vlm_variant="demo", expert_variant="demo", vision_variant="tiny", vocab_size=512),
+    "pi0_metaworld": Pi0Config(
+        vlm_variant="metaworld_vlm",
+        expert_variant="metaworld_expert",
+        vision_variant="metaworld",
+        vocab_size=512,
+        action_horizon=16,
+    ),
 }
 
 
@@ -390,22 +402,19 @@ class Pi0Model(nn.Module):
         self, images: Tensor, image_masks: Tensor, tokens: Tensor, token_masks: Tensor
     ) -> tuple[Tensor, Tensor]:
         """images (B, N, 3, S, S) in [-1, 1], image_masks (B, N), tokens/token_masks (B, T)
-        -> embeddings (B, P, W), pad mask (B, P) with P = N * patches + T.
+        -> embeddings (B, P, W), pad mask (B, P) with P = N' * patches + T, N' the slots present in
+        at least one sample.
 
-        An image slot masked out in every sample skips the vision tower (its tokens are padding).
+        A slot masked out in every sample of the batch contributes no tokens at all (its tokens
+        would be padding, and padding never changes a valid token's value or position).
         """
-        B, N = image_masks.shape
-        patches, width = self.cfg.vision.num_patches, self.cfg.vlm.width
-        slots = []
         present = image_masks.any(dim=0).tolist()  # one host sync for all slots
-        for i in range(N):
-            if present[i]:
-                slots.append(self.projector(self.vision(images[:, i])))  # (B, patches, W)
-            else:
-                slots.append(torch.zeros(B, patches, width, dtype=self.dtype, device=tokens.device))
-        lang = self.embed_tokens(tokens) * math.sqrt(width)  # (B, T, W)
+        slots = [self.projector(self.vision(images[:, i])) for i in range(len(present)) if present[i]]
+        lang = self.embed_tokens(tokens) * math.sqrt(self.cfg.vlm.width)  # (B, T, W)
         embs = torch.cat([*slots, lang.to(self.dtype)], dim=1)
-        pad = torch.cat([image_masks.repeat_interleave(patches, dim=1), token_masks], dim=1)
+        patches = self.cfg.vision.num_patches
+        kept = image_masks[:, [i for i in range(len(present)) if present[i]]]  # (B, N')
+        pad = torch.cat([kept.repeat_interleave(patches, dim=1), token_masks], dim=1)
         return embs, pad
 
     def suffix_ar(self, batch: int, device: torch.device) -> Tensor:
@@ -576,6 +585,28 @@ class Pi0Model(nn.Module):
             t = t + dt
         return x_t, v_t
 
+    def flow_matching_loss(
+        self,
+        images: Tensor,
+        image_masks: Tensor,
+        tokens: Tensor,
+        token_masks: Tensor,
+        state: Tensor,
+        actions: Tensor,
+        noise: Tensor,
+        t: Tensor,
+    ) -> Tensor:
+        """The training objective (openpi's compute_loss): actions (B, H, A) normalised and padded,
+        noise (B, H, A), t (B,) in (0, 1] -> squared error (B, H, A).
+
+        x_t = t * noise + (1 - t) * actions is the point on the straight path at time t; the target
+        velocity is d x_t / dt = noise - actions, which sample_actions integrates from t = 1 to 0.
+        """
+        tt = t[:, None, None]
+        x_t = tt * noise + (1.0 - tt) * actions
+        v_t = self.velocity_full(images, image_masks, tokens, token_masks, state, x_t, t)
+        return (v_t - (noise - actions)).pow(2)
+
     def velocity_full(
         self,
         images: Tensor,
@@ -586,7 +617,8 @@ class Pi0Model(nn.Module):
         x_t: Tensor,
         t: Tensor,
     ) -> Tensor:
-        """The velocity recomputing prefix and suffix together (no cache), for checking the cache path."""
+        """The velocity computing prefix and suffix together in one pass (no cache): the training
+        forward, and the reference the cached inference path is checked against."""
         prefix_embs, prefix_pad = self.embed_prefix(images, image_masks, tokens, token_masks)
         suffix_embs, cond = self.embed_suffix(state, x_t, t)
         B, S = suffix_embs.shape[:2]
@@ -599,6 +631,14 @@ class Pi0Model(nn.Module):
             [prefix_embs, suffix_embs], block_causal_mask(ar, pad), positions, [None, cond]
         )
         return self.action_out_proj(out[:, -self.cfg.action_horizon :]).float()
+
+
+def sample_flow_time(batch: int, generator: torch.Generator | None = None) -> Tensor:
+    """Training times t (B,) as openpi draws them: Beta(1.5, 1) scaled into [0.001, 1]; more weight
+    near t = 1 (noise), where the flow's first, hardest steps are."""
+    u = torch.rand(batch, generator=generator, dtype=torch.float64)
+    beta = u ** (1.0 / 1.5)  # inverse CDF of Beta(1.5, 1): F(x) = x^1.5
+    return (beta * 0.999 + 0.001).float()
 
 
 def build(cfg: Pi0Config, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Pi0Model:

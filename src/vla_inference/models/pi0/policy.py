@@ -92,6 +92,42 @@ def discretize_state(state: np.ndarray) -> np.ndarray:
     return np.digitize(state, bins=np.linspace(-1, 1, 256 + 1)[:-1]) - 1
 
 
+def image_to_model_input(image: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (3, size, size) float32 in [-1, 1], resized with padding."""
+    resized = resize_with_pad(image, size, size)
+    return (resized.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)
+
+
+def tokenize_prompt(
+    tokenizer: Any, cfg: Pi0Config, instruction: str, normalized_state: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The reference prompt as (max_token_len,) ids and mask, valid tokens first.
+
+    pi0: BOS + instruction + "\\n"; pi0.5: BOS + "Task: <instruction>, State: <bins>;\\nAction: ".
+    A prompt longer than the model's max_token_len is refused, not truncated.
+    """
+    cleaned = instruction.strip().replace("_", " ").replace("\n", " ")
+    if cfg.pi05:
+        state_str = " ".join(
+            str(int(v))
+            for v in discretize_state(normalized_state if normalized_state is not None else np.zeros(0))
+        )
+        ids = tokenizer.encode(f"Task: {cleaned}, State: {state_str};\nAction: ", add_bos=True)
+    else:
+        ids = tokenizer.encode(cleaned, add_bos=True) + tokenizer.encode("\n")
+    if len(ids) > cfg.max_token_len:
+        raise InvalidObservation(
+            "language_instruction",
+            f"the prompt is {len(ids)} tokens; this model takes at most {cfg.max_token_len} "
+            "(shorten the instruction)",
+        )
+    tokens = np.zeros(cfg.max_token_len, np.int64)
+    mask = np.zeros(cfg.max_token_len, bool)
+    tokens[: len(ids)] = ids
+    mask[: len(ids)] = True
+    return tokens, mask
+
+
 class Pi0Policy(VLAModel):
     model_type = "pi0"
 
@@ -107,11 +143,14 @@ class Pi0Policy(VLAModel):
     # ---- loading -----------------------------------------------------------------------------
 
     def load(self, checkpoint_path: str | None, device: str) -> None:
-        demo = not checkpoint_path
-        if demo:
-            from vla_inference.models.pi0 import demo as demo_module
+        from vla_inference.models.pi0 import demo as demo_module
 
+        embedded = not checkpoint_path
+        demo = embedded and self.settings.embedded_model == "random"
+        if demo:
             path = demo_module.ensure_demo_checkpoint()
+        elif embedded:
+            path = demo_module.METAWORLD_CHECKPOINT
         else:
             path = Path(str(checkpoint_path)).expanduser()
         loaded = ckpt.load(
@@ -152,6 +191,8 @@ class Pi0Policy(VLAModel):
         num_steps = self.settings.num_denoise_steps or loaded.num_steps or cfg.num_steps
         if demo:
             name = "pi0-demo (random weights, not a trained policy)"
+        elif embedded:
+            name = "pi0-metaworld-mt10 (trained in MetaWorld simulation, not a real-robot policy)"
         else:
             name = f"{'pi0.5' if cfg.pi05 else 'pi0'} {path.name} ({loaded.format} format)"
         version = hashlib.sha256(f"{path.resolve()}|{cfg}".encode()).hexdigest()[:12]
@@ -171,6 +212,9 @@ class Pi0Policy(VLAModel):
             dtype=str(dtype).removeprefix("torch."),
             confidence_definition=CONFIDENCE_DEFINITION,
             demo=demo,
+            description=loaded.about.description,
+            state_layouts=loaded.about.state_layouts,
+            action_layouts=loaded.about.action_layouts,
         )
         if self.settings.compile:
             model.denoise_step = torch.compile(model.denoise_step, dynamic=False)  # type: ignore[method-assign]
@@ -235,27 +279,7 @@ class Pi0Policy(VLAModel):
     def tokenize(
         self, instruction: str, normalized_state: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray]:
-        cfg = self.config
-        cleaned = instruction.strip().replace("_", " ").replace("\n", " ")
-        if cfg.pi05:
-            state_str = " ".join(
-                str(int(v))
-                for v in discretize_state(normalized_state if normalized_state is not None else np.zeros(0))
-            )
-            ids = self._tokenizer.encode(f"Task: {cleaned}, State: {state_str};\nAction: ", add_bos=True)
-        else:
-            ids = self._tokenizer.encode(cleaned, add_bos=True) + self._tokenizer.encode("\n")
-        if len(ids) > cfg.max_token_len:
-            raise InvalidObservation(
-                "language_instruction",
-                f"the prompt is {len(ids)} tokens; this model takes at most {cfg.max_token_len} "
-                "(shorten the instruction)",
-            )
-        tokens = np.zeros(cfg.max_token_len, np.int64)
-        mask = np.zeros(cfg.max_token_len, bool)
-        tokens[: len(ids)] = ids
-        mask[: len(ids)] = True
-        return tokens, mask
+        return tokenize_prompt(self._tokenizer, self.config, instruction, normalized_state)
 
     def prepare(self, observation: Observation) -> PreparedSample:
         info = self.model_info
@@ -299,8 +323,7 @@ class Pi0Policy(VLAModel):
                     "cameras", f"camera {camera!r}: expected an (H, W, 3) uint8 RGB image"
                 )
             slot = self._camera_slot[camera]
-            resized = resize_with_pad(image, size, size)
-            images[slot] = (resized.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)
+            images[slot] = image_to_model_input(image, size)
             masks[slot] = True
 
         joints = np.asarray(observation.joint_positions, np.float32)

@@ -1,0 +1,1 @@
+"""Training the embedded default policy from simulated demonstrations (flow matching)."""
