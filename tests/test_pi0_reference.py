@@ -136,7 +136,7 @@ def test_token_embedding_scaling_matches_gemma() -> None:
     expected = reference.embed_tokens(tokens)  # GemmaTextScaledWordEmbedding: weight[token] * sqrt(width)
     assert reference.embed_tokens.scalar_embed_scale == pytest.approx(cfg.vlm.width**0.5)
     torch.testing.assert_close(lang, expected)
-    assert pad.tolist()[0] == [False] * (3 * cfg.vision.num_patches) + [True] * 9
+    assert pad.tolist()[0] == [True] * 9  # image slots masked in the whole batch add no tokens
 
 
 def test_joint_attention_of_two_experts_matches_openpi_layer_recipe() -> None:

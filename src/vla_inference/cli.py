@@ -139,6 +139,7 @@ def _sim(args: argparse.Namespace) -> int:
         mode=args.mode,
         control_hz=args.control_hz,
         delay_steps=args.delay_steps,
+        rtc=args.rtc,
         max_steps=args.max_steps,
         instruction_from=args.instruction_from,
         parallel=args.parallel,
@@ -230,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("lockstep", "realtime"), default="lockstep")
     p.add_argument("--control-hz", type=float, default=80.0, help="realtime: control rate (0: no latency)")
     p.add_argument("--delay-steps", type=int, default=0, help="realtime: extra inference delay, in steps")
+    p.add_argument(
+        "--rtc",
+        choices=("none", "guided", "hard"),
+        default="",
+        help="real-time chunking method to ask for (default: send no rtc fields)",
+    )
     p.add_argument("--max-steps", type=int, default=300, help="steps before an episode counts as failed")
     p.add_argument(
         "--instruction-from", choices=("task", "other"), default="task", help="other: another task's words"

@@ -11,6 +11,7 @@ arrays and PIL images are JPEG-encoded here.
 
 from __future__ import annotations
 
+import queue
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -147,6 +148,10 @@ class VLAClient:
         """A StreamControl session: yields one ActionChunk per observation the server acts on."""
         return self._stub.StreamControl(iter(observations), timeout=timeout, metadata=self._metadata)
 
+    def session(self, *, timeout: float | None = None) -> StreamSession:
+        """A StreamControl session used call-and-answer (see StreamSession)."""
+        return StreamSession(self.stream, timeout)
+
     def info(self) -> pb.ModelInfo:
         return self._stub.GetModelInfo(empty_pb2.Empty(), timeout=self.timeout, metadata=self._metadata)
 
@@ -161,6 +166,56 @@ class VLAClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class StreamSession:
+    """One StreamControl call where each observation waits for its answer: `ask(observation)`
+    returns the chunk answering it. The way a control loop uses a stream, and what real-time
+    chunking needs (the server continues the chunk it last sent, so that chunk must be known).
+    A per-observation failure is raised as StreamObservationError; the session goes on."""
+
+    def __init__(self, open_stream: Any, timeout: float | None) -> None:
+        self._requests: queue.Queue[pb.Observation | None] = queue.Queue()
+        self._answers: Iterator[pb.ActionChunk] = open_stream(self._outgoing(), timeout=timeout)
+        self._closed = False
+
+    def _outgoing(self) -> Iterator[pb.Observation]:
+        while (item := self._requests.get()) is not None:
+            yield item
+
+    def ask(self, observation: pb.Observation) -> pb.ActionChunk:
+        if self._closed:
+            raise RuntimeError("the session is closed")
+        self._requests.put(observation)
+        answer = next(self._answers)
+        if answer.HasField("error"):
+            raise StreamObservationError(answer)
+        return answer
+
+    def close(self) -> None:
+        """End the call (half-close) and wait for the server to finish it."""
+        if not self._closed:
+            self._closed = True
+            self._requests.put(None)
+            for _ in self._answers:
+                pass
+
+    def __enter__(self) -> StreamSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class StreamObservationError(RuntimeError):
+    """One observation of a stream failed (ActionChunk.error); `code` is a grpc.StatusCode."""
+
+    def __init__(self, answer: pb.ActionChunk) -> None:
+        self.answer = answer
+        self.code = next(
+            (c for c in grpc.StatusCode if c.value[0] == answer.error.code), grpc.StatusCode.UNKNOWN
+        )
+        super().__init__(f"{self.code.name}: {answer.error.message}")
 
 
 class AsyncVLAClient:

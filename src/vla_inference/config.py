@@ -78,6 +78,17 @@ class Settings(BaseSettings):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level")
 
+    # --- real-time chunking (Observation.rtc) ---------------------------------------------------
+    rtc_method: Literal["none", "guided", "hard"] = Field(
+        "guided", description="Real-time chunking method when an observation's rtc.method is unspecified"
+    )
+    rtc_max_guidance: float = Field(
+        5.0, ge=0, le=100, description="Real-time chunking: cap beta on the guidance weight (guided)"
+    )
+    rtc_schedule: Literal["exp", "linear", "ones"] = Field(
+        "exp", description="Real-time chunking: soft-mask schedule over the overlap (guided)"
+    )
+
     # --- input limits ----------------------------------------------------------------------
     max_image_pixels: int = Field(
         4096 * 4096, ge=1, le=1 << 28, description="Most pixels per decoded image (checked before decoding)"

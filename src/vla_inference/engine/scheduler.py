@@ -36,6 +36,7 @@ from vla_inference.engine.errors import (
     ResourceExhausted,
     Skipped,
 )
+from vla_inference.engine.realtime import ChunkMemory
 from vla_inference.models.base import ActionPrediction, PreparedSample, VLAModel
 from vla_inference.telemetry.metrics import Metrics
 
@@ -71,10 +72,12 @@ class _WorkItem:
 
 @dataclass(eq=False)
 class StreamSession:
-    """Per-StreamControl state: the observation waiting in the queue, if any."""
+    """Per-StreamControl state: the observation waiting in the queue, if any, and the chunks the
+    stream was sent (for real-time chunking)."""
 
     pending: _WorkItem | None = None
     skipped: list[str] = field(default_factory=list)
+    memory: ChunkMemory = field(default_factory=ChunkMemory)
 
     def take_skipped(self) -> list[str]:
         skipped, self.skipped = self.skipped, []

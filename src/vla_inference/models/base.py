@@ -54,6 +54,9 @@ class ActionPrediction:
 
     actions: np.ndarray  # (T, D) float32
     confidence: float  # in [0, 1]; meaning: ModelDescription.confidence_definition
+    # The whole chunk at the model's horizon in its own normalised units (flow-matching families):
+    # what a stream remembers for real-time chunking. None for models without chunks.
+    model_actions: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,7 @@ class ModelDescription:
     # embodiment -> names of the joint_positions / action values, in order (when the checkpoint says)
     state_layouts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     action_layouts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    rtc_methods: tuple[str, ...] = ()  # real-time chunking methods supported (models/rtc.py)
 
 
 @dataclass
@@ -89,6 +93,7 @@ class PreparedSample:
     embodiment: str
     seed: int
     batch_key: Hashable = None  # samples share a batch only when their keys are equal
+    rtc: Any = None  # models.rtc.Prefix when this sample continues a previous chunk
 
 
 class VLAModel(abc.ABC):
@@ -127,6 +132,12 @@ class VLAModel(abc.ABC):
     @abc.abstractmethod
     def finish(self, raw: Any, sample: PreparedSample) -> ActionPrediction:
         """Turn one raw output into actions in the robot's units."""
+
+    def normalize_actions(self, actions: np.ndarray, embodiment: str) -> np.ndarray:
+        """Actions in the robot's units (N, action_dim) -> the model's own units (N, model width).
+
+        Families with real-time chunking implement it (Predict sends the previous chunk this way)."""
+        raise InvalidObservation("rtc", f"{self.model_info.family} does not support real-time chunking")
 
     def predict_batch(self, samples: Sequence[PreparedSample]) -> list[ActionPrediction]:
         return [self.finish(raw, s) for raw, s in zip(self.forward(samples), samples, strict=True)]

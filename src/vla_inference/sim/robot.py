@@ -28,16 +28,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import math
-import queue
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from vla_inference.client import StreamSession
+from vla_inference.control import ChunkQueue, delay_for
 from vla_inference.sim import tasks as mt
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class SimConfig:
     max_steps: int = mt.DEFAULT_MAX_STEPS
     image_size: int = mt.DEFAULT_IMAGE_SIZE
     instruction_from: str = "task"  # task | other (the CONFUSED_WITH baseline)
+    rtc: str = ""  # real-time chunking: "" = send no rtc fields; none | guided | hard
     parallel: int = 1
     timeout_s: float = 30.0
     token: str = ""
@@ -91,34 +92,6 @@ def request_seed(episode_seed: int, index: int) -> int:
     return zlib.crc32(f"{episode_seed}:{index}".encode()) & 0x7FFF_FFFF
 
 
-class _Stream:
-    """A StreamControl session used call-and-answer: send one observation, wait for its chunk."""
-
-    def __init__(self, client: Any, timeout_s: float) -> None:
-        self._requests: queue.Queue[Any] = queue.Queue()
-        self._answers: Iterator[Any] = client.stream(self._iterate(), timeout=None)
-        self._timeout_s = timeout_s
-
-    def _iterate(self) -> Iterator[Any]:
-        while True:
-            item = self._requests.get()
-            if item is None:
-                return
-            yield item
-
-    def ask(self, observation: Any) -> Any:
-        self._requests.put(observation)
-        answer = next(self._answers)
-        if answer.HasField("error"):
-            raise RuntimeError(f"server error {answer.error.code}: {answer.error.message}")
-        return answer
-
-    def close(self) -> None:
-        self._requests.put(None)
-        for _ in self._answers:  # drain so the call ends cleanly
-            pass
-
-
 class _Robot:
     """One simulated robot running episodes of one task."""
 
@@ -127,6 +100,7 @@ class _Robot:
         self.task = task
         self.client = client
         self.instruction = instruction_for(task, cfg.instruction_from)
+        self._boundary_next = False
 
     def observation(self, episode: mt.MetaWorldEpisode, seed: int, index: int, result: EpisodeResult) -> Any:
         from vla_inference.client import make_observation
@@ -146,18 +120,15 @@ class _Robot:
     def run(self, episode: mt.MetaWorldEpisode, seed: int) -> EpisodeResult:
         result = EpisodeResult(self.task.name, seed, False, 0)
         episode.reset(seed)
-        stream = _Stream(self.client, self.cfg.timeout_s)
-        try:
-            if self.cfg.mode == "lockstep":
-                self._lockstep(episode, seed, stream, result)
-            else:
-                self._realtime(episode, seed, stream, result)
-        finally:
-            stream.close()
+        self._boundary_next = False
+        with self.client.session(timeout=None) as stream:
+            self._control(episode, seed, stream, result)
         result.success, result.steps = episode.success, episode.steps
         return result
 
-    def _ask(self, stream: _Stream, observation: Any, result: EpisodeResult) -> tuple[np.ndarray, float]:
+    def _ask(
+        self, stream: StreamSession, observation: Any, result: EpisodeResult
+    ) -> tuple[np.ndarray, float]:
         started = time.monotonic()
         answer = stream.ask(observation)
         latency = time.monotonic() - started
@@ -167,60 +138,46 @@ class _Robot:
             raise RuntimeError(f"expected chunks of {mt.ACTION_DIM}-dim actions, got shape {chunk.shape}")
         return chunk, latency
 
-    def _execute(
-        self, episode: mt.MetaWorldEpisode, action: np.ndarray, new_chunk: bool, result: EpisodeResult
-    ) -> None:
+    def _tick(self, episode: mt.MetaWorldEpisode, action: np.ndarray | None, result: EpisodeResult) -> None:
+        """One control step: the queue's action, or hold still (zero motion, same gripper) on a stall."""
+        boundary = self._boundary_next and action is not None
+        if action is None:
+            action = np.zeros(mt.ACTION_DIM, np.float32)
+            action[3] = result.actions[-1][3] if result.actions else 0.0
+        if boundary:
+            result.chunk_starts.append(episode.steps)
+            self._boundary_next = False
         if result.actions:
             jump = float(np.linalg.norm(action[MOTION_DIMS] - np.asarray(result.actions[-1])[MOTION_DIMS]))
-            (result.boundary_jumps if new_chunk else result.within_jumps).append(jump)
-        if new_chunk:
-            result.chunk_starts.append(episode.steps)
+            (result.boundary_jumps if boundary else result.within_jumps).append(jump)
         result.actions.append([float(v) for v in action])
         episode.step(action)
 
-    def _lockstep(
-        self, episode: mt.MetaWorldEpisode, seed: int, stream: _Stream, result: EpisodeResult
+    def _control(
+        self, episode: mt.MetaWorldEpisode, seed: int, stream: StreamSession, result: EpisodeResult
     ) -> None:
-        index = 0
-        while not episode.done:
-            chunk, _ = self._ask(stream, self.observation(episode, seed, index, result), result)
-            index += 1
-            for k, action in enumerate(chunk[: self.cfg.execute_steps]):
-                self._execute(episode, action, k == 0, result)
-                if episode.done:
-                    break
-
-    def _realtime(
-        self, episode: mt.MetaWorldEpisode, seed: int, stream: _Stream, result: EpisodeResult
-    ) -> None:
+        """Both modes; lockstep is this loop with no time passing during inference."""
         cfg = self.cfg
-        current = np.zeros((0, mt.ACTION_DIM), np.float32)
-        position = 0  # index of the next action of `current` to execute
+        realtime = cfg.mode == "realtime"
+        queue = ChunkQueue(cfg.execute_steps, method=cfg.rtc, control_hz=cfg.control_hz if realtime else 0.0)
         index = 0
         while not episode.done:
-            chunk, latency = self._ask(stream, self.observation(episode, seed, index, result), result)
+            observation = self.observation(episode, seed, index, result)
+            if cfg.rtc:
+                observation.rtc.CopyFrom(queue.rtc_fields())
+            chunk, latency = self._ask(stream, observation, result)
             index += 1
-            delay = (
-                math.ceil(latency * cfg.control_hz - 1e-9) if cfg.control_hz > 0 else 0
-            ) + cfg.delay_steps
+            delay = delay_for(latency, cfg.control_hz) + cfg.delay_steps if realtime else 0
             result.delays.append(delay)
-            for _ in range(delay):  # the robot moved on while the server computed
+            for _ in range(delay):  # the robot moves on while the server computes
                 if episode.done:
-                    return
-                if position < len(current):
-                    self._execute(episode, current[position], False, result)
-                    position += 1
-                else:
-                    result.stalls += 1
-                    hold = np.zeros(mt.ACTION_DIM, np.float32)
-                    hold[3] = result.actions[-1][3] if result.actions else 0.0
-                    self._execute(episode, hold, False, result)
-            current, position = chunk, min(delay, len(chunk))
-            for k in range(max(0, cfg.execute_steps - delay)):
-                if episode.done or position >= len(current):
                     break
-                self._execute(episode, current[position], k == 0, result)
-                position += 1
+                self._tick(episode, queue.next_action(), result)
+            queue.on_chunk(chunk, observation.request_id, delay)
+            self._boundary_next = True  # the next action executed comes from the new chunk
+            while not episode.done and not queue.needs_chunk():
+                self._tick(episode, queue.next_action(), result)
+        result.stalls = queue.stalls
 
 
 def _run_task(cfg: SimConfig, task_name: str, seeds: Sequence[int]) -> list[EpisodeResult]:
@@ -296,6 +253,7 @@ def report(cfg: SimConfig, results: Sequence[EpisodeResult], model: dict[str, An
             "execute_steps": cfg.execute_steps,
             "control_hz": cfg.control_hz,
             "delay_steps": cfg.delay_steps,
+            "rtc": cfg.rtc or "not sent",
             "seeds": f"{cfg.seed}-{cfg.seed + cfg.episodes - 1}",
             "max_steps": cfg.max_steps,
             "instruction_from": cfg.instruction_from,

@@ -14,6 +14,7 @@ import numpy as np
 from vla_inference.api.v1 import vla_inference_pb2 as pb
 from vla_inference.config import Settings
 from vla_inference.engine import Completed
+from vla_inference.engine.realtime import Applied, RtcRequest, default_method
 from vla_inference.models.base import InvalidObservation, ModelDescription, Observation
 from vla_inference.preprocessing.images import JPEG, PNG, RAW_RGB, ImageError, decode_image
 
@@ -163,6 +164,68 @@ def observation_from_proto(
     )
 
 
+_RTC_METHODS: dict[int, str] = {
+    pb.RTC_METHOD_UNSPECIFIED: "",
+    pb.RTC_METHOD_NONE: "none",
+    pb.RTC_METHOD_GUIDED: "guided",
+    pb.RTC_METHOD_HARD: "hard",
+}
+MAX_PREVIOUS_ACTIONS = 4096
+
+
+def rtc_request(request: pb.Observation, info: ModelDescription) -> RtcRequest | None:
+    """Observation.rtc checked and decoded (None when unset). Cheap: runs on the event loop."""
+    if not request.HasField("rtc"):
+        return None
+    r = request.rtc
+    try:
+        method = _RTC_METHODS[int(r.method)]
+    except KeyError:
+        raise InvalidObservation(
+            "rtc.method", f"unknown method {r.method}; use NONE, GUIDED or HARD"
+        ) from None
+    for name, value, limit in (
+        ("control_rate_hz", r.control_rate_hz, 10_000.0),
+        ("max_guidance", r.max_guidance, 1000.0),
+    ):
+        if not (np.isfinite(value) and 0 <= value <= limit):
+            raise InvalidObservation(f"rtc.{name}", f"must be between 0 and {limit:g}, got {value}")
+    if len(r.previous_request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidObservation("rtc.previous_request_id", f"at most {MAX_REQUEST_ID_CHARS} characters")
+    previous = None
+    if r.previous_actions:
+        if len(r.previous_actions) > MAX_PREVIOUS_ACTIONS:
+            raise InvalidObservation("rtc.previous_actions", f"at most {MAX_PREVIOUS_ACTIONS} actions")
+        for index, action in enumerate(r.previous_actions):
+            if len(action.joint_commands) != info.action_dim:
+                raise InvalidObservation(
+                    f"rtc.previous_actions[{index}]",
+                    f"expected {info.action_dim} values (ModelInfo.action_dim), "
+                    f"got {len(action.joint_commands)}",
+                )
+        previous = np.array([a.joint_commands for a in r.previous_actions], np.float32)
+        if not np.all(np.isfinite(previous)):
+            raise InvalidObservation("rtc.previous_actions", "values must be finite (found NaN or inf)")
+    return RtcRequest(
+        method=method,
+        executed=int(r.executed_actions),
+        delay=int(r.delay_actions) if r.HasField("delay_actions") else None,
+        control_hz=float(r.control_rate_hz),
+        previous_request_id=r.previous_request_id,
+        previous_actions=previous,
+        max_guidance=float(r.max_guidance),
+    )
+
+
+def rtc_applied(applied: Applied) -> pb.RtcApplied:
+    return pb.RtcApplied(
+        method=f"RTC_METHOD_{applied.method.upper()}",
+        delay_actions=applied.delay,
+        overlap_actions=applied.overlap,
+        delay_estimated=applied.delay_estimated,
+    )
+
+
 def action_chunk(
     request: pb.Observation,
     done: Completed,
@@ -172,11 +235,13 @@ def action_chunk(
     preprocess_s: float,
     total_s: float,
     skipped: list[str] | None = None,
+    rtc: Applied | None = None,
 ) -> pb.ActionChunk:
     """Build the answer for one request."""
     actions = np.asarray(done.prediction.actions, dtype=np.float32)
     total_ms = total_s * 1000
     return pb.ActionChunk(
+        rtc=rtc_applied(rtc) if rtc is not None else None,
         actions=[pb.Action(joint_commands=row.tolist()) for row in actions],
         inference_time_ms=total_ms,
         confidence=float(done.prediction.confidence),
@@ -196,7 +261,7 @@ def action_chunk(
     )
 
 
-def model_info_message(info: ModelDescription, max_batch_size: int) -> pb.ModelInfo:
+def model_info_message(info: ModelDescription, settings: Settings) -> pb.ModelInfo:
     return pb.ModelInfo(
         model_name=info.name,
         model_version=info.version,
@@ -213,9 +278,11 @@ def model_info_message(info: ModelDescription, max_batch_size: int) -> pb.ModelI
         default_embodiment=info.default_embodiment,
         confidence_definition=info.confidence_definition,
         model_horizon=info.horizon,
-        max_batch_size=max_batch_size,
+        max_batch_size=settings.batch_size,
         dtype=info.dtype,
         description=info.description,
         state_layouts={k: pb.Layout(names=list(v)) for k, v in info.state_layouts.items()},
         action_layouts={k: pb.Layout(names=list(v)) for k, v in info.action_layouts.items()},
+        rtc_methods=list(info.rtc_methods),
+        rtc_default_method=default_method(info.rtc_methods, settings),
     )

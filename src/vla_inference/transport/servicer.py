@@ -26,7 +26,9 @@ from vla_inference.engine import (
     InferenceEngine,
     Skipped,
     StreamSession,
+    realtime,
 )
+from vla_inference.engine.realtime import Applied, ChunkMemory, RtcRequest
 from vla_inference.models.base import InvalidObservation, PreparedSample
 from vla_inference.telemetry.gpu import GpuMonitor
 from vla_inference.transport import codec
@@ -45,6 +47,8 @@ class _Prepared:
     sample: PreparedSample
     decode_s: float
     preprocess_s: float
+    rtc_request: RtcRequest | None = None
+    rtc: Applied | None = None  # what real-time chunking did, once resolved
 
 
 class ServerState:
@@ -94,8 +98,19 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
         observation = codec.observation_from_proto(request, self.settings, engine.model.model_info)
         t1 = time.monotonic()
         sample = engine.model.prepare(observation)
+        rtc_request = codec.rtc_request(request, engine.model.model_info)
         t2 = time.monotonic()
-        return _Prepared(sample, t1 - t0, t2 - t1)
+        return _Prepared(sample, t1 - t0, t2 - t1, rtc_request)
+
+    def _resolve_rtc(self, engine: InferenceEngine, prepared: _Prepared, memory: ChunkMemory | None) -> None:
+        """Attach the real-time chunking prefix (just before submission: a stream's previous chunk
+        is the one it was last sent by then)."""
+        if prepared.rtc_request is None:
+            return
+        prefix, prepared.rtc = realtime.resolve(
+            prepared.rtc_request, engine.model, prepared.sample.embodiment, self.settings, memory
+        )
+        prepared.sample.rtc = prefix
 
     async def _prepare_checked(self, engine: InferenceEngine, request: pb.Observation) -> _Prepared:
         codec.check_envelope(request, self.settings, engine.model.model_info)
@@ -145,6 +160,7 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
             preprocess_s=prepared.preprocess_s,
             total_s=total,
             skipped=skipped,
+            rtc=prepared.rtc,
         )
 
     # --- RPCs -----------------------------------------------------------------------------------
@@ -159,6 +175,7 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
                 request = codec.require_observation(request)
                 deadline, budget = self._deadline(context, arrival)
                 prepared = await self._prepare_checked(engine, request)
+                self._resolve_rtc(engine, prepared, None)
                 try:
                     done = await engine.infer(prepared.sample, deadline, request.request_id)
                 except DeadlineExceeded as exc:
@@ -245,10 +262,14 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
                     prepared = await self._prepare_checked(engine, observation)
                     if previous_submitted is not None:
                         await previous_submitted.wait()
+                    self._resolve_rtc(engine, prepared, session.memory)
                     deadline = arrival + self.settings.timeout_ms / 1000
                     item = engine.submit(prepared.sample, deadline, observation.request_id, session)
                     submitted.set()
                     done = await engine.wait(item)
+                    session.memory.remember(
+                        observation.request_id, done.prediction.model_actions, time.monotonic() - arrival
+                    )
             finally:
                 submitted.set()
         except asyncio.CancelledError:
@@ -274,7 +295,7 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
         except _Unavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             raise
-        return codec.model_info_message(engine.model.model_info, self.settings.batch_size)
+        return codec.model_info_message(engine.model.model_info, self.settings)
 
     async def HealthCheck(self, request: Any, context: grpc.aio.ServicerContext) -> pb.HealthStatus:
         engine = self._engine_ref()

@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vla_inference.models import rtc
+
 PALIGEMMA_VOCAB_SIZE = 257_152
 IMAGE_SLOTS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
 
@@ -350,9 +352,10 @@ def block_causal_mask(ar: Tensor, pad: Tensor) -> Tensor:
 
 
 class KVCache:
-    """Preallocated keys/values of every layer: (L, B, Hkv, P + S, D).
+    """Preallocated keys/values of the prefix in every VLM layer: (L, B, Hkv, P, D).
 
-    The prefix fills [:P] once; each Euler step overwrites [P:] with the suffix keys/values.
+    prefill writes it once; the Euler steps only read it (each step's suffix keys/values are
+    joined to it per layer), so a step is a pure function of x_t and can be differentiated.
     """
 
     def __init__(
@@ -361,12 +364,11 @@ class KVCache:
         batch: int,
         kv_heads: int,
         prefix_len: int,
-        suffix_len: int,
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        shape = (layers, batch, kv_heads, prefix_len + suffix_len, head_dim)
+        shape = (layers, batch, kv_heads, prefix_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.prefix_len = prefix_len
@@ -483,11 +485,10 @@ class Pi0Model(nn.Module):
         return [stack.norm(x, c)[0] for stack, x, c in zip(stacks, xs, conds, strict=False)]
 
     def prefill(self, prefix_embs: Tensor, prefix_pad: Tensor, cache: KVCache) -> None:
-        """Run the prefix through the VLM, writing every layer's keys/values into cache[:, :, :, :P].
+        """Run the prefix through the VLM, writing every layer's keys/values into the cache.
 
         Only the keys/values are needed: the last layer skips its queries, attention output and MLP.
         """
-        P = prefix_embs.shape[1]
         cfg = self.cfg.vlm
         positions = torch.cumsum(prefix_pad.long(), dim=1) - 1
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
@@ -499,8 +500,8 @@ class Pi0Model(nn.Module):
             h, _ = layer.input_norm(x)
             q, k, v = layer.qkv(h)
             k = apply_rope(k, cos, sin)
-            cache.k[li, :, :, :P] = k
-            cache.v[li, :, :, :P] = v
+            cache.k[li] = k
+            cache.v[li] = v
             if li == cfg.depth - 1:
                 break
             attn = self._attend(apply_rope(q, cos, sin), k, v, mask)
@@ -529,16 +530,15 @@ class Pi0Model(nn.Module):
         -> v_t (B, H, A) float32.
         """
         mask, cos, sin = context
-        P = cache.prefix_len
         x, cond = self.embed_suffix(state, x_t, t)  # (B, S, We)
         for li in range(self.cfg.expert.depth):
             layer = self.expert.layer(li)
             h, gate = layer.input_norm(x, cond)
             q, k, v = layer.qkv(h)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            cache.k[li, :, :, P:] = k
-            cache.v[li, :, :, P:] = v
-            attn = self._attend(q, cache.k[li], cache.v[li], mask)
+            keys = torch.cat([cache.k[li], k], dim=2)  # (B, Hkv, P + S, D)
+            values = torch.cat([cache.v[li], v], dim=2)
+            attn = self._attend(q, keys, values, mask)
             x = layer.finish(x, attn, gate, cond)
         out, _ = self.expert.norm(x, cond)
         return self.action_out_proj(out[:, -self.cfg.action_horizon :]).float()
@@ -554,9 +554,13 @@ class Pi0Model(nn.Module):
         state: Tensor,
         noise: Tensor,
         num_steps: int | None = None,
+        prefix: rtc.BatchPrefix | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Euler integration from noise (t = 1) to actions (t = 0).
 
+        `prefix` asks for real-time chunking on some rows (models/rtc.py; the time there is
+        tau = 1 - t and velocities point toward the data, hence the sign flips). A guided batch
+        must run with gradients allowed (torch.no_grad, not inference_mode).
         Returns actions (B, H, A) float32 in normalised units and the last step's velocity (B, H, A).
         """
         steps = num_steps or self.cfg.num_steps
@@ -568,7 +572,6 @@ class Pi0Model(nn.Module):
             B,
             vlm.num_kv_heads,
             P,
-            self.cfg.suffix_len,
             vlm.head_dim,
             self.dtype,
             prefix_embs.device,
@@ -580,9 +583,21 @@ class Pi0Model(nn.Module):
         v_t = torch.zeros_like(x_t)
         t = torch.ones(B, dtype=torch.float32, device=x_t.device)
         for _ in range(steps):
-            v_t = self.denoise_step(cache, context, state, x_t, t)
+            if prefix is not None and prefix.hard:
+                x_t = rtc.inpaint_hard(x_t, 1.0 - t, noise, prefix)
+            if prefix is not None and prefix.guided:
+                step_t = t
+
+                def toward_data(x: Tensor, step_t: Tensor = step_t) -> Tensor:
+                    return -self.denoise_step(cache, context, state, x, step_t)
+
+                v_t = -rtc.guided_velocity(x_t, 1.0 - t, toward_data, prefix)
+            else:
+                v_t = self.denoise_step(cache, context, state, x_t, t)
             x_t = x_t + dt * v_t
             t = t + dt
+        if prefix is not None and prefix.hard:
+            x_t = torch.where(prefix.hard_mask[:, :, None], prefix.actions, x_t)
         return x_t, v_t
 
     def flow_matching_loss(

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from vla_inference.config import Settings
+from vla_inference.models import rtc
 from vla_inference.models.base import (
     ActionPrediction,
     InvalidObservation,
@@ -215,6 +216,7 @@ class Pi0Policy(VLAModel):
             description=loaded.about.description,
             state_layouts=loaded.about.state_layouts,
             action_layouts=loaded.about.action_layouts,
+            rtc_methods=rtc.FLOW_METHODS,
         )
         if self.settings.compile:
             model.denoise_step = torch.compile(model.denoise_step, dynamic=False)  # type: ignore[method-assign]
@@ -360,9 +362,20 @@ class Pi0Policy(VLAModel):
         token_masks = stack("token_mask", torch.bool)[:, :used]
         state = stack("state", torch.float32)
         noise = torch.stack([self.noise(s.seed) for s in samples]).to(device)
-        with torch.inference_mode():
+        cfg = self.config
+        prefix = rtc.BatchPrefix.stack([s.rtc for s in samples], cfg.action_horizon, cfg.action_dim, device)
+        guided = prefix is not None and prefix.guided
+        # Guidance differentiates through the action expert: plain no_grad then, not inference mode.
+        with torch.no_grad() if guided else torch.inference_mode():
             actions, velocity = model.sample_actions(
-                images, image_masks, tokens, token_masks, state, noise, num_steps=self._num_steps
+                images,
+                image_masks,
+                tokens,
+                token_masks,
+                state,
+                noise,
+                num_steps=self._num_steps,
+                prefix=prefix,
             )
         actions_np = actions.float().cpu().numpy()
         velocity_np = velocity.float().cpu().numpy()
@@ -382,7 +395,16 @@ class Pi0Policy(VLAModel):
         step = raw.last_velocity[:, : info.action_dim].astype(np.float64) * raw.dt
         rms = float(np.sqrt(np.mean(step**2))) if step.size else 0.0
         confidence = 1.0 / (1.0 + rms) if np.isfinite(rms) else 0.0
-        return ActionPrediction(actions=actions, confidence=float(min(1.0, max(0.0, confidence))))
+        return ActionPrediction(
+            actions=actions, confidence=float(min(1.0, max(0.0, confidence))), model_actions=raw.actions
+        )
+
+    def normalize_actions(self, actions: np.ndarray, embodiment: str) -> np.ndarray:
+        norm = self._norm(embodiment)
+        normalized = norm.actions.normalize(actions) if norm is not None else actions.astype(np.float32)
+        out = np.zeros((actions.shape[0], self.config.action_dim), np.float32)
+        out[:, : normalized.shape[1]] = normalized
+        return out
 
 
 __all__ = ["CAMERA_TO_SLOT", "IMAGE_SLOTS", "Pi0Policy"]

@@ -1,0 +1,321 @@
+"""Real-time chunking: the authors' numbers, one guided step against an independent VJP, batching,
+and the server's stream memory, delays and refusals over a real channel."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers.pi0_checkpoints import write_tiny_openpi_checkpoint
+from vla_inference.api.v1 import vla_inference_pb2 as pb
+from vla_inference.client import StreamObservationError, make_observation
+from vla_inference.config import Settings
+from vla_inference.models import rtc
+from vla_inference.models.base import Observation
+from vla_inference.models.pi0.model import NAMED_CONFIGS, build, init_random_weights
+from vla_inference.models.pi0.policy import Pi0Policy
+
+IMAGE = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---- the authors' values (rtc.md) -------------------------------------------------------------
+
+
+def test_prefix_weights_match_the_reference_values() -> None:
+    np.testing.assert_allclose(rtc.prefix_weights(2, 6, 10, "linear"), [1, 1, 0.8, 0.6, 0.4, 0.2, 0, 0, 0, 0])
+    np.testing.assert_allclose(
+        rtc.prefix_weights(2, 6, 10, "exp"), [1, 1, 0.5706, 0.2871, 0.1145, 0.0258, 0, 0, 0, 0], atol=5e-5
+    )
+    expected = [1, 1, 1, 1, 0.6766, 0.4335, 0.2563, 0.1335, 0.0550, 0.0128] + [0] * 40
+    np.testing.assert_allclose(rtc.prefix_weights(4, 10, 50, "exp"), expected, atol=5e-5)
+    np.testing.assert_array_equal(rtc.prefix_weights(3, 6, 8, "zeros"), [1, 1, 1, 0, 0, 0, 0, 0])
+    assert rtc.prefix_weights(9, 6, 10).tolist()[:6] == [1] * 6  # start is clamped to end
+
+
+@pytest.mark.parametrize(
+    ("steps", "beta", "expected"),
+    [
+        (10, 10.0, [10, 9.11, 4.25, 2.76, 2.17, 2.0, 2.17, 2.76, 4.25, 9.11]),
+        (5, 5.0, [5, 4.25, 2.17, 2.17, 4.25]),
+    ],
+)
+def test_guidance_weight_over_the_steps(steps: int, beta: float, expected: list[float]) -> None:
+    tau = torch.arange(steps, dtype=torch.float64) / steps
+    weights = rtc.guidance_weight(tau, torch.full((steps,), beta, dtype=torch.float64))
+    np.testing.assert_allclose(weights.numpy(), expected, atol=5e-3)
+
+
+def test_build_prefix_aligns_the_previous_chunk() -> None:
+    previous = np.arange(10 * 2, dtype=np.float32).reshape(10, 2)
+    prefix = rtc.build_prefix(previous, executed=4, delay=2, horizon=8, method="guided", max_guidance=5.0)
+    assert prefix.overlap == 6 and prefix.delay == 2
+    np.testing.assert_array_equal(prefix.actions[:6], previous[4:10])
+    assert not prefix.actions[6:].any()
+    np.testing.assert_allclose(prefix.weights, rtc.prefix_weights(2, 6, 8))
+    hard = rtc.build_prefix(previous, executed=4, delay=9, horizon=8, method="hard", max_guidance=5.0)
+    assert hard.delay == 6 and hard.weights.tolist() == [1] * 6 + [0] * 2 and hard.max_guidance == 0
+
+
+# ---- the sampler ------------------------------------------------------------------------------
+
+
+def _tiny(seed: int = 0):  # type: ignore[no-untyped-def]
+    cfg = NAMED_CONFIGS["pi0_dummy"]
+    model = build(cfg, dtype=torch.float64).eval()
+    init_random_weights(model, seed)
+    g = torch.Generator().manual_seed(seed)
+    B, n, s = 2, len(cfg.image_slots), cfg.vision.image_size
+    inputs = (
+        (torch.rand(B, n, 3, s, s, generator=g) * 2 - 1).double(),
+        torch.tensor([[True, False, False], [True, True, False]]),
+        torch.randint(0, cfg.vocab_size, (B, 6), generator=g),
+        torch.ones(B, 6, dtype=torch.bool),
+        torch.randn(B, cfg.action_dim, generator=g, dtype=torch.float64),
+    )
+    noise = torch.randn(B, cfg.action_horizon, cfg.action_dim, generator=g, dtype=torch.float64)
+    previous = torch.randn(B, cfg.action_horizon, cfg.action_dim, generator=g, dtype=torch.float64)
+    return cfg, model, inputs, noise, previous
+
+
+def _guided_prefix(cfg, previous: torch.Tensor, delays: list[int], beta: float) -> rtc.BatchPrefix:  # type: ignore[no-untyped-def]
+    H = cfg.action_horizon
+    prefixes = [
+        rtc.build_prefix(
+            previous[i].numpy(), executed=0, delay=d, horizon=H, method="guided", max_guidance=beta
+        )
+        for i, d in enumerate(delays)
+    ]
+    batch = rtc.BatchPrefix.stack(prefixes, H, cfg.action_dim, torch.device("cpu"))
+    assert batch is not None
+    batch.actions, batch.guide_weights = batch.actions.double(), batch.guide_weights.double()
+    batch.max_guidance = batch.max_guidance.double()
+    return batch
+
+
+def test_guided_steps_equal_an_independent_vjp_in_float64() -> None:
+    """Two Euler steps of the sampler against the formulas written out here: the velocity from the
+    full recompute (no cache), the VJP from torch.autograd.functional.vjp, the weight from tau.
+
+    Float64 weights; the model keeps its float32 norms, RoPE and time embedding (the reference's
+    conventions), so the two paths agree to ~1e-6, far below what the guidance changes (~1e-1)."""
+    cfg, model, inputs, noise, previous = _tiny()
+    prefix = _guided_prefix(cfg, previous, [3, 5], beta=5.0)
+    with torch.no_grad():
+        ours, _ = model.sample_actions(*inputs, noise, num_steps=2, prefix=prefix)
+
+    x, t, dt = noise.clone(), torch.ones(2, dtype=torch.float64), -0.5
+    Y, W = prefix.actions, prefix.guide_weights[:, :, None]
+    for _ in range(2):
+
+        def estimate(x_in: torch.Tensor, t: torch.Tensor = t) -> torch.Tensor:  # A1 = x - t v (openpi time)
+            return x_in - t[:, None, None] * model.velocity_full(*inputs, x_in, t)
+
+        _, g = torch.autograd.functional.vjp(estimate, x, v=((Y - estimate(x)) * W).detach())
+        v = model.velocity_full(*inputs, x, t).detach()
+        tau = 1 - t
+        c = torch.where(tau > 0, (1 - tau) / tau, torch.full_like(tau, math.inf))
+        weight = torch.clamp(c * (tau**2 + (1 - tau) ** 2) / (1 - tau) ** 2, max=5.0)
+        x = x + dt * (v - weight[:, None, None] * g)
+        t = t + dt
+    torch.testing.assert_close(ours, x, atol=2e-5, rtol=0)
+    with torch.no_grad():
+        plain, _ = model.sample_actions(*inputs, noise, num_steps=2)
+    assert (ours - plain).abs().max() > 1e-2  # the guidance did something
+
+
+def test_zero_guidance_leaves_the_sampler_unchanged() -> None:
+    cfg, model, inputs, noise, previous = _tiny(1)
+    with torch.no_grad():
+        plain, _ = model.sample_actions(*inputs, noise, num_steps=3)
+        guided, _ = model.sample_actions(
+            *inputs, noise, num_steps=3, prefix=_guided_prefix(cfg, previous, [2, 2], 0.0)
+        )
+    torch.testing.assert_close(guided, plain, atol=1e-12, rtol=0)
+
+
+def test_guidance_pulls_the_overlap_toward_the_previous_chunk() -> None:
+    cfg, model, inputs, noise, previous = _tiny(2)
+    prefix = _guided_prefix(cfg, previous, [4, 4], beta=5.0)
+    with torch.no_grad():
+        plain, _ = model.sample_actions(*inputs, noise, num_steps=10)
+        guided, _ = model.sample_actions(*inputs, noise, num_steps=10, prefix=prefix)
+    frozen = slice(0, 4)
+    before = (plain[:, frozen] - previous[:, frozen]).abs().mean()
+    after = (guided[:, frozen] - previous[:, frozen]).abs().mean()
+    assert after < 0.5 * before
+
+
+# ---- the policy: mixed batches ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory: pytest.TempPathFactory) -> Pi0Policy:
+    path = write_tiny_openpi_checkpoint(tmp_path_factory.mktemp("rtc") / "ckpt", seed=3)
+    policy = Pi0Policy(Settings(chunk_size=50))
+    policy.load(str(path), "cpu")
+    return policy
+
+
+def test_mixed_batch_rows_equal_their_single_row_answers(policy: Pi0Policy) -> None:
+    H = policy.model_info.horizon
+    rng = np.random.default_rng(5)
+    previous = policy.normalize_actions(rng.normal(size=(H, 7)).astype(np.float32), "demo")
+    specs = [("guided", 2, 0), ("hard", 3, 4), ("none", 0, 0), (None, 0, 0), ("guided", 6, 8)]
+    samples = []
+    for i, (method, delay, executed) in enumerate(specs):
+        obs = Observation(
+            images={"base": IMAGE},
+            joint_positions=rng.normal(size=7).astype(np.float32),
+            instruction="go",
+            seed=i,
+        )
+        sample = policy.prepare(obs)
+        if method is not None:
+            sample.rtc = rtc.build_prefix(previous, executed, delay, H, method, 5.0)
+        samples.append(sample)
+    batched = policy.forward(samples)
+    for sample, raw in zip(samples, batched, strict=True):
+        alone = policy.forward([sample])[0]
+        np.testing.assert_allclose(raw.actions, alone.actions, atol=2e-5, rtol=0)
+    hard = batched[1].actions
+    np.testing.assert_allclose(hard[:3], previous[4:7], atol=1e-6)  # hard rows keep d actions exactly
+
+
+# ---- the server ---------------------------------------------------------------------------------
+
+
+def _rtc(**fields) -> pb.RealTimeChunking:  # type: ignore[no-untyped-def]
+    return pb.RealTimeChunking(**fields)
+
+
+def _observation(request_id: str, seed: int, rtc_fields: pb.RealTimeChunking | None = None) -> pb.Observation:
+    obs = make_observation(IMAGE, [0.1] * 7, "pick up the cup", request_id=request_id, seed=seed)
+    if rtc_fields is not None:
+        obs.rtc.CopyFrom(rtc_fields)
+    return obs
+
+
+def test_model_info_lists_the_methods(server_factory) -> None:  # type: ignore[no-untyped-def]
+    running = server_factory(rtc_method="hard")
+    with running.client() as client:
+        info = client.info()
+    assert list(info.rtc_methods) == ["none", "guided", "hard"] and info.rtc_default_method == "hard"
+
+
+def test_stream_continues_the_chunk_it_sent(server_factory) -> None:  # type: ignore[no-untyped-def]
+    running = server_factory(chunk_size=16)
+    with running.client() as client:
+        horizon = client.info().model_horizon
+        hard = pb.RTC_METHOD_HARD
+        with client.session() as session:
+            first = session.ask(_observation("a", 1))
+            second = session.ask(_observation("b", 2, _rtc(method=hard, executed_actions=3, delay_actions=4)))
+            third = session.ask(
+                _observation("c", 3, _rtc(method=hard, executed_actions=2, previous_request_id="a"))
+            )
+    a = np.array([x.joint_commands for x in first.actions])
+    b = np.array([x.joint_commands for x in second.actions])
+    assert not first.HasField("rtc")
+    assert (
+        second.rtc.method == pb.RTC_METHOD_HARD
+        and second.rtc.delay_actions == 4
+        and not second.rtc.delay_estimated
+    )
+    assert second.rtc.overlap_actions == horizon - 3  # the server remembers the whole horizon
+    np.testing.assert_allclose(b[:4], a[3:7], atol=1e-4)  # the 4 committed actions are kept exactly
+    assert not np.allclose(b[4:8], a[7:11])
+    # No delay given and no control rate to estimate it with: 0; "a" is still remembered.
+    assert third.rtc.delay_estimated and third.rtc.delay_actions == 0
+    assert third.rtc.method == pb.RTC_METHOD_HARD and third.rtc.overlap_actions == horizon - 2
+
+
+def test_stream_estimates_the_delay_from_its_latency(server_factory) -> None:  # type: ignore[no-untyped-def]
+    running = server_factory(chunk_size=16)
+    with running.client() as client, client.session() as session:
+        answers = [
+            session.ask(_observation("a", 1)),
+            session.ask(
+                _observation(
+                    "b", 2, _rtc(method=pb.RTC_METHOD_GUIDED, executed_actions=1, control_rate_hz=1000.0)
+                )
+            ),
+        ]
+    latency_ms = answers[0].timing.total_ms
+    assert answers[1].rtc.delay_estimated and answers[1].rtc.method == pb.RTC_METHOD_GUIDED
+    assert answers[1].rtc.delay_actions == min(math.ceil(latency_ms), answers[1].rtc.overlap_actions)
+
+
+def test_predict_takes_the_previous_chunk_in_robot_units(server_factory) -> None:  # type: ignore[no-untyped-def]
+    running = server_factory(chunk_size=16)
+    previous = np.random.default_rng(1).normal(size=(10, 7)).astype(np.float32)
+    with running.client() as client:
+        obs = _observation("p", 4)
+        obs.rtc.CopyFrom(_rtc(method=pb.RTC_METHOD_HARD, executed_actions=2, delay_actions=3))
+        obs.rtc.previous_actions.extend(pb.Action(joint_commands=row.tolist()) for row in previous)
+        chunk = client.predict_observation(obs)
+    actions = np.array([x.joint_commands for x in chunk.actions])
+    np.testing.assert_allclose(actions[:3], previous[2:5], atol=1e-4)
+    assert chunk.rtc.overlap_actions == 8 and chunk.rtc.delay_actions == 3
+
+
+@pytest.mark.parametrize(
+    ("fields", "field_name"),
+    [
+        ({"control_rate_hz": float("nan")}, "rtc.control_rate_hz"),
+        ({"max_guidance": -1.0}, "rtc.max_guidance"),
+        ({"previous_actions": [pb.Action(joint_commands=[0.0] * 3)]}, "rtc.previous_actions[0]"),
+        ({"method": 7}, "rtc.method"),
+    ],
+)
+def test_bad_rtc_fields_are_invalid_argument(server_factory, fields, field_name) -> None:  # type: ignore[no-untyped-def]
+    running = server_factory()
+    obs = _observation("x", 1, _rtc(**fields))
+    with running.client() as client, pytest.raises(grpc.RpcError) as err:
+        client.predict_observation(obs)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field_name in err.value.details()
+    with running.client() as client:
+        assert len(client.predict_observation(_observation("y", 1)).actions) > 0  # still serving
+
+
+def test_unknown_previous_chunk_is_an_inline_stream_error(server_factory) -> None:  # type: ignore[no-untyped-def]
+    running = server_factory()
+    with running.client() as client, client.session() as session:
+        session.ask(_observation("a", 1))
+        with pytest.raises(StreamObservationError) as err:
+            session.ask(_observation("b", 2, _rtc(executed_actions=1, previous_request_id="zz")))
+        assert session.ask(_observation("c", 3)).actions  # the session goes on
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "rtc.previous_request_id" in str(err.value) and "'zz'" in str(err.value)
+
+
+def test_openvla_refuses_real_time_chunking(server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from tests.helpers.openvla_checkpoints import write_tiny_openvla_checkpoint
+
+    path = write_tiny_openvla_checkpoint(tmp_path / "ovla")
+    running = server_factory(model_type="openvla", model_path=str(path))
+    with running.client() as client:
+        info = client.info()
+        assert list(info.rtc_methods) == [] and info.rtc_default_method == "none"
+        dims = info.state_dims[info.default_embodiment]
+        obs = make_observation(IMAGE, [0.0] * dims, "pick up the cup", seed=1)
+        obs.rtc.CopyFrom(_rtc(method=pb.RTC_METHOD_GUIDED, executed_actions=1))
+        with pytest.raises(grpc.RpcError) as err:
+            client.predict_observation(obs)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "one action at a time" in err.value.details()
+        obs.rtc.method = pb.RTC_METHOD_UNSPECIFIED  # the server default does not apply to OpenVLA
+        assert client.predict_observation(obs).rtc.method == pb.RTC_METHOD_NONE
