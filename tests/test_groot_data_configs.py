@@ -22,7 +22,7 @@ from tests.helpers.groot_checkpoints import (
     write_tiny_groot_checkpoint,
 )
 from vla_inference.config import ConfigError, Settings
-from vla_inference.models.base import ModelLoadError, Observation
+from vla_inference.models.base import InvalidObservation, ModelLoadError, Observation
 from vla_inference.models.groot import data_configs as dc
 from vla_inference.models.groot.embodiments import build_embodiments
 from vla_inference.models.groot.model import config_for
@@ -230,6 +230,14 @@ def test_oxe_droid_state(droid: GrootPolicy) -> None:
     # gripper_position min_max: min = 1.16 - 1 = 0.16, max = 3.16 -> 2 (0.5 - 0.16) / 3 - 1
     assert state[9] == pytest.approx(2 * 0.34 / 3 - 1, abs=1e-6)
     assert np.all(state[10:] == 0)
+
+
+def test_invalid_rotation_is_a_clear_request_error(droid: GrootPolicy) -> None:
+    obs = _droid_obs()
+    zero_quaternion = np.array([1.0, 2.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.5], np.float32)
+    with pytest.raises(InvalidObservation) as err:
+        droid.prepare(Observation(**{**obs.__dict__, "joint_positions": zero_quaternion}))
+    assert err.value.field == "joint_positions" and "quaternion" in err.value.message
 
 
 def test_oxe_droid_actions(droid: GrootPolicy) -> None:

@@ -241,7 +241,14 @@ class GrootPolicy(VLAModel):
         text = prompt_text(instruction or DEFAULT_INSTRUCTION, len(emb.video_keys), cfg.num_image_tokens)
         ids = self._tokenizer.encode(text, add_special_tokens=False).ids
         state = np.zeros(cfg.max_state_dim, np.float32)
-        state[: emb.model_state_dim] = emb.encode_state(observation.joint_positions)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            state[: emb.model_state_dim] = emb.encode_state(observation.joint_positions)
+        if not np.all(np.isfinite(state)):
+            raise InvalidObservation(
+                "joint_positions",
+                f"a value of embodiment {emb.tag!r} cannot be converted as its data config asks "
+                "(e.g. an all-zero quaternion); layout: " + ", ".join(k.describe() for k in emb.state),
+            )
         seed = observation.seed if observation.seed is not None else secrets.randbits(63)
         inputs = GrootInputs(
             pixels=torch.from_numpy(pixels),
