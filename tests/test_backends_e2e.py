@@ -108,17 +108,17 @@ def test_openvla_checkpoint(server_factory, tmp_path):
 def test_groot_checkpoint_two_embodiments(server_factory, tmp_path):
     from tests.helpers.groot_checkpoints import write_tiny_groot_checkpoint
 
-    path = write_tiny_groot_checkpoint(tmp_path / "groot", embodiments=("gr1", "so100"))
+    path = write_tiny_groot_checkpoint(tmp_path / "groot", embodiments=("gr1", "new_embodiment"))
     running = server_factory(model_type="groot", model_path=str(path))
     with running.client() as client:
         info = client.info()
-    assert set(info.supported_embodiments) == {"gr1", "so100"}
+    assert set(info.supported_embodiments) == {"gr1", "new_embodiment"}
     dims = dict(info.state_dims)
-    for tag in ("gr1", "so100"):
-        cameras = {"wrist": IMAGE} if tag == "so100" else None  # so100 has a wrist camera too
+    for tag in ("gr1", "new_embodiment"):
+        cameras = {"wrist": IMAGE} if tag == "new_embodiment" else None  # it has a wrist camera too
         _, chunk = _predict_and_stream(running, [0.05] * dims[tag], embodiment=tag, cameras=cameras)
         assert len(chunk.actions) == min(16, info.chunk_size)
     with running.client() as client, pytest.raises(grpc.RpcError) as error:
         client.predict(IMAGE, [0.0] * dims["gr1"], "x", embodiment="unitree_h1")
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "gr1" in error.value.details() and "so100" in error.value.details()
+    assert "gr1" in error.value.details() and "new_embodiment" in error.value.details()

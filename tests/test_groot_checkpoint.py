@@ -2,10 +2,11 @@
 
 Proves: the N1.5 directory layout (config.json, sharded safetensors + index, metadata.json,
 tokenizer.json) loads through GrootPolicy.load; two embodiments with different dims, cameras,
-statistics and normalisation modes are served with their own statistics (checked against
-values computed here by hand from the statistics the helper wrote); a mixed batch equals its
-samples one by one; seeds decide the noise; bad requests and bad checkpoints fail with
-errors naming the field / the file / the tensors.
+statistics and transforms are served with their own (gr1 with NVIDIA's fourier_gr1_arms_only:
+sin/cos state, min_max actions; new_embodiment with its metadata keys, mean_std / q99 where the
+metadata says), checked against values computed here by hand from the statistics the helper
+wrote; a mixed batch equals its samples one by one; seeds decide the noise; bad requests and
+bad checkpoints fail with errors naming the field / the file / the tensors.
 """
 
 from __future__ import annotations
@@ -45,8 +46,12 @@ def _image(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (48, 64, 3), dtype=np.uint8)
 
 
+# gr1 as fourier_gr1_arms_only serves it: left_arm (2), right_arm (2), left_hand (1), right_hand (1).
+GR1_JOINTS = [0.1, -0.4, 1.5, 0.2, 0.9, -2.5]
+
+
 def gr1_obs(seed: int = 1, instruction: str = "pick up the red cube") -> Observation:
-    joints = np.array([0.1, -0.4, 1.5, 0.2, 0.9], np.float32)
+    joints = np.array(GR1_JOINTS, np.float32)
     return Observation(
         images={"base": _image(seed)},
         joint_positions=joints,
@@ -56,11 +61,11 @@ def gr1_obs(seed: int = 1, instruction: str = "pick up the red cube") -> Observa
     )
 
 
-def so100_obs(seed: int = 2) -> Observation:
+def ne_obs(seed: int = 2) -> Observation:
     joints = np.array([10.0, 9.5, 11.0, 12.5, 8.0, 10.7], np.float32)
     images = {"base": _image(seed), "wrist": _image(seed + 100)}
     return Observation(
-        images=images, joint_positions=joints, instruction="wave", embodiment="so100", seed=seed
+        images=images, joint_positions=joints, instruction="wave", embodiment="new_embodiment", seed=seed
     )
 
 
@@ -79,19 +84,25 @@ def test_registry_serves_groot() -> None:
 def test_model_info(policy: GrootPolicy) -> None:
     info = policy.model_info
     assert info.family == "groot"
-    assert info.embodiments == ("gr1", "so100")
+    assert info.embodiments == ("gr1", "new_embodiment")
     assert info.default_embodiment == "gr1"
-    assert dict(info.state_dims) == {"gr1": 5, "so100": 6}
-    assert info.action_dim == 5  # the default embodiment's
+    assert dict(info.state_dims) == {"gr1": 6, "new_embodiment": 6}
+    assert info.action_dim == 6  # the default embodiment's
     assert info.horizon == 16 and info.chunk_size == 16
-    assert info.camera_names == ("base", "left_wrist")  # union: so100 has a wrist view
+    assert info.camera_names == ("base", "left_wrist")  # union: new_embodiment has a wrist view
     assert info.dtype == "float32" and info.device == "cpu"
+    # Layouts: the data config's keys in its order (gr1's waist is in metadata, not served).
+    arms_only = ("left_arm.0", "left_arm.1", "right_arm.0", "right_arm.1", "left_hand.0", "right_hand.0")
+    assert info.state_layouts["gr1"] == arms_only and info.action_layouts["gr1"] == arms_only
+    ne = (*(f"single_arm.{i}" for i in range(5)), "gripper.0")
+    assert info.state_layouts["new_embodiment"] == ne and info.action_layouts["new_embodiment"] == ne
+    assert "fourier_gr1_arms_only" in info.description and "left_arm(2, sin/cos)" in info.description
 
 
 def test_predict_shapes_and_confidence(policy: GrootPolicy) -> None:
     a = policy.predict(gr1_obs())
-    b = policy.predict(so100_obs())
-    assert a.actions.shape == (16, 5) and a.actions.dtype == np.float32
+    b = policy.predict(ne_obs())
+    assert a.actions.shape == (16, 6) and a.actions.dtype == np.float32
     assert b.actions.shape == (16, 6)
     for pred in (a, b):
         assert np.all(np.isfinite(pred.actions))
@@ -99,7 +110,7 @@ def test_predict_shapes_and_confidence(policy: GrootPolicy) -> None:
 
 
 def test_warmup_observation_is_servable(policy: GrootPolicy) -> None:
-    assert policy.predict(policy.warmup_observation()).actions.shape == (16, 5)
+    assert policy.predict(policy.warmup_observation()).actions.shape == (16, 6)
 
 
 def test_prompt_and_tokens(policy: GrootPolicy) -> None:
@@ -109,7 +120,7 @@ def test_prompt_and_tokens(policy: GrootPolicy) -> None:
         "<image 2><img><IMG_CONTEXT><IMG_CONTEXT><IMG_CONTEXT></img>"
         "['wave']<|im_end|>\n<|im_start|>assistant\n"
     )
-    sample = policy.prepare(so100_obs())
+    sample = policy.prepare(ne_obs())
     ids = sample.inputs.input_ids.tolist()
     assert ids[0] == 90 and ids.count(95) == 2 * 16  # <|im_start|>; two views of 16 tokens (tiny)
     assert ids.count(92) == 2 and ids.count(93) == 2  # <img> </img>
@@ -120,52 +131,51 @@ def test_prompt_and_tokens(policy: GrootPolicy) -> None:
 # --- statistics --------------------------------------------------------------------------------
 
 
-def test_state_is_normalised_per_key_and_padded(policy: GrootPolicy) -> None:
-    # gr1: min_max everywhere.  so100: single_arm mean_std, gripper min_max.
+def test_state_is_transformed_per_key_and_padded(policy: GrootPolicy) -> None:
+    # gr1 (fourier_gr1_arms_only): per key [sin(x), cos(x)], no statistics, in the config's order.
     state = policy.prepare(gr1_obs()).inputs.state.numpy()
-    x = np.array([0.1, -0.4, 1.5, 0.2, 0.9])
-    arm, hand = _stats("gr1", "state", "left_arm"), _stats("gr1", "state", "left_hand")
-    expected = np.concatenate(
-        [
-            np.clip(2 * (x[:3] - arm["min"]) / (arm["max"] - arm["min"]) - 1, -1, 1),
-            np.clip(2 * (x[3:] - hand["min"]) / (hand["max"] - hand["min"]) - 1, -1, 1),
-        ]
-    )
-    np.testing.assert_allclose(state[:5], expected, atol=1e-6)
-    assert state.shape == (16,) and np.all(state[5:] == 0)
+    la, ra, lh, rh = [0.1, -0.4], [1.5, 0.2], [0.9], [-2.5]
+    expected = [f(x) for x in (la, ra, lh, rh) for f in (np.sin, np.cos)]
+    np.testing.assert_allclose(state[:12], np.concatenate(expected), atol=1e-6)
+    assert state.shape == (16,) and np.all(state[12:] == 0)
+    # By hand: sin(-2.5) = -0.598472, cos(-2.5) = -0.801144 (right_hand, the last key).
+    assert state[10] == pytest.approx(-0.598472, abs=1e-6) and state[11] == pytest.approx(-0.801144, abs=1e-6)
 
-    state = policy.prepare(so100_obs()).inputs.state.numpy()
+    # new_embodiment: single_arm mean_std, gripper min_max (no clipping).
+    state = policy.prepare(ne_obs()).inputs.state.numpy()
     y = np.array([10.0, 9.5, 11.0, 12.5, 8.0, 10.7])
-    sa, gr = _stats("so100", "state", "single_arm"), _stats("so100", "state", "gripper")
+    sa, gr = _stats("new_embodiment", "state", "single_arm"), _stats("new_embodiment", "state", "gripper")
     expected = np.concatenate(
-        [
-            (y[:5] - sa["mean"]) / sa["std"],
-            np.clip(2 * (y[5:] - gr["min"]) / (gr["max"] - gr["min"]) - 1, -1, 1),
-        ]
+        [(y[:5] - sa["mean"]) / sa["std"], 2 * (y[5:] - gr["min"]) / (gr["max"] - gr["min"]) - 1]
     )
     np.testing.assert_allclose(state[:6], expected, atol=1e-5)
 
 
-def test_actions_unnormalised_with_each_embodiments_stats(policy: GrootPolicy) -> None:
+def test_out_of_range_state_is_not_clipped(policy: GrootPolicy) -> None:
+    """min_max has no clipping: state.gripper min = 9.07, max = 12.07 (offset 10.07 - 1 and + 2),
+    so 20 -> 2 * (20 - 9.07) / 3 - 1 = 6.286667 (clipping would give 1)."""
+    obs = ne_obs()
+    far = Observation(**{**obs.__dict__, "joint_positions": np.array([10, 10, 10, 10, 10, 20], np.float32)})
+    assert float(policy.prepare(far).inputs.state[5]) == pytest.approx(6.286667, abs=1e-5)
+
+
+def test_actions_decoded_with_each_embodiments_transforms(policy: GrootPolicy) -> None:
     horizon, dim = 16, 8
     grid = np.linspace(-1.2, 1.2, horizon * dim, dtype=np.float32).reshape(horizon, dim)
     raw = GrootRaw(actions=grid, velocity=np.zeros_like(grid), dt=0.25)
-    z = np.clip(grid.astype(np.float64), -1, 1)
+    z = grid.astype(np.float64)  # no clipping: rows beyond [-1, 1] map beyond the statistics
 
     out = policy.finish(raw, policy.prepare(gr1_obs()))
-    arm, hand = _stats("gr1", "action", "left_arm"), _stats("gr1", "action", "left_hand")
-    expected = np.concatenate(
-        [
-            (z[:, :3] + 1) / 2 * (arm["max"] - arm["min"]) + arm["min"],
-            (z[:, 3:5] + 1) / 2 * (hand["max"] - hand["min"]) + hand["min"],
-        ],
-        axis=1,
-    )
-    np.testing.assert_allclose(out.actions, expected, rtol=1e-6, atol=1e-5)
+    parts, start = [], 0
+    for key, width in (("left_arm", 2), ("right_arm", 2), ("left_hand", 1), ("right_hand", 1)):
+        st = _stats("gr1", "action", key)
+        parts.append((z[:, start : start + width] + 1) / 2 * (st["max"] - st["min"]) + st["min"])
+        start += width
+    np.testing.assert_allclose(out.actions, np.concatenate(parts, axis=1), rtol=1e-6, atol=1e-5)
     assert out.confidence == 1.0  # zero final velocity
 
-    out = policy.finish(raw, policy.prepare(so100_obs()))
-    sa, gr = _stats("so100", "action", "single_arm"), _stats("so100", "action", "gripper")
+    out = policy.finish(raw, policy.prepare(ne_obs()))
+    sa, gr = _stats("new_embodiment", "action", "single_arm"), _stats("new_embodiment", "action", "gripper")
     expected = np.concatenate(
         [
             (z[:, :5] + 1) / 2 * (sa["max"] - sa["min"]) + sa["min"],  # min_max
@@ -174,13 +184,12 @@ def test_actions_unnormalised_with_each_embodiments_stats(policy: GrootPolicy) -
         axis=1,
     )
     np.testing.assert_allclose(out.actions, expected, rtol=1e-6, atol=1e-5)
-    # Hand check: so100 action.gripper has q01 = 9.67, q99 = 12.47 (offset 10 + 0.5 + 0.07), so 0 -> 11.07
-    # and +1 -> 12.47 (min_max would give 12.57).
-    mid = GrootRaw(actions=np.zeros((16, 8), np.float32), velocity=np.zeros((16, 8), np.float32), dt=0.25)
-    got = policy.finish(mid, policy.prepare(so100_obs())).actions[0, 5]
-    assert got == pytest.approx(11.07, abs=1e-5)
-    top = GrootRaw(actions=np.ones((16, 8), np.float32), velocity=np.zeros((16, 8), np.float32), dt=0.25)
-    assert policy.finish(top, policy.prepare(so100_obs())).actions[0, 5] == pytest.approx(12.47, abs=1e-5)
+    # Hand check: new_embodiment action.gripper has q01 = 9.67, q99 = 12.47 (offset 10 + 0.5 + 0.07),
+    # so 0 -> 11.07, +1 -> 12.47 (min_max would give 12.57) and, unclipped, 1.5 -> 13.17.
+    for value, robot in ((0.0, 11.07), (1.0, 12.47), (1.5, 13.17)):
+        rows = np.full((16, 8), value, np.float32)
+        flat = GrootRaw(actions=rows, velocity=np.zeros((16, 8), np.float32), dt=0.25)
+        assert policy.finish(flat, policy.prepare(ne_obs())).actions[0, 5] == pytest.approx(robot, abs=1e-5)
 
 
 def test_confidence_definition(policy: GrootPolicy) -> None:
@@ -193,7 +202,7 @@ def test_confidence_definition(policy: GrootPolicy) -> None:
 
 
 def test_mixed_batch_equals_one_by_one(policy: GrootPolicy) -> None:
-    observations = [gr1_obs(1), so100_obs(2), gr1_obs(3, instruction="place it in the box"), so100_obs(4)]
+    observations = [gr1_obs(1), ne_obs(2), gr1_obs(3, instruction="place it in the box"), ne_obs(4)]
     alone = [policy.predict(o) for o in observations]
     batched = policy.predict_batch([policy.prepare(o) for o in observations])
     for a, b in zip(alone, batched, strict=True):
@@ -214,15 +223,15 @@ def test_chunk_size_and_denoise_steps(ckpt_dir: Path) -> None:
     short = GrootPolicy(_settings(chunk_size=5, num_denoise_steps=2))
     short.load(str(ckpt_dir), "cpu")
     assert short.model_info.chunk_size == 5
-    assert short.predict(gr1_obs()).actions.shape == (5, 5)
+    assert short.predict(gr1_obs()).actions.shape == (5, 6)
 
 
 def test_default_embodiment_from_norm_stats_key(ckpt_dir: Path) -> None:
-    p = GrootPolicy(_settings(norm_stats_key="so100"))
+    p = GrootPolicy(_settings(norm_stats_key="new_embodiment"))
     p.load(str(ckpt_dir), "cpu")
-    assert p.model_info.default_embodiment == "so100"
+    assert p.model_info.default_embodiment == "new_embodiment"
     assert p.model_info.camera_names == ("base", "left_wrist")
-    obs = so100_obs()
+    obs = ne_obs()
     untagged = Observation(**{**obs.__dict__, "embodiment": ""})
     assert p.predict(untagged).actions.shape == (16, 6)
     bad = GrootPolicy(_settings(norm_stats_key="oxe_droid"))
@@ -239,18 +248,19 @@ def test_unknown_embodiment(policy: GrootPolicy, tag: str) -> None:
     with pytest.raises(InvalidObservation) as err:
         policy.prepare(obs)
     assert err.value.field == "embodiment_tag"
-    assert "gr1" in err.value.message and "so100" in err.value.message and tag in err.value.message
+    assert "gr1" in err.value.message and "new_embodiment" in err.value.message and tag in err.value.message
 
 
 def test_wrong_joint_count(policy: GrootPolicy) -> None:
-    obs = Observation(**{**gr1_obs().__dict__, "joint_positions": np.zeros(6, np.float32)})
+    # 7 = arms-only's 6 plus the metadata's waist, which fourier_gr1_arms_only does not serve
+    obs = Observation(**{**gr1_obs().__dict__, "joint_positions": np.zeros(7, np.float32)})
     with pytest.raises(InvalidObservation) as err:
         policy.prepare(obs)
-    assert err.value.field == "joint_positions"
+    assert err.value.field == "joint_positions" and "expected 6" in err.value.message
 
 
 def test_missing_camera(policy: GrootPolicy) -> None:
-    obs = so100_obs()
+    obs = ne_obs()
     obs = Observation(**{**obs.__dict__, "images": {"base": obs.images["base"]}})
     with pytest.raises(InvalidObservation) as err:
         policy.prepare(obs)
@@ -258,8 +268,8 @@ def test_missing_camera(policy: GrootPolicy) -> None:
 
 
 def test_camera_by_key_name(policy: GrootPolicy) -> None:
-    """so100's video keys are front, wrist: served as base / left_wrist, or by key name."""
-    obs = so100_obs()
+    """new_embodiment's video keys are front, wrist: served as base / left_wrist, or by key name."""
+    obs = ne_obs()
     by_role = Observation(
         **{**obs.__dict__, "images": {"base": obs.images["base"], "left_wrist": obs.images["wrist"]}}
     )
@@ -300,7 +310,7 @@ def test_missing_tokenizer_names_file_and_fix(ckpt_dir: Path, tmp_path: Path) ->
         GrootPolicy(_settings()).load(str(d), "cpu")
     p = GrootPolicy(_settings(tokenizer_path=str(tmp_path / "elsewhere.json")))
     p.load(str(d), "cpu")
-    assert p.predict(gr1_obs()).actions.shape == (16, 5)
+    assert p.predict(gr1_obs()).actions.shape == (16, 6)
 
 
 def test_missing_and_unexpected_weights_are_listed(ckpt_dir: Path, tmp_path: Path) -> None:
@@ -347,7 +357,7 @@ def test_metadata_unknown_tags_skipped_and_none_known_refused(ckpt_dir: Path, tm
     meta_file.write_text(json.dumps(meta))
     p = GrootPolicy(_settings())
     p.load(str(d), "cpu")
-    assert p.model_info.embodiments == ("gr1", "so100")
+    assert p.model_info.embodiments == ("gr1", "new_embodiment")
 
     meta_file.write_text(json.dumps({"my_robot": meta["gr1"]}))
     with pytest.raises(ModelLoadError, match="my_robot"):
@@ -363,9 +373,12 @@ def test_new_embodiment_checkpoint(tmp_path: Path) -> None:
     p.load(str(d), "cpu")
     assert p.model_info.embodiments == ("new_embodiment",)
     obs = Observation(
-        images={"base": _image(0)}, joint_positions=np.zeros(4, np.float32), instruction="wave", seed=0
+        images={"base": _image(0), "wrist": _image(1)},
+        joint_positions=np.zeros(6, np.float32),
+        instruction="wave",
+        seed=0,
     )
-    assert p.predict(obs).actions.shape == (16, 4)
+    assert p.predict(obs).actions.shape == (16, 6)
 
 
 def test_bfloat16_weights(ckpt_dir: Path, policy: GrootPolicy) -> None:

@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     norm_stats_key: str = Field(
         "", description="Normalisation statistics to use when a checkpoint has several"
     )
+    groot_data_config: str = Field(
+        "",
+        description="GR00T: NVIDIA data config per embodiment, e.g. gr1:fourier_gr1_arms_only,"
+        "new_embodiment:so100_dualcam; unnamed tags get the default (see README)",
+    )
     num_denoise_steps: int = Field(
         0, ge=0, le=100, description="Flow-matching steps; 0 = the model's default"
     )
@@ -138,6 +143,14 @@ class Settings(BaseSettings):
         if value not in known:
             raise ValueError(f"one of {', '.join(known)}")
         return value
+
+    @field_validator("groot_data_config")
+    @classmethod
+    def _known_data_configs(cls, value: str) -> str:
+        from vla_inference.models.groot.data_configs import parse_setting
+
+        parse_setting(value)
+        return value.strip()
 
     @field_validator("device")
     @classmethod

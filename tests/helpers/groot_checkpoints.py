@@ -18,31 +18,45 @@ from typing import Any
 
 import torch
 
-from vla_inference.models.groot.model import GR00TN15, SIZES
+from vla_inference.models.groot.model import GR00TN15, SIZES, GrootConfig
 
 TINY = SIZES["tiny"]
 
-# Per embodiment: state / action modalities (name, dim), video keys, normalisation overrides.
+# Per embodiment: state / action modalities (name, dim) in metadata order (alphabetical, as
+# upstream writes it), video keys, normalisation overrides (our metadata extension), rotation types.
+# gr1 is served with NVIDIA's fourier_gr1_arms_only (left_arm, right_arm, left_hand, right_hand;
+# state as sin/cos; waist ignored); the others with their metadata keys in order, min_max unless
+# "modes" says otherwise (oxe_droid with NVIDIA's oxe_droid config).
 EMBODIMENT_LAYOUTS: dict[str, dict[str, Any]] = {
     "gr1": {
-        "state": [("left_arm", 3), ("left_hand", 2)],
-        "action": [("left_arm", 3), ("left_hand", 2)],
+        "state": [("left_arm", 2), ("left_hand", 1), ("right_arm", 2), ("right_hand", 1), ("waist", 1)],
+        "action": [("left_arm", 2), ("left_hand", 1), ("right_arm", 2), ("right_hand", 1), ("waist", 1)],
         "video": ["ego_view"],
-        "modes": {},  # min_max everywhere (the default)
+        "modes": {},
     },
-    "so100": {
+    "new_embodiment": {
         "state": [("single_arm", 5), ("gripper", 1)],
         "action": [("single_arm", 5), ("gripper", 1)],
         "video": ["front", "wrist"],
         "modes": {"state.single_arm": "mean_std", "action.gripper": "q99"},
     },
-    "new_embodiment": {
-        "state": [("joints", 4)],
-        "action": [("joints", 4)],
-        "video": ["base_view"],
+    "so100": {
+        "state": [("single_arm", 5), ("gripper", 1)],
+        "action": [("single_arm", 5), ("gripper", 1)],
+        "video": ["front", "wrist"],
         "modes": {},
     },
+    "oxe_droid": {
+        "state": [("eef_position", 3), ("eef_rotation", 4), ("gripper_position", 1)],
+        "action": [("eef_position_delta", 3), ("eef_rotation_delta", 3), ("gripper_position", 1)],
+        "video": ["exterior_image_1", "exterior_image_2", "wrist_image"],
+        "modes": {},
+        "rotations": {"state.eef_rotation": "quaternion", "action.eef_rotation_delta": "euler_angles_rpy"},
+    },
 }
+
+# The gr1 order fourier_gr1_arms_only serves (what a robot sends and receives).
+GR1_ARMS_ONLY = [("left_arm", 2), ("right_arm", 2), ("left_hand", 1), ("right_hand", 1)]
 
 WORDS = ["pick", "up", "the", "red", "cube", "place", "it", "in", "box", "wave", "warm", "Perform", "default"]
 WORDS += [
@@ -79,7 +93,7 @@ SPECIAL = {
 
 def tiny_statistics(tag: str, kind: str, key: str, dim: int, seed: int) -> dict[str, list[float]]:
     """Distinct, hand-checkable statistics: min < q01 < mean < q99 < max per dimension."""
-    offset = {"gr1": 0.0, "so100": 10.0, "new_embodiment": -5.0}.get(tag, 1.0) + (
+    offset = {"gr1": 0.0, "new_embodiment": 10.0, "so100": -5.0}.get(tag, 1.0) + (
         0.5 if kind == "action" else 0.0
     )
     offset += 0.25 * seed + len(key) * 0.01
@@ -108,19 +122,63 @@ def tiny_metadata(embodiments: Sequence[str], seed: int = 0) -> dict[str, Any]:
             },
             "embodiment_tag": tag,
         }
+        rotations = layout.get("rotations", {})
         for kind in ("state", "action"):
             for key, dim in layout[kind]:
                 entry["statistics"][kind][key] = tiny_statistics(tag, kind, key, dim, seed)
-                entry["modalities"][kind][key] = {"absolute": True, "rotation_type": None, "shape": [dim]}
+                entry["modalities"][kind][key] = {
+                    "absolute": True,
+                    "rotation_type": rotations.get(f"{kind}.{key}"),
+                    "shape": [dim],
+                    "continuous": True,
+                }
         if layout["modes"]:
             entry["normalization_modes"] = dict(layout["modes"])
         out[tag] = entry
     return out
 
 
-def tiny_config_json() -> dict[str, Any]:
-    c = TINY
+# nvidia/GR00T-N1.5-3B's experiment_cfg/metadata.json lists, for gr1, every body part of its
+# pretraining data, keys alphabetical: 44 state and 44 action values (more than the model's 32).
+BASE_MODEL_GR1 = [
+    ("left_arm", 7),
+    ("left_hand", 6),
+    ("left_leg", 6),
+    ("neck", 3),
+    ("right_arm", 7),
+    ("right_hand", 6),
+    ("right_leg", 6),
+    ("waist", 3),
+]
+
+
+def base_model_metadata() -> dict[str, Any]:
+    """A metadata.json shaped like the published base checkpoint's (one gr1 entry, eight body parts,
+    a 256 x 256 ego_view camera, all six statistics per key)."""
+    entry: dict[str, Any] = {
+        "statistics": {"state": {}, "action": {}},
+        "modalities": {
+            "video": {"ego_view": {"resolution": [256, 256], "channels": 3, "fps": 20.0}},
+            "state": {},
+            "action": {},
+        },
+        "embodiment_tag": "gr1",
+    }
+    for kind in ("state", "action"):
+        for key, dim in BASE_MODEL_GR1:
+            entry["statistics"][kind][key] = tiny_statistics("gr1", kind, key, dim, 0)
+            entry["modalities"][kind][key] = {
+                "absolute": True,
+                "rotation_type": None,
+                "shape": [dim],
+                "continuous": True,
+            }
+    return {"gr1": entry}
+
+
+def tiny_config_json(lerobot: bool = False, c: GrootConfig = TINY) -> dict[str, Any]:
     return {
+        **({"type": "groot"} if lerobot else {}),
         "model_type": "gr00t_n1_5",
         "architectures": ["GR00T_N1_5"],
         "action_horizon": c.action_horizon,
@@ -208,11 +266,11 @@ def write_tiny_tokenizer(file: Path) -> None:
     tokenizer.save(str(file))
 
 
-def tiny_state_dict(seed: int) -> dict[str, torch.Tensor]:
+def tiny_state_dict(seed: int, cfg: GrootConfig = TINY) -> dict[str, torch.Tensor]:
     """Random, well-conditioned weights: every tensor (norm gains included) is random, with
     fan-in scaled matrices so activations stay O(1) and float32 noise stays small."""
     torch.manual_seed(seed)
-    model = GR00TN15(TINY)
+    model = GR00TN15(cfg)
     state = {}
     for name, p in model.named_parameters():
         shape = tuple(p.shape)
@@ -232,22 +290,26 @@ def tiny_state_dict(seed: int) -> dict[str, torch.Tensor]:
 
 
 def write_tiny_groot_checkpoint(
-    path: Path, seed: int = 0, embodiments: Sequence[str] = ("gr1", "so100")
+    path: Path,
+    seed: int = 0,
+    embodiments: Sequence[str] = ("gr1", "new_embodiment"),
+    lerobot: bool = False,
+    metadata: dict[str, Any] | None = None,
+    sizes: GrootConfig = TINY,
 ) -> Path:
     from safetensors.torch import save_file
 
     path = Path(path)
     (path / "experiment_cfg").mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(tiny_config_json(), indent=2))
-    (path / "experiment_cfg" / "metadata.json").write_text(
-        json.dumps(tiny_metadata(embodiments, seed), indent=2)
-    )
+    (path / "config.json").write_text(json.dumps(tiny_config_json(lerobot, sizes), indent=2))
+    meta = metadata if metadata is not None else tiny_metadata(embodiments, seed)
+    (path / "experiment_cfg" / "metadata.json").write_text(json.dumps(meta, indent=2))
     write_tiny_tokenizer(path / "tokenizer.json")
 
-    state = tiny_state_dict(seed)
+    state = tiny_state_dict(seed, sizes)
     # A layer above select_layer, as an untruncated Eagle LM would carry: the loader skips it.
-    extra = f"backbone.eagle_model.language_model.model.layers.{TINY.select_layer}.input_layernorm.weight"
-    state[extra] = torch.ones(TINY.llm_hidden)
+    extra = f"backbone.eagle_model.language_model.model.layers.{sizes.select_layer}.input_layernorm.weight"
+    state[extra] = torch.ones(sizes.llm_hidden)
     names = sorted(state)
     half = len(names) // 2
     shards = {

@@ -16,54 +16,24 @@ use_pixel_shuffle / mlp_connector_layers / downsample_ratio / force_image_size /
 image_token_index, the same keys as upstream's eagle2_hg_model/config.json), or the checkpoint
 directory has an `eagle_config.json` with those keys. Tiny test checkpoints use that.
 
-metadata.json, per embodiment tag (upstream DatasetMetadata):
-
-    {"gr1": {"statistics": {"state": {"left_arm": {"min": [...], "max": [...], "mean": [...],
-                                                   "std": [...], "q01": [...], "q99": [...]}, ...},
-                            "action": {...}},
-             "modalities": {"video": {"ego_view": {"resolution": [256, 256], ...}},
-                            "state": {"left_arm": {"shape": [7], ...}, ...},
-                            "action": {...}},
-             "embodiment_tag": "gr1"}}
-
-Normalisation modes live in upstream's Python data configs, not in metadata.json. We use
-min_max (what the N1.5 example configs use for state and action) unless the embodiment's
-entry has `"normalization_modes": {"state.left_arm": "q99", "action.x": "mean_std", ...}`
-(our extension; upstream ignores it). Supported modes: min_max, q99, mean_std, binary, identity.
+experiment_cfg/metadata.json (per-embodiment statistics and modalities) and the data configs
+that choose what is served are read by embodiments.py / data_configs.py.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from vla_inference.models.base import ModelLoadError
 from vla_inference.models.groot.model import GR00TN15, SIZES, GrootConfig
 
 MODEL_TYPE = "gr00t_n1_5"
-METADATA_PATH = Path("experiment_cfg") / "metadata.json"
-
-# Embodiment tag -> projector index (category) in the action head.
-# NVIDIA/Isaac-GR00T gr00t/data/embodiment_tags.py (N1.5): new_embodiment 31, oxe_droid 17,
-# agibot_genie1 26 (genie1_gripper in N1), gr1 24. so100 = 2 and unitree_g1 = 3 are the ids the
-# LeRobot port of N1.5 assigns; NVIDIA's N1.5 release fine-tunes SO-100 and G1 as new_embodiment.
-EMBODIMENT_IDS: dict[str, int] = {
-    "new_embodiment": 31,
-    "oxe_droid": 17,
-    "agibot_genie1": 26,
-    "genie1_gripper": 26,
-    "gr1": 24,
-    "so100": 2,
-    "unitree_g1": 3,
-}
-
-NORMALIZATION_MODES = ("min_max", "q99", "mean_std", "binary", "identity")
 
 # Checkpoint tensors that exist upstream but are not used for actions.
 _UNUSED_PREFIXES = (
@@ -196,6 +166,13 @@ def _check_config(cfg: GrootConfig, dit: Mapping[str, Any]) -> None:
         raise ModelLoadError("unsupported GR00T config: " + "; ".join(problems))
 
 
+def says_lerobot(path: Path) -> bool:
+    """Whether config.json marks the checkpoint as LeRobot's ("type": "groot", as LeRobot writes
+    its policy configs); such a checkpoint uses LeRobot's embodiment ids (embodiments.py)."""
+    raw = _read_json(path / "config.json")
+    return isinstance(raw, dict) and raw.get("type") == "groot"
+
+
 def read_config(path: Path) -> GrootConfig:
     raw = _read_json(path / "config.json")
     eagle_file = path / "eagle_config.json"
@@ -275,152 +252,6 @@ def load_weights(model: GR00TN15, path: Path, dtype: torch.dtype, device: str) -
             parts.append(f"wrong shapes ({len(wrong_shape)}): {', '.join(wrong_shape[:20])}")
         raise ModelLoadError(f"checkpoint {path} does not match GR00T N1.5: " + "; ".join(parts))
     model.load_state_dict(state, strict=True, assign=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# metadata: embodiments, modalities, statistics
-
-
-@dataclass(frozen=True)
-class Modality:
-    key: str  # e.g. "left_arm"
-    dim: int
-    mode: str
-    stats: Mapping[str, np.ndarray]  # min, max, mean, std, q01, q99 as available, each (dim,)
-
-    def normalize(self, x: np.ndarray) -> np.ndarray:
-        return normalize(x, self.stats, self.mode)
-
-    def unnormalize(self, x: np.ndarray) -> np.ndarray:
-        return unnormalize(x, self.stats, self.mode)
-
-
-@dataclass(frozen=True)
-class Embodiment:
-    tag: str
-    id: int
-    state: tuple[Modality, ...]
-    action: tuple[Modality, ...]
-    video_keys: tuple[str, ...]
-
-    @property
-    def state_dim(self) -> int:
-        return sum(m.dim for m in self.state)
-
-    @property
-    def action_dim(self) -> int:
-        return sum(m.dim for m in self.action)
-
-
-_NEEDED_STATS = {"min_max": ("min", "max"), "q99": ("q01", "q99"), "mean_std": ("mean", "std")}
-
-
-def normalize(x: np.ndarray, stats: Mapping[str, np.ndarray], mode: str) -> np.ndarray:
-    """Robot units -> model units, as upstream's StateActionTransform (min_max/q99 map to [-1, 1])."""
-    x = x.astype(np.float64)
-    if mode == "identity":
-        return x
-    if mode == "binary":
-        return (x > 0.5).astype(np.float64)
-    if mode == "mean_std":
-        std = stats["std"]
-        return np.where(std > 0, (x - stats["mean"]) / np.where(std > 0, std, 1.0), 0.0)
-    low, high = (stats["min"], stats["max"]) if mode == "min_max" else (stats["q01"], stats["q99"])
-    span = high - low
-    out = np.where(span > 0, 2.0 * (x - low) / np.where(span > 0, span, 1.0) - 1.0, 0.0)
-    return np.clip(out, -1.0, 1.0)
-
-
-def unnormalize(x: np.ndarray, stats: Mapping[str, np.ndarray], mode: str) -> np.ndarray:
-    """Model units -> robot units (inverse of normalize; min_max/q99 clip to [-1, 1] first)."""
-    x = x.astype(np.float64)
-    if mode == "identity":
-        return x
-    if mode == "binary":
-        return (x > 0.5).astype(np.float64)
-    if mode == "mean_std":
-        return x * stats["std"] + stats["mean"]
-    low, high = (stats["min"], stats["max"]) if mode == "min_max" else (stats["q01"], stats["q99"])
-    return (np.clip(x, -1.0, 1.0) + 1.0) / 2.0 * (high - low) + low
-
-
-def _modalities(
-    tag: str, kind: str, entry: Mapping[str, Any], modes: Mapping[str, str]
-) -> tuple[Modality, ...]:
-    layout = (entry.get("modalities") or {}).get(kind) or {}
-    statistics = (entry.get("statistics") or {}).get(kind) or {}
-    out = []
-    for key, info in layout.items():
-        shape = (info or {}).get("shape") or []
-        stats_raw = statistics.get(key) or {}
-        dim = int(shape[0]) if shape else len(stats_raw.get("min", []))
-        mode = modes.get(f"{kind}.{key}", "min_max")
-        where = f"metadata.json {tag}.{kind}.{key}"
-        if mode not in NORMALIZATION_MODES:
-            raise ModelLoadError(
-                f"{where}: unknown normalisation mode {mode!r}; known: {', '.join(NORMALIZATION_MODES)}"
-            )
-        stats = {}
-        for name, values in stats_raw.items():
-            array = np.asarray(values, dtype=np.float64).reshape(-1)
-            if array.shape != (dim,):
-                raise ModelLoadError(
-                    f"{where}: statistic {name!r} has {array.size} values, the modality has {dim}"
-                )
-            stats[name] = array
-        lacking = [name for name in _NEEDED_STATS.get(mode, ()) if name not in stats]
-        if lacking:
-            raise ModelLoadError(f"{where}: mode {mode} needs statistics {', '.join(lacking)}")
-        if dim <= 0:
-            raise ModelLoadError(f"{where}: modality has no dimensions")
-        out.append(Modality(key=key, dim=dim, mode=mode, stats=stats))
-    return tuple(out)
-
-
-def read_metadata(path: Path, cfg: GrootConfig) -> tuple[dict[str, Embodiment], list[str]]:
-    """experiment_cfg/metadata.json -> supported embodiments (known id) and skipped tags."""
-    file = path / METADATA_PATH
-    if not file.is_file():
-        raise ModelLoadError(
-            f"missing {file}: GR00T checkpoints carry their per-embodiment statistics "
-            "and modalities in experiment_cfg/metadata.json"
-        )
-    raw = _read_json(file)
-    if not isinstance(raw, dict):
-        raise ModelLoadError(f"{file}: expected an object keyed by embodiment tag")
-    embodiments: dict[str, Embodiment] = {}
-    skipped: list[str] = []
-    for tag, entry in raw.items():
-        tag_id = EMBODIMENT_IDS.get(tag)
-        if tag_id is None or not isinstance(entry, dict):
-            skipped.append(tag)
-            continue
-        if tag_id >= cfg.max_num_embodiments:
-            raise ModelLoadError(
-                f"embodiment {tag} has id {tag_id} >= max_num_embodiments {cfg.max_num_embodiments}"
-            )
-        modes = entry.get("normalization_modes") or {}
-        state = _modalities(tag, "state", entry, modes)
-        action = _modalities(tag, "action", entry, modes)
-        video = tuple(((entry.get("modalities") or {}).get("video") or {}).keys())
-        emb = Embodiment(tag=tag, id=tag_id, state=state, action=action, video_keys=video)
-        if emb.state_dim > cfg.max_state_dim:
-            raise ModelLoadError(
-                f"{tag}: state has {emb.state_dim} dims, the model takes at most {cfg.max_state_dim}"
-            )
-        if not action or emb.action_dim > cfg.action_dim:
-            raise ModelLoadError(
-                f"{tag}: action has {emb.action_dim} dims, the model produces 1..{cfg.action_dim}"
-            )
-        if not video:
-            raise ModelLoadError(f"{tag}: metadata lists no video modality")
-        embodiments[tag] = emb
-    if not embodiments:
-        raise ModelLoadError(
-            f"{file} has no embodiment this backend knows (tags: {', '.join(raw) or 'none'}; "
-            f"known: {', '.join(EMBODIMENT_IDS)})"
-        )
-    return embodiments, skipped
 
 
 # ----------------------------------------------------------------------------------------------

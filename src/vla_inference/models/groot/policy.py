@@ -1,24 +1,25 @@
 """GrootPolicy: NVIDIA GR00T N1.5 behind the VLAModel contract.
 
-Observation -> model inputs (prepare, CPU):
+Observation -> model inputs (prepare, CPU), as NVIDIA's Gr00tPolicy with the chosen data config:
   * embodiment: Observation.embodiment is an N1.5 embodiment tag; the supported tags are the
-    metadata.json entries with a known projector id (checkpoint.EMBODIMENT_IDS). "" = the
-    default: VLA_NORM_STATS_KEY when set, else the first supported tag in metadata.json.
+    metadata.json entries with a known projector id (embodiments.py). "" = the default:
+    VLA_NORM_STATS_KEY when set, else the first supported tag in metadata.json.
     The original design's example "unitree_h1" is not an N1.5 embodiment: an H1 is served by a
-    fine-tune saved under "new_embodiment" (send embodiment_tag "new_embodiment"); the tag
-    "unitree_h1" itself is refused with the list of supported tags.
-  * joint_positions = the embodiment's state modalities concatenated in metadata.json order
-    (e.g. gr1: left_arm, right_arm, left_hand, right_hand, waist as listed there); each key
-    is normalised with its statistics and mode (min_max unless metadata says otherwise), then
-    zero-padded to max_state_dim (64) as upstream's GR00TTransform does. joint_velocities are
-    checked but unused (N1.5 has no velocity input).
-  * cameras: the embodiment's video modalities in metadata.json order, one image each, named
-    in the server's camera vocabulary (camera_roles): the first is "base"; a wrist key is
-    "left_wrist" / "right_wrist" ("wrist" is the transport's alias of "left_wrist"); other keys
-    keep their own name. A frame may also be sent under the key name (e.g. "ego_view").
-    ModelInfo.camera_names lists the union over the supported embodiments.
-    Each image is resized (bilinear, no aspect-preserving pad) to 224 x 224, scaled to [0, 1]
-    and normalised with mean 0.5 / std 0.5 (SigLIP), one 256-token tile per view.
+    fine-tune saved under "new_embodiment"; the tag "unitree_h1" itself is refused with the list
+    of supported tags.
+  * data config (data_configs.py, VLA_GROOT_DATA_CONFIG): names the state / action / video keys
+    served and their order, and how each key is transformed. joint_positions = the config's
+    state keys' values concatenated in its order (ModelInfo.state_layouts names each value);
+    each key is rotated / normalised / sin-cos encoded as upstream (normalize.py), then the
+    whole is zero-padded to max_state_dim (64) as upstream's GR00TTransform does.
+    joint_velocities are checked but unused (N1.5 has no velocity input).
+  * cameras: the config's video keys in its order, one frame each, named in the server's camera
+    vocabulary (camera_roles); a frame may also be sent under the key's own name (e.g.
+    "ego_view"). ModelInfo.camera_names lists the union over the supported embodiments.
+    Each frame goes through upstream's eval video transform (video.py): a frame of another size
+    than the camera's metadata resolution is first resized to it (bilinear, antialias), then
+    centre-cropped to 95 %, resized to 224 x 224, truncated to uint8 and scaled to [-1, 1];
+    one 256-token tile per view.
   * prompt: the Eagle 2.5 Qwen3 chat format (default system turn, one user turn with the
     images then the text, generation prompt), with each image placeholder expanded by the
     Eagle processor to "<image N><img>" + 256 x <IMG_CONTEXT> + "</img>":
@@ -27,13 +28,12 @@ Observation -> model inputs (prepare, CPU):
     {text} is str([instruction]) - upstream's transform hands the language over as a
     one-element array, and the LeRobot port of N1.5 reproduces that spelling. Simplification:
     no dynamic tiling / thumbnail (a 224 x 224 frame is a single tile upstream as well).
-    The template is taken from the Eagle-family chat template (not from the N1.5 files, which
-    the public index does not hold): check it against eagle2_hg_model when real weights arrive.
 
 Model outputs -> actions (finish, CPU):
   * 16-step horizon; the first min(VLA_CHUNK_SIZE, 16) steps are returned.
-  * the 32-dim normalised action is cut to the embodiment's action modalities (metadata order),
-    each un-normalised with its statistics, concatenated: (chunk, action_dim of the embodiment).
+  * the 32-dim model action is cut to the config's action keys (its order), each decoded with
+    the inverse of its transform (no clipping), concatenated: (chunk, action_dim of the
+    embodiment); ModelInfo.action_layouts names each value.
   * confidence = 1 / (1 + RMS(v_last * dt)) over the returned steps and dims, where v_last is
     the velocity of the final Euler step and dt = 1 / steps, in normalised units: how far the
     last step still moved the actions; 1 = the flow had settled.
@@ -48,7 +48,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,8 +68,15 @@ from vla_inference.models.base import (
     seeded_generator,
 )
 from vla_inference.models.groot import checkpoint as ckpt
+from vla_inference.models.groot.data_configs import parse_setting
+from vla_inference.models.groot.embodiments import (
+    Embodiment,
+    build_embodiments,
+    embodiment_ids,
+    read_metadata,
+)
 from vla_inference.models.groot.model import GR00TN15, GrootConfig
-from vla_inference.preprocessing.images import resize
+from vla_inference.models.groot.video import frame_to_pixels
 
 DEFAULT_INSTRUCTION = "Perform the default behavior."
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -103,12 +110,6 @@ def prompt_text(instruction: str, num_images: int, tokens_per_image: int) -> str
     )
 
 
-def image_to_pixels(image: np.ndarray, size: int) -> np.ndarray:
-    """(H, W, 3) uint8 -> (3, size, size) float32 in [-1, 1] (SigLIP mean = std = 0.5)."""
-    resized = resize(np.ascontiguousarray(image, dtype=np.uint8), size, size)
-    return (resized.astype(np.float32).transpose(2, 0, 1) / 255.0 - 0.5) / 0.5
-
-
 class GrootPolicy(VLAModel):
     model_type = "groot"
 
@@ -117,7 +118,7 @@ class GrootPolicy(VLAModel):
         self._model: GR00TN15 | None = None
         self._cfg: GrootConfig | None = None
         self._tokenizer: Any = None
-        self._embodiments: dict[str, ckpt.Embodiment] = {}
+        self._embodiments: dict[str, Embodiment] = {}
         self._info: ModelDescription | None = None
         self._device = "cpu"
         self._dtype = torch.float32
@@ -135,13 +136,22 @@ class GrootPolicy(VLAModel):
         if not path.is_dir():
             raise ModelLoadError(f"GR00T checkpoint {path} is not a directory")
         cfg = ckpt.read_config(path)
-        embodiments, skipped = ckpt.read_metadata(path, cfg)
+        lerobot = ckpt.says_lerobot(path)
+        embodiments, skipped = build_embodiments(
+            read_metadata(path),
+            parse_setting(self.settings.groot_data_config),
+            lerobot=lerobot,
+            max_state_dim=cfg.max_state_dim,
+            max_action_dim=cfg.action_dim,
+        )
         if skipped:
             log.warning(
                 "GR00T metadata.json tags without a known embodiment id are not served: %s (known: %s)",
                 ", ".join(skipped),
-                ", ".join(ckpt.EMBODIMENT_IDS),
+                ", ".join(embodiment_ids(lerobot)),
             )
+        for emb in embodiments.values():
+            log.info("GR00T embodiment %s", emb.describe())
         tokenizer = ckpt.load_tokenizer(ckpt.find_tokenizer(path, self.settings.tokenizer_path), cfg)
         dtype = self._resolve_dtype(device)
         with torch.device("meta"):
@@ -179,6 +189,9 @@ class GrootPolicy(VLAModel):
                 "1 / (1 + RMS(v_last * dt)): v_last = velocity of the final flow-matching Euler step, "
                 "dt = 1/steps, over the returned steps and action dims, in normalised action units"
             ),
+            description=describe(embodiments.values(), lerobot),
+            state_layouts={tag: e.state_names() for tag, e in embodiments.items()},
+            action_layouts={tag: e.action_names() for tag, e in embodiments.items()},
         )
 
     def _resolve_dtype(self, device: str) -> torch.dtype:
@@ -192,14 +205,17 @@ class GrootPolicy(VLAModel):
             raise RuntimeError("GrootPolicy.load() has not been called")
         return self._info
 
-    def embodiment(self, tag: str) -> ckpt.Embodiment:
+    def embodiment(self, tag: str) -> Embodiment:
         return self._embodiments[self.resolve_embodiment(tag)]
 
     def warmup_observation(self) -> Observation:
         info = self.model_info
         emb = self._embodiments[info.default_embodiment]
-        size = info.image_size[0]
-        images = {role: np.zeros((size, size, 3), np.uint8) for role, _ in camera_roles(emb)}
+        size = info.image_size
+        images = {
+            role: np.zeros((*(camera.resolution or size)[::-1], 3), np.uint8)
+            for role, camera in zip((r for r, _ in camera_roles(emb)), emb.cameras, strict=True)
+        }
         joints = np.zeros(emb.state_dim, np.float32)
         return Observation(images=images, joint_positions=joints, instruction="warm up", seed=0)
 
@@ -215,11 +231,24 @@ class GrootPolicy(VLAModel):
                 "instruction",
                 f"{len(instruction)} characters, over the limit of {self.settings.max_instruction_chars}",
             )
-        pixels = np.stack([image_to_pixels(img, cfg.image_size) for img in self._images(observation, emb)])
+        frames = self._images(observation, emb)
+        pixels = np.stack(
+            [
+                frame_to_pixels(frame, cfg.image_size, camera.resolution, emb.crop_scale)
+                for frame, camera in zip(frames, emb.cameras, strict=True)
+            ]
+        )
         text = prompt_text(instruction or DEFAULT_INSTRUCTION, len(emb.video_keys), cfg.num_image_tokens)
         ids = self._tokenizer.encode(text, add_special_tokens=False).ids
         state = np.zeros(cfg.max_state_dim, np.float32)
-        state[: emb.state_dim] = self._normalise_state(observation.joint_positions, emb)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            state[: emb.model_state_dim] = emb.encode_state(observation.joint_positions)
+        if not np.all(np.isfinite(state)):
+            raise InvalidObservation(
+                "joint_positions",
+                f"a value of embodiment {emb.tag!r} cannot be converted as its data config asks "
+                "(e.g. an all-zero quaternion); layout: " + ", ".join(k.describe() for k in emb.state),
+            )
         seed = observation.seed if observation.seed is not None else secrets.randbits(63)
         inputs = GrootInputs(
             pixels=torch.from_numpy(pixels),
@@ -229,8 +258,8 @@ class GrootPolicy(VLAModel):
         )
         return PreparedSample(inputs=inputs, embodiment=emb.tag, seed=int(seed), batch_key=None)
 
-    def _images(self, observation: Observation, emb: ckpt.Embodiment) -> list[np.ndarray]:
-        """One frame per video key of the embodiment, in metadata order (see camera_roles)."""
+    def _images(self, observation: Observation, emb: Embodiment) -> list[np.ndarray]:
+        """One frame per video key of the embodiment, in data config order (see camera_roles)."""
         given = {name.lower(): image for name, image in observation.images.items()}
         roles = camera_roles(emb)
         out = []
@@ -247,14 +276,6 @@ class GrootPolicy(VLAModel):
                 raise InvalidObservation("cameras", f"camera {role!r} must be (H, W, 3) uint8 RGB")
             out.append(image)
         return out
-
-    @staticmethod
-    def _normalise_state(joints: np.ndarray, emb: ckpt.Embodiment) -> np.ndarray:
-        parts, start = [], 0
-        for modality in emb.state:
-            parts.append(modality.normalize(joints[start : start + modality.dim]))
-            start += modality.dim
-        return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
 
     # --- forward ---------------------------------------------------------------------------
 
@@ -304,13 +325,8 @@ class GrootPolicy(VLAModel):
         assert isinstance(raw, GrootRaw)
         emb = self._embodiments[sample.embodiment]
         chunk = min(self.settings.chunk_size, raw.actions.shape[0])
-        normalised = raw.actions[:chunk, : emb.action_dim]
-        parts, start = [], 0
-        for modality in emb.action:
-            parts.append(modality.unnormalize(normalised[:, start : start + modality.dim]))
-            start += modality.dim
-        actions = np.concatenate(parts, axis=1).astype(np.float32)
-        step = raw.velocity[:chunk, : emb.action_dim].astype(np.float64) * raw.dt
+        actions = emb.decode_actions(raw.actions[:chunk])
+        step = raw.velocity[:chunk, : emb.model_action_dim].astype(np.float64) * raw.dt
         confidence = float(1.0 / (1.0 + np.sqrt(np.mean(step**2))))
         return ActionPrediction(actions=actions, confidence=confidence)
 
@@ -331,25 +347,39 @@ def _short(key: str) -> str:
     return key.removeprefix("video.")
 
 
-def camera_roles(emb: ckpt.Embodiment) -> list[tuple[str, str]]:
-    """(server camera name, metadata video key) per video key, in metadata order.
+def _wrist_side(name: str) -> str | None:
+    """ "right_wrist" / "left_wrist" for a camera key naming a wrist or hand camera, else None."""
+    if "wrist" not in name and "hand" not in name:
+        return None
+    return "right_wrist" if "right" in name else "left_wrist"
+
+
+def camera_roles(emb: Embodiment) -> list[tuple[str, str]]:
+    """(server camera name, video key) per video key, in data config order.
 
     The server's camera vocabulary is "base", "left_wrist", "right_wrist" (the transport maps
-    "wrist" to "left_wrist") plus free names. The first video key is "base"; a key naming a
-    wrist becomes "right_wrist" when it says right, else "left_wrist"; any other key keeps its
-    own lower-case name (e.g. "video.side_view" -> "side_view"). A frame may also be sent
-    under the key's own name, with or without "video.".
+    "wrist" to "left_wrist") plus free names. A key naming a wrist or hand camera becomes
+    "right_wrist" when it says right, else "left_wrist"; the first other key is "base"; any
+    other key (or a second one for a taken role) keeps its own lower-case name (e.g.
+    "exterior_image_2"). A frame may also be sent under the key's own name, with or without
+    "video.".
     """
+    keys = [_short(key).lower() for key in emb.video_keys]
+    base = next((k for k in keys if _wrist_side(k) is None), None)
     roles: list[tuple[str, str]] = []
-    for i, key in enumerate(emb.video_keys):
-        short = _short(key).lower()
-        if i == 0:
-            role = BASE_CAMERA
-        elif "wrist" in short:
-            role = "right_wrist" if "right" in short else "left_wrist"
-        else:
-            role = short
+    for key, short in zip(emb.video_keys, keys, strict=True):
+        role = _wrist_side(short) or (BASE_CAMERA if short == base else short)
         if role in (r for r, _ in roles):
             role = short
         roles.append((role, key))
     return roles
+
+
+def describe(embodiments: Iterable[Embodiment], lerobot: bool) -> str:
+    """ModelInfo.description: what is served, per embodiment."""
+    origin = "a LeRobot GR00T N1.5 checkpoint" if lerobot else "NVIDIA GR00T N1.5"
+    return (
+        f"{origin} (Eagle 2.5 VLM + flow-matching DiT action head). Per embodiment: "
+        + "; ".join(e.describe() for e in embodiments)
+        + ". Cameras of another size than listed are resized to it first."
+    )
