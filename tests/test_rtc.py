@@ -319,3 +319,36 @@ def test_openvla_refuses_real_time_chunking(server_factory, tmp_path: Path) -> N
         assert "one action at a time" in err.value.details()
         obs.rtc.method = pb.RTC_METHOD_UNSPECIFIED  # the server default does not apply to OpenVLA
         assert client.predict_observation(obs).rtc.method == pb.RTC_METHOD_NONE
+
+
+def test_groot_mixed_batch_and_hard_prefix(tmp_path: Path) -> None:
+    """GR00T (flow matching, tau = 0 noise -> 1 data) takes the same prefixes: batched rows equal
+    their single answers, hard rows keep the previous chunk's committed actions in robot units."""
+    from tests.helpers.groot_checkpoints import write_tiny_groot_checkpoint
+    from vla_inference.models.groot.policy import GrootPolicy
+
+    policy = GrootPolicy(Settings(chunk_size=16))
+    policy.load(str(write_tiny_groot_checkpoint(tmp_path / "groot", seed=2)), "cpu")
+    info = policy.model_info
+    assert info.rtc_methods == rtc.FLOW_METHODS
+    rng = np.random.default_rng(7)
+    robot_previous = rng.uniform(-0.5, 0.5, size=(info.horizon, info.action_dim)).astype(np.float32)
+    previous = policy.normalize_actions(robot_previous, "gr1")
+    samples = []
+    for i, (method, delay) in enumerate([("guided", 3), ("hard", 4), (None, 0)]):
+        obs = Observation(
+            images={"base": IMAGE},
+            joint_positions=np.full(6, 0.1, np.float32),
+            instruction="go",
+            embodiment="gr1",
+            seed=i,
+        )
+        sample = policy.prepare(obs)
+        if method is not None:
+            sample.rtc = rtc.build_prefix(previous, 2, delay, info.horizon, method, 5.0)
+        samples.append(sample)
+    batched = policy.forward(samples)
+    for sample, raw in zip(samples, batched, strict=True):
+        np.testing.assert_allclose(raw.actions, policy.forward([sample])[0].actions, atol=2e-5, rtol=0)
+    hard = policy.finish(batched[1], samples[1]).actions
+    np.testing.assert_allclose(hard[:4], robot_previous[2:6], atol=1e-4)

@@ -167,13 +167,13 @@ def guided_velocity(
         x = x.detach().requires_grad_(True)
         v = velocity(x)
         estimate = x + (1.0 - tau)[:, None, None] * v  # A1
-        err = (prefix.actions - estimate) * prefix.guide_weights[:, :, None]
+        err = (prefix.actions.to(v.dtype) - estimate) * prefix.guide_weights[:, :, None].to(v.dtype)
         (g,) = torch.autograd.grad(estimate, x, grad_outputs=err.detach())
-    w = guidance_weight(tau, prefix.max_guidance)
+    w = guidance_weight(tau, prefix.max_guidance).to(v.dtype)
     return (v + w[:, None, None] * g).detach()
 
 
 def inpaint_hard(x: Tensor, tau: Tensor, noise: Tensor, prefix: BatchPrefix) -> Tensor:
     """x with its hard-masked rows replaced by the previous chunk noised to time tau (B,)."""
-    target = (1.0 - tau)[:, None, None] * noise + tau[:, None, None] * prefix.actions
-    return torch.where(prefix.hard_mask[:, :, None], target, x)
+    target = (1.0 - tau)[:, None, None] * noise + tau[:, None, None] * prefix.actions.to(x.dtype)
+    return torch.where(prefix.hard_mask[:, :, None], target.to(x.dtype), x)

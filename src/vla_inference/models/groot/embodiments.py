@@ -132,6 +132,10 @@ class Embodiment:
         """(state_dim,) robot values -> (model_state_dim,) float32."""
         return _apply(self.state, joints, "encode", lambda k: k.raw_dim).astype(np.float32)
 
+    def encode_actions(self, actions: np.ndarray) -> np.ndarray:
+        """(T, action_dim) robot actions -> (T, model_action_dim) model units (real-time chunking)."""
+        return _apply(self.action, actions, "encode", lambda k: k.raw_dim).astype(np.float32)
+
     def decode_actions(self, normalised: np.ndarray) -> np.ndarray:
         """(T, >= model_action_dim) model actions -> (T, action_dim) float32 robot actions."""
         rows = normalised[:, : self.model_action_dim]

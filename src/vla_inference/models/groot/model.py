@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vla_inference.models import rtc
+
 
 @dataclass(frozen=True)
 class GrootConfig:
@@ -682,19 +684,41 @@ class FlowmatchingActionHead(nn.Module):
         return self.action_decoder(out, ids)[:, -self.cfg.action_horizon :]
 
     def sample(
-        self, vl: Tensor, vl_mask: Tensor, state: Tensor, ids: Tensor, noise: Tensor, steps: int
+        self,
+        vl: Tensor,
+        vl_mask: Tensor,
+        state: Tensor,
+        ids: Tensor,
+        noise: Tensor,
+        steps: int,
+        prefix: rtc.BatchPrefix | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Euler integration from noise (t = 0) to actions (t = 1); returns (actions, last velocity)."""
+        """Euler integration from noise (t = 0) to actions (t = 1); returns (actions, last velocity).
+
+        `prefix`: real-time chunking on some rows (models/rtc.py, whose convention this is).
+        """
         state_feat = self.state_encoder(state, ids)  # (B, 1, D)
         x = noise
         dt = 1.0 / steps
         v = torch.zeros_like(x)
         for i in range(steps):
+            tau = torch.full((x.shape[0],), i / steps, device=x.device, dtype=x.dtype)
             bucket = torch.full(
                 (x.shape[0],), int(i / steps * self.cfg.num_timestep_buckets), device=x.device
             )
-            v = self.velocity(vl, vl_mask, state_feat, x, bucket, ids)
+            if prefix is not None and prefix.hard:
+                x = rtc.inpaint_hard(x, tau, noise, prefix)
+            if prefix is not None and prefix.guided:
+
+                def velocity(x_in: Tensor, bucket: Tensor = bucket) -> Tensor:
+                    return self.velocity(vl, vl_mask, state_feat, x_in, bucket, ids)
+
+                v = rtc.guided_velocity(x, tau, velocity, prefix)
+            else:
+                v = self.velocity(vl, vl_mask, state_feat, x, bucket, ids)
             x = x + dt * v
+        if prefix is not None and prefix.hard:
+            x = torch.where(prefix.hard_mask[:, :, None], prefix.actions.to(x.dtype), x)
         return x, v
 
 
@@ -707,7 +731,6 @@ class GR00TN15(nn.Module):
         self.backbone = EagleBackbone(cfg)
         self.action_head = FlowmatchingActionHead(cfg)
 
-    @torch.no_grad()
     def sample(
         self,
         pixels: Tensor,  # (N_img, 3, S, S) normalised, all images of the batch in prompt order
@@ -717,6 +740,7 @@ class GR00TN15(nn.Module):
         embodiment_ids: Tensor,  # (B,) long
         noise: Tensor,  # (B, H, action_dim)
         steps: int | None = None,
+        prefix: rtc.BatchPrefix | None = None,  # real-time chunking rows (needs grad mode if guided)
     ) -> tuple[Tensor, Tensor]:
         dtype = self.action_head.future_tokens.weight.dtype
         features = self.backbone(pixels.to(dtype), input_ids, attention_mask)
@@ -728,4 +752,5 @@ class GR00TN15(nn.Module):
             embodiment_ids,
             noise.to(dtype),
             steps or self.cfg.num_inference_timesteps,
+            prefix,
         )

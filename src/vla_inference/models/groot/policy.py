@@ -57,6 +57,7 @@ import numpy as np
 import torch
 
 from vla_inference.config import Settings
+from vla_inference.models import rtc
 from vla_inference.models.base import (
     ActionPrediction,
     InvalidObservation,
@@ -192,6 +193,7 @@ class GrootPolicy(VLAModel):
             description=describe(embodiments.values(), lerobot),
             state_layouts={tag: e.state_names() for tag, e in embodiments.items()},
             action_layouts={tag: e.action_names() for tag, e in embodiments.items()},
+            rtc_methods=rtc.FLOW_METHODS,
         )
 
     def _resolve_dtype(self, device: str) -> torch.dtype:
@@ -302,7 +304,12 @@ class GrootPolicy(VLAModel):
         )
         steps = self.settings.num_denoise_steps or cfg.num_inference_timesteps
         dev = self._device
-        with self._lock, torch.inference_mode():
+        prefix = rtc.BatchPrefix.stack(
+            [s.rtc for s in samples], cfg.action_horizon, cfg.action_dim, torch.device(dev)
+        )
+        # Guidance differentiates through the DiT: plain no_grad then, not inference mode.
+        grad_mode = torch.no_grad() if prefix is not None and prefix.guided else torch.inference_mode()
+        with self._lock, grad_mode:
             actions, velocity = model.sample(
                 pixels.to(dev),
                 ids.to(dev),
@@ -311,6 +318,7 @@ class GrootPolicy(VLAModel):
                 emb_ids.to(dev),
                 noise.to(dev),
                 steps,
+                prefix,
             )
         actions_np = actions.float().cpu().numpy()
         velocity_np = velocity.float().cpu().numpy()
@@ -328,7 +336,14 @@ class GrootPolicy(VLAModel):
         actions = emb.decode_actions(raw.actions[:chunk])
         step = raw.velocity[:chunk, : emb.model_action_dim].astype(np.float64) * raw.dt
         confidence = float(1.0 / (1.0 + np.sqrt(np.mean(step**2))))
-        return ActionPrediction(actions=actions, confidence=confidence)
+        return ActionPrediction(actions=actions, confidence=confidence, model_actions=raw.actions)
+
+    def normalize_actions(self, actions: np.ndarray, embodiment: str) -> np.ndarray:
+        emb = self._embodiments[embodiment]
+        encoded = emb.encode_actions(actions)
+        out = np.zeros((actions.shape[0], self._require_cfg().action_dim), np.float32)
+        out[:, : encoded.shape[1]] = encoded
+        return out
 
     # --- helpers ---------------------------------------------------------------------------
 
