@@ -9,7 +9,7 @@ PROTO_OUT := $(PROTO_DIR)/vla_inference_pb2.py
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto run test lint bench bench-gpu clean sim-install demos train-default eval
+.PHONY: help install proto run test lint bench bench-gpu clean sim-install demos train-default eval eval-rtc
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -71,8 +71,11 @@ train-default: install proto sim-install demos ## Retrain the embedded default p
 	$(BIN)/python -m vla_inference.training.train --data $(DEMOS) --run runs/metaworld \
 		--export src/vla_inference/models/pi0/assets/metaworld
 
-eval: install proto sim-install ## Closed-loop evaluation of the default policy -> docs/evaluation.md (about 20 min)
-	MUJOCO_GL=egl $(BIN)/python -m vla_inference.sim.evaluate --out docs/evaluation.md
+eval: install proto sim-install ## Closed-loop success of the default policy and two baselines -> docs/evaluation.md (~20 min)
+	MUJOCO_GL=egl $(BIN)/python -m vla_inference.sim.evaluate policy
+
+eval-rtc: install proto sim-install ## Real-time chunking matrix in the simulated robot -> docs/evaluation.md (~30 min)
+	MUJOCO_GL=egl $(BIN)/python -m vla_inference.sim.evaluate rtc --episodes 10
 
 bench-gpu: install proto ## GPU benchmark script (real sizes, bf16); `bench/gpu.sh --tiny` runs it on the CPU
 	bench/gpu.sh $(BENCH_ARGS)

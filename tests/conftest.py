@@ -76,6 +76,18 @@ def make_settings(**overrides: Any) -> Settings:
     return Settings(**base)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread, and shared CI cores make two threads spin; restored after.
+    Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def server_factory() -> Iterator[Callable[..., RunningServer]]:
     """Start servers with given settings/model; all are stopped at the end of the test."""

@@ -80,16 +80,24 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _info(args: argparse.Namespace) -> int:
+def _model_info(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The server's ModelInfo, or None after printing why it could not be had."""
     import grpc
-    from google.protobuf import json_format
 
     with _client(args) as client:
         try:
-            info = client.info()
+            return client.info()
         except grpc.RpcError as exc:
             print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
+            return None
+
+
+def _info(args: argparse.Namespace) -> int:
+    from google.protobuf import json_format
+
+    info = _model_info(args)
+    if info is None:
+        return 1
     print(json.dumps(json_format.MessageToDict(info), indent=2))
     return 0
 
@@ -147,12 +155,9 @@ def _sim(args: argparse.Namespace) -> int:
         token=args.token or _token_from_file(args.token_file),
         video_dir=args.video_dir,
     )
-    with _client(args) as client:
-        try:
-            info = client.info()
-        except grpc.RpcError as exc:
-            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
+    info = _model_info(args)
+    if info is None:
+        return 1
     problem = robot.check_model(info)
     if problem:
         print(f"vla-inference sim: {problem}", file=sys.stderr)

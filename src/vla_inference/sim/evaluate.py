@@ -1,13 +1,20 @@
-"""`make eval`: the embedded default policy against the simulated robot, with two baselines.
+"""`make eval` / `make eval-rtc`: the embedded default policy driving the simulated robot.
 
-    python -m vla_inference.sim.evaluate --out docs/evaluation.md
+    python -m vla_inference.sim.evaluate policy   # make eval: lockstep success + two baselines
+    python -m vla_inference.sim.evaluate rtc      # make eval-rtc: real-time chunking matrix
 
 Starts the default server (`vla-inference serve`, nothing set but an ephemeral port) unless
-`--target` names a running one, then over MT10 on held-out seeds (1000 and up):
-- the scripted expert on the same seeds, without the server (the upper bound);
-- the policy, lockstep, executing `--execute-steps` actions per chunk;
-- the policy given another task's instruction (tasks.CONFUSED_WITH): how much it uses language.
-The report (markdown) and the raw JSON reports are written; figures are measured, not asserted.
+`--target` names a running one. Seeds start at 1000 (demonstrations used 0-999).
+
+- policy: over MT10, the scripted expert on the same seeds without the server (upper bound), the
+  policy in lockstep, and the policy given another task's instruction (tasks.CONFUSED_WITH).
+- rtc: realtime mode with the inference delay fixed to d control steps (--control-hz 0
+  --delay-steps d, so d is exactly what is compared) for d in {0, 2, 4, 8} and methods none, hard
+  and guided, executing 8 actions per chunk; and one run at MetaWorld's own rate (80 Hz) where d
+  comes from the measured latency.
+
+Each part writes its JSON reports into docs/evaluation/ and docs/evaluation.md is rendered from
+all the reports found there. Figures are measured, not asserted.
 """
 
 from __future__ import annotations
@@ -32,13 +39,15 @@ from vla_inference.sim import robot
 from vla_inference.sim import tasks as mt
 
 log = logging.getLogger(__name__)
+RTC_DELAYS = (0, 2, 4, 8)
+RTC_METHODS = ("none", "hard", "guided")
+RTC_EXECUTE_STEPS = 8
 
 
 def expert_baseline(task_names: Sequence[str], seeds: Sequence[int], max_steps: int) -> dict[str, Any]:
     """The scripted expert on the same seeds (no rendering, no server)."""
     per_task: dict[str, Any] = {}
-    total, wins = 0, 0
-    steps_all: list[int] = []
+    all_steps: list[int] = []
     for name in task_names:
         with mt.MetaWorldEpisode(name, max_steps=max_steps) as episode:
             steps = []
@@ -48,19 +57,17 @@ def expert_baseline(task_names: Sequence[str], seeds: Sequence[int], max_steps: 
                     episode.step(episode.expert_action())
                 if episode.success:
                     steps.append(episode.steps)
-        per_task[name] = {
-            "success_rate": round(len(steps) / len(seeds), 4),
-            "episodes": len(seeds),
-            "mean_steps_to_success": round(float(np.mean(steps)), 2) if steps else None,
-        }
-        total, wins = total + len(seeds), wins + len(steps)
-        steps_all += steps
-    overall = {
-        "success_rate": round(wins / total, 4),
-        "episodes": total,
-        "mean_steps_to_success": round(float(np.mean(steps_all)), 2) if steps_all else None,
+        per_task[name] = _success(steps, len(seeds))
+        all_steps += steps
+    return {"tasks": per_task, "overall": _success(all_steps, len(seeds) * len(task_names))}
+
+
+def _success(steps: list[int], episodes: int) -> dict[str, Any]:
+    return {
+        "success_rate": round(len(steps) / episodes, 4),
+        "episodes": episodes,
+        "mean_steps_to_success": round(float(np.mean(steps)), 2) if steps else None,
     }
-    return {"tasks": per_task, "overall": overall}
 
 
 def free_port() -> int:
@@ -77,7 +84,7 @@ def default_server(env: dict[str, str] | None = None, timeout_s: float = 120.0) 
     port = free_port()
     environ = {**os.environ, "VLA_GRPC_PORT": str(port), "VLA_METRICS_ENABLED": "false", **(env or {})}
     process = subprocess.Popen(
-        [sys.executable, "-m", "vla_inference", "serve"], env=environ, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "vla_inference", "serve"], env=environ, stderr=subprocess.DEVNULL
     )
     target = f"127.0.0.1:{port}"
     try:
@@ -85,14 +92,10 @@ def default_server(env: dict[str, str] | None = None, timeout_s: float = 120.0) 
         with VLAClient(target, timeout=2.0) as client:
             while True:
                 if process.poll() is not None:
-                    raise RuntimeError(
-                        f"the server exited: {process.stderr.read() if process.stderr else ''}"
-                    )
-                try:
+                    raise RuntimeError(f"the server exited with status {process.returncode}")
+                with contextlib.suppress(Exception):
                     if client.health().state == "SERVING":
                         break
-                except Exception:
-                    pass
                 if time.monotonic() > deadline:
                     raise RuntimeError("the server did not reach SERVING in time")
                 time.sleep(0.5)
@@ -105,6 +108,55 @@ def default_server(env: dict[str, str] | None = None, timeout_s: float = 120.0) 
             process.kill()
 
 
+def _model(target: str) -> dict[str, Any]:
+    from google.protobuf import json_format
+
+    from vla_inference.client import VLAClient
+
+    with VLAClient(target) as client:
+        info = json_format.MessageToDict(client.info())
+    return {k: info.get(k) for k in ("modelName", "modelFamily", "modelVersion")}
+
+
+def configurations(
+    args: argparse.Namespace, target: str, names: tuple[str, ...]
+) -> list[tuple[str, robot.SimConfig]]:
+    """The simulated runs of one part, by label."""
+    base = robot.SimConfig(
+        target=target,
+        tasks=names,
+        episodes=args.episodes,
+        seed=args.seed,
+        execute_steps=args.execute_steps,
+        max_steps=args.max_steps,
+        parallel=args.parallel,
+    )
+    if args.part == "policy":
+        return [("policy", base), ("wrong_instruction", replace(base, instruction_from="other"))]
+    fixed = replace(base, execute_steps=RTC_EXECUTE_STEPS, mode="realtime", control_hz=0.0)
+    configs = [(f"d{d}-{m}", replace(fixed, delay_steps=d, rtc=m)) for d in RTC_DELAYS for m in RTC_METHODS]
+    return configs + [
+        (f"80hz-{m}", replace(fixed, control_hz=robot.SIM_CONTROL_HZ, rtc=m)) for m in RTC_METHODS
+    ]
+
+
+def run(args: argparse.Namespace, target: str, names: tuple[str, ...]) -> None:
+    """Run one part and write its JSON (docs/evaluation/<part>.json)."""
+    started = time.monotonic()
+    model = _model(target)
+    runs: dict[str, Any] = {}
+    if args.part == "policy":
+        runs["expert"] = expert_baseline(names, range(args.seed, args.seed + args.episodes), args.max_steps)
+    for label, cfg in configurations(args, target, names):
+        runs[label] = robot.report(cfg, robot.run(cfg), model)
+        log.info("%s:\n%s", label, robot.format_table(runs[label]))
+    runs["meta"] = {"command": args.command, "minutes": round((time.monotonic() - started) / 60, 1)}
+    (args.json_dir / f"{args.part}.json").write_text(json.dumps(runs, indent=2))
+
+
+# ---- the report -----------------------------------------------------------------------------
+
+
 def _pct(value: Any) -> str:
     return "-" if value is None else f"{100 * value:.0f}%"
 
@@ -113,91 +165,123 @@ def _num(value: Any, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def markdown(runs: dict[str, Any], expert: dict[str, Any], command: str, seconds: float) -> str:
-    policy, wrong = runs["policy"], runs["wrong_instruction"]
-    model = policy["model"]
-    cfg = policy["config"]
+def _policy_section(runs: dict[str, Any]) -> list[str]:
+    policy, wrong, expert = runs["policy"], runs["wrong_instruction"], runs["expert"]
+    cfg, model = policy["config"], policy["model"]
     lines = [
-        "# Closed-loop evaluation",
+        "## Policy quality (lockstep)",
         "",
-        "The embedded default policy (`make run` with nothing set) driving the simulated robot",
-        "(`vla-inference sim`: MetaWorld through the public gRPC API, StreamControl), beside the scripted",
-        "expert (upper bound) and the same policy given another task's instruction.",
-        "",
-        f"- Command: `{command}` ({seconds / 60:.1f} min on this 2-core machine)",
+        f"- Command: `{runs['meta']['command']}` ({runs['meta']['minutes']} min on this 2-core machine)",
         f"- Model: {model.get('modelName')} (version {model.get('modelVersion')})",
-        f"- Seeds {cfg['seeds']} per task (demonstrations used seeds 0-999), mode {cfg['mode']}, "
-        f"{cfg['execute_steps']} actions executed per chunk, at most {cfg['max_steps']} steps per episode",
-        "- Wrong instruction: each task gets the instruction of "
+        f"- Seeds {cfg['seeds']} for every task (the demonstrations used seeds 0-999); "
+        f"{cfg['execute_steps']} actions executed per chunk; at most {cfg['max_steps']} steps per episode",
+        "- Wrong instruction: each task is given the instruction of another: "
         + ", ".join(
             f"{a.removesuffix('-v3')} -> {b.removesuffix('-v3')}" for a, b in mt.CONFUSED_WITH.items()
         ),
         "",
-        "| task | expert | policy | wrong instruction | policy steps to success | expert steps | "
+        "| task | expert | policy | wrong instruction | policy steps | expert steps | "
         "latency p50 / p99 ms | boundary jump p99 | within-chunk jump p99 |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    names = [*policy["tasks"], "overall"]
-    for name in names:
-        p = policy["overall"] if name == "overall" else policy["tasks"][name]
-        w = wrong["overall"] if name == "overall" else wrong["tasks"][name]
-        e = expert["overall"] if name == "overall" else expert["tasks"][name]
+    for name in [*policy["tasks"], "overall"]:
+
+        def pick(run: dict[str, Any], name: str = name) -> dict[str, Any]:
+            return dict(run["overall"] if name == "overall" else run["tasks"][name])
+
+        p, w, e = pick(policy), pick(wrong), pick(expert)
         label = "**overall**" if name == "overall" else name
         lines.append(
             f"| {label} | {_pct(e['success_rate'])} | {_pct(p['success_rate'])} | "
-            f"{_pct(w['success_rate'])} | "
-            f"{_num(p['mean_steps_to_success'])} | {_num(e['mean_steps_to_success'])} | "
+            f"{_pct(w['success_rate'])} | {_num(p['mean_steps_to_success'])} | "
+            f"{_num(e['mean_steps_to_success'])} | "
             f"{_num(p['latency_p50_ms'])} / {_num(p['latency_p99_ms'])} | "
             f"{_num(p['boundary_jump_p99'], 3)} | {_num(p['within_chunk_jump_p99'], 3)} |"
         )
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _rtc_section(runs: dict[str, Any]) -> list[str]:
+    first = next(v for k, v in runs.items() if k != "meta")
+    cfg = first["config"]
+    lines = [
+        "## Real-time chunking (realtime mode)",
+        "",
+        f"- Command: `{runs['meta']['command']}` ({runs['meta']['minutes']} min on this 2-core machine)",
+        f"- Seeds {cfg['seeds']} per task, {cfg['execute_steps']} actions executed per chunk (s), model "
+        "horizon 16. Rows `d=..`: the robot's clock advances exactly d control steps per request "
+        "(`--control-hz 0 --delay-steps d`); rows `80 Hz`: d comes from the measured request latency at "
+        "MetaWorld's own control rate.",
+        "- Jumps: |a_t - a_(t-1)| over the end-effector motion (xyz), p99; boundary = the first action of "
+        "a new chunk.",
+        "",
+        "| delay | method | success | boundary jump p99 | within-chunk jump p99 | boundary / within | "
+        "stalls | mean d | latency p50 / p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, run in runs.items():
+        if label == "meta":
+            continue
+        o = run["overall"]
+        delay, method = label.split("-")
+        ratio = (
+            o["boundary_jump_p99"] / o["within_chunk_jump_p99"]
+            if o["boundary_jump_p99"] is not None and o["within_chunk_jump_p99"]
+            else None
+        )
+        lines.append(
+            f"| {delay.replace('d', 'd=') if delay.startswith('d') else '80 Hz'} | {method} | "
+            f"{_pct(o['success_rate'])} | {_num(o['boundary_jump_p99'], 3)} | "
+            f"{_num(o['within_chunk_jump_p99'], 3)} | "
+            f"{_num(ratio, 2)} | {o['stalls']} | {_num(o['mean_delay_steps'], 2)} | "
+            f"{_num(o['latency_p50_ms'])} / {_num(o['latency_p99_ms'])} |"
+        )
+    return lines
+
+
+def render(json_dir: Path) -> str:
+    lines = [
+        "# Closed-loop evaluation",
+        "",
+        "The embedded default policy (`make run` with nothing set: pi0 trained on MetaWorld MT10 expert",
+        "demonstrations) driving the simulated robot, `vla-inference sim`: MetaWorld through the public gRPC",
+        "API (StreamControl), camera frame + 21-number state (hand, gripper, object and goal coordinates) +",
+        "instruction in, 4-dim end-effector actions out. Reports: `docs/evaluation/*.json`.",
+        "",
+    ]
+    for name, section in (("policy.json", _policy_section), ("rtc.json", _rtc_section)):
+        path = json_dir / name
+        if path.is_file():
+            lines += [*section(json.loads(path.read_text())), ""]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("part", choices=("policy", "rtc", "render"))
     parser.add_argument("--out", type=Path, default=Path("docs/evaluation.md"))
     parser.add_argument("--json-dir", type=Path, default=Path("docs/evaluation"))
     parser.add_argument("--target", default="", help="a running server (default: start the default one)")
     parser.add_argument("--tasks", default="mt10")
-    parser.add_argument("--episodes", type=int, default=20)
+    parser.add_argument("--episodes", type=int, default=20, help="episodes per task (and per configuration)")
     parser.add_argument("--seed", type=int, default=mt.EVAL_SEEDS.start)
-    parser.add_argument("--execute-steps", type=int, default=4)
+    parser.add_argument("--execute-steps", type=int, default=4, help="policy part: actions per chunk")
     parser.add_argument("--max-steps", type=int, default=mt.DEFAULT_MAX_STEPS)
     parser.add_argument("--parallel", type=int, default=2)
     args = parser.parse_args(argv)
+    args.command = "python -m vla_inference.sim.evaluate " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    started = time.monotonic()
     names = tuple(t.name for t in mt.parse_tasks(args.tasks))
-    seeds = list(range(args.seed, args.seed + args.episodes))
     args.json_dir.mkdir(parents=True, exist_ok=True)
-    expert = expert_baseline(names, seeds, args.max_steps)
-    (args.json_dir / "expert.json").write_text(json.dumps(expert, indent=2))
-    with contextlib.ExitStack() as stack:
-        target = args.target or stack.enter_context(default_server({"VLA_BATCH_SIZE": str(args.parallel)}))
-        from google.protobuf import json_format
-
-        from vla_inference.client import VLAClient
-
-        with VLAClient(target) as client:
-            info = json_format.MessageToDict(client.info())
-        model = {k: info.get(k) for k in ("modelName", "modelFamily", "modelVersion")}
-        base = robot.SimConfig(
-            target=target,
-            tasks=names,
-            episodes=args.episodes,
-            seed=args.seed,
-            execute_steps=args.execute_steps,
-            max_steps=args.max_steps,
-            parallel=args.parallel,
-        )
-        runs = {}
-        for label, cfg in (("policy", base), ("wrong_instruction", replace(base, instruction_from="other"))):
-            results = robot.run(cfg)
-            runs[label] = robot.report(cfg, results, model)
-            (args.json_dir / f"{label}.json").write_text(json.dumps(runs[label], indent=2))
-            log.info("%s:\n%s", label, robot.format_table(runs[label]))
-    command = "make eval" if not argv else "python -m vla_inference.sim.evaluate " + " ".join(argv)
-    args.out.write_text(markdown(runs, expert, command, time.monotonic() - started))
+    if args.part != "render":
+        with contextlib.ExitStack() as stack:
+            target = args.target or stack.enter_context(
+                default_server({"VLA_BATCH_SIZE": str(args.parallel)})
+            )
+            run(args, target, names)
+    args.out.write_text(render(args.json_dir))
     log.info("wrote %s", args.out)
     return 0
 
