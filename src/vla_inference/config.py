@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     num_denoise_steps: int = Field(
         0, ge=0, le=100, description="Flow-matching steps; 0 = the model's default"
     )
+    pi05_prompt_state: Literal["unpadded", "padded"] = Field(
+        "unpadded",
+        description="pi0.5: the normalised state discretised into the prompt: unpadded (openpi, LeRobot "
+        "after f0d2b37be) or padded with zeros to the model's 32 dims (pi0.5 fine-tuned with LeRobot "
+        "0.4.0-0.4.4)",
+    )
     compile: bool = Field(False, description="torch.compile the model (CUDA)")
     torch_threads: int = Field(
         0, ge=0, le=512, description="CPU threads for torch; 0 = torch's default (all cores)"
