@@ -14,9 +14,12 @@ PYTEST_ARGS ?=
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
+OPENPI_CLIENT := openpi-client==0.1.2
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps $(OPENPI_CLIENT)
 	@touch $(STAMP)
 
 install: $(STAMP) ## Create .venv and install the server with test and lint tools (skipped when up to date)

@@ -100,6 +100,20 @@ class Settings(BaseSettings):
         "exp", description="Real-time chunking: soft-mask schedule over the overlap (guided)"
     )
 
+    # --- openpi-compatible websocket endpoint (transport/openpi.py) ----------------------------
+    openpi_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Port of the openpi-compatible websocket endpoint on VLA_HOST; empty = off, 0 = any free",
+    )
+    openpi_layout: Literal["auto", "droid", "libero", "aloha"] = Field(
+        "auto", description="openpi observation layout; auto = detected from each observation's keys"
+    )
+    openpi_embodiment: str = Field(
+        "", description="Embodiment for openpi observations (they carry none); empty = the model's default"
+    )
+
     # --- input limits ----------------------------------------------------------------------
     max_image_pixels: int = Field(
         4096 * 4096, ge=1, le=1 << 28, description="Most pixels per decoded image (checked before decoding)"
@@ -157,6 +171,20 @@ class Settings(BaseSettings):
 
         parse_setting(value)
         return value.strip()
+
+    @field_validator("openpi_port", mode="before")
+    @classmethod
+    def _openpi_port_off(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() in ("", "off", "none"):
+            return None
+        return value
+
+    @field_validator("openpi_port")
+    @classmethod
+    def _openpi_port_free(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and value == info.data.get("grpc_port"):
+            raise ValueError("a port other than VLA_GRPC_PORT (or empty to turn the endpoint off)")
+        return value
 
     @field_validator("device")
     @classmethod
@@ -290,7 +318,11 @@ def _allowed(field: str, error: Any) -> str:
             bound = getattr(item, name, None)
             if bound is not None:
                 bounds.append(f"{word} {bound}")
-    kind = info.annotation.__name__ if isinstance(info.annotation, type) else None
+    annotation = info.annotation
+    optional = [a for a in getattr(annotation, "__args__", ()) if a is not type(None)]
+    if not isinstance(annotation, type) and len(optional) == 1:
+        annotation = optional[0]  # `int | None` reads as int
+    kind = annotation.__name__ if isinstance(annotation, type) else None
     if error.get("type", "").endswith("_parsing") or error.get("type") in {
         "int_type",
         "float_type",
