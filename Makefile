@@ -9,14 +9,17 @@ PROTO_OUT := $(PROTO_DIR)/vla_inference_pb2.py
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto run test lint bench bench-gpu clean sim-install demos train-default eval eval-rtc
+.PHONY: help install proto run test lint bench bench-gpu clean sim-install demos train-default eval eval-rtc ts-install ts-test
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
+OPENPI_CLIENT := openpi-client==0.1.2
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps $(OPENPI_CLIENT)
 	@touch $(STAMP)
 
 install: $(STAMP) ## Create .venv and install the server with test and lint tools (skipped when up to date)
@@ -36,8 +39,23 @@ $(SIM_STAMP): pyproject.toml $(STAMP)
 
 sim-install: $(SIM_STAMP) ## Install the simulated robot (MetaWorld, MuJoCo) into .venv
 
-test: install proto $(SIM_STAMP) ## Run the whole test suite
+# The TypeScript client (clients/typescript): npm ci from the committed lockfile, redone only
+# when the lockfile changes; its tests start the Python server from .venv.
+TS_DIR := clients/typescript
+TS_STAMP := $(TS_DIR)/node_modules/.installed
+
+$(TS_STAMP): $(TS_DIR)/package-lock.json $(TS_DIR)/package.json
+	cd $(TS_DIR) && npm ci --no-audit --no-fund
+	@touch $(TS_STAMP)
+
+ts-install: $(TS_STAMP) ## Install the TypeScript client's npm packages (npm ci; skipped when up to date)
+
+ts-test: install proto $(TS_STAMP) ## Build the TypeScript client from the .proto and run its tests
+	cd $(TS_DIR) && VLA_PYTHON=$(abspath $(BIN)/python) npm test
+
+test: install proto $(SIM_STAMP) $(TS_STAMP) ## Run the whole test suite (Python, then the TypeScript client)
 	MUJOCO_GL=egl $(BIN)/python -m pytest $(PYTEST_ARGS)
+	cd $(TS_DIR) && VLA_PYTHON=$(abspath $(BIN)/python) npm test
 
 lint: install proto ## ruff and mypy
 	$(BIN)/ruff check src tests bench
@@ -57,6 +75,7 @@ bench: install proto $(BENCH_STAMP) ## Benchmarks on this machine (about 5 min);
 clean: ## Remove the virtual environment, generated code and caches
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache runs
 	rm -f $(PROTO_DIR)/*_pb2*.py $(PROTO_DIR)/*_pb2*.pyi
+	rm -rf $(TS_DIR)/node_modules $(TS_DIR)/dist $(TS_DIR)/proto $(TS_DIR)/src/generated
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 DEMOS := data/metaworld-mt10

@@ -154,6 +154,57 @@ def test_embedding_alias_accepted(tmp_path: Path) -> None:
     np.testing.assert_array_equal(_load(path).predict(_obs()).actions, reference)
 
 
+@pytest.mark.parametrize("variant", ["pi0", "pi05"])
+def test_lerobot_embedding_is_embed_tokens_not_lm_head(tmp_path: Path, variant: str) -> None:
+    """LeRobot files hold embed_tokens (what its forward embeds with) and an LM head pi0 never uses;
+    when they differ, the embedding is embed_tokens and the LM head changes nothing."""
+    path = write_tiny_lerobot_checkpoint(tmp_path / "c", variant, lm_head_seed=5)
+    tensors = load_file(path / "model.safetensors")
+    embed_tokens = tensors[ckpt.LEROBOT_PREFIX + ckpt.EMBED_ALIAS]
+    lm_head = tensors[ckpt.LEROBOT_PREFIX + ckpt.EMBED_KEY]
+    assert embed_tokens.shape == lm_head.shape and not torch.equal(embed_tokens, lm_head)
+
+    loaded = ckpt.load(path, tokenizer_path=str(demo_tokenizer_path()))
+    assert torch.equal(loaded.state_dict["embed_tokens.weight"], embed_tokens)
+    assert f"ignored unused weight {ckpt.LEROBOT_PREFIX + ckpt.EMBED_KEY}" in loaded.notes
+
+    # The same weights with the LM head equal to the embedding give the same actions ...
+    tied = write_tiny_lerobot_checkpoint(tmp_path / "tied", variant)
+    settings = {"tokenizer_path": str(demo_tokenizer_path())}
+    actions = _load(path, **settings).predict(_obs()).actions
+    np.testing.assert_array_equal(actions, _load(tied, **settings).predict(_obs()).actions)
+    # ... and embedding with the LM head instead (the old behaviour) would have changed them.
+    del tensors[ckpt.LEROBOT_PREFIX + ckpt.EMBED_ALIAS]
+    save_file(tensors, str(path / "model.safetensors"))
+    assert not np.allclose(_load(path, **settings).predict(_obs()).actions, actions)
+
+
+def test_pi05_prompt_state_padded_is_opt_in(openpi_pi05: Path) -> None:
+    """Default: the unpadded normalised state in the prompt (openpi); VLA_PI05_PROMPT_STATE=padded:
+    zero-padded to the model's 32 dims first (LeRobot 0.4.0-0.4.4 fine-tunes)."""
+    joints = np.linspace(-1, 1, 7).astype(np.float32)
+    stats = tiny_norm_stats()["state"]
+    q01, q99 = np.array(stats["q01"]), np.array(stats["q99"])
+    normalized = (joints - q01) / (q99 - q01 + 1e-6) * 2 - 1
+
+    def prompt(policy: Pi0Policy) -> str:
+        x = policy.prepare(_obs(joint_positions=joints, instruction="open it")).inputs
+        return str(policy._tokenizer.decode(x.tokens[1 : int(x.token_mask.sum())].tolist()))
+
+    unpadded = " ".join(str(b) for b in discretize_state(normalized))
+    padded_state = np.zeros(32, np.float32)
+    padded_state[:7] = normalized
+    padded = " ".join(str(b) for b in discretize_state(padded_state))
+    assert len(padded.split()) == 32 and padded.endswith(" 128 128")
+    assert prompt(_load(openpi_pi05)) == f"Task: open it, State: {unpadded};\nAction: "
+    padded_prompt = prompt(_load(openpi_pi05, pi05_prompt_state="padded"))
+    assert padded_prompt == f"Task: open it, State: {padded};\nAction: "
+    # Only the prompt changes: the continuous state input stays the same.
+    a = _load(openpi_pi05).prepare(_obs(joint_positions=joints)).inputs.state
+    b = _load(openpi_pi05, pi05_prompt_state="padded").prepare(_obs(joint_positions=joints)).inputs.state
+    np.testing.assert_array_equal(a, b)
+
+
 def test_variant_read_from_config_and_checked_against_weights(tmp_path: Path) -> None:
     path = write_tiny_openpi_checkpoint(tmp_path / "c", "pi05")
     config = json.loads((path / "config.json").read_text())

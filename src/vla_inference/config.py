@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     num_denoise_steps: int = Field(
         0, ge=0, le=100, description="Flow-matching steps; 0 = the model's default"
     )
+    pi05_prompt_state: Literal["unpadded", "padded"] = Field(
+        "unpadded",
+        description="pi0.5: the normalised state discretised into the prompt: unpadded (openpi, LeRobot "
+        "after f0d2b37be) or padded with zeros to the model's 32 dims (pi0.5 fine-tuned with LeRobot "
+        "0.4.0-0.4.4)",
+    )
     compile: bool = Field(False, description="torch.compile the model (CUDA)")
     torch_threads: int = Field(
         0, ge=0, le=512, description="CPU threads for torch; 0 = torch's default (all cores)"
@@ -92,6 +98,20 @@ class Settings(BaseSettings):
     )
     rtc_schedule: Literal["exp", "linear", "ones"] = Field(
         "exp", description="Real-time chunking: soft-mask schedule over the overlap (guided)"
+    )
+
+    # --- openpi-compatible websocket endpoint (transport/openpi.py) ----------------------------
+    openpi_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Port of the openpi-compatible websocket endpoint on VLA_HOST; empty = off, 0 = any free",
+    )
+    openpi_layout: Literal["auto", "droid", "libero", "aloha"] = Field(
+        "auto", description="openpi observation layout; auto = detected from each observation's keys"
+    )
+    openpi_embodiment: str = Field(
+        "", description="Embodiment for openpi observations (they carry none); empty = the model's default"
     )
 
     # --- input limits ----------------------------------------------------------------------
@@ -151,6 +171,20 @@ class Settings(BaseSettings):
 
         parse_setting(value)
         return value.strip()
+
+    @field_validator("openpi_port", mode="before")
+    @classmethod
+    def _openpi_port_off(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() in ("", "off", "none"):
+            return None
+        return value
+
+    @field_validator("openpi_port")
+    @classmethod
+    def _openpi_port_free(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and value == info.data.get("grpc_port"):
+            raise ValueError("a port other than VLA_GRPC_PORT (or empty to turn the endpoint off)")
+        return value
 
     @field_validator("device")
     @classmethod
@@ -284,7 +318,11 @@ def _allowed(field: str, error: Any) -> str:
             bound = getattr(item, name, None)
             if bound is not None:
                 bounds.append(f"{word} {bound}")
-    kind = info.annotation.__name__ if isinstance(info.annotation, type) else None
+    annotation = info.annotation
+    optional = [a for a in getattr(annotation, "__args__", ()) if a is not type(None)]
+    if not isinstance(annotation, type) and len(optional) == 1:
+        annotation = optional[0]  # `int | None` reads as int
+    kind = annotation.__name__ if isinstance(annotation, type) else None
     if error.get("type", "").endswith("_parsing") or error.get("type") in {
         "int_type",
         "float_type",

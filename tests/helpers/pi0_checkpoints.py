@@ -2,12 +2,15 @@
 
     write_tiny_openpi_checkpoint(path, variant="pi0" | "pi05", seed=0, asset_ids=("demo",),
                                  state_dim=7, action_dim=7)
-    write_tiny_lerobot_checkpoint(path, variant="pi0" | "pi05", seed=0, state_dim=7, action_dim=7)
+    write_tiny_lerobot_checkpoint(path, variant="pi0" | "pi05", seed=0, state_dim=7, action_dim=7,
+                                  lm_head_seed=None)
 
 Both write the openpi "dummy" Gemma sizes with a tiny SigLIP (patch 28), random weights from
 `seed`, norm stats with distinct non-trivial values per asset id (see tiny_norm_stats), and — for
-openpi — the demo tokenizer as tokenizer.model. LeRobot checkpoints ship no tokenizer (as the real
-ones): pass `tokenizer_path=demo_tokenizer_path()` in Settings, or call with with_tokenizer=True.
+openpi — the demo tokenizer as tokenizer.model. LeRobot files hold both the token embedding and
+the PaliGemma LM head, as LeRobot's do: equal by default, random from `lm_head_seed` when given.
+LeRobot checkpoints ship no tokenizer (as the real ones): pass
+`tokenizer_path=demo_tokenizer_path()` in Settings, or call with with_tokenizer=True.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+
+import torch
 
 from vla_inference.models.pi0 import checkpoint as ckpt
 from vla_inference.models.pi0.demo import TOKENIZER_ASSET
@@ -81,10 +86,16 @@ def write_tiny_lerobot_checkpoint(
     action_dim: int = 7,
     *,
     with_tokenizer: bool = False,
+    lm_head_seed: int | None = None,
 ) -> Path:
     path = Path(path)
     cfg, state_dict = _weights(variant, seed)
     stats = tiny_norm_stats(state_dim, action_dim)
+    lm_head = None
+    if lm_head_seed is not None:
+        embedding = state_dict["embed_tokens.weight"]
+        generator = torch.Generator().manual_seed(lm_head_seed)
+        lm_head = torch.randn(embedding.shape, generator=generator).mul_(0.5).to(embedding.dtype)
     ckpt.write_lerobot(
         path,
         cfg,
@@ -93,6 +104,7 @@ def write_tiny_lerobot_checkpoint(
         action_stats=stats["actions"],
         state_dim=state_dim,
         action_dim=action_dim,
+        lm_head=lm_head,
     )
     if with_tokenizer:
         shutil.copyfile(TOKENIZER_ASSET, path / "tokenizer.model")

@@ -75,6 +75,9 @@ class Metrics:
         )
         self.active_streams = Gauge("vla_active_streams", "Open StreamControl sessions", registry=r)
         self.in_flight = Gauge("vla_requests_in_flight", "Requests admitted and not yet answered", registry=r)
+        self.openpi_connections = Gauge(
+            "vla_openpi_connections", "Open connections to the openpi websocket endpoint", registry=r
+        )
         self.uptime.set_function(lambda: time.monotonic() - self._start)
         if gpu is not None and gpu.available:
             self.gpu_utilization.set_function(lambda: self._gpu_field("utilization_percent"))
@@ -96,6 +99,9 @@ class Metrics:
 
     def bind_queue_depth(self, read: Callable[[], float]) -> None:
         self.queue_depth.set_function(read)
+
+    def bind_openpi_connections(self, read: Callable[[], float]) -> None:
+        self.openpi_connections.set_function(read)
 
     def count(self, status: str, n: int = 1) -> None:
         self.requests.labels(model=self.model_name, status=status).inc(n)

@@ -1,5 +1,6 @@
 """Server assembly and lifecycle: gRPC server, health and reflection services, metrics endpoint,
-model loading, warm-up, signals and graceful drain.
+the optional openpi websocket endpoint (VLA_OPENPI_PORT), model loading, warm-up, signals and
+graceful drain.
 
 States: LOADING (port open, health NOT_SERVING) -> SERVING -> DRAINING on SIGTERM/SIGINT
 (health NOT_SERVING, new requests UNAVAILABLE, accepted ones answered within
@@ -27,6 +28,7 @@ from vla_inference.models.registry import create_model
 from vla_inference.telemetry.gpu import GpuMonitor
 from vla_inference.telemetry.metrics import Metrics
 from vla_inference.transport import codec, security
+from vla_inference.transport.openpi import OpenpiEndpoint
 from vla_inference.transport.servicer import ServerState, VLAInferenceServicer
 
 log = logging.getLogger(__name__)
@@ -61,8 +63,10 @@ class VLAServer:
         self.metrics = Metrics(model_name=settings.model_type, gpu=self.gpu)
         self.engine: InferenceEngine | None = None
         self.health = health.aio.HealthServicer()
+        self.openpi: OpenpiEndpoint | None = None
         self.port = 0
         self.metrics_port = 0
+        self.openpi_port = 0
         self._server: grpc.aio.Server | None = None
         self._watch: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
@@ -135,6 +139,17 @@ class VLAServer:
         self.state.phase = ServerState.SERVING
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._watch = asyncio.create_task(self._watch_stuck())
+        if self.settings.openpi_port is not None:
+            # Opened once the model serves, as openpi's server does: its clients expect the metadata
+            # message at once and an answer to every observation.
+            self.openpi = OpenpiEndpoint(
+                self.settings,
+                lambda: self.engine,
+                lambda: self.state.phase == ServerState.SERVING,
+                on_denied=lambda: self.metrics.count("UNAUTHENTICATED"),
+            )
+            self.openpi_port = await self.openpi.start()
+            self.metrics.bind_openpi_connections(lambda: float(self.openpi.connections if self.openpi else 0))
         log.info("SERVING %s on port %d", info.name, self.port)
 
     def _log_exposure(self) -> None:
@@ -198,6 +213,8 @@ class VLAServer:
                 log.warning("grace period over with %d requests unanswered", self.engine.in_flight)
         if self._watch is not None:
             self._watch.cancel()
+        if self.openpi is not None:
+            await self.openpi.stop()
         if stopping is not None:
             await stopping
         if self.engine is not None:

@@ -29,9 +29,11 @@ from vla_inference.engine import (
     realtime,
 )
 from vla_inference.engine.realtime import Applied, ChunkMemory, RtcRequest
-from vla_inference.models.base import InvalidObservation, PreparedSample
+from vla_inference.models.base import PreparedSample
 from vla_inference.telemetry.gpu import GpuMonitor
 from vla_inference.transport import codec
+from vla_inference.transport.outcome import Unavailable as _Unavailable
+from vla_inference.transport.outcome import classify, record
 
 log = logging.getLogger(__name__)
 
@@ -119,26 +121,13 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
         return prepared
 
     def _failure(self, exc: BaseException, where: str) -> _Failure:
-        if isinstance(exc, InvalidObservation):
-            return _Failure(grpc.StatusCode.INVALID_ARGUMENT, f"invalid observation: {exc}")
-        if isinstance(exc, _Unavailable):
-            return _Failure(grpc.StatusCode.UNAVAILABLE, str(exc))
-        if isinstance(exc, EngineError):
-            return _Failure(getattr(grpc.StatusCode, exc.status, grpc.StatusCode.INTERNAL), exc.message)
-        log.exception("unexpected error in %s", where)
-        return _Failure(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see server log")
+        outcome = classify(exc, where)
+        return _Failure(getattr(grpc.StatusCode, outcome.status, grpc.StatusCode.INTERNAL), outcome.message)
 
     def _record(
         self, engine: InferenceEngine | None, status: str, embodiment: str = "", seconds: float = 0.0
     ) -> None:
-        if engine is None:
-            return
-        metrics = engine.metrics
-        metrics.count(status)
-        if status == "OK":
-            metrics.inference_latency.labels(
-                model=metrics.model_name, embodiment=embodiment or "default"
-            ).observe(seconds)
+        record(engine, status, embodiment, seconds)
 
     def _answer(
         self,
@@ -327,10 +316,6 @@ async def _abort(context: grpc.aio.ServicerContext, failure: _Failure) -> None:
         if not context.done():
             raise
         raise asyncio.CancelledError() from None
-
-
-class _Unavailable(Exception):
-    pass
 
 
 class _RateLimited(EngineError):

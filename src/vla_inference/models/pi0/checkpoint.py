@@ -14,8 +14,11 @@ openpi PyTorch (examples/convert_jax_model_to_pytorch.py in Physical-Intelligenc
 
   openpi saves with safetensors.torch.save_model, which keeps one name per tied tensor: the PaliGemma
   token embedding is stored as "paligemma.lm_head.weight" ("...language_model.embed_tokens.weight"
-  is accepted too). The action expert's "gemma_expert.lm_head.weight" (vocab x expert width) is in
-  every file but never used by pi0: it is accepted and ignored. The variant is read from
+  is accepted too). A file holding both names (every LeRobot checkpoint) is read the way the
+  reference forward pass reads it: the token embedding is "...language_model.embed_tokens.weight"
+  and the LM head, which pi0 never uses, is ignored; the two are not guaranteed equal (fine-tuning
+  trains the embedding). The action expert's "gemma_expert.lm_head.weight" (vocab x expert width)
+  is in every openpi file but never used by pi0: it is accepted and ignored. The variant is read from
   config.json "pi05" when present, otherwise from the weights themselves (time_mlp_* = pi0.5,
   state_proj = pi0); a file that says neither is refused.
 
@@ -59,7 +62,8 @@ _EX = "paligemma_with_expert.gemma_expert."
 _VIS = _PG + "model.vision_tower.vision_model."
 _LM = _PG + "model.language_model."
 
-# Our token embedding, as openpi's save_model writes it (tied with the LM head) and its alias.
+# Our token embedding: as openpi's save_model writes it (tied with the LM head), and the name the
+# reference forward pass embeds tokens with, which wins when a file holds both.
 EMBED_KEY = _PG + "lm_head.weight"
 EMBED_ALIAS = _LM + "embed_tokens.weight"
 # In every openpi file, never used by the policy.
@@ -401,13 +405,16 @@ def map_weights(file: Path, cfg: Pi0Config, prefix: str = "") -> tuple[dict[str,
     ours = expected_shapes(cfg)
     wanted = {prefix + openpi_name(k): k for k in ours}
     notes: list[str] = []
-    embed_disk = prefix + EMBED_KEY
-    alias = prefix + EMBED_ALIAS
-    if embed_disk not in shapes and alias in shapes:
-        wanted[alias] = wanted.pop(embed_disk)
+    lm_head = prefix + EMBED_KEY
+    embed_tokens = prefix + EMBED_ALIAS
     ignored = {prefix + k for k in IGNORED_KEYS}
-    if embed_disk in shapes and alias in shapes:
-        ignored.add(alias)
+    if embed_tokens in shapes:
+        # The forward pass embeds with embed_tokens; an LM head beside it is unused by pi0.
+        wanted[embed_tokens] = wanted.pop(lm_head)
+        if lm_head in shapes:
+            ignored.add(lm_head)
+            if tuple(shapes[lm_head]) != tuple(shapes[embed_tokens]):
+                notes.append(f"{lm_head} has shape {list(shapes[lm_head])}, unlike the embedding")
     missing = sorted(k for k in wanted if k not in shapes)
     unexpected = sorted(k for k in shapes if k not in wanted and k not in ignored)
     mismatched = sorted(
@@ -461,7 +468,7 @@ def _int(config: Mapping[str, Any], key: str, default: int, where: Path) -> int:
 
 
 def _vocab_size(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> int:
-    for key in (prefix + EMBED_KEY, prefix + EMBED_ALIAS):
+    for key in (prefix + EMBED_ALIAS, prefix + EMBED_KEY):
         if key in shapes and len(shapes[key]) == 2:
             return int(shapes[key][0])
     return PALIGEMMA_VOCAB_SIZE
@@ -712,14 +719,22 @@ def write_lerobot(
     action_stats: Mapping[str, list[float]],
     state_dim: int,
     action_dim: int,
+    lm_head: torch.Tensor | None = None,
 ) -> Path:
-    """Write a checkpoint in LeRobot's pi0 / pi05 layout (config.json + model.safetensors + normalizers)."""
+    """Write a checkpoint in LeRobot's pi0 / pi05 layout (config.json + model.safetensors + normalizers).
+
+    Like LeRobot's own files, model.safetensors holds both the token embedding
+    ("...language_model.embed_tokens.weight") and the PaliGemma LM head ("...paligemma.lm_head.weight"):
+    `lm_head` gives the latter (default: a copy of the embedding, as right after conversion).
+    """
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        LEROBOT_PREFIX + k: v.detach().contiguous().cpu() for k, v in to_openpi_state_dict(state_dict).items()
-    }
+    named = to_openpi_state_dict(state_dict)
+    embedding = named.pop(EMBED_KEY)
+    named[EMBED_ALIAS] = embedding
+    named[EMBED_KEY] = embedding.clone() if lm_head is None else lm_head
+    tensors = {LEROBOT_PREFIX + k: v.detach().contiguous().cpu() for k, v in named.items()}
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     mode = "QUANTILES" if cfg.pi05 else "MEAN_STD"
     config = {

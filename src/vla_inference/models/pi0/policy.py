@@ -17,8 +17,9 @@ Preprocessing (prepare, CPU): images resized with padding to the tower's size (2
 [-1, 1]; the state normalised with the embodiment's statistics (pi0: z-score, pi0.5: quantiles; the
 LeRobot format uses its own normaliser settings) and zero-padded to the model's 32 dims; the prompt
 tokenised like the reference: pi0 "<instruction>" + "\\n" (BOS first), pi0.5
-"Task: <instruction>, State: <256-bin discretised normalised state>;\\nAction: ". A prompt longer
-than the model's max_token_len is refused rather than truncated.
+"Task: <instruction>, State: <256-bin discretised normalised state>;\\nAction: " (the state unpadded,
+as openpi; VLA_PI05_PROMPT_STATE=padded discretises it zero-padded to 32 dims, as LeRobot 0.4.0-0.4.4
+did). A prompt longer than the model's max_token_len is refused rather than truncated.
 
 Embodiments are the checkpoint's norm-stats asset ids (VLA_NORM_STATS_KEY keeps only one).
 """
@@ -26,6 +27,7 @@ Embodiments are the checkpoint's norm-stats asset ids (VLA_NORM_STATS_KEY keeps 
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,6 +52,8 @@ from vla_inference.models.base import (
 from vla_inference.models.pi0 import checkpoint as ckpt
 from vla_inference.models.pi0.model import IMAGE_SLOTS, Pi0Config, Pi0Model, build
 from vla_inference.preprocessing.images import resize_with_pad
+
+log = logging.getLogger(__name__)
 
 CAMERA_TO_SLOT = {"base": "base_0_rgb", "left_wrist": "left_wrist_0_rgb", "right_wrist": "right_wrist_0_rgb"}
 SLOT_TO_CAMERA = {slot: camera for camera, slot in CAMERA_TO_SLOT.items()}
@@ -218,6 +222,15 @@ class Pi0Policy(VLAModel):
             action_layouts=loaded.about.action_layouts,
             rtc_methods=rtc.FLOW_METHODS,
         )
+        if self.settings.pi05_prompt_state == "padded":
+            if cfg.pi05:
+                log.info(
+                    "pi0.5 prompt: the state is discretised zero-padded to %d dims "
+                    "(VLA_PI05_PROMPT_STATE=padded)",
+                    cfg.action_dim,
+                )
+            else:
+                log.warning("VLA_PI05_PROMPT_STATE=padded has no effect: pi0 has no state in its prompt")
         if self.settings.compile:
             model.denoise_step = torch.compile(model.denoise_step, dynamic=False)  # type: ignore[method-assign]
             model.prefill = torch.compile(model.prefill, dynamic=False)  # type: ignore[method-assign]
@@ -333,7 +346,11 @@ class Pi0Policy(VLAModel):
         normalized = norm.state.normalize(joints) if norm is not None else joints.astype(np.float32)
         state = np.zeros(cfg.action_dim, np.float32)
         state[: normalized.shape[0]] = normalized
-        tokens, token_mask = self.tokenize(observation.instruction, normalized if cfg.pi05 else None)
+        prompt_state = None
+        if cfg.pi05:
+            # openpi discretises the unpadded state; LeRobot 0.4.0-0.4.4 the state padded to 32 dims.
+            prompt_state = state if self.settings.pi05_prompt_state == "padded" else normalized
+        tokens, token_mask = self.tokenize(observation.instruction, prompt_state)
         seed = observation.seed if observation.seed is not None else secrets.randbits(63)
         inputs = Pi0Inputs(images, masks, tokens, token_mask, state)
         return PreparedSample(inputs=inputs, embodiment=embodiment, seed=int(seed), batch_key=("pi0",))
