@@ -39,10 +39,11 @@ sim-install: $(SIM_STAMP) ## Install the simulated robot (MetaWorld, MuJoCo) int
 test: install proto $(SIM_STAMP) ## Run the whole test suite
 	MUJOCO_GL=egl $(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: install proto ## ruff and mypy
+lint: install proto ## ruff, mypy, and hadolint on the Dockerfile
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
+	$(BIN)/hadolint --failure-threshold info Dockerfile
 
 BENCH_STAMP := $(VENV)/.installed-bench
 BENCH_ARGS ?=
