@@ -9,7 +9,7 @@ PROTO_OUT := $(PROTO_DIR)/vla_inference_pb2.py
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto run test lint bench bench-gpu clean sim-install demos train-default eval
+.PHONY: help install proto run test lint bench bench-replicas bench-gpu clean sim-install demos train-default eval
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -54,6 +54,9 @@ $(BENCH_STAMP): pyproject.toml $(STAMP)
 
 bench: install proto $(BENCH_STAMP) ## Benchmarks on this machine (about 5 min); results in bench/results/
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+bench-replicas: install proto ## 16 robots against 1, 2, 3 replicas (client-side balancing; about 2 min)
+	$(BIN)/python -m bench.replicas $(BENCH_ARGS)
 
 clean: ## Remove the virtual environment, generated code and caches
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache runs
