@@ -23,10 +23,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2
+from PIL import Image
 
 from tests.support.certs import make_pki
 from tests.support.toy_model import ToyPolicy
-from vla_inference import channels
+from vla_inference import channels, cli
 from vla_inference.api.v1 import vla_inference_pb2 as pb
 from vla_inference.client import AsyncVLAClient, ChannelSecurity, VLAClient, make_observation
 from vla_inference.transport.servicer import ServerState
@@ -284,6 +286,28 @@ def _count(text: str, status: str) -> float:
     return 0.0
 
 
+def test_cli_takes_several_targets_and_health_probes_one_replica(server_factory, tmp_path, capsys):
+    refusing = server_factory(lambda s: ToyPolicy(s, name="refusing"))
+    serving = server_factory(lambda s: ToyPolicy(s, name="serving"))
+    image = tmp_path / "frame.png"
+    Image.fromarray(IMAGE).save(image)
+    refusing.server.state.phase = ServerState.DRAINING  # refuses calls; health still SERVING
+    targets = f"{refusing.target},{serving.target}"
+    for _ in range(4):  # whichever replica a fresh client starts with, the call is answered
+        assert (
+            cli.main(["predict", "--target", targets, "--image", str(image), "--joints", "0,0,0,0,0,0,0"])
+            == 0
+        )
+        assert json.loads(capsys.readouterr().out)["model"] == "serving"
+    assert cli.main(["info", "--target", targets]) == 0
+    assert json.loads(capsys.readouterr().out)["modelName"] == "serving"
+    refusing.call(refusing.server.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING))
+    # The probe reaches the replica it names, whatever its health, and reports it.
+    assert cli.main(["health", "--target", refusing.target]) == 1
+    assert capsys.readouterr().out.strip() == "NOT_SERVING"
+    assert cli.main(["health", "--target", serving.target]) == 0
+
+
 def test_tls_and_tokens_across_replicas_given_by_address_or_name(server_factory, tmp_path):
     pki = make_pki(tmp_path)  # server certificate for localhost and 127.0.0.1
     token = "tok-fleet-0123456789abcdef"
@@ -353,6 +377,18 @@ def test_control_session_moves_to_another_replica_when_its_replica_drains(fleet:
         assert len(moved) == 1 and first not in moved, (first, moved)
         assert all(len(a.actions) == 8 and not a.HasField("error") for a in answers)
     assert fleet.by_name(first).process.wait(timeout=10) == 0
+
+
+def test_control_session_survives_its_replica_dying(fleet: Fleet):
+    with VLAClient(fleet.targets) as client:
+        _warm_up(client, 3)
+        with client.control() as session:
+            home = session.act(_observation(1)).model_name
+            fleet.by_name(home).signal(signal.SIGKILL)
+            fleet.by_name(home).process.wait(timeout=10)
+            answers = [session.act(_observation(2 + i)) for i in range(3)]
+        assert session.reopens == 1
+        assert len({a.model_name for a in answers}) == 1 and home not in {a.model_name for a in answers}
 
 
 def test_stream_on_draining_replica_ends_unavailable_and_async_session_reopens(fleet: Fleet):
