@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 def expert_baseline(task_names: Sequence[str], seeds: Sequence[int], max_steps: int) -> dict[str, Any]:
     """The scripted expert on the same seeds (no rendering, no server)."""
     per_task: dict[str, Any] = {}
-    total, wins, steps_all = 0, 0, []
+    total, wins = 0, 0
+    steps_all: list[int] = []
     for name in task_names:
         with mt.MetaWorldEpisode(name, max_steps=max_steps) as episode:
             steps = []
