@@ -357,7 +357,14 @@ async def _commit(context: grpc.aio.ServicerContext) -> None:
     draws the line for clients: UNAVAILABLE without headers (loading, draining, connection
     refused) was never run and is retried on another replica; once headers arrived the call may
     have executed and a later failure (e.g. the replica died) is never retried."""
-    await context.send_initial_metadata(())
+    try:
+        await context.send_initial_metadata(())
+    except grpc.aio.UsageError:
+        raise
+    except Exception:
+        # gRPC could not send them: the call ended under us (the client cancelled, its deadline
+        # passed, or the connection went), perhaps before the context says so. An ordinary cancel.
+        raise asyncio.CancelledError() from None
 
 
 def _refused_by_drain(chunk: pb.ActionChunk) -> bool:
