@@ -27,7 +27,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     VLA_METRICS_HOST=0.0.0.0 \
     VLA_GRPC_PORT=50051 \
     VLA_METRICS_PORT=9090
-USER vla
+USER 10001
 WORKDIR /home/vla
 EXPOSE 50051 9090
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \

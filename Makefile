@@ -9,7 +9,7 @@ PROTO_OUT := $(PROTO_DIR)/vla_inference_pb2.py
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto run test lint bench bench-gpu clean sim-install demos train-default eval eval-rtc ts-install ts-test
+.PHONY: help install proto run test lint bench bench-replicas bench-gpu clean sim-install demos train-default eval eval-rtc ts-install ts-test
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -57,10 +57,11 @@ test: install proto $(SIM_STAMP) $(TS_STAMP) ## Run the whole test suite (Python
 	MUJOCO_GL=egl $(BIN)/python -m pytest $(PYTEST_ARGS)
 	cd $(TS_DIR) && VLA_PYTHON=$(abspath $(BIN)/python) npm test
 
-lint: install proto ## ruff and mypy
+lint: install proto ## ruff, mypy, and hadolint on the Dockerfile
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
+	$(BIN)/hadolint --failure-threshold info Dockerfile
 
 BENCH_STAMP := $(VENV)/.installed-bench
 BENCH_ARGS ?=
@@ -71,6 +72,9 @@ $(BENCH_STAMP): pyproject.toml $(STAMP)
 
 bench: install proto $(BENCH_STAMP) ## Benchmarks on this machine (about 5 min); results in bench/results/
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+bench-replicas: install proto ## 16 robots against 1, 2, 3 replicas (client-side balancing; about 2 min)
+	$(BIN)/python -m bench.replicas $(BENCH_ARGS)
 
 clean: ## Remove the virtual environment, generated code and caches
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache runs

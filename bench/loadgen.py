@@ -47,6 +47,7 @@ class ServerProcess:
         self.ready_timeout_s = ready_timeout_s
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
+        self.metrics_port = 0  # when the server prints it (bench.serve --metrics)
         self.started_s = 0.0
 
     def __enter__(self) -> ServerProcess:
@@ -72,7 +73,9 @@ class ServerProcess:
                 f"server {' '.join(self.args)} did not become ready within {self.ready_timeout_s:.0f} s "
                 f"(got {line[:1]!r}); log: {self.log_path}"
             )
-        self.port = int(line[0].split()[1])
+        fields = line[0].split()
+        self.port = int(fields[1])
+        self.metrics_port = int(fields[2]) if len(fields) > 2 else 0
         self.started_s = time.monotonic() - t0
         return self
 

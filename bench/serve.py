@@ -1,10 +1,11 @@
 """The server under test, in its own process (so the load generator never shares its GIL).
 
-    python -m bench.serve [--stub-forward]
+    python -m bench.serve [--stub-forward] [--metrics]
 
 Settings come from VLA_* variables as for `vla-inference serve`; the port is picked here on
-127.0.0.1 and printed as `READY <port>` on stdout once health is SERVING. Closing stdin (or
-SIGTERM) drains and stops it.
+127.0.0.1 and printed as `READY <port>` on stdout once health is SERVING (`READY <port>
+<metrics port>` with --metrics, which serves Prometheus metrics on another free port). Closing
+stdin (or SIGTERM) drains and stops it.
 
 --stub-forward serves the real model's prepare() and finish() around a forward() that returns
 a cached output: the whole server path (gRPC, decode, preprocessing, queue, batching,
@@ -66,14 +67,16 @@ class StubForward(VLAModel):
         return self.inner.warmup_observation()
 
 
-async def _main(stub: bool) -> None:
+async def _main(stub: bool, metrics: bool = False) -> None:
     from vla_inference.transport.server import VLAServer
 
-    settings = Settings.from_env(host="127.0.0.1", grpc_port=0, metrics_enabled=False)
+    settings = Settings.from_env(
+        host="127.0.0.1", grpc_port=0, metrics_enabled=metrics, metrics_host="127.0.0.1", metrics_port=0
+    )
     model = create_model(settings)
     server = VLAServer(settings, StubForward(model) if stub else model)
     await server.start()
-    print(f"READY {server.port}", flush=True)
+    print(f"READY {server.port}" + (f" {server.metrics_port}" if metrics else ""), flush=True)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_reader(sys.stdin.fileno(), lambda: stop.set() if not sys.stdin.readline() else None)
@@ -88,13 +91,14 @@ async def _main(stub: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.serve")
     parser.add_argument("--stub-forward", action="store_true")
+    parser.add_argument("--metrics", action="store_true", help="serve metrics on a free port")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=os.environ.get("VLA_LOG_LEVEL", "WARNING"),
         format="[server] %(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    asyncio.run(_main(args.stub_forward))
+    asyncio.run(_main(args.stub_forward, args.metrics))
     return 0
 
 

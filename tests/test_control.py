@@ -34,6 +34,10 @@ def test_queue_swaps_in_the_new_chunk_at_the_delay() -> None:
     queue.on_chunk(_chunk(100), "b", elapsed_ticks=2)
     assert queue.next_action()[0] == 102.0  # type: ignore[index]
     assert queue.expected_delay() == 2 and queue.rtc_fields().delay_actions == 2
+    # For a server that does not know chunk "b" (a stream reopened elsewhere): the chunk itself.
+    stateless = queue.rtc_fields(stateless=True)
+    assert stateless.previous_request_id == "" and stateless.executed_actions == 3
+    assert [a.joint_commands[0] for a in stateless.previous_actions] == list(_chunk(100)[:, 0])
 
 
 def test_queue_stalls_when_the_chunk_runs_out() -> None:
@@ -65,7 +69,7 @@ def test_realtime_controller_drives_a_robot_against_a_server(server_factory) -> 
     def capture() -> pb.Observation:
         return make_observation(IMAGE, [0.0] * 7, "pick up the cup", request_id=f"r{next(counter)}", seed=1)
 
-    with running.client() as client, client.session() as session:
+    with running.client() as client, client.control() as session:
         queue = ChunkQueue(execute_horizon=8, method="hard", control_hz=20.0)
         RealtimeController(session, queue, capture, executed.append).run(seconds=2.0)
     actions = [a for a in executed if a is not None]

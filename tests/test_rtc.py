@@ -13,7 +13,7 @@ import torch
 
 from tests.helpers.pi0_checkpoints import write_tiny_openpi_checkpoint
 from vla_inference.api.v1 import vla_inference_pb2 as pb
-from vla_inference.client import StreamObservationError, make_observation
+from vla_inference.client import make_observation
 from vla_inference.config import Settings
 from vla_inference.models import rtc
 from vla_inference.models.base import Observation
@@ -215,10 +215,10 @@ def test_stream_continues_the_chunk_it_sent(server_factory) -> None:  # type: ig
     with running.client() as client:
         horizon = client.info().model_horizon
         hard = pb.RTC_METHOD_HARD
-        with client.session() as session:
-            first = session.ask(_observation("a", 1))
-            second = session.ask(_observation("b", 2, _rtc(method=hard, executed_actions=3, delay_actions=4)))
-            third = session.ask(
+        with client.control() as session:
+            first = session.act(_observation("a", 1))
+            second = session.act(_observation("b", 2, _rtc(method=hard, executed_actions=3, delay_actions=4)))
+            third = session.act(
                 _observation("c", 3, _rtc(method=hard, executed_actions=2, previous_request_id="a"))
             )
     a = np.array([x.joint_commands for x in first.actions])
@@ -239,10 +239,10 @@ def test_stream_continues_the_chunk_it_sent(server_factory) -> None:  # type: ig
 
 def test_stream_estimates_the_delay_from_its_latency(server_factory) -> None:  # type: ignore[no-untyped-def]
     running = server_factory(chunk_size=16)
-    with running.client() as client, client.session() as session:
+    with running.client() as client, client.control() as session:
         answers = [
-            session.ask(_observation("a", 1)),
-            session.ask(
+            session.act(_observation("a", 1)),
+            session.act(
                 _observation(
                     "b", 2, _rtc(method=pb.RTC_METHOD_GUIDED, executed_actions=1, control_rate_hz=1000.0)
                 )
@@ -287,13 +287,12 @@ def test_bad_rtc_fields_are_invalid_argument(server_factory, fields, field_name)
 
 def test_unknown_previous_chunk_is_an_inline_stream_error(server_factory) -> None:  # type: ignore[no-untyped-def]
     running = server_factory()
-    with running.client() as client, client.session() as session:
-        session.ask(_observation("a", 1))
-        with pytest.raises(StreamObservationError) as err:
-            session.ask(_observation("b", 2, _rtc(executed_actions=1, previous_request_id="zz")))
-        assert session.ask(_observation("c", 3)).actions  # the session goes on
-    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert "rtc.previous_request_id" in str(err.value) and "'zz'" in str(err.value)
+    with running.client() as client, client.control() as session:
+        session.act(_observation("a", 1))
+        refused = session.act(_observation("b", 2, _rtc(executed_actions=1, previous_request_id="zz")))
+        assert session.act(_observation("c", 3)).actions  # the session goes on
+    assert refused.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "rtc.previous_request_id" in refused.error.message and "'zz'" in refused.error.message
 
 
 def test_openvla_refuses_real_time_chunking(server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

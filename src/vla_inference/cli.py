@@ -49,6 +49,7 @@ def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         root_certificates=read(args.ca_cert),
         certificate_chain=read(args.client_cert),
         private_key=read(args.client_key),
+        server_name=args.server_name,
     )
     return VLAClient(args.target, timeout=args.timeout, security=security)
 
@@ -109,7 +110,7 @@ def _health(args: argparse.Namespace) -> int:
 
     with _client(args) as client:
         try:
-            stub = health_pb2_grpc.HealthStub(client._channel)
+            stub = health_pb2_grpc.HealthStub(client.direct_channel())
             reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=args.timeout)
         except grpc.RpcError as exc:
             print(f"not serving: {exc.code().name}: {exc.details()}", file=sys.stderr)
@@ -210,13 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
     def client_parser(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         default_target = f"localhost:{os.environ.get('VLA_GRPC_PORT', '50051')}"
-        p.add_argument("--target", default=os.environ.get("VLA_TARGET", default_target), help="host:port")
+        p.add_argument(
+            "--target",
+            default=os.environ.get("VLA_TARGET", default_target),
+            help="host:port, several comma-separated (calls balanced over the healthy ones), "
+            "or a gRPC URI such as dns:///name:port",
+        )
         p.add_argument("--timeout", type=float, default=10.0, help="seconds")
         p.add_argument("--token", default=os.environ.get("VLA_CLIENT_TOKEN", ""), help="bearer token")
         p.add_argument("--token-file", default="", help="file whose first line is the bearer token")
         p.add_argument("--ca-cert", default="", help="CA certificate (PEM) to verify the server: enables TLS")
         p.add_argument("--client-cert", default="", help="client certificate (PEM) for mutual TLS")
         p.add_argument("--client-key", default="", help="client private key (PEM) for mutual TLS")
+        p.add_argument("--server-name", default="", help="TLS: the name the server certificates carry")
         return p
 
     p = client_parser("predict", "send one observation and print the action chunk as JSON")

@@ -3,7 +3,7 @@
     from vla_inference.client import VLAClient
     from vla_inference.control import ChunkQueue, RealtimeController
 
-    with VLAClient("gpu-host:50051") as client, client.session() as session:
+    with VLAClient("gpu-host:50051") as client, client.control() as session:
         queue = ChunkQueue(execute_horizon=8, method="guided", control_hz=50)
         RealtimeController(session, queue, capture=robot.observe, execute=robot.act).run(seconds=60)
 
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vla_inference.api.v1 import vla_inference_pb2 as pb
-from vla_inference.client import StreamSession
+from vla_inference.client import ControlSession
 
 METHODS = {
     "": pb.RTC_METHOD_UNSPECIFIED,
@@ -98,16 +98,21 @@ class ChunkQueue:
             return self.fixed_delay
         return max(self._delays) if self._delays else 0
 
-    def rtc_fields(self) -> pb.RealTimeChunking:
-        """Observation.rtc for an observation captured now."""
+    def rtc_fields(self, *, stateless: bool = False) -> pb.RealTimeChunking:
+        """Observation.rtc for an observation captured now.
+
+        stateless: send the current chunk itself (previous_actions) instead of naming it, for a
+        server that does not know it (Predict, or a stream just reopened on another replica)."""
         chunk = self._current
         fields = pb.RealTimeChunking(
             method=METHODS[self.method],
             executed_actions=chunk.position if chunk is not None else 0,
             control_rate_hz=self.control_hz,
-            previous_request_id=chunk.request_id if chunk is not None else "",
+            previous_request_id=chunk.request_id if chunk is not None and not stateless else "",
             max_guidance=self.max_guidance,
         )
+        if chunk is not None and stateless:
+            fields.previous_actions.extend(pb.Action(joint_commands=row.tolist()) for row in chunk.actions)
         if chunk is not None and (self.fixed_delay is not None or self._delays):
             fields.delay_actions = self.expected_delay()
         return fields
@@ -129,7 +134,7 @@ class RealtimeController:
 
     def __init__(
         self,
-        session: StreamSession,
+        session: ControlSession,
         queue: ChunkQueue,
         capture: Callable[[], pb.Observation],
         execute: Callable[[np.ndarray | None], None],
@@ -139,13 +144,16 @@ class RealtimeController:
         self.session, self.queue, self.capture, self.execute = session, queue, capture, execute
         self._lock = threading.Lock()
         self._in_flight: threading.Thread | None = None
+        self._reopens = session.reopens
         self.error: BaseException | None = None
 
     def _request(self, observation: pb.Observation, captured_tick: int) -> None:
         try:
-            chunk = self.session.ask(observation)
+            chunk = self.session.act(observation)
         except BaseException as exc:  # surfaced by run()
             self.error = exc
+            return
+        if chunk.HasField("error"):  # this observation was refused: keep executing, ask again
             return
         with self._lock:
             elapsed = self.queue.ticks - captured_tick
@@ -159,7 +167,10 @@ class RealtimeController:
             with self._lock:
                 if self.queue.needs_chunk() and (self._in_flight is None or not self._in_flight.is_alive()):
                     observation = self.capture()
-                    observation.rtc.CopyFrom(self.queue.rtc_fields())
+                    # A stream reopened on another replica starts afresh there: send the chunk itself.
+                    moved = self.session.reopens != self._reopens
+                    self._reopens = self.session.reopens
+                    observation.rtc.CopyFrom(self.queue.rtc_fields(stateless=moved))
                     self._in_flight = threading.Thread(
                         target=self._request, args=(observation, self.queue.ticks), daemon=True
                     )

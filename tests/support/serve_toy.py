@@ -1,7 +1,7 @@
 """Serve ToyPolicy as a real process, the way `vla-inference serve` does (VLAServer.serve_forever,
 signal handlers, drain), on an ephemeral port. Prints `PORT <n>` once SERVING.
 
-    python -m tests.support.serve_toy [--grace S] [--batch-cost S] [--batch-size N]
+    python -m tests.support.serve_toy [--grace S] [--batch-cost S] [--batch-size N] [--name NAME]
 
 Other settings come from VLA_* variables as usual. Exit status 0 after a clean drain.
 """
@@ -28,7 +28,7 @@ async def main(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         batch_timeout_ms=5.0,
     )
-    server = VLAServer(settings, ToyPolicy(settings, batch_cost_s=args.batch_cost))
+    server = VLAServer(settings, ToyPolicy(settings, batch_cost_s=args.batch_cost, name=args.name))
     serving = asyncio.create_task(server.serve_forever())
     while server.state.phase != ServerState.SERVING and not serving.done():
         await asyncio.sleep(0.01)
@@ -42,5 +42,6 @@ if __name__ == "__main__":
     parser.add_argument("--grace", type=float, default=5.0)
     parser.add_argument("--batch-cost", type=float, default=0.05)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--name", default="toy-policy", help="model name in answers (tells replicas apart)")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     asyncio.run(main(parser.parse_args()))

@@ -37,8 +37,16 @@ class SimulatedOutOfMemory(RuntimeError):
 class ToyPolicy(VLAModel):
     model_type = "toy"
 
-    def __init__(self, settings: Settings, *, batch_cost_s: float = 0.0, sample_cost_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        batch_cost_s: float = 0.0,
+        sample_cost_s: float = 0.0,
+        name: str = "toy-policy",
+    ) -> None:
         super().__init__(settings)
+        self.name = name
         self.batch_cost_s = batch_cost_s
         self.sample_cost_s = sample_cost_s
         self.batches: list[int] = []  # sizes of executed forward passes
@@ -48,7 +56,7 @@ class ToyPolicy(VLAModel):
 
     def load(self, checkpoint_path: str | None, device: str) -> None:
         self._info = ModelDescription(
-            name="toy-policy",
+            name=self.name,
             version="1",
             family="toy",
             action_dim=7,

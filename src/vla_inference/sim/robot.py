@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from vla_inference.client import StreamSession
+from vla_inference.client import ControlSession
 from vla_inference.control import ChunkQueue, delay_for
 from vla_inference.sim import tasks as mt
 
@@ -121,16 +121,18 @@ class _Robot:
         result = EpisodeResult(self.task.name, seed, False, 0)
         episode.reset(seed)
         self._boundary_next = False
-        with self.client.session(timeout=None) as stream:
+        with self.client.control() as stream:
             self._control(episode, seed, stream, result)
         result.success, result.steps = episode.success, episode.steps
         return result
 
     def _ask(
-        self, stream: StreamSession, observation: Any, result: EpisodeResult
+        self, stream: ControlSession, observation: Any, result: EpisodeResult
     ) -> tuple[np.ndarray, float]:
         started = time.monotonic()
-        answer = stream.ask(observation)
+        answer = stream.act(observation)
+        if answer.HasField("error"):
+            raise RuntimeError(f"the server refused an observation: {answer.error.message}")
         latency = time.monotonic() - started
         result.latencies_ms.append(latency * 1000)
         chunk = np.array([a.joint_commands for a in answer.actions], np.float32)
@@ -154,7 +156,7 @@ class _Robot:
         episode.step(action)
 
     def _control(
-        self, episode: mt.MetaWorldEpisode, seed: int, stream: StreamSession, result: EpisodeResult
+        self, episode: mt.MetaWorldEpisode, seed: int, stream: ControlSession, result: EpisodeResult
     ) -> None:
         """Both modes; lockstep is this loop with no time passing during inference."""
         cfg = self.cfg

@@ -168,7 +168,7 @@ class MetaWorldEpisode:
         env.__dict__.pop("sawyer_observation_space", None)
         env._partially_observable = False
         self.env: Any = env
-        expert_class: Any = ENV_POLICY_MAP[self.task.name]
+        expert_class: Any = ENV_POLICY_MAP[self.task.name]  # typed as the abstract base Policy
         self.expert = expert_class()
         env.model.vis.quality.offsamples = 0
         self._renderer = mujoco.Renderer(env.model, image_size, image_size)

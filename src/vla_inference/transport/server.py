@@ -201,8 +201,10 @@ class VLAServer:
             return
         self._stopping = True
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
-        self.state.phase = ServerState.DRAINING
+        # Health first, so balancing clients stop picking this replica before its streams end
+        # and reopen; then refuse new calls (UNAVAILABLE) and end open streams (UNAVAILABLE).
         await self.health.enter_graceful_shutdown()
+        self.state.begin_drain()
         # Stop the gRPC server first (GOAWAY: new calls are refused UNAVAILABLE at the HTTP/2 level,
         # accepted ones keep running for the grace period); stopping it only after the drain
         # cancelled the calls that arrived in that instant (clients saw CANCELLED).

@@ -3,6 +3,12 @@
 Every request ends with exactly one counted outcome in `vla_inference_requests_total`
 (OK, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, UNAVAILABLE, INTERNAL, CANCELLED,
 or SKIPPED for stale stream observations). Clients never see a traceback.
+
+UNAVAILABLE is a refusal before any model work (loading, draining) and comes without response
+headers; an admitted call gets its headers at once (`_commit`), so clients' retry policies
+(vla_inference.channels) retry refusals on another replica and never a call that may have run.
+A stream open when the drain begins answers the observations it already read, then ends
+UNAVAILABLE; the client reopens it elsewhere (vla_inference.client.ControlSession).
 """
 
 from __future__ import annotations
@@ -37,6 +43,12 @@ from vla_inference.transport.outcome import classify, record
 
 log = logging.getLogger(__name__)
 
+DRAINING_MESSAGE = "server is shutting down; retry on another replica"
+STREAM_DRAINED_MESSAGE = (
+    "this replica is shutting down: the stream ends here; reopen it (another replica serves it, "
+    "with fresh stream state)"
+)
+
 
 @dataclass
 class _Failure:
@@ -64,6 +76,18 @@ class ServerState:
     def __init__(self) -> None:
         self.phase = self.LOADING
         self.started = time.monotonic()
+        self._on_drain: set[Callable[[], None]] = set()
+
+    def begin_drain(self) -> None:
+        """Enter DRAINING and tell every open stream, so each ends with UNAVAILABLE."""
+        self.phase = self.DRAINING
+        for callback in list(self._on_drain):
+            callback()
+
+    def on_drain(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback` when the drain begins; returns the function that unregisters it."""
+        self._on_drain.add(callback)
+        return lambda: self._on_drain.discard(callback)
 
 
 class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
@@ -81,9 +105,12 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
 
     # --- helpers ----------------------------------------------------------------------------------
     def _engine(self) -> InferenceEngine:
+        """The engine, or _Unavailable while loading or draining: a refusal before any model work."""
         engine = self._engine_ref()
         if engine is None or self.state.phase == ServerState.LOADING:
             raise _Unavailable("the model is still loading; retry when health reports SERVING")
+        if self.state.phase == ServerState.DRAINING:
+            raise _Unavailable(DRAINING_MESSAGE)
         return engine
 
     def _deadline(self, context: grpc.aio.ServicerContext, arrival: float) -> tuple[float, str]:
@@ -161,6 +188,7 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
         try:
             engine = self._engine()
             with engine.admit():
+                await _commit(context)
                 request = codec.require_observation(request)
                 deadline, budget = self._deadline(context, arrival)
                 prepared = await self._prepare_checked(engine, request)
@@ -189,11 +217,13 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
         except _Unavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             return
+        await _commit(context)
         session = StreamSession()
-        answers: asyncio.Queue[asyncio.Task[pb.ActionChunk | None] | None] = asyncio.Queue()
+        answers: asyncio.Queue[asyncio.Task[pb.ActionChunk | None] | _DrainSignal | None] = asyncio.Queue()
         tasks: set[asyncio.Task[Any]] = set()
         engine.sessions += 1
         limiter = _RateLimiter(self.settings.max_stream_rate_hz)
+        unregister = self.state.on_drain(lambda: answers.put_nowait(_DRAIN))
 
         async def read() -> None:
             previous_submitted: asyncio.Event | None = None
@@ -220,11 +250,23 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
                 step = await answers.get()
                 if step is None:
                     break
+                if isinstance(step, _DrainSignal):
+                    # Answer what was already read, then end: the client reopens elsewhere.
+                    reader.cancel()
+                    while not answers.empty():
+                        pending = answers.get_nowait()
+                        if isinstance(pending, asyncio.Task):
+                            chunk = await pending
+                            if chunk is not None and not _refused_by_drain(chunk):
+                                yield chunk
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, STREAM_DRAINED_MESSAGE)
+                    return
                 chunk = await step
                 if chunk is not None:
                     yield chunk
             await reader
         finally:
+            unregister()
             engine.sessions -= 1
             reader.cancel()
             for task in list(tasks):
@@ -316,6 +358,34 @@ async def _abort(context: grpc.aio.ServicerContext, failure: _Failure) -> None:
         if not context.done():
             raise
         raise asyncio.CancelledError() from None
+
+
+async def _commit(context: grpc.aio.ServicerContext) -> None:
+    """Send the response headers now that the request is admitted, before any model work.
+
+    gRPC's retry policy only retries a call whose headers the client has not received, so this
+    draws the line for clients: UNAVAILABLE without headers (loading, draining, connection
+    refused) was never run and is retried on another replica; once headers arrived the call may
+    have executed and a later failure (e.g. the replica died) is never retried."""
+    try:
+        await context.send_initial_metadata(())
+    except grpc.aio.UsageError:
+        raise
+    except Exception:
+        # gRPC could not send them: the call ended under us (the client cancelled, its deadline
+        # passed, or the connection went), perhaps before the context says so. An ordinary cancel.
+        raise asyncio.CancelledError() from None
+
+
+def _refused_by_drain(chunk: pb.ActionChunk) -> bool:
+    return chunk.HasField("error") and chunk.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
+
+
+class _DrainSignal:
+    """Put into a stream's answer queue when the server starts draining."""
+
+
+_DRAIN = _DrainSignal()
 
 
 class _RateLimited(EngineError):
