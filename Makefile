@@ -29,7 +29,7 @@ $(PROTO_OUT): $(PROTO_SRC) $(STAMP)
 
 proto: $(PROTO_OUT) ## Generate the gRPC code from the .proto file
 
-run: install proto ## Serve the model chosen by VLA_* variables (default: embedded pi0 demo) on :50051
+run: install proto ## Serve the model chosen by VLA_* variables (default: the embedded MetaWorld policy) on :50051
 	$(BIN)/vla-inference serve
 
 SIM_STAMP := $(VENV)/.installed-sim

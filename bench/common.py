@@ -64,7 +64,7 @@ def default_targets(workdir: Path, families: Sequence[str] = ("pi0", "openvla", 
     targets: list[Target] = []
     if "pi0" in families:
         why = _importable("vla_inference.models.pi0.policy", "Pi0Policy")
-        targets.append(Target("pi0-demo (embedded default)", "pi0", skipped=why))
+        targets.append(Target("pi0-metaworld (embedded default)", "pi0", skipped=why))
     specs = {
         "openvla": (
             "vla_inference.models.openvla.policy",

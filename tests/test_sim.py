@@ -235,3 +235,34 @@ def test_sim_refuses_a_model_that_is_not_a_metaworld_policy(server_factory, caps
     running = server_factory()  # the random demo: 7 joints
     assert cli_main(["sim", "--target", running.target, "--tasks", "reach", "--episodes", "1"]) == 2
     assert "metaworld_sawyer" in capsys.readouterr().err
+
+
+def test_the_shipped_default_policy(default_server) -> None:  # type: ignore[no-untyped-def]
+    """The embedded default is the evaluated checkpoint, and says what it is."""
+    import hashlib
+
+    from vla_inference.models.pi0.demo import METAWORLD_CHECKPOINT, METAWORLD_SHA256
+
+    digest = hashlib.sha256((METAWORLD_CHECKPOINT / "model.safetensors").read_bytes()).hexdigest()
+    assert digest == METAWORLD_SHA256
+    with default_server.client() as client:
+        info = client.info()
+    assert info.model_version == METAWORLD_SHA256[:12] and not info.demo and info.model_family == "pi0"
+    assert "MetaWorld" in info.model_name and "not a real-robot policy" in info.model_name
+    assert "not a real-robot policy" in info.description and "object and goal coordinates" in info.description
+    assert list(info.supported_embodiments) == [mt.EMBODIMENT] and info.default_embodiment == mt.EMBODIMENT
+    assert info.state_dims[mt.EMBODIMENT] == mt.STATE_DIM and info.action_dim == mt.ACTION_DIM
+    assert list(info.state_layouts[mt.EMBODIMENT].names) == list(mt.STATE_LAYOUT)
+    assert list(info.action_layouts[mt.EMBODIMENT].names) == list(mt.ACTION_LAYOUT)
+    assert (info.image_width, info.image_height) == (96, 96) and info.model_horizon == 16
+    assert list(info.rtc_methods) == ["none", "guided", "hard"]
+    assert list(info.camera_names) == ["base"]  # trained with the corner camera only
+    import grpc
+
+    frame = np.zeros((96, 96, 3), np.uint8)
+    with default_server.client() as client, pytest.raises(grpc.RpcError) as err:
+        client.predict(frame, [0.0] * mt.STATE_DIM, "open the drawer", cameras={"wrist": frame})
+    assert (
+        err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        and "this model uses: base" in err.value.details()
+    )

@@ -40,7 +40,7 @@ export async function startServer(env: Record<string, string> = {}, timeoutMs = 
       VLA_HOST: "127.0.0.1",
       VLA_GRPC_PORT: "0",
       VLA_METRICS_ENABLED: "false",
-      VLA_EMBEDDED_MODEL: "random",
+      VLA_EMBEDDED_MODEL: "metaworld",
       VLA_MODEL_PATH: "",
       VLA_WARMUP_BATCHES: "1",
       VLA_TORCH_THREADS: "1",

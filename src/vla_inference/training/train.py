@@ -22,6 +22,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -221,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         if state.step % args.save_every == 0 or state.step == args.steps:
             state.save(args.run)
     export(state, data, args.export, cfg)
-    log.info("exported %s", args.export)
+    digest = hashlib.sha256((args.export / "model.safetensors").read_bytes()).hexdigest()
+    log.info("exported %s; weights sha256 %s (models/pi0/demo.py METAWORLD_SHA256)", args.export, digest)
     return 0
 
 

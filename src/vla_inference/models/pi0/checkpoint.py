@@ -243,11 +243,13 @@ class Checkpoint:
 @dataclass(frozen=True)
 class About:
     """What a checkpoint says about itself in config.json's optional "vla_inference" section:
-    {"description": str, "embodiments": {tag: {"state": [names], "actions": [names]}}}."""
+    {"description": str, "embodiments": {tag: {"state": [names], "actions": [names]}},
+     "cameras": [names of the cameras it was trained with; others are refused]}."""
 
     description: str = ""
     state_layouts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     action_layouts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    cameras: tuple[str, ...] = ()
 
     @staticmethod
     def from_config(config: Mapping[str, Any], where: Path) -> About:
@@ -256,9 +258,16 @@ class About:
             raise ModelLoadError(f"{where}: 'vla_inference' must be an object")
         description = section.get("description", "")
         embodiments = section.get("embodiments", {})
-        if not isinstance(description, str) or not isinstance(embodiments, dict):
+        cameras = section.get("cameras", [])
+        if (
+            not isinstance(description, str)
+            or not isinstance(embodiments, dict)
+            or not isinstance(cameras, list)
+            or not all(isinstance(c, str) for c in cameras)
+        ):
             raise ModelLoadError(
-                f"{where}: 'vla_inference' needs a string description and an embodiments object"
+                f"{where}: 'vla_inference' needs a string description, an embodiments object and a "
+                "list of camera names"
             )
         layouts: dict[str, dict[str, tuple[str, ...]]] = {"state": {}, "actions": {}}
         for tag, spec in embodiments.items():
@@ -270,7 +279,7 @@ class About:
                     )
                 if names:
                     layouts[key][tag] = tuple(names)
-        return About(description, layouts["state"], layouts["actions"])
+        return About(description, layouts["state"], layouts["actions"], tuple(cameras))
 
 
 def _read_json(path: Path) -> dict[str, Any]:

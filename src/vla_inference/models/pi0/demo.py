@@ -32,6 +32,9 @@ DEMO_SEED = 0
 DEMO_ASSET_ID = "demo"
 TOKENIZER_ASSET = Path(__file__).resolve().parent / "assets" / "demo_tokenizer.model"
 METAWORLD_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "metaworld"
+# sha256 of METAWORLD_CHECKPOINT/model.safetensors: the weights docs/evaluation.md measured
+# (ModelInfo.model_version is its first 12 digits). `make train-default` prints the new one.
+METAWORLD_SHA256 = "to be set"
 _RECIPE_VERSION = 1
 
 

@@ -193,6 +193,11 @@ class Pi0Policy(VLAModel):
             state_dims = {"default": state_dims.get("default", action_dim)}
         slots = loaded.image_slots
         cameras = tuple(SLOT_TO_CAMERA.get(slot, slot) for slot in slots)
+        trained = loaded.about.cameras  # a checkpoint may say it was trained with fewer cameras
+        if trained and not set(trained) <= set(cameras):
+            raise ModelLoadError(
+                f"{path}: config.json names cameras {list(trained)}; the model has {list(cameras)}"
+            )
         num_steps = self.settings.num_denoise_steps or loaded.num_steps or cfg.num_steps
         if demo:
             name = "pi0-demo (random weights, not a trained policy)"
@@ -200,7 +205,10 @@ class Pi0Policy(VLAModel):
             name = "pi0-metaworld-mt10 (trained in MetaWorld simulation, not a real-robot policy)"
         else:
             name = f"{'pi0.5' if cfg.pi05 else 'pi0'} {path.name} ({loaded.format} format)"
-        version = hashlib.sha256(f"{path.resolve()}|{cfg}".encode()).hexdigest()[:12]
+        if embedded and not demo:  # the shipped weights themselves (docs/evaluation.md cites it)
+            version = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()[:12]
+        else:
+            version = hashlib.sha256(f"{path.resolve()}|{cfg}".encode()).hexdigest()[:12]
         self._info = ModelDescription(
             name=name,
             version=version,
@@ -211,7 +219,7 @@ class Pi0Policy(VLAModel):
             embodiments=embodiments,
             default_embodiment=default,
             state_dims=state_dims,
-            camera_names=cameras,
+            camera_names=trained or cameras,
             image_size=(cfg.vision.image_size, cfg.vision.image_size),
             device=str(device),
             dtype=str(dtype).removeprefix("torch."),
@@ -238,7 +246,7 @@ class Pi0Policy(VLAModel):
         self._device = torch.device(device)
         self._num_steps = num_steps
         self._slots = slots
-        self._camera_slot = dict(zip(cameras, range(len(slots)), strict=True))
+        self._camera_slot = {c: i for i, c in enumerate(cameras) if not trained or c in trained}
 
     def _dims(self, loaded: ckpt.Checkpoint) -> tuple[int, dict[str, int]]:
         cfg = loaded.config
