@@ -1,5 +1,5 @@
 /**
- * The client against the real Python server (embedded random-weight pi0, plaintext, token auth on):
+ * The client against the real Python server (the embedded default policy, plaintext, token auth on):
  * the original design's snippet, predict, streams, typed errors, deadlines, cancellation, auth.
  */
 import assert from "node:assert/strict";
