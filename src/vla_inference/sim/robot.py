@@ -194,7 +194,7 @@ def _run_task(cfg: SimConfig, task_name: str, seeds: Sequence[int]) -> list[Epis
         robot = _Robot(cfg, task, client)
         for seed in seeds:
             result = robot.run(episode, seed)
-            if not (cfg.video_dir and seed == seeds[0]):
+            if not (cfg.video_dir and seed == cfg.seed):  # one video per task: its first episode
                 result.frames = []
             results.append(result)
             log.info(
