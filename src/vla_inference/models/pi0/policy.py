@@ -7,7 +7,7 @@ Cameras. pi0 has three image slots; observation camera names map to them as foll
     "left_wrist"         left_wrist_0_rgb
     "right_wrist"        right_wrist_0_rgb
 
-("wrist" is an alias of "left_wrist", as in the transport.)
+(aliases such as "wrist" for "left_wrist": models/base.py CAMERA_ALIASES, as in the transport.)
 
 A camera that is not sent is a black image with its mask False (the model ignores its tokens).
 An unknown camera name is refused (InvalidObservation on "cameras"). A LeRobot checkpoint whose
@@ -26,7 +26,6 @@ Embodiments are the checkpoint's norm-stats asset ids (VLA_NORM_STATS_KEY keeps 
 from __future__ import annotations
 
 import hashlib
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from vla_inference.config import Settings
 from vla_inference.models import rtc
 from vla_inference.models.base import (
     ActionPrediction,
@@ -45,22 +43,19 @@ from vla_inference.models.base import (
     Observation,
     PreparedSample,
     VLAModel,
+    canonical_camera,
+    sample_seed,
     seeded_generator,
 )
+from vla_inference.models.common import flow
+from vla_inference.models.common.tokenizers import load_sentencepiece
+from vla_inference.models.common.weights import load_weights, resolve_dtype
 from vla_inference.models.pi0 import checkpoint as ckpt
 from vla_inference.models.pi0.model import IMAGE_SLOTS, Pi0Config, Pi0Model, build
 from vla_inference.preprocessing.images import resize_with_pad
 
 CAMERA_TO_SLOT = {"base": "base_0_rgb", "left_wrist": "left_wrist_0_rgb", "right_wrist": "right_wrist_0_rgb"}
 SLOT_TO_CAMERA = {slot: camera for camera, slot in CAMERA_TO_SLOT.items()}
-# The transport's aliases (codec.CAMERA_ALIASES), accepted here too for direct callers.
-CAMERA_ALIASES = {"wrist": "left_wrist", "main": "base", "left": "left_wrist", "right": "right_wrist"}
-
-CONFIDENCE_DEFINITION = (
-    "1 / (1 + r), r = RMS over the chunk's robot action dimensions of the last Euler step's "
-    "displacement |dt| * v (normalised action units). Near 1 when the flow has settled at t = 0; "
-    "a cheap convergence signal, not a calibrated probability."
-)
 
 
 @dataclass
@@ -77,12 +72,6 @@ class Pi0Raw:
     actions: np.ndarray  # (H, A) float32, normalised units
     last_velocity: np.ndarray  # (H, A) float32
     dt: float
-
-
-def _resolve_dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def discretize_state(state: np.ndarray) -> np.ndarray:
@@ -132,7 +121,7 @@ def tokenize_prompt(
 class Pi0Policy(VLAModel):
     model_type = "pi0"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: object) -> None:
         super().__init__(settings)
         self._model: Pi0Model | None = None
         self._info: ModelDescription | None = None
@@ -158,29 +147,18 @@ class Pi0Policy(VLAModel):
             path, tokenizer_path=self.settings.tokenizer_path, norm_stats_key=self.settings.norm_stats_key
         )
         cfg = loaded.config
-        dtype = _resolve_dtype(self.settings.dtype, device)
-        model = build(cfg, device="meta")
-        try:
-            model.load_state_dict(loaded.state_dict, strict=True, assign=True)
-        except RuntimeError as exc:  # the key checks in checkpoint.py should make this unreachable
-            raise ModelLoadError(f"{path}: {exc}") from None
-        try:
-            model = model.to(device=device, dtype=dtype).eval()
-        except (RuntimeError, AssertionError) as exc:
-            raise ModelLoadError(f"cannot place the model on {device} as {dtype}: {exc}") from None
-        loaded.state_dict = {}
-
-        import sentencepiece
-
-        try:
-            tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(loaded.tokenizer_path))
-        except (OSError, RuntimeError) as exc:
-            raise ModelLoadError(f"{loaded.tokenizer_path} is not a SentencePiece model: {exc}") from None
-        if tokenizer.get_piece_size() > cfg.vocab_size:
-            raise ModelLoadError(
-                f"tokenizer {loaded.tokenizer_path} has {tokenizer.get_piece_size()} pieces but the model's "
-                f"embedding has {cfg.vocab_size} rows: wrong tokenizer for this checkpoint"
-            )
+        tokenizer = load_sentencepiece(loaded.tokenizer_path, cfg.vocab_size)
+        dtype = resolve_dtype(self.settings.dtype, device)
+        model = load_weights(
+            build(cfg, device="meta"),
+            loaded.weight_files,
+            loaded.names,
+            device=device,
+            dtype=dtype,
+            where=str(path / "model.safetensors"),
+            what=loaded.describe(),
+        )
+        assert isinstance(model, Pi0Model)
 
         action_dim, state_dims = self._dims(loaded)
         embodiments = tuple(sorted(loaded.norms)) or ("default",)
@@ -211,7 +189,7 @@ class Pi0Policy(VLAModel):
             image_size=(cfg.vision.image_size, cfg.vision.image_size),
             device=str(device),
             dtype=str(dtype).removeprefix("torch."),
-            confidence_definition=CONFIDENCE_DEFINITION,
+            confidence_definition=flow.CONFIDENCE_DEFINITION,
             demo=demo,
             description=loaded.about.description,
             state_layouts=loaded.about.state_layouts,
@@ -240,7 +218,7 @@ class Pi0Policy(VLAModel):
             action_dim = distinct.pop()
             if action_dim == 0:
                 action_dim = self.settings.action_dim
-            elif self.settings.explicitly_set("action_dim") and self.settings.action_dim != action_dim:
+            elif self.settings.action_dim_set and self.settings.action_dim != action_dim:
                 raise ModelLoadError(
                     f"VLA_ACTION_DIM={self.settings.action_dim} but the checkpoint's action statistics have "
                     f"{action_dim} dimensions"
@@ -288,14 +266,8 @@ class Pi0Policy(VLAModel):
         cfg = self.config
         embodiment = self.resolve_embodiment(observation.embodiment)
         self.check_joints(observation, embodiment)
-        if len(observation.instruction) > self.settings.max_instruction_chars:
-            raise InvalidObservation(
-                "language_instruction",
-                f"{len(observation.instruction)} characters, over the limit of "
-                f"{self.settings.max_instruction_chars} (VLA_MAX_INSTRUCTION_CHARS)",
-            )
         images_in = {
-            name if name in self._camera_slot else CAMERA_ALIASES.get(name, name): image
+            name if name in self._camera_slot else canonical_camera(name): image
             for name, image in observation.images.items()
         }
         unknown = sorted(set(images_in) - set(self._camera_slot))
@@ -334,9 +306,8 @@ class Pi0Policy(VLAModel):
         state = np.zeros(cfg.action_dim, np.float32)
         state[: normalized.shape[0]] = normalized
         tokens, token_mask = self.tokenize(observation.instruction, normalized if cfg.pi05 else None)
-        seed = observation.seed if observation.seed is not None else secrets.randbits(63)
         inputs = Pi0Inputs(images, masks, tokens, token_mask, state)
-        return PreparedSample(inputs=inputs, embodiment=embodiment, seed=int(seed), batch_key=("pi0",))
+        return PreparedSample(inputs, embodiment, sample_seed(observation), batch_key=("pi0",))
 
     # ---- forward -----------------------------------------------------------------------------
 
@@ -392,12 +363,8 @@ class Pi0Policy(VLAModel):
             norm.actions.unnormalize(raw.actions) if norm is not None else raw.actions.astype(np.float32)
         )
         actions = np.ascontiguousarray(actions[: info.chunk_size, : info.action_dim], dtype=np.float32)
-        step = raw.last_velocity[:, : info.action_dim].astype(np.float64) * raw.dt
-        rms = float(np.sqrt(np.mean(step**2))) if step.size else 0.0
-        confidence = 1.0 / (1.0 + rms) if np.isfinite(rms) else 0.0
-        return ActionPrediction(
-            actions=actions, confidence=float(min(1.0, max(0.0, confidence))), model_actions=raw.actions
-        )
+        confidence = flow.confidence(raw.last_velocity, raw.dt, info.chunk_size, info.action_dim)
+        return ActionPrediction(actions=actions, confidence=confidence, model_actions=raw.actions)
 
     def normalize_actions(self, actions: np.ndarray, embodiment: str) -> np.ndarray:
         norm = self._norm(embodiment)
