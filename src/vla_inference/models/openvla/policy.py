@@ -21,14 +21,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from PIL import Image
 
-from vla_inference.config import Settings
 from vla_inference.models.base import (
     ActionPrediction,
     InvalidObservation,
@@ -37,7 +35,10 @@ from vla_inference.models.base import (
     Observation,
     PreparedSample,
     VLAModel,
+    sample_seed,
 )
+from vla_inference.models.common.tokenizers import find_tokenizer, load_sentencepiece
+from vla_inference.models.common.weights import resolve_dtype
 from vla_inference.models.openvla.checkpoint import (
     TOKENIZER_FILE,
     ActionStats,
@@ -133,7 +134,7 @@ def preprocess_image(image: np.ndarray, spec: ImageSpec) -> torch.Tensor:
 class OpenVLAPolicy(VLAModel):
     model_type: ClassVar[str] = "openvla"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: object) -> None:
         super().__init__(settings)
         self._info: CheckpointInfo | None = None
         self._model: OpenVLA | None = None
@@ -161,9 +162,15 @@ class OpenVLAPolicy(VLAModel):
                 f"VLA_NORM_STATS_KEY={key!r} is not in the checkpoint; available: {', '.join(datasets)}"
             )
         self._default = key or (datasets[0] if len(datasets) == 1 else "")
-        self._tokenizer = self._load_tokenizer(info.path)
+        tokenizer_file = find_tokenizer(
+            info.path,
+            self.settings.tokenizer_path,
+            TOKENIZER_FILE,
+            "OpenVLA needs the Llama-2 SentencePiece tokenizer.model of openvla/openvla-7b.",
+        )
+        self._tokenizer = load_sentencepiece(tokenizer_file, info.config.vocab_size)
         self._device = torch.device(device)
-        self._dtype = self._resolve_dtype(self._device)
+        self._dtype = resolve_dtype(self.settings.dtype, self._device)
         self._model = load_model(info, self._device, self._dtype)
         self._info = info
         action_dim = info.norm_stats[self._default or datasets[0]].dim
@@ -193,29 +200,6 @@ class OpenVLAPolicy(VLAModel):
             ", ".join(datasets),
             self._default or "(none: requests must name one)",
         )
-
-    def _load_tokenizer(self, path: Path) -> Any:
-        import sentencepiece
-
-        candidates = [path / TOKENIZER_FILE]
-        if self.settings.tokenizer_path:
-            candidates.insert(0, Path(self.settings.tokenizer_path))
-        for candidate in candidates:
-            if candidate.is_file():
-                try:
-                    return sentencepiece.SentencePieceProcessor(model_file=str(candidate))
-                except (OSError, RuntimeError) as exc:
-                    raise ModelLoadError(f"cannot read SentencePiece model {candidate}: {exc}") from None
-        raise ModelLoadError(
-            f"no {TOKENIZER_FILE} in {path}: copy the Llama-2 tokenizer.model of openvla/openvla-7b there "
-            "or set VLA_TOKENIZER_PATH"
-        )
-
-    def _resolve_dtype(self, device: torch.device) -> torch.dtype:
-        name = self.settings.dtype
-        if name == "auto":
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
     def _loaded(self) -> tuple[CheckpointInfo, OpenVLA]:
         if self._info is None or self._model is None:
@@ -277,21 +261,16 @@ class OpenVLAPolicy(VLAModel):
             )
         instruction = observation.instruction.strip()
         if not instruction:
-            raise InvalidObservation("instruction", "OpenVLA needs a language instruction")
-        if len(instruction) > self.settings.max_instruction_chars:
-            raise InvalidObservation(
-                "instruction",
-                f"longer than {self.settings.max_instruction_chars} characters (VLA_MAX_INSTRUCTION_CHARS)",
-            )
+            raise InvalidObservation("language_instruction", "OpenVLA needs a language instruction")
         self.check_joints(observation, key)  # unused by OpenVLA; only checked to be finite
         n_tokens = info.norm_stats[key].dim
         input_ids = self.tokenize(instruction)
         total = input_ids.shape[0] + info.config.num_patches + n_tokens
-        if total > info.config.llm.max_seq_len:
+        if total > info.config.max_seq_len:
             raise InvalidObservation(
-                "instruction",
+                "language_instruction",
                 f"too long: {input_ids.shape[0]} prompt tokens + {info.config.num_patches} image tokens + "
-                f"{n_tokens} action tokens exceed the model's {info.config.llm.max_seq_len}",
+                f"{n_tokens} action tokens exceed the model's {info.config.max_seq_len}",
             )
         inputs = OpenVLAInputs(
             pixels=preprocess_image(image, info.image),
@@ -299,8 +278,8 @@ class OpenVLAPolicy(VLAModel):
             unnorm_key=key,
             n_tokens=n_tokens,
         )
-        seed = 0 if observation.seed is None else int(observation.seed)
-        return PreparedSample(inputs=inputs, embodiment=key, seed=seed, batch_key=("openvla", n_tokens))
+        # Greedy decoding draws no noise: the seed is kept for the record only.
+        return PreparedSample(inputs, key, sample_seed(observation), batch_key=("openvla", n_tokens))
 
     def forward(self, samples: Sequence[PreparedSample]) -> list[OpenVLARaw]:
         _, model = self._loaded()
