@@ -30,3 +30,16 @@ def randomise(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def submap(full: NameMap, ours_prefix: str, theirs_prefix: str) -> NameMap:
+    """`full` restricted to one submodule: our names below `ours_prefix`, checkpoint keys below
+    `theirs_prefix` (so a reference model's own state dict can be read)."""
+    from dataclasses import replace
+
+    def sources(name: str, shape: tuple[int, ...]) -> list:  # type: ignore[type-arg]
+        found = full.sources(ours_prefix + name, shape)
+        assert all(s.key.startswith(theirs_prefix) for s in found), found
+        return [replace(s, key=s.key.removeprefix(theirs_prefix)) for s in found]
+
+    return NameMap(sources)

@@ -46,7 +46,6 @@ Precision: bfloat16 on CUDA, float32 on CPU (VLA_DTYPE overrides).
 from __future__ import annotations
 
 import logging
-import secrets
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -56,7 +55,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from vla_inference.config import Settings
 from vla_inference.models import rtc
 from vla_inference.models.base import (
     ActionPrediction,
@@ -66,8 +64,11 @@ from vla_inference.models.base import (
     Observation,
     PreparedSample,
     VLAModel,
+    sample_seed,
     seeded_generator,
 )
+from vla_inference.models.common import flow
+from vla_inference.models.common.weights import resolve_dtype
 from vla_inference.models.groot import checkpoint as ckpt
 from vla_inference.models.groot.data_configs import parse_setting
 from vla_inference.models.groot.embodiments import (
@@ -83,7 +84,6 @@ DEFAULT_INSTRUCTION = "Perform the default behavior."
 SYSTEM_PROMPT = "You are a helpful assistant."
 BASE_CAMERA = "base"
 log = logging.getLogger(__name__)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -114,7 +114,7 @@ def prompt_text(instruction: str, num_images: int, tokens_per_image: int) -> str
 class GrootPolicy(VLAModel):
     model_type = "groot"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: object) -> None:
         super().__init__(settings)
         self._model: GR00TN15 | None = None
         self._cfg: GrootConfig | None = None
@@ -154,11 +154,8 @@ class GrootPolicy(VLAModel):
         for emb in embodiments.values():
             log.info("GR00T embodiment %s", emb.describe())
         tokenizer = ckpt.load_tokenizer(ckpt.find_tokenizer(path, self.settings.tokenizer_path), cfg)
-        dtype = self._resolve_dtype(device)
-        with torch.device("meta"):
-            model = GR00TN15(cfg)
-        ckpt.load_weights(model, path, dtype, device)
-        model.eval()
+        dtype = resolve_dtype(self.settings.dtype, device)
+        model = ckpt.load_model(path, cfg, dtype, device)
 
         default = self.settings.norm_stats_key.strip() or next(iter(embodiments))
         if default not in embodiments:
@@ -186,20 +183,12 @@ class GrootPolicy(VLAModel):
             image_size=(cfg.image_size, cfg.image_size),
             device=device,
             dtype=str(dtype).removeprefix("torch."),
-            confidence_definition=(
-                "1 / (1 + RMS(v_last * dt)): v_last = velocity of the final flow-matching Euler step, "
-                "dt = 1/steps, over the returned steps and action dims, in normalised action units"
-            ),
+            confidence_definition=flow.CONFIDENCE_DEFINITION,
             description=describe(embodiments.values(), lerobot),
             state_layouts={tag: e.state_names() for tag, e in embodiments.items()},
             action_layouts={tag: e.action_names() for tag, e in embodiments.items()},
             rtc_methods=rtc.FLOW_METHODS,
         )
-
-    def _resolve_dtype(self, device: str) -> torch.dtype:
-        if self.settings.dtype == "auto":
-            return torch.bfloat16 if device.startswith("cuda") else torch.float32
-        return _DTYPES[self.settings.dtype]
 
     @property
     def model_info(self) -> ModelDescription:
@@ -228,11 +217,6 @@ class GrootPolicy(VLAModel):
         emb = self.embodiment(observation.embodiment)
         self.check_joints(observation, emb.tag)
         instruction = observation.instruction.strip()
-        if len(instruction) > self.settings.max_instruction_chars:
-            raise InvalidObservation(
-                "instruction",
-                f"{len(instruction)} characters, over the limit of {self.settings.max_instruction_chars}",
-            )
         frames = self._images(observation, emb)
         pixels = np.stack(
             [
@@ -251,14 +235,13 @@ class GrootPolicy(VLAModel):
                 f"a value of embodiment {emb.tag!r} cannot be converted as its data config asks "
                 "(e.g. an all-zero quaternion); layout: " + ", ".join(k.describe() for k in emb.state),
             )
-        seed = observation.seed if observation.seed is not None else secrets.randbits(63)
         inputs = GrootInputs(
             pixels=torch.from_numpy(pixels),
             input_ids=torch.tensor(ids, dtype=torch.long),
             state=torch.from_numpy(state),
             embodiment_id=emb.id,
         )
-        return PreparedSample(inputs=inputs, embodiment=emb.tag, seed=int(seed), batch_key=None)
+        return PreparedSample(inputs=inputs, embodiment=emb.tag, seed=sample_seed(observation), batch_key=None)
 
     def _images(self, observation: Observation, emb: Embodiment) -> list[np.ndarray]:
         """One frame per video key of the embodiment, in data config order (see camera_roles)."""
@@ -334,8 +317,7 @@ class GrootPolicy(VLAModel):
         emb = self._embodiments[sample.embodiment]
         chunk = min(self.settings.chunk_size, raw.actions.shape[0])
         actions = emb.decode_actions(raw.actions[:chunk])
-        step = raw.velocity[:chunk, : emb.model_action_dim].astype(np.float64) * raw.dt
-        confidence = float(1.0 / (1.0 + np.sqrt(np.mean(step**2))))
+        confidence = flow.confidence(raw.velocity, raw.dt, chunk, emb.model_action_dim)
         return ActionPrediction(actions=actions, confidence=confidence, model_actions=raw.actions)
 
     def normalize_actions(self, actions: np.ndarray, embodiment: str) -> np.ndarray:

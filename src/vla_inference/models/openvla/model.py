@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vla_inference.models.common.transformer import Decoder, DecoderConfig, KVCache
-from vla_inference.models.common.vit import PENULTIMATE, ViTConfig, VisionTower
+from vla_inference.models.common.vit import PENULTIMATE, VisionTower, ViTConfig
 
 LLAMA2_7B = DecoderConfig(width=4096, depth=32, mlp_dim=11008, num_heads=32, num_kv_heads=32, head_dim=128)
 

@@ -45,8 +45,15 @@ from torch import Tensor, nn
 
 from vla_inference.models import rtc
 from vla_inference.models.common import flow
-from vla_inference.models.common.transformer import Decoder, DecoderConfig, DecoderLayer, KVCache, attend, rope_cos_sin
-from vla_inference.models.common.vit import ViTConfig, VisionTower
+from vla_inference.models.common.transformer import (
+    Decoder,
+    DecoderConfig,
+    DecoderLayer,
+    KVCache,
+    attend,
+    rope_cos_sin,
+)
+from vla_inference.models.common.vit import VisionTower, ViTConfig
 
 PALIGEMMA_VOCAB_SIZE = 257_152
 IMAGE_SLOTS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
