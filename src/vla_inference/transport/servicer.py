@@ -22,11 +22,14 @@ from vla_inference.config import Settings
 from vla_inference.engine import (
     Completed,
     DeadlineExceeded,
+    Draining,
     EngineError,
     InferenceEngine,
+    ModelFailure,
+    QueueFull,
+    ResourceExhausted,
     Skipped,
     StreamSession,
-    realtime,
 )
 from vla_inference.engine.realtime import Applied, ChunkMemory, RtcRequest
 from vla_inference.models.base import InvalidObservation, PreparedSample
@@ -34,6 +37,15 @@ from vla_inference.telemetry.gpu import GpuMonitor
 from vla_inference.transport import codec
 
 log = logging.getLogger(__name__)
+
+# The engine's kinds of failure -> the status a client gets.
+ENGINE_STATUS: dict[type[EngineError], grpc.StatusCode] = {
+    QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Draining: grpc.StatusCode.UNAVAILABLE,
+    ModelFailure: grpc.StatusCode.INTERNAL,
+}
 
 
 @dataclass
@@ -95,10 +107,11 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
     def _prepare(self, engine: InferenceEngine, request: pb.Observation) -> _Prepared:
         """Decode + model preprocessing; runs in the worker pool."""
         t0 = time.monotonic()
-        observation = codec.observation_from_proto(request, self.settings, engine.model.model_info)
+        info = engine.model_info
+        observation = codec.observation_from_proto(request, self.settings, info)
         t1 = time.monotonic()
-        sample = engine.model.prepare(observation)
-        rtc_request = codec.rtc_request(request, engine.model.model_info)
+        sample = engine.prepare(observation)
+        rtc_request = codec.rtc_request(request, info)
         t2 = time.monotonic()
         return _Prepared(sample, t1 - t0, t2 - t1, rtc_request)
 
@@ -107,15 +120,13 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
         is the one it was last sent by then)."""
         if prepared.rtc_request is None:
             return
-        prefix, prepared.rtc = realtime.resolve(
-            prepared.rtc_request, engine.model, prepared.sample.embodiment, self.settings, memory
-        )
+        prefix, prepared.rtc = engine.resolve_rtc(prepared.rtc_request, prepared.sample.embodiment, memory)
         prepared.sample.rtc = prefix
 
     async def _prepare_checked(self, engine: InferenceEngine, request: pb.Observation) -> _Prepared:
-        codec.check_envelope(request, self.settings, engine.model.model_info)
+        codec.check_envelope(request, self.settings, engine.model_info)
         prepared = await engine.preprocess(self._prepare, engine, request)
-        engine.metrics.preprocess_time.observe(prepared.decode_s + prepared.preprocess_s)
+        engine.record_preprocess(prepared.decode_s + prepared.preprocess_s)
         return prepared
 
     def _failure(self, exc: BaseException, where: str) -> _Failure:
@@ -123,22 +134,18 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
             return _Failure(grpc.StatusCode.INVALID_ARGUMENT, f"invalid observation: {exc}")
         if isinstance(exc, _Unavailable):
             return _Failure(grpc.StatusCode.UNAVAILABLE, str(exc))
+        if isinstance(exc, _RateLimited):
+            return _Failure(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         if isinstance(exc, EngineError):
-            return _Failure(getattr(grpc.StatusCode, exc.status, grpc.StatusCode.INTERNAL), exc.message)
+            return _Failure(ENGINE_STATUS.get(type(exc), grpc.StatusCode.INTERNAL), exc.message)
         log.exception("unexpected error in %s", where)
         return _Failure(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see server log")
 
     def _record(
         self, engine: InferenceEngine | None, status: str, embodiment: str = "", seconds: float = 0.0
     ) -> None:
-        if engine is None:
-            return
-        metrics = engine.metrics
-        metrics.count(status)
-        if status == "OK":
-            metrics.inference_latency.labels(
-                model=metrics.model_name, embodiment=embodiment or "default"
-            ).observe(seconds)
+        if engine is not None:
+            engine.record(status, embodiment, seconds)
 
     def _answer(
         self,
@@ -155,7 +162,7 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
         return codec.action_chunk(
             request,
             done,
-            engine.model.model_info.name,
+            engine.model_info.name,
             decode_s=prepared.decode_s,
             preprocess_s=prepared.preprocess_s,
             total_s=total,
@@ -200,46 +207,43 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
         except _Unavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             return
-        session = StreamSession()
         answers: asyncio.Queue[asyncio.Task[pb.ActionChunk | None] | None] = asyncio.Queue()
         tasks: set[asyncio.Task[Any]] = set()
-        engine.sessions += 1
         limiter = _RateLimiter(self.settings.max_stream_rate_hz)
-
-        async def read() -> None:
-            previous_submitted: asyncio.Event | None = None
-            try:
-                async for request in request_iterator:
-                    submitted = asyncio.Event()
-                    step = asyncio.create_task(
-                        self._stream_step(
-                            engine, request, session, previous_submitted, submitted, limiter.allow()
+        with engine.stream() as session:
+            async def read() -> None:
+                previous_submitted: asyncio.Event | None = None
+                try:
+                    async for request in request_iterator:
+                        submitted = asyncio.Event()
+                        step = asyncio.create_task(
+                            self._stream_step(
+                                engine, request, session, previous_submitted, submitted, limiter.allow()
+                            )
                         )
-                    )
-                    tasks.add(step)
-                    step.add_done_callback(tasks.discard)
-                    await answers.put(step)
-                    previous_submitted = submitted
-            finally:
-                # Always end the answer loop, also when reading fails: `await reader` below then
-                # re-raises the failure instead of the stream hanging until its deadline.
-                answers.put_nowait(None)
+                        tasks.add(step)
+                        step.add_done_callback(tasks.discard)
+                        await answers.put(step)
+                        previous_submitted = submitted
+                finally:
+                    # Always end the answer loop, also when reading fails: `await reader` below then
+                    # re-raises the failure instead of the stream hanging until its deadline.
+                    answers.put_nowait(None)
 
-        reader = asyncio.create_task(read())
-        try:
-            while True:
-                step = await answers.get()
-                if step is None:
-                    break
-                chunk = await step
-                if chunk is not None:
-                    yield chunk
-            await reader
-        finally:
-            engine.sessions -= 1
-            reader.cancel()
-            for task in list(tasks):
-                task.cancel()
+            reader = asyncio.create_task(read())
+            try:
+                while True:
+                    step = await answers.get()
+                    if step is None:
+                        break
+                    chunk = await step
+                    if chunk is not None:
+                        yield chunk
+                await reader
+            finally:
+                reader.cancel()
+                for task in list(tasks):
+                    task.cancel()
 
     async def _stream_step(
         self,
@@ -284,7 +288,7 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
             return pb.ActionChunk(
                 request_id=request.request_id,
                 observation_timestamp=request.timestamp,
-                model_name=engine.model.model_info.name,
+                model_name=engine.model_info.name,
                 error=pb.StreamError(code=failure.status.value[0], message=failure.message),
             )
         return self._answer(engine, observation, prepared, done, arrival, session.take_skipped())
@@ -295,7 +299,7 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
         except _Unavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             raise
-        return codec.model_info_message(engine.model.model_info, self.settings)
+        return codec.model_info_message(engine.model_info, self.settings)
 
     async def HealthCheck(self, request: Any, context: grpc.aio.ServicerContext) -> pb.HealthStatus:
         engine = self._engine_ref()
@@ -306,7 +310,7 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
             uptime_seconds=time.monotonic() - self.state.started,
             queue_depth=engine.queue_depth if engine else 0,
             state=self.state.phase,
-            model_name=engine.model.model_info.name
+            model_name=engine.model_info.name
             if engine and self.state.phase != ServerState.LOADING
             else "",
             gpu_memory_used_bytes=reading.memory_used_bytes if reading else 0,
@@ -333,8 +337,8 @@ class _Unavailable(Exception):
     pass
 
 
-class _RateLimited(EngineError):
-    status = "RESOURCE_EXHAUSTED"
+class _RateLimited(Exception):
+    pass
 
 
 class _RateLimiter:
