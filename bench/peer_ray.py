@@ -60,7 +60,9 @@ def build_app(batch_size: int, batch_wait_s: float, threads: int):  # type: igno
         async def GetModelInfo(self, request):  # type: ignore[no-untyped-def]
             from vla_inference.transport import codec
 
-            return codec.model_info_message(self.info, self.settings.model_copy(update={"batch_size": batch_size}))
+            return codec.model_info_message(
+                self.info, self.settings.model_copy(update={"batch_size": batch_size})
+            )
 
         @serve.batch(max_batch_size=batch_size, batch_wait_timeout_s=batch_wait_s)
         async def batched(self, samples):  # type: ignore[no-untyped-def]

@@ -95,7 +95,10 @@ def test_a_model_that_cannot_load_stops_with_one_clear_line_and_no_traceback(tmp
 
 def test_config_does_not_import_the_models():
     """config.py validates VLA_MODEL_TYPE from its own list; importing it loads no model code."""
-    code = "import sys, vla_inference.config; print(sorted(m for m in sys.modules if m.startswith('vla_inference')))"
+    code = (
+        "import sys, vla_inference.config; "
+        "print(sorted(m for m in sys.modules if m.startswith('vla_inference')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "['vla_inference', 'vla_inference.config']"
 

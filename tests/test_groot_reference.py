@@ -30,7 +30,7 @@ from tests.helpers.reference import copy_from_reference, randomise, submap
 from vla_inference.models.common.transformer import Decoder
 from vla_inference.models.common.vit import VisionTower
 from vla_inference.models.groot.checkpoint import groot_names
-from vla_inference.models.groot.model import SIZES, EagleBackbone, GR00TN15
+from vla_inference.models.groot.model import GR00TN15, SIZES, EagleBackbone
 
 TINY = SIZES["tiny"]
 _LM = "backbone.eagle_model.language_model.model."
@@ -117,14 +117,23 @@ def test_eagle_backbone_matches_transformers_composition() -> None:
     the first, one for the second, right-padded)."""
     ours = EagleBackbone(TINY).eval()
     randomise(ours, seed=9)
-    w = {k.removeprefix("backbone.eagle_model."): v for k, v in groot_names(TINY).to_checkpoint(
-        {"backbone." + k: v for k, v in ours.state_dict().items()}
-    ).items()}
+    w = {
+        k.removeprefix("backbone.eagle_model."): v
+        for k, v in groot_names(TINY)
+        .to_checkpoint({"backbone." + k: v for k, v in ours.state_dict().items()})
+        .items()
+    }
     lm, vit = _qwen3(TINY.select_layer), _siglip()
-    lm.load_state_dict({k.removeprefix("language_model.model."): v for k, v in w.items() if k.startswith("language_model.")})
+    lm.load_state_dict(
+        {k.removeprefix("language_model.model."): v for k, v in w.items() if k.startswith("language_model.")}
+    )
     level = "vision_model." if any(k.startswith("vision_model.") for k in vit.state_dict()) else ""
     missing, unexpected = vit.load_state_dict(
-        {level + k.removeprefix("vision_model.vision_model."): v for k, v in w.items() if k.startswith("vision_model.")},
+        {
+            level + k.removeprefix("vision_model.vision_model."): v
+            for k, v in w.items()
+            if k.startswith("vision_model.")
+        },
         strict=False,
     )
     assert unexpected == [] and all(m.removeprefix(level).startswith("head.") for m in missing)
@@ -159,14 +168,24 @@ def test_pixel_shuffle_matches_eagle_definition() -> None:
     assert out.shape == (2, 2, 3, 20)
     for a in range(2):
         for b in range(3):
-            expected = torch.cat([x[:, 2 * a, 2 * b], x[:, 2 * a, 2 * b + 1], x[:, 2 * a + 1, 2 * b], x[:, 2 * a + 1, 2 * b + 1]], -1)
+            expected = torch.cat(
+                [
+                    x[:, 2 * a, 2 * b],
+                    x[:, 2 * a, 2 * b + 1],
+                    x[:, 2 * a + 1, 2 * b],
+                    x[:, 2 * a + 1, 2 * b + 1],
+                ],
+                -1,
+            )
             torch.testing.assert_close(out[:, a, b], expected)
     pixels = torch.randn(1, 3, TINY.image_size, TINY.image_size)
     assert model.image_features(pixels).shape == (1, cfg.num_image_tokens, TINY.llm_hidden)
 
 
 def _loaded(module: torch.nn.Module, w: dict[str, torch.Tensor], prefix: str) -> torch.nn.Module:
-    module.load_state_dict({k.removeprefix(prefix): v for k, v in w.items() if k.startswith(prefix)}, strict=True)
+    module.load_state_dict(
+        {k.removeprefix(prefix): v for k, v in w.items() if k.startswith(prefix)}, strict=True
+    )
     return module.eval()
 
 
@@ -182,13 +201,27 @@ def test_action_head_matches_diffusers_modules_and_the_published_formulas() -> N
         for i in range(count):
             p = f"{prefix}{i}."
             kv = cfg.cross_attention_dim if cross and i % 2 == 0 else None
-            attn = Attention(query_dim=dim, heads=heads, dim_head=head_dim, cross_attention_dim=kv, bias=True, out_bias=True)
+            attn = Attention(
+                query_dim=dim,
+                heads=heads,
+                dim_head=head_dim,
+                cross_attention_dim=kv,
+                bias=True,
+                out_bias=True,
+            )
             ff = FeedForward(dim, activation_fn="gelu-approximate")
             out.append((_loaded(attn, w, p + "attn1."), _loaded(ff, w, p + "ff."), p, kv is not None))
         return out
 
     # --- the VL adapter: pre-LN self-attention blocks over the LayerNorm-ed backbone tokens
-    adapter = blocks("action_head.vl_self_attention.transformer_blocks.", cfg.vlsa_layers, cfg.vlsa_heads, cfg.vlsa_head_dim, cfg.vlsa_inner_dim, False)
+    adapter = blocks(
+        "action_head.vl_self_attention.transformer_blocks.",
+        cfg.vlsa_layers,
+        cfg.vlsa_heads,
+        cfg.vlsa_head_dim,
+        cfg.vlsa_inner_dim,
+        False,
+    )
     Dv = cfg.backbone_embedding_dim
 
     def layer_norm(x: torch.Tensor, name: str | None, eps: float) -> torch.Tensor:
@@ -205,7 +238,9 @@ def test_action_head_matches_diffusers_modules_and_the_published_formulas() -> N
     # --- the DiT: diffusers' timestep embedding; GR00T's AdaLayerNorm LN(x)(1 + scale) + shift
     timesteps = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=1)
     temb_mlp = _loaded(TimestepEmbedding(256, D), w, "action_head.model.timestep_encoder.timestep_embedder.")
-    dit_blocks = blocks("action_head.model.transformer_blocks.", cfg.dit_layers, cfg.dit_heads, cfg.dit_head_dim, D, True)
+    dit_blocks = blocks(
+        "action_head.model.transformer_blocks.", cfg.dit_layers, cfg.dit_heads, cfg.dit_head_dim, D, True
+    )
 
     def linear(name: str, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, w[name + ".weight"], w[name + ".bias"])

@@ -23,6 +23,9 @@ The expected layout is derived independently of our model code:
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import pytest
 import torch
 import transformers
 from transformers import (
@@ -31,9 +34,6 @@ from transformers import (
     SiglipVisionConfig,
     SiglipVisionModel,
 )
-
-import pytest
-from dataclasses import replace
 
 from vla_inference.models.common.vit import FINAL, VisionTower
 from vla_inference.models.openvla.checkpoint import openvla_names, parse_config
@@ -130,12 +130,20 @@ def test_7b_reads_the_published_layout_and_skips_only_what_it_never_runs() -> No
     assert skipped == {
         k
         for k in expected
-        if k.startswith((dino + "blocks.23.", dino + "norm.", siglip + "blocks.26.", siglip + "norm.", siglip + "attn_pool."))
+        if k.startswith(
+            (
+                dino + "blocks.23.",
+                dino + "norm.",
+                siglip + "blocks.26.",
+                siglip + "norm.",
+                siglip + "attn_pool.",
+            )
+        )
     }
     params = sum(p.numel() for p in model.parameters())
     assert params == _count(expected) - _count({k: expected[k] for k in skipped})
     assert 7.5e9 < _count(expected) < 7.6e9  # "OpenVLA 7B": 7.54 B with both full towers and the padded vocab
-    assert 7.4e9 < params  # about 0.08 B are never allocated
+    assert params > 7.4e9  # about 0.08 B are never allocated
 
 
 def test_tower_sizes_agree_with_transformers() -> None:

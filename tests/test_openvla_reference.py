@@ -32,7 +32,7 @@ from transformers import (
 from tests.helpers.openvla_checkpoints import init_weights, tiny_model
 from tests.helpers.reference import copy_from_reference
 from vla_inference.models.common.transformer import DecoderConfig
-from vla_inference.models.common.vit import ViTConfig, VisionTower
+from vla_inference.models.common.vit import VisionTower, ViTConfig
 from vla_inference.models.openvla.checkpoint import openvla_names
 from vla_inference.models.openvla.model import OpenVLA, OpenVLAConfig
 
@@ -44,7 +44,9 @@ def _pixels(batch: int = 2, size: int = 28) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(7))
 
 
-def _hf_blocks(sd: dict[str, torch.Tensor], cfg: ViTConfig, layer: str, names: dict[str, str]) -> dict[str, torch.Tensor]:
+def _hf_blocks(
+    sd: dict[str, torch.Tensor], cfg: ViTConfig, layer: str, names: dict[str, str]
+) -> dict[str, torch.Tensor]:
     """Our blocks in an HF ViT's names: `layer` is the per-layer prefix, `names` our module -> theirs."""
     out = {}
     for i in range(cfg.blocks_built):
@@ -82,7 +84,11 @@ def _dinov2_case(registers: bool, swiglu: bool) -> tuple[ViTConfig, torch.nn.Mod
     base = TINY.dino
     hidden = (int(base.width * 4 * 2 / 3) + 7) // 8 * 8 * 2 if swiglu else base.mlp_dim  # HF's SwiGLU sizing
     cfg = replace(
-        base, reg_tokens=4 if registers else 0, pos_embed_prefix=not registers, act="swiglu" if swiglu else "gelu", mlp_dim=hidden
+        base,
+        reg_tokens=4 if registers else 0,
+        pos_embed_prefix=not registers,
+        act="swiglu" if swiglu else "gelu",
+        mlp_dim=hidden,
     )
     common = dict(
         hidden_size=cfg.width,
@@ -96,12 +102,16 @@ def _dinov2_case(registers: bool, swiglu: bool) -> tuple[ViTConfig, torch.nn.Mod
         qkv_bias=True,
     )
     if registers:
-        return cfg, Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=4, **common)).eval()
+        return cfg, Dinov2WithRegistersModel(
+            Dinov2WithRegistersConfig(num_register_tokens=4, **common)
+        ).eval()
     return cfg, Dinov2Model(Dinov2Config(use_swiglu_ffn=swiglu, **common)).eval()
 
 
 @pytest.mark.parametrize(
-    ("registers", "swiglu"), [(True, False), (False, False), (False, True)], ids=["reg4", "no-reg", "giant-swiglu"]
+    ("registers", "swiglu"),
+    [(True, False), (False, False), (False, True)],
+    ids=["reg4", "no-reg", "giant-swiglu"],
 )
 def test_dinov2_towers_match_transformers(registers: bool, swiglu: bool) -> None:
     cfg, hf = _dinov2_case(registers, swiglu)
@@ -126,13 +136,17 @@ def test_dinov2_towers_match_transformers(registers: bool, swiglu: bool) -> None
     if registers:
         mapped["embeddings.register_tokens"] = sd["reg_tokens"][None]
         # timm no_embed_class: the class token gets no position embedding -> HF's class slot = 0
-        mapped["embeddings.position_embeddings"] = torch.cat([torch.zeros(1, cfg.width), sd["pos_embed"]])[None]
+        mapped["embeddings.position_embeddings"] = torch.cat([torch.zeros(1, cfg.width), sd["pos_embed"]])[
+            None
+        ]
     else:
         mapped["embeddings.position_embeddings"] = sd["pos_embed"][None]  # class slot included
     hf.load_state_dict(mapped, strict=True)
     pixels = _pixels()
     with torch.no_grad():
-        expected = hf(pixels, output_hidden_states=True).hidden_states[cfg.depth - 1][:, cfg.num_prefix_tokens :]
+        expected = hf(pixels, output_hidden_states=True).hidden_states[cfg.depth - 1][
+            :, cfg.num_prefix_tokens :
+        ]
         got = ours(pixels)
     assert got.shape == (2, cfg.num_patches, cfg.width)
     torch.testing.assert_close(got, expected, **TOL)
@@ -155,7 +169,12 @@ def test_siglip_tower_matches_transformers() -> None:
         )
     ).eval()
     sd = ours.state_dict()
-    names = {"attn": "self_attn", "attn.proj": "self_attn.out_proj", "norm1": "layer_norm1", "norm2": "layer_norm2"}
+    names = {
+        "attn": "self_attn",
+        "attn.proj": "self_attn.out_proj",
+        "norm1": "layer_norm1",
+        "norm2": "layer_norm2",
+    }
     names |= {"mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
     mapped = dict(hf.state_dict())  # the head (attention pool) and the last layer are not compared
     mapped |= _hf_blocks(sd, cfg, "encoder.layers.{}.", names)
@@ -247,7 +266,11 @@ def test_greedy_decoding_matches_transformers_generate() -> None:
         )
     ).eval()
     hf.load_state_dict(
-        {k.removeprefix("language_model."): v for k, v in openvla_names(cfg).to_checkpoint(model.state_dict()).items() if k.startswith("language_model.")},
+        {
+            k.removeprefix("language_model."): v
+            for k, v in openvla_names(cfg).to_checkpoint(model.state_dict()).items()
+            if k.startswith("language_model.")
+        },
         strict=True,
     )
     g = torch.Generator().manual_seed(6)

@@ -71,7 +71,9 @@ def test_siglip_tower_matches_transformers(variant: str) -> None:
     # openpi's ".../vision_tower.vision_model.*" names are transformers 4.53's; transformers 5's
     # SiglipVisionModel state dict starts below "vision_model."
     copy_from_reference(ours, _part("vision.", _VISION), reference.state_dict())
-    images = torch.rand(2, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    images = (
+        torch.rand(2, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    )
     with torch.no_grad():
         expected = reference(pixel_values=images).last_hidden_state
         got = ours(images)
@@ -128,7 +130,9 @@ def test_token_embedding_scaling_matches_gemma() -> None:
     model.vlm.embed_tokens.weight.data.copy_(reference.embed_tokens.weight.data)
     tokens = torch.randint(0, cfg.vocab_size, (1, 9), generator=torch.Generator().manual_seed(4))
     images = torch.zeros(1, 3, 3, 224, 224)
-    embs, pad = model.embed_prefix(images, torch.zeros(1, 3, dtype=torch.bool), tokens, torch.ones(1, 9, dtype=torch.bool))
+    embs, pad = model.embed_prefix(
+        images, torch.zeros(1, 3, dtype=torch.bool), tokens, torch.ones(1, 9, dtype=torch.bool)
+    )
     expected = reference.embed_tokens(tokens)  # GemmaTextScaledWordEmbedding: weight[token] * sqrt(width)
     assert reference.embed_tokens.scalar_embed_scale == pytest.approx(cfg.vlm.width**0.5)
     torch.testing.assert_close(embs[:, -9:], expected)
@@ -187,7 +191,9 @@ def test_joint_attention_of_two_experts_matches_openpi_layer_recipe() -> None:
             cos, sin = vlm_ref.rotary_emb(q.new_zeros(B, P + S, 16), positions)
             q, k = modeling_gemma.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
             attn_module = layers[0].self_attn
-            out, _ = modeling_gemma.eager_attention_forward(attn_module, q, k, v, additive, attn_module.scaling)
+            out, _ = modeling_gemma.eager_attention_forward(
+                attn_module, q, k, v, additive, attn_module.scaling
+            )
             out = out.reshape(B, P + S, -1)
             new_xs, start = [], 0
             for layer, x in zip(layers, xs, strict=True):
@@ -257,7 +263,10 @@ def test_pi05_adaptive_norm_and_time_mlp_match_openpi_formulas() -> None:
         attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D), -1) @ v
         x = x + linear(p + "self_attn.o_proj", attn.transpose(1, 2).reshape(B, H, -1)) * gate1
         h, gate2 = ada(p + "post_attention_layernorm", x, cond)
-        mlp = linear(p + "mlp.down_proj", F.gelu(linear(p + "mlp.gate_proj", h), approximate="tanh") * linear(p + "mlp.up_proj", h))
+        mlp = linear(
+            p + "mlp.down_proj",
+            F.gelu(linear(p + "mlp.gate_proj", h), approximate="tanh") * linear(p + "mlp.up_proj", h),
+        )
         x = x + mlp * gate2
     final, _ = ada(E + "norm", x, cond)
     expected = linear("action_out_proj", final)

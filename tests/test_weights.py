@@ -54,8 +54,14 @@ def _checkpoint(tmp_path: Path, dtype: torch.dtype = torch.float32) -> tuple[Pat
     g = torch.Generator().manual_seed(0)
     tensors = {f"attn.{p}.weight": torch.randn(4, 4, generator=g) for p in "qkv"}
     tensors |= {f"attn.{p}.bias": torch.randn(4, generator=g) for p in "qkv"}
-    tensors |= {"pos_embed": torch.randn(1, 3, 4, generator=g), "out.head.weight": torch.randn(2, 4, generator=g)}
-    tensors |= {"out.head.bias": torch.randn(2, generator=g), "unused.block.weight": torch.randn(5, generator=g)}
+    tensors |= {
+        "pos_embed": torch.randn(1, 3, 4, generator=g),
+        "out.head.weight": torch.randn(2, 4, generator=g),
+    }
+    tensors |= {
+        "out.head.bias": torch.randn(2, generator=g),
+        "unused.block.weight": torch.randn(5, generator=g),
+    }
     tensors = {k: v.to(dtype) for k, v in tensors.items()}
     names = sorted(tensors)
     shards = {"model-00001-of-00002.safetensors": names[:4], "model-00002-of-00002.safetensors": names[4:]}
@@ -68,7 +74,9 @@ def _checkpoint(tmp_path: Path, dtype: torch.dtype = torch.float32) -> tuple[Pat
 
 def test_fused_rows_views_and_skipped_tensors(tmp_path: Path) -> None:
     path, tensors = _checkpoint(tmp_path)
-    model = load_weights(_meta(), find_weight_files(path), _names(), device="cpu", dtype=torch.float32, where="x", what="t")
+    model = load_weights(
+        _meta(), find_weight_files(path), _names(), device="cpu", dtype=torch.float32, where="x", what="t"
+    )
     assert isinstance(model, Fused)
     torch.testing.assert_close(model.qkv.weight, torch.cat([tensors[f"attn.{p}.weight"] for p in "qkv"]))
     torch.testing.assert_close(model.qkv.bias, torch.cat([tensors[f"attn.{p}.bias"] for p in "qkv"]))
@@ -81,7 +89,9 @@ def test_fused_rows_views_and_skipped_tensors(tmp_path: Path) -> None:
 
 def test_bfloat16_file_into_a_float32_model(tmp_path: Path) -> None:
     path, tensors = _checkpoint(tmp_path, torch.bfloat16)
-    model = load_weights(_meta(), find_weight_files(path), _names(), device="cpu", dtype=torch.float32, where="x", what="t")
+    model = load_weights(
+        _meta(), find_weight_files(path), _names(), device="cpu", dtype=torch.float32, where="x", what="t"
+    )
     assert model.head.weight.dtype == torch.float32
     torch.testing.assert_close(model.head.weight, tensors["out.head.weight"].float())
 
@@ -96,9 +106,19 @@ def test_one_error_lists_missing_unexpected_and_mis_shaped_truncated(tmp_path: P
     (path / "model.safetensors.index.json").unlink()
     save_file(broken, str(path / "model.safetensors"))
     with pytest.raises(ModelLoadError) as err:
-        load_weights(_meta(), find_weight_files(path), _names(), device="cpu", dtype=torch.float32, where="ckpt", what="toy")
+        load_weights(
+            _meta(),
+            find_weight_files(path),
+            _names(),
+            device="cpu",
+            dtype=torch.float32,
+            where="ckpt",
+            what="toy",
+        )
     message = str(err.value)
-    assert message.startswith("ckpt does not match the toy layout: missing 1: attn.k.bias; unexpected 20: junk.00")
+    assert message.startswith(
+        "ckpt does not match the toy layout: missing 1: attn.k.bias; unexpected 20: junk.00"
+    )
     assert "junk.11, ... (8 more)" in message and "junk.12" not in message
     assert message.endswith("wrong shape 1: out.head.bias: file [3], model [2]")
 
@@ -108,7 +128,15 @@ def test_truncated_file_is_refused(tmp_path: Path) -> None:
     data = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[:-8])
     with pytest.raises(ModelLoadError, match="lies outside the file"):
-        load_weights(_meta(), [tmp_path / "model.safetensors"], NameMap(), device="cpu", dtype=torch.float32, where="x", what="t")
+        load_weights(
+            _meta(),
+            [tmp_path / "model.safetensors"],
+            NameMap(),
+            device="cpu",
+            dtype=torch.float32,
+            where="x",
+            what="t",
+        )
 
 
 _MEASURE = textwrap.dedent(
@@ -158,7 +186,10 @@ def test_peak_host_memory_of_a_sharded_load_is_one_copy_of_the_weights(tmp_path:
     layers = [torch.randn(2048, 2048) for _ in range(12)]  # 12 x 16 MiB = 192 MiB of float32
     weights = sum(t.numel() * t.element_size() for t in layers)
     tensors = {f"{i}.weight": t for i, t in enumerate(layers)}
-    shards = {"model-00001-of-00002.safetensors": list(tensors)[:6], "model-00002-of-00002.safetensors": list(tensors)[6:]}
+    shards = {
+        "model-00001-of-00002.safetensors": list(tensors)[:6],
+        "model-00002-of-00002.safetensors": list(tensors)[6:],
+    }
     for file, keys in shards.items():
         save_file({k: tensors[k] for k in keys}, str(tmp_path / file))
     (tmp_path / "model.safetensors.index.json").write_text(
@@ -168,11 +199,16 @@ def test_peak_host_memory_of_a_sharded_load_is_one_copy_of_the_weights(tmp_path:
 
     def peak(how: str) -> int:
         out = subprocess.run(
-            [sys.executable, "-c", _MEASURE, str(tmp_path), how], capture_output=True, text=True, timeout=300, check=True
+            [sys.executable, "-c", _MEASURE, str(tmp_path), how],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
         )
         return int(out.stdout.strip().splitlines()[-1])
 
     streamed, state_dict_first = peak("stream"), peak("state_dict")
-    print(f"peak RSS growth: streamed {streamed / weights:.2f}x, state dict first {state_dict_first / weights:.2f}x")
+    growth = f"streamed {streamed / weights:.2f}x, state dict first {state_dict_first / weights:.2f}x"
+    print(f"peak RSS growth: {growth}")
     assert 0.9 * weights < streamed < 1.15 * weights
     assert state_dict_first > 1.6 * weights  # the measurement tells the two apart

@@ -142,7 +142,12 @@ def _never_run(prefix: str, tower: vit.ViTConfig, seed: int, attn_pool: bool) ->
         w, m = tower.width, tower.mlp_dim
         shapes = {"latent": (1, 1, w), "q.weight": (w, w), "q.bias": (w,), "kv.weight": (2 * w, w)}
         shapes |= {"kv.bias": (2 * w,), "proj.weight": (w, w), "proj.bias": (w,), "norm.weight": (w,)}
-        shapes |= {"norm.bias": (w,), "mlp.fc1.weight": (m, w), "mlp.fc1.bias": (m,), "mlp.fc2.weight": (w, m)}
+        shapes |= {
+            "norm.bias": (w,),
+            "mlp.fc1.weight": (m, w),
+            "mlp.fc1.bias": (m,),
+            "mlp.fc2.weight": (w, m),
+        }
         shapes |= {"mlp.fc2.bias": (w,)}
         g = torch.Generator().manual_seed(seed)
         out |= {f"{prefix}attn_pool.{k}": 0.02 * torch.randn(v, generator=g) for k, v in shapes.items()}

@@ -113,7 +113,10 @@ def lerobot_config(cfg: Pi0Config, state_dim: int, action_dim: int) -> dict[str,
         "type": "pi05" if cfg.pi05 else "pi0",
         "n_obs_steps": 1,
         "input_features": {
-            **{f"observation.images.{slot}": {"type": "VISUAL", "shape": [3, size, size]} for slot in IMAGE_SLOTS},
+            **{
+                f"observation.images.{slot}": {"type": "VISUAL", "shape": [3, size, size]}
+                for slot in IMAGE_SLOTS
+            },
             "observation.state": {"type": "STATE", "shape": [state_dim]},
         },
         "output_features": {"action": {"type": "ACTION", "shape": [action_dim]}},
@@ -157,7 +160,8 @@ def lerobot_config(cfg: Pi0Config, state_dim: int, action_dim: int) -> dict[str,
         "scheduler_warmup_steps": 1000,
         "scheduler_decay_steps": 30000,
         "scheduler_decay_lr": 2.5e-06,
-        "vision_variant": cfg.vision_variant,  # ours: LeRobot always uses So400m; tiny tests need a tiny tower
+        # ours: LeRobot always uses So400m; tiny tests need a tiny tower
+        "vision_variant": cfg.vision_variant,
     }
 
 
@@ -189,7 +193,12 @@ def write_lerobot(
         {**flat("observation.state", state_stats), **flat("action", action_stats)},
         str(path / "policy_preprocessor_step_4_normalizer_processor.safetensors"),
     )
-    save_file(flat("action", action_stats), str(path / "policy_postprocessor_step_0_unnormalizer_processor.safetensors"))
+    save_file(
+        flat("action", action_stats),
+        str(path / "policy_postprocessor_step_0_unnormalizer_processor.safetensors"),
+    )
     step = {"registry_name": "normalizer_processor", "config": {"eps": 1e-8}}
-    (path / "policy_preprocessor.json").write_text(json.dumps({"name": "policy_preprocessor", "steps": [step]}))
+    (path / "policy_preprocessor.json").write_text(
+        json.dumps({"name": "policy_preprocessor", "steps": [step]})
+    )
     return path

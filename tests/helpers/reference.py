@@ -14,7 +14,9 @@ def copy_from_reference(ours: torch.nn.Module, names: NameMap, reference: Mappin
     """Fill every tensor of `ours` from `reference` (a state dict in the map's checkpoint names)."""
     loaded = {}
     for name, tensor in ours.state_dict().items():
-        parts = [reference[s.key].reshape(-1, *tensor.shape[1:]) for s in names.sources(name, tuple(tensor.shape))]
+        parts = [
+            reference[s.key].reshape(-1, *tensor.shape[1:]) for s in names.sources(name, tuple(tensor.shape))
+        ]
         loaded[name] = torch.cat(parts).reshape(tensor.shape)
     ours.load_state_dict(loaded, strict=True)
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from vla_inference.config import Settings
+from vla_inference.engine import realtime
 from vla_inference.engine.errors import (
     DeadlineExceeded,
     Draining,
@@ -36,10 +37,15 @@ from vla_inference.engine.errors import (
     ResourceExhausted,
     Skipped,
 )
-from vla_inference.engine import realtime
 from vla_inference.engine.realtime import Applied, ChunkMemory, RtcRequest
 from vla_inference.models import rtc
-from vla_inference.models.base import ActionPrediction, ModelDescription, Observation, PreparedSample, VLAModel
+from vla_inference.models.base import (
+    ActionPrediction,
+    ModelDescription,
+    Observation,
+    PreparedSample,
+    VLAModel,
+)
 from vla_inference.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)

@@ -242,6 +242,21 @@ class VLAModel(abc.ABC):
                 raise InvalidObservation("joint_velocities", "values must be finite (found NaN or inf)")
 
 
+def checkpoint_dir(checkpoint_path: str | None, family: str, contents: str) -> Path:
+    """VLA_MODEL_PATH as a directory, or ModelLoadError saying what the family needs there."""
+    if not checkpoint_path:
+        raise ModelLoadError(
+            f"{family} has no embedded model: set VLA_MODEL_PATH to a {family} checkpoint "
+            f"directory ({contents})"
+        )
+    path = Path(checkpoint_path).expanduser()
+    if not path.is_dir():
+        raise ModelLoadError(
+            f"{family} checkpoint directory {path} does not exist ({contents} expected there)"
+        )
+    return path
+
+
 def seeded_generator(seed: int) -> Any:
     """A CPU torch.Generator for one sample's noise, so batching never changes a sample's draw
     (and the draw is the same on every device: move the noise, not the generator)."""

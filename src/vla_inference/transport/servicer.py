@@ -211,6 +211,7 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
         tasks: set[asyncio.Task[Any]] = set()
         limiter = _RateLimiter(self.settings.max_stream_rate_hz)
         with engine.stream() as session:
+
             async def read() -> None:
                 previous_submitted: asyncio.Event | None = None
                 try:
@@ -310,9 +311,7 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
             uptime_seconds=time.monotonic() - self.state.started,
             queue_depth=engine.queue_depth if engine else 0,
             state=self.state.phase,
-            model_name=engine.model_info.name
-            if engine and self.state.phase != ServerState.LOADING
-            else "",
+            model_name=engine.model_info.name if engine and self.state.phase != ServerState.LOADING else "",
             gpu_memory_used_bytes=reading.memory_used_bytes if reading else 0,
             gpu_memory_total_bytes=reading.memory_total_bytes if reading else 0,
             requests_in_flight=engine.in_flight if engine else 0,

@@ -112,7 +112,14 @@ class KVCache:
 
     @classmethod
     def reserve(
-        cls, cache: KVCache | None, layers: int, batch: int, kv_heads: int, length: int, head_dim: int, like: Tensor
+        cls,
+        cache: KVCache | None,
+        layers: int,
+        batch: int,
+        kv_heads: int,
+        length: int,
+        head_dim: int,
+        like: Tensor,
     ) -> KVCache:
         if cache is not None and cache.k.dtype == like.dtype and cache.k.device == like.device:
             _, b, _, s, _ = cache.k.shape

@@ -127,7 +127,9 @@ class VisionTower(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         x = self.patch_embed(images.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)  # (B, N, W)
-        prefix = [t[None].expand(x.shape[0], -1, -1) for t in (self.cls_token, self.reg_tokens) if t is not None]
+        prefix = [
+            t[None].expand(x.shape[0], -1, -1) for t in (self.cls_token, self.reg_tokens) if t is not None
+        ]
         if self.cfg.pos_embed_prefix:
             x = torch.cat([*prefix, x], dim=1) + self.pos_embed[None]
         else:

@@ -115,13 +115,17 @@ def _read_header(path: Path) -> dict[str, TensorEntry]:
             shape = tuple(int(s) for s in info["shape"])
             begin, end = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise ModelLoadError(f"cannot read {path}: tensor {name!r} has a malformed header entry") from None
+            raise ModelLoadError(
+                f"cannot read {path}: tensor {name!r} has a malformed header entry"
+            ) from None
         numel = 1
         for s in shape:
             numel *= s
         nbytes = numel * torch.empty(0, dtype=dtype).element_size()
         if begin < 0 or end - begin != nbytes or data_start + end > file_size:
-            raise ModelLoadError(f"cannot read {path}: tensor {name!r} lies outside the file or has the wrong size")
+            raise ModelLoadError(
+                f"cannot read {path}: tensor {name!r} lies outside the file or has the wrong size"
+            )
         entries[name] = TensorEntry(path, dtype, shape, data_start + begin, nbytes)
     return entries
 
@@ -271,13 +275,11 @@ def _fill(handle: Any, entry: TensorEntry, dest: torch.Tensor) -> None:
     """Read one tensor from an open file into `dest` (same shape)."""
     handle.seek(entry.start)
     direct = dest.device.type == "cpu" and dest.dtype == entry.dtype and dest.is_contiguous()
-    if direct and sys.byteorder == "little":
-        target = dest
-    else:
-        target = torch.empty(entry.shape, dtype=entry.dtype)
+    direct = direct and sys.byteorder == "little"  # safetensors stores little-endian
+    target = dest if direct else torch.empty(entry.shape, dtype=entry.dtype)
     if entry.nbytes:
         view = target.view(-1).view(torch.uint8) if target.dim() else target.reshape(1).view(torch.uint8)
-        if handle.readinto(memoryview(view.numpy())) != entry.nbytes:
+        if handle.readinto(memoryview(view.numpy())) != entry.nbytes:  # type: ignore[arg-type]
             raise ModelLoadError(f"cannot read {entry.file}: it ends before its tensors do")
     if target is not dest:
         dest.copy_(target)

@@ -87,17 +87,31 @@ class TransformerBlock(nn.Module):
     """One attention (self or cross) + feed-forward, pre-norm; norm1 adaptive in the DiT."""
 
     def __init__(
-        self, dim: int, heads: int, head_dim: int, *, ada_norm: bool, affine: bool, eps: float, kv_dim: int | None
+        self,
+        dim: int,
+        heads: int,
+        head_dim: int,
+        *,
+        ada_norm: bool,
+        affine: bool,
+        eps: float,
+        kv_dim: int | None,
     ) -> None:
         super().__init__()
         self.ada_norm = ada_norm
-        self.norm1: nn.Module = AdaLayerNorm(dim, eps) if ada_norm else nn.LayerNorm(dim, eps, elementwise_affine=affine)
+        self.norm1: nn.Module = (
+            AdaLayerNorm(dim, eps) if ada_norm else nn.LayerNorm(dim, eps, elementwise_affine=affine)
+        )
         self.attn = Attention(dim, heads, head_dim, kv_dim)
         self.norm3 = nn.LayerNorm(dim, eps, elementwise_affine=affine)
         self.ff = FeedForward(dim)
 
     def forward(
-        self, x: Tensor, temb: Tensor | None = None, context: Tensor | None = None, key_mask: Tensor | None = None
+        self,
+        x: Tensor,
+        temb: Tensor | None = None,
+        context: Tensor | None = None,
+        key_mask: Tensor | None = None,
     ) -> Tensor:
         h = self.norm1(x, temb) if self.ada_norm else self.norm1(x)
         x = x + self.attn(h, context, key_mask)
@@ -211,7 +225,9 @@ class ActionHead(nn.Module):
         self.cfg = cfg
         n = cfg.max_num_embodiments
         self.dit = DiT(cfg)
-        self.state_encoder = CategorySpecificMLP(n, cfg.max_state_dim, cfg.hidden_size, cfg.input_embedding_dim)
+        self.state_encoder = CategorySpecificMLP(
+            n, cfg.max_state_dim, cfg.hidden_size, cfg.input_embedding_dim
+        )
         self.action_encoder = MultiEmbodimentActionEncoder(cfg.action_dim, cfg.input_embedding_dim, n)
         self.action_decoder = CategorySpecificMLP(n, cfg.hidden_size, cfg.hidden_size, cfg.action_dim)
         self.future_tokens = nn.Parameter(torch.zeros(cfg.num_target_vision_tokens, cfg.input_embedding_dim))
@@ -219,7 +235,13 @@ class ActionHead(nn.Module):
         self.vl_adapter = (
             nn.ModuleList(
                 TransformerBlock(
-                    cfg.vlsa_inner_dim, cfg.vlsa_heads, cfg.vlsa_head_dim, ada_norm=False, affine=True, eps=1e-5, kv_dim=None
+                    cfg.vlsa_inner_dim,
+                    cfg.vlsa_heads,
+                    cfg.vlsa_head_dim,
+                    ada_norm=False,
+                    affine=True,
+                    eps=1e-5,
+                    kv_dim=None,
                 )
                 for _ in range(cfg.vlsa_layers)
             )
@@ -236,7 +258,9 @@ class ActionHead(nn.Module):
             x = block(x, key_mask=mask)
         return x
 
-    def velocity(self, vl: Tensor, vl_mask: Tensor, state_feat: Tensor, x: Tensor, bucket: Tensor, ids: Tensor) -> Tensor:
+    def velocity(
+        self, vl: Tensor, vl_mask: Tensor, state_feat: Tensor, x: Tensor, bucket: Tensor, ids: Tensor
+    ) -> Tensor:
         """One DiT evaluation: noisy actions x (B, H, A) at bucket (B,) -> velocity (B, H, A)."""
         a = self.action_encoder(x, bucket, ids)  # (B, H, D)
         if self.position_embedding is not None:
@@ -261,7 +285,9 @@ class ActionHead(nn.Module):
         state_feat = self.state_encoder(state, ids)  # (B, 1, D)
 
         def velocity(x: Tensor, step: int) -> Tensor:
-            bucket = torch.full((x.shape[0],), int(step / steps * self.cfg.num_timestep_buckets), device=x.device)
+            bucket = torch.full(
+                (x.shape[0],), int(step / steps * self.cfg.num_timestep_buckets), device=x.device
+            )
             return self.velocity(vl, vl_mask, state_feat, x, bucket, ids)
 
         return flow.euler(velocity, noise, steps, prefix)

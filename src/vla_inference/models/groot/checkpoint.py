@@ -237,7 +237,13 @@ def load_model(path: Path, cfg: GrootConfig, dtype: torch.dtype, device: str) ->
     with torch.device("meta"):
         model = GR00TN15(cfg)
     loaded = load_weights(
-        model, find_weight_files(path), groot_names(cfg), device=device, dtype=dtype, where=str(path), what="GR00T N1.5"
+        model,
+        find_weight_files(path),
+        groot_names(cfg),
+        device=device,
+        dtype=dtype,
+        where=str(path),
+        what="GR00T N1.5",
     )
     assert isinstance(loaded, GR00TN15)
     return loaded

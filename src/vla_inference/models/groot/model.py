@@ -172,49 +172,6 @@ def config_for(name: str, **overrides: object) -> GrootConfig:
     return replace(SIZES[name], **overrides)  # type: ignore[arg-type]
 
 
-SIZES: dict[str, GrootConfig] = {
-    "n1.5-3b": GrootConfig(),
-    # Tiny: every code path of the real model, seconds on a CPU.
-    "tiny": GrootConfig(
-        vit_hidden=32,
-        vit_layers=2,
-        vit_heads=2,
-        vit_intermediate=64,
-        patch_size=8,
-        image_size=32,  # 4 x 4 = 16 image tokens
-        vocab_size=96,
-        llm_hidden=64,
-        llm_layers=4,
-        select_layer=2,
-        llm_heads=4,
-        llm_kv_heads=2,
-        llm_head_dim=16,
-        llm_intermediate=96,
-        image_token_id=95,
-        backbone_embedding_dim=64,
-        input_embedding_dim=48,
-        hidden_size=40,
-        max_state_dim=16,
-        action_dim=8,
-        action_horizon=16,
-        num_target_vision_tokens=4,
-        max_seq_len=64,
-        dit_heads=4,
-        dit_head_dim=12,
-        dit_layers=4,
-        dit_output_dim=40,
-        cross_attention_dim=64,
-        vlsa_heads=4,
-        vlsa_head_dim=16,
-        vlsa_layers=2,
-    ),
-}
-
-
-def config_for(name: str, **overrides: object) -> GrootConfig:
-    return replace(SIZES[name], **overrides)  # type: ignore[arg-type]
-
-
 class EagleBackbone(nn.Module):
     """SigLIP tower -> mlp1 connector -> image rows scattered into the prompt -> truncated Qwen3."""
 
@@ -225,7 +182,10 @@ class EagleBackbone(nn.Module):
         vit_out = cfg.vit_hidden * (int(1 / cfg.downsample_ratio) ** 2 if cfg.use_pixel_shuffle else 1)
         if cfg.mlp_connector_layers == 2:
             self.mlp1 = nn.Sequential(
-                nn.LayerNorm(vit_out), nn.Linear(vit_out, cfg.llm_hidden), nn.GELU(), nn.Linear(cfg.llm_hidden, cfg.llm_hidden)
+                nn.LayerNorm(vit_out),
+                nn.Linear(vit_out, cfg.llm_hidden),
+                nn.GELU(),
+                nn.Linear(cfg.llm_hidden, cfg.llm_hidden),
             )
         elif cfg.mlp_connector_layers == 1:
             self.mlp1 = nn.Sequential(nn.Linear(vit_out, cfg.llm_hidden))
@@ -234,7 +194,9 @@ class EagleBackbone(nn.Module):
         # Upstream keeps hidden_states[select_layer] of the LM cut to select_layer layers; HF applies
         # the final norm to the last hidden state, hence the Decoder's norm.
         self.llm = Decoder(cfg.llm, vocab_size=cfg.vocab_size, layers=cfg.select_layer)
-        self.eagle_linear = nn.Linear(cfg.llm_hidden, cfg.project_to_dim) if cfg.project_to_dim is not None else None
+        self.eagle_linear = (
+            nn.Linear(cfg.llm_hidden, cfg.project_to_dim) if cfg.project_to_dim is not None else None
+        )
 
     def pixel_shuffle(self, x: Tensor) -> Tensor:  # (N, W, H, C) -> (N, W*r, H*r, C/r^2)
         r = self.cfg.downsample_ratio
@@ -258,7 +220,8 @@ class EagleBackbone(nn.Module):
         selected = input_ids == self.cfg.image_token_id  # (B, L)
         if int(selected.sum()) != vit.shape[0] * vit.shape[1]:
             raise ValueError(
-                f"prompt has {int(selected.sum())} image tokens, the {vit.shape[0]} images have {vit.shape[1]} tokens each"
+                f"prompt has {int(selected.sum())} image tokens, "
+                f"the {vit.shape[0]} images have {vit.shape[1]} tokens each"
             )
         embeds = embeds.masked_scatter(selected[..., None], vit.to(embeds.dtype).reshape(-1))
         B, L, _ = embeds.shape

@@ -49,24 +49,12 @@ import logging
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from vla_inference.models import rtc
-from vla_inference.models.base import (
-    ActionPrediction,
-    InvalidObservation,
-    ModelDescription,
-    ModelLoadError,
-    Observation,
-    PreparedSample,
-    VLAModel,
-    sample_seed,
-    seeded_generator,
-)
+from vla_inference.models import base, rtc
 from vla_inference.models.common import flow
 from vla_inference.models.common.weights import resolve_dtype
 from vla_inference.models.groot import checkpoint as ckpt
@@ -111,7 +99,7 @@ def prompt_text(instruction: str, num_images: int, tokens_per_image: int) -> str
     )
 
 
-class GrootPolicy(VLAModel):
+class GrootPolicy(base.VLAModel):
     model_type = "groot"
 
     def __init__(self, settings: object) -> None:
@@ -120,7 +108,7 @@ class GrootPolicy(VLAModel):
         self._cfg: GrootConfig | None = None
         self._tokenizer: Any = None
         self._embodiments: dict[str, Embodiment] = {}
-        self._info: ModelDescription | None = None
+        self._info: base.ModelDescription | None = None
         self._device = "cpu"
         self._dtype = torch.float32
         self._lock = threading.Lock()
@@ -128,14 +116,11 @@ class GrootPolicy(VLAModel):
     # --- loading ---------------------------------------------------------------------------
 
     def load(self, checkpoint_path: str | None, device: str) -> None:
-        if not checkpoint_path:
-            raise ModelLoadError(
-                "GR00T has no embedded model: set VLA_MODEL_PATH to a GR00T N1.5 checkpoint directory "
-                "(config.json, *.safetensors, experiment_cfg/metadata.json, tokenizer.json)"
-            )
-        path = Path(checkpoint_path)
-        if not path.is_dir():
-            raise ModelLoadError(f"GR00T checkpoint {path} is not a directory")
+        path = base.checkpoint_dir(
+            checkpoint_path,
+            "GR00T N1.5",
+            "config.json, *.safetensors, experiment_cfg/metadata.json, tokenizer.json",
+        )
         cfg = ckpt.read_config(path)
         lerobot = ckpt.says_lerobot(path)
         embodiments, skipped = build_embodiments(
@@ -159,7 +144,7 @@ class GrootPolicy(VLAModel):
 
         default = self.settings.norm_stats_key.strip() or next(iter(embodiments))
         if default not in embodiments:
-            raise ModelLoadError(
+            raise base.ModelLoadError(
                 f"VLA_NORM_STATS_KEY={default!r} is not a supported embodiment of {path}; "
                 f"supported: {', '.join(embodiments)}"
             )
@@ -169,7 +154,7 @@ class GrootPolicy(VLAModel):
         cameras: list[str] = []
         for emb in (first, *embodiments.values()):  # the default's first, then the others'
             cameras += [role for role, _ in camera_roles(emb) if role not in cameras]
-        self._info = ModelDescription(
+        self._info = base.ModelDescription(
             name=path.name,
             version="gr00t-n1.5",
             family="groot",
@@ -191,7 +176,7 @@ class GrootPolicy(VLAModel):
         )
 
     @property
-    def model_info(self) -> ModelDescription:
+    def model_info(self) -> base.ModelDescription:
         if self._info is None:
             raise RuntimeError("GrootPolicy.load() has not been called")
         return self._info
@@ -199,7 +184,7 @@ class GrootPolicy(VLAModel):
     def embodiment(self, tag: str) -> Embodiment:
         return self._embodiments[self.resolve_embodiment(tag)]
 
-    def warmup_observation(self) -> Observation:
+    def warmup_observation(self) -> base.Observation:
         info = self.model_info
         emb = self._embodiments[info.default_embodiment]
         size = info.image_size
@@ -208,11 +193,11 @@ class GrootPolicy(VLAModel):
             for role, camera in zip((r for r, _ in camera_roles(emb)), emb.cameras, strict=True)
         }
         joints = np.zeros(emb.state_dim, np.float32)
-        return Observation(images=images, joint_positions=joints, instruction="warm up", seed=0)
+        return base.Observation(images=images, joint_positions=joints, instruction="warm up", seed=0)
 
     # --- prepare ---------------------------------------------------------------------------
 
-    def prepare(self, observation: Observation) -> PreparedSample:
+    def prepare(self, observation: base.Observation) -> base.PreparedSample:
         cfg = self._require_cfg()
         emb = self.embodiment(observation.embodiment)
         self.check_joints(observation, emb.tag)
@@ -230,7 +215,7 @@ class GrootPolicy(VLAModel):
         with np.errstate(divide="ignore", invalid="ignore"):
             state[: emb.model_state_dim] = emb.encode_state(observation.joint_positions)
         if not np.all(np.isfinite(state)):
-            raise InvalidObservation(
+            raise base.InvalidObservation(
                 "joint_positions",
                 f"a value of embodiment {emb.tag!r} cannot be converted as its data config asks "
                 "(e.g. an all-zero quaternion); layout: " + ", ".join(k.describe() for k in emb.state),
@@ -241,9 +226,11 @@ class GrootPolicy(VLAModel):
             state=torch.from_numpy(state),
             embodiment_id=emb.id,
         )
-        return PreparedSample(inputs=inputs, embodiment=emb.tag, seed=sample_seed(observation), batch_key=None)
+        return base.PreparedSample(
+            inputs=inputs, embodiment=emb.tag, seed=base.sample_seed(observation), batch_key=None
+        )
 
-    def _images(self, observation: Observation, emb: Embodiment) -> list[np.ndarray]:
+    def _images(self, observation: base.Observation, emb: Embodiment) -> list[np.ndarray]:
         """One frame per video key of the embodiment, in data config order (see camera_roles)."""
         given = {name.lower(): image for name, image in observation.images.items()}
         roles = camera_roles(emb)
@@ -252,19 +239,19 @@ class GrootPolicy(VLAModel):
             short = _short(key).lower()
             image = next((given[n] for n in (role, short, f"video.{short}") if n in given), None)
             if image is None:
-                raise InvalidObservation(
+                raise base.InvalidObservation(
                     "cameras",
                     f"embodiment {emb.tag!r} needs cameras {', '.join(r for r, _ in roles)} "
                     f"(video keys {', '.join(emb.video_keys)}); missing {role!r}",
                 )
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-                raise InvalidObservation("cameras", f"camera {role!r} must be (H, W, 3) uint8 RGB")
+                raise base.InvalidObservation("cameras", f"camera {role!r} must be (H, W, 3) uint8 RGB")
             out.append(image)
         return out
 
     # --- forward ---------------------------------------------------------------------------
 
-    def forward(self, samples: Sequence[PreparedSample]) -> list[Any]:
+    def forward(self, samples: Sequence[base.PreparedSample]) -> list[Any]:
         model, cfg = self._require_model(), self._require_cfg()
         if not samples:
             return []
@@ -281,7 +268,7 @@ class GrootPolicy(VLAModel):
         emb_ids = torch.tensor([x.embodiment_id for x in inputs], dtype=torch.long)
         noise = torch.stack(
             [
-                torch.randn(cfg.action_horizon, cfg.action_dim, generator=seeded_generator(s.seed))
+                torch.randn(cfg.action_horizon, cfg.action_dim, generator=base.seeded_generator(s.seed))
                 for s in samples
             ]
         )
@@ -312,13 +299,13 @@ class GrootPolicy(VLAModel):
 
     # --- finish ----------------------------------------------------------------------------
 
-    def finish(self, raw: Any, sample: PreparedSample) -> ActionPrediction:
+    def finish(self, raw: Any, sample: base.PreparedSample) -> base.ActionPrediction:
         assert isinstance(raw, GrootRaw)
         emb = self._embodiments[sample.embodiment]
         chunk = min(self.settings.chunk_size, raw.actions.shape[0])
         actions = emb.decode_actions(raw.actions[:chunk])
         confidence = flow.confidence(raw.velocity, raw.dt, chunk, emb.model_action_dim)
-        return ActionPrediction(actions=actions, confidence=confidence, model_actions=raw.actions)
+        return base.ActionPrediction(actions=actions, confidence=confidence, model_actions=raw.actions)
 
     def normalize_actions(self, actions: np.ndarray, embodiment: str) -> np.ndarray:
         emb = self._embodiments[embodiment]

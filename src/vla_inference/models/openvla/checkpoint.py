@@ -110,11 +110,14 @@ def _tower_config(timm_id: str, image_size: int) -> vit.ViTConfig:
     base = timm_id.split(".")[0]
     if base not in TIMM_TOWERS:
         raise ModelLoadError(
-            f"unsupported vision tower {timm_id!r} in config.json timm_model_ids; supported: {', '.join(TIMM_TOWERS)}"
+            f"unsupported vision tower {timm_id!r} in config.json timm_model_ids; "
+            f"supported: {', '.join(TIMM_TOWERS)}"
         )
     tower = TIMM_TOWERS[base]
     if "siglip" in base and tower.image_size != image_size:
-        raise ModelLoadError(f"config.json image_sizes gives {image_size} px for {timm_id}, a {tower.image_size} px tower")
+        raise ModelLoadError(
+            f"config.json image_sizes gives {image_size} px for {timm_id}, a {tower.image_size} px tower"
+        )
     return replace(tower, image_size=image_size)
 
 

@@ -48,7 +48,14 @@ def _dinov2(width: int, depth: int, heads: int, mlp: int, act: str, registers: b
 
 def _siglip(width: int, depth: int, heads: int, mlp: int, patch: int, size: int) -> ViTConfig:
     return ViTConfig(
-        width=width, depth=depth, num_heads=heads, mlp_dim=mlp, patch_size=patch, image_size=size, act="gelu", output=PENULTIMATE
+        width=width,
+        depth=depth,
+        num_heads=heads,
+        mlp_dim=mlp,
+        patch_size=patch,
+        image_size=size,
+        act="gelu",
+        output=PENULTIMATE,
     )
 
 
@@ -112,11 +119,21 @@ NAMED_CONFIGS: dict[str, OpenVLAConfig] = {
     "tiny": OpenVLAConfig(
         dino=replace(
             TIMM_TOWERS["vit_large_patch14_reg4_dinov2"],
-            image_size=28, patch_size=7, width=32, depth=3, num_heads=2, mlp_dim=64,
+            image_size=28,
+            patch_size=7,
+            width=32,
+            depth=3,
+            num_heads=2,
+            mlp_dim=64,
         ),
         siglip=replace(
             TIMM_TOWERS["vit_so400m_patch14_siglip_224"],
-            image_size=28, patch_size=7, width=48, depth=3, num_heads=2, mlp_dim=80,
+            image_size=28,
+            patch_size=7,
+            width=48,
+            depth=3,
+            num_heads=2,
+            mlp_dim=80,
         ),
         llm=DecoderConfig(width=64, depth=2, mlp_dim=128, num_heads=4, num_kv_heads=4, head_dim=16),
         max_seq_len=512,

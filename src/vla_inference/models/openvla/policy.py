@@ -27,16 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vla_inference.models.base import (
-    ActionPrediction,
-    InvalidObservation,
-    ModelDescription,
-    ModelLoadError,
-    Observation,
-    PreparedSample,
-    VLAModel,
-    sample_seed,
-)
+from vla_inference.models import base
 from vla_inference.models.common.tokenizers import find_tokenizer, load_sentencepiece
 from vla_inference.models.common.weights import resolve_dtype
 from vla_inference.models.openvla.checkpoint import (
@@ -131,7 +122,7 @@ def preprocess_image(image: np.ndarray, spec: ImageSpec) -> torch.Tensor:
     return torch.cat(towers, dim=0).contiguous()
 
 
-class OpenVLAPolicy(VLAModel):
+class OpenVLAPolicy(base.VLAModel):
     model_type: ClassVar[str] = "openvla"
 
     def __init__(self, settings: object) -> None:
@@ -142,23 +133,21 @@ class OpenVLAPolicy(VLAModel):
         self._device = torch.device("cpu")
         self._dtype = torch.float32
         self._default = ""
-        self._description: ModelDescription | None = None
+        self._description: base.ModelDescription | None = None
 
     # --- loading ----------------------------------------------------------------------------
 
     def load(self, checkpoint_path: str | None, device: str) -> None:
-        if not checkpoint_path:
-            raise ModelLoadError(
-                "OpenVLA has no embedded default model: set VLA_MODEL_PATH to an openvla-7b checkpoint "
-                "directory (config.json, model*.safetensors, tokenizer.model)"
-            )
-        info = read_checkpoint(checkpoint_path)
+        path = base.checkpoint_dir(
+            checkpoint_path, "OpenVLA", "config.json, model*.safetensors, tokenizer.model"
+        )
+        info = read_checkpoint(path)
         if self.settings.compile:
             logger.warning("VLA_COMPILE is not implemented for OpenVLA yet; running eager")
         key = self.settings.norm_stats_key.strip()
         datasets = sorted(info.norm_stats)
         if key and key not in info.norm_stats:
-            raise ModelLoadError(
+            raise base.ModelLoadError(
                 f"VLA_NORM_STATS_KEY={key!r} is not in the checkpoint; available: {', '.join(datasets)}"
             )
         self._default = key or (datasets[0] if len(datasets) == 1 else "")
@@ -174,7 +163,7 @@ class OpenVLAPolicy(VLAModel):
         self._model = load_model(info, self._device, self._dtype)
         self._info = info
         action_dim = info.norm_stats[self._default or datasets[0]].dim
-        self._description = ModelDescription(
+        self._description = base.ModelDescription(
             name=info.path.name,
             version="+".join(
                 str(info.raw_config.get(k, "?")) for k in ("vision_backbone_id", "llm_backbone_id")
@@ -207,15 +196,15 @@ class OpenVLAPolicy(VLAModel):
         return self._info, self._model
 
     @property
-    def model_info(self) -> ModelDescription:
+    def model_info(self) -> base.ModelDescription:
         if self._description is None:
             raise RuntimeError("OpenVLAPolicy.load() has not been called")
         return self._description
 
-    def warmup_observation(self) -> Observation:
+    def warmup_observation(self) -> base.Observation:
         info, _ = self._loaded()
         size = info.image.size
-        return Observation(
+        return base.Observation(
             images={CAMERA: np.zeros((size, size, 3), np.uint8)},
             joint_positions=np.zeros(0, np.float32),
             instruction="warm up",
@@ -238,36 +227,36 @@ class OpenVLAPolicy(VLAModel):
         info, _ = self._loaded()
         key = self.resolve_embodiment(tag)
         if not key:
-            raise InvalidObservation(
+            raise base.InvalidObservation(
                 "embodiment_tag",
                 "this OpenVLA checkpoint has statistics for several datasets; name one as embodiment_tag "
                 f"(or set VLA_NORM_STATS_KEY): {', '.join(sorted(info.norm_stats))}",
             )
         return key
 
-    def prepare(self, observation: Observation) -> PreparedSample:
+    def prepare(self, observation: base.Observation) -> base.PreparedSample:
         info, _ = self._loaded()
         key = self.unnorm_key(observation.embodiment)
         names = set(observation.images)
         if names != {CAMERA}:
             got = ", ".join(sorted(names)) or "none"
-            raise InvalidObservation(
+            raise base.InvalidObservation(
                 "cameras", f"OpenVLA takes exactly one camera named {CAMERA!r}; got: {got}"
             )
         image = observation.images[CAMERA]
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or 0 in image.shape:
-            raise InvalidObservation(
+            raise base.InvalidObservation(
                 "cameras", f"camera {CAMERA!r} must be (H, W, 3) uint8 RGB, got {image.shape}"
             )
         instruction = observation.instruction.strip()
         if not instruction:
-            raise InvalidObservation("language_instruction", "OpenVLA needs a language instruction")
+            raise base.InvalidObservation("language_instruction", "OpenVLA needs a language instruction")
         self.check_joints(observation, key)  # unused by OpenVLA; only checked to be finite
         n_tokens = info.norm_stats[key].dim
         input_ids = self.tokenize(instruction)
         total = input_ids.shape[0] + info.config.num_patches + n_tokens
         if total > info.config.max_seq_len:
-            raise InvalidObservation(
+            raise base.InvalidObservation(
                 "language_instruction",
                 f"too long: {input_ids.shape[0]} prompt tokens + {info.config.num_patches} image tokens + "
                 f"{n_tokens} action tokens exceed the model's {info.config.max_seq_len}",
@@ -279,9 +268,11 @@ class OpenVLAPolicy(VLAModel):
             n_tokens=n_tokens,
         )
         # Greedy decoding draws no noise: the seed is kept for the record only.
-        return PreparedSample(inputs, key, sample_seed(observation), batch_key=("openvla", n_tokens))
+        return base.PreparedSample(
+            inputs, key, base.sample_seed(observation), batch_key=("openvla", n_tokens)
+        )
 
-    def forward(self, samples: Sequence[PreparedSample]) -> list[OpenVLARaw]:
+    def forward(self, samples: Sequence[base.PreparedSample]) -> list[OpenVLARaw]:
         _, model = self._loaded()
         if not samples:
             return []
@@ -297,13 +288,13 @@ class OpenVLAPolicy(VLAModel):
         tokens, probs = out.tokens.cpu().numpy(), out.probs.float().cpu().numpy()
         return [OpenVLARaw(tokens=tokens[b], probs=probs[b]) for b in range(len(inputs))]
 
-    def finish(self, raw: OpenVLARaw, sample: PreparedSample) -> ActionPrediction:
+    def finish(self, raw: OpenVLARaw, sample: base.PreparedSample) -> base.ActionPrediction:
         info, model = self._loaded()
         inputs: OpenVLAInputs = sample.inputs
         normalized = detokenize(raw.tokens, model.cfg.action_vocab_size, model.cfg.n_action_bins)
         actions = unnormalize(normalized, info.norm_stats[inputs.unnorm_key])
         probs = np.clip(raw.probs.astype(np.float64), 1e-30, 1.0)
         confidence = float(np.exp(np.mean(np.log(probs))))
-        return ActionPrediction(
+        return base.ActionPrediction(
             actions=actions[None].astype(np.float32), confidence=min(max(confidence, 0.0), 1.0)
         )

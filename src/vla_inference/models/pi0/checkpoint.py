@@ -115,13 +115,17 @@ class About:
         description = section.get("description", "")
         embodiments = section.get("embodiments", {})
         if not isinstance(description, str) or not isinstance(embodiments, dict):
-            raise ModelLoadError(f"{where}: 'vla_inference' needs a string description and an embodiments object")
+            raise ModelLoadError(
+                f"{where}: 'vla_inference' needs a string description and an embodiments object"
+            )
         layouts: dict[str, dict[str, tuple[str, ...]]] = {"state": {}, "actions": {}}
         for tag, spec in embodiments.items():
             for key in layouts:
                 names = spec.get(key, []) if isinstance(spec, dict) else None
                 if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-                    raise ModelLoadError(f"{where}: vla_inference.embodiments.{tag}.{key} must be a list of names")
+                    raise ModelLoadError(
+                        f"{where}: vla_inference.embodiments.{tag}.{key} must be a list of names"
+                    )
                 if names:
                     layouts[key][tag] = tuple(names)
         return About(description, layouts["state"], layouts["actions"])
@@ -143,8 +147,8 @@ class Checkpoint:
     def describe(self) -> str:
         cfg = self.config
         return (
-            f"{'pi0.5' if cfg.pi05 else 'pi0'} ({cfg.vision_variant} + {cfg.vlm_variant} + {cfg.expert_variant}, "
-            f"action_dim {cfg.action_dim}, horizon {cfg.action_horizon})"
+            f"{'pi0.5' if cfg.pi05 else 'pi0'} ({cfg.vision_variant} + {cfg.vlm_variant} + "
+            f"{cfg.expert_variant}, action_dim {cfg.action_dim}, horizon {cfg.action_horizon})"
         )
 
 
@@ -179,14 +183,18 @@ def vocab_size(layout: Mapping[str, TensorEntry], embed_key: str) -> int:
     return int(entry.shape[0]) if entry is not None and len(entry.shape) == 2 else PALIGEMMA_VOCAB_SIZE
 
 
-def gemma_variants(config: Mapping[str, Any], where: Path) -> dict[str, str]:
+def gemma_variants(config: Mapping[str, Any], where: Path) -> dict[str, Any]:
     """The Pi0Config variant fields named by config.json (both formats use openpi's keys)."""
     return {
-        "vlm_variant": variant(config.get("paligemma_variant", "gemma_2b"), GEMMA_VARIANTS, "paligemma_variant", where),
+        "vlm_variant": variant(
+            config.get("paligemma_variant", "gemma_2b"), GEMMA_VARIANTS, "paligemma_variant", where
+        ),
         "expert_variant": variant(
             config.get("action_expert_variant", "gemma_300m"), GEMMA_VARIANTS, "action_expert_variant", where
         ),
-        "vision_variant": variant(config.get("vision_variant", "so400m"), SIGLIP_VARIANTS, "vision_variant", where),
+        "vision_variant": variant(
+            config.get("vision_variant", "so400m"), SIGLIP_VARIANTS, "vision_variant", where
+        ),
     }
 
 
@@ -224,7 +232,8 @@ def load_openpi(path: Path, *, tokenizer_path: str = "", norm_stats_key: str = "
         raise ModelLoadError(f"{where}: pi05={pi05!r} must be true or false")
     if from_keys is not None and from_keys != pi05:
         raise ModelLoadError(
-            f"{where}: says pi05={str(pi05).lower()} but the weights are a {'pi0.5' if from_keys else 'pi0'} model"
+            f"{where}: says pi05={str(pi05).lower()} but the weights are a "
+            f"{'pi0.5' if from_keys else 'pi0'} model"
         )
     embed_key = EMBED_KEY if EMBED_KEY in layout or EMBED_ALIAS not in layout else EMBED_ALIAS
     cfg = Pi0Config(
@@ -281,7 +290,9 @@ def write_openpi(
         # openpi files carry the (unused) expert LM head; keep the layout identical.
         g = torch.Generator().manual_seed(0)
         shape = (cfg.vocab_size, cfg.expert.width)
-        tensors[EXPERT_LM_HEAD] = torch.randn(shape, generator=g).mul_(0.02).to(next(iter(tensors.values())).dtype)
+        tensors[EXPERT_LM_HEAD] = (
+            torch.randn(shape, generator=g).mul_(0.02).to(next(iter(tensors.values())).dtype)
+        )
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     config = {
         "action_dim": cfg.action_dim,

@@ -109,7 +109,9 @@ def load_lerobot(path: Path, *, tokenizer_path: str = "", norm_stats_key: str = 
     files, layout = weights_of(path)
     from_keys = variant_from_keys(layout, PREFIX)
     if from_keys is not None and from_keys != pi05:
-        raise ModelLoadError(f"{where}: type={kind} but the weights are a {'pi0.5' if from_keys else 'pi0'} model")
+        raise ModelLoadError(
+            f"{where}: type={kind} but the weights are a {'pi0.5' if from_keys else 'pi0'} model"
+        )
     max_action = positive_int(config, "max_action_dim", 32, where)
     if positive_int(config, "max_state_dim", 32, where) != max_action:
         raise ModelLoadError(f"{where}: max_state_dim must equal max_action_dim (both pad to one size)")
@@ -117,7 +119,9 @@ def load_lerobot(path: Path, *, tokenizer_path: str = "", norm_stats_key: str = 
     size = SIGLIP_VARIANTS[variants["vision_variant"]].image_size
     resolution = config.get("image_resolution", [size, size])
     if list(resolution) != [size, size]:
-        raise ModelLoadError(f"{where}: image_resolution={resolution} is not supported (expected the tower's size)")
+        raise ModelLoadError(
+            f"{where}: image_resolution={resolution} is not supported (expected the tower's size)"
+        )
     embed_key = PREFIX + (EMBED_ALIAS if PREFIX + EMBED_ALIAS in layout else EMBED_KEY)
     cfg = Pi0Config(
         pi05=pi05,

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -145,7 +146,9 @@ class Pi0Config:
 NAMED_CONFIGS: dict[str, Pi0Config] = {
     "pi0": Pi0Config(),
     "pi05": Pi0Config(pi05=True),
-    "pi0_dummy": Pi0Config(vlm_variant="dummy", expert_variant="dummy", vision_variant="tiny", vocab_size=512),
+    "pi0_dummy": Pi0Config(
+        vlm_variant="dummy", expert_variant="dummy", vision_variant="tiny", vocab_size=512
+    ),
     "pi05_dummy": Pi0Config(
         pi05=True, vlm_variant="dummy", expert_variant="dummy", vision_variant="tiny", vocab_size=512
     ),
@@ -200,7 +203,9 @@ def _layer_qkv(
     return (*layer.self_attn.qkv(h, cos, sin), gate)
 
 
-def _layer_finish(layer: DecoderLayer, x: Tensor, attn: Tensor, gate: Tensor | None, cond: Tensor | None) -> Tensor:
+def _layer_finish(
+    layer: DecoderLayer, x: Tensor, attn: Tensor, gate: Tensor | None, cond: Tensor | None
+) -> Tensor:
     """Residual + MLP half of a layer. x (B, T, W) input, attn (B, T, Hq*D)."""
     x = x + _gated(layer.self_attn.o_proj(attn), gate)
     h, gate2 = _norm(layer.post_attention_layernorm, x, cond)
@@ -282,7 +287,9 @@ class Pi0Model(nn.Module):
     def embed_suffix(self, state: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
         """state (B, A), x_t (B, H, A) float32, t (B,) -> embeddings (B, S, We), adaRMS cond (B, We)|None."""
         width = self.cfg.expert.width
-        time_emb = sinusoidal_time_embedding(t, width, self.cfg.min_period, self.cfg.max_period).to(self.dtype)
+        time_emb = sinusoidal_time_embedding(t, width, self.cfg.min_period, self.cfg.max_period).to(
+            self.dtype
+        )
         action_emb = self.action_in_proj(x_t.to(self.dtype))  # (B, H, We)
         if self.cfg.pi05:
             cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(time_emb))))
@@ -314,13 +321,15 @@ class Pi0Model(nn.Module):
                 _layer_qkv(layer, x, cond, c, s)
                 for layer, x, cond, c, s in zip(layers, xs, conds, coss, sins, strict=False)
             ]
-            q, k, v = (torch.cat([p[i] for p in parts], dim=2) for i in range(3))
+            q, k, v = (torch.cat([cast(Tensor, p[i]) for p in parts], dim=2) for i in range(3))
             attn = attend(q, k, v, mask[:, None]).split(lengths, dim=1)
             xs = [
                 _layer_finish(layer, x, a, p[3], c)
                 for layer, x, a, p, c in zip(layers, xs, attn, parts, conds, strict=False)
             ]
-        return [_norm(stack.norm, x, c)[0] for stack, x, c in zip(stacks, xs, conds, strict=False)]
+        return [
+            cast(Tensor, _norm(stack.norm, x, c)[0]) for stack, x, c in zip(stacks, xs, conds, strict=False)
+        ]
 
     def prefill(self, prefix_embs: Tensor, prefix_pad: Tensor) -> KVCache:
         """Run the prefix through the VLM; return every layer's keys/values (B, Hkv, P, D).
@@ -367,7 +376,10 @@ class Pi0Model(nn.Module):
             layer = self.expert.layer(li)
             q, k, v, gate = _layer_qkv(layer, x, cond, cos, sin)
             cached_k, cached_v = cache.view(li, batch, prefix_len)
-            keys, values = torch.cat([cached_k, k], dim=2), torch.cat([cached_v, v], dim=2)  # (B, Hkv, P+S, D)
+            keys, values = (
+                torch.cat([cached_k, k], dim=2),
+                torch.cat([cached_v, v], dim=2),
+            )  # (B, Hkv, P+S, D)
             x = _layer_finish(layer, x, attend(q, keys, values, mask), gate, cond)
         out, _ = _norm(self.expert.norm, x, cond)
         return self.action_out_proj(out[:, -self.cfg.action_horizon :]).to(x_t.dtype)
@@ -401,7 +413,9 @@ class Pi0Model(nn.Module):
             t = torch.full((batch,), 1.0 - step / steps, dtype=x.dtype, device=x.device)
             return -self.denoise_step(cache, context, state, x, t)
 
-        return flow.euler(toward_data, noise.to(torch.promote_types(noise.dtype, torch.float32)), steps, prefix)
+        return flow.euler(
+            toward_data, noise.to(torch.promote_types(noise.dtype, torch.float32)), steps, prefix
+        )
 
     def flow_matching_loss(
         self,
@@ -441,9 +455,13 @@ class Pi0Model(nn.Module):
         suffix_embs, cond = self.embed_suffix(state, x_t, t)
         B, S = suffix_embs.shape[:2]
         pad = torch.cat([prefix_pad, torch.ones(B, S, dtype=torch.bool, device=prefix_pad.device)], dim=1)
-        ar = torch.cat([torch.zeros_like(prefix_pad, dtype=torch.int32), self.suffix_ar(B, pad.device)], dim=1)
+        ar = torch.cat(
+            [torch.zeros_like(prefix_pad, dtype=torch.int32), self.suffix_ar(B, pad.device)], dim=1
+        )
         positions = torch.cumsum(pad.long(), dim=1) - 1
-        _, out = self.joint_forward([prefix_embs, suffix_embs], block_causal_mask(ar, pad), positions, [None, cond])
+        _, out = self.joint_forward(
+            [prefix_embs, suffix_embs], block_causal_mask(ar, pad), positions, [None, cond]
+        )
         return self.action_out_proj(out[:, -self.cfg.action_horizon :]).float()
 
 

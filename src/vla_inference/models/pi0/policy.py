@@ -34,19 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vla_inference.models import rtc
-from vla_inference.models.base import (
-    ActionPrediction,
-    InvalidObservation,
-    ModelDescription,
-    ModelLoadError,
-    Observation,
-    PreparedSample,
-    VLAModel,
-    canonical_camera,
-    sample_seed,
-    seeded_generator,
-)
+from vla_inference.models import base, rtc
 from vla_inference.models.common import flow
 from vla_inference.models.common.tokenizers import load_sentencepiece
 from vla_inference.models.common.weights import load_weights, resolve_dtype
@@ -106,7 +94,7 @@ def tokenize_prompt(
     else:
         ids = tokenizer.encode(cleaned, add_bos=True) + tokenizer.encode("\n")
     if len(ids) > cfg.max_token_len:
-        raise InvalidObservation(
+        raise base.InvalidObservation(
             "language_instruction",
             f"the prompt is {len(ids)} tokens; this model takes at most {cfg.max_token_len} "
             "(shorten the instruction)",
@@ -118,13 +106,13 @@ def tokenize_prompt(
     return tokens, mask
 
 
-class Pi0Policy(VLAModel):
+class Pi0Policy(base.VLAModel):
     model_type = "pi0"
 
     def __init__(self, settings: object) -> None:
         super().__init__(settings)
         self._model: Pi0Model | None = None
-        self._info: ModelDescription | None = None
+        self._info: base.ModelDescription | None = None
         self._ckpt: ckpt.Checkpoint | None = None
         self._tokenizer: Any = None
         self._device = torch.device("cpu")
@@ -175,7 +163,7 @@ class Pi0Policy(VLAModel):
         else:
             name = f"{'pi0.5' if cfg.pi05 else 'pi0'} {path.name} ({loaded.format} format)"
         version = hashlib.sha256(f"{path.resolve()}|{cfg}".encode()).hexdigest()[:12]
-        self._info = ModelDescription(
+        self._info = base.ModelDescription(
             name=name,
             version=version,
             family="pi05" if cfg.pi05 else "pi0",
@@ -211,7 +199,7 @@ class Pi0Policy(VLAModel):
             sizes = {emb: n.actions.stats.size for emb, n in loaded.norms.items()}
             distinct = set(sizes.values())
             if len(distinct) != 1:
-                raise ModelLoadError(
+                raise base.ModelLoadError(
                     f"{loaded.path}: the norm stats disagree on the action size ({sizes}); "
                     "choose one set with VLA_NORM_STATS_KEY"
                 )
@@ -219,7 +207,7 @@ class Pi0Policy(VLAModel):
             if action_dim == 0:
                 action_dim = self.settings.action_dim
             elif self.settings.action_dim_set and self.settings.action_dim != action_dim:
-                raise ModelLoadError(
+                raise base.ModelLoadError(
                     f"VLA_ACTION_DIM={self.settings.action_dim} but the checkpoint's action statistics have "
                     f"{action_dim} dimensions"
                 )
@@ -228,14 +216,14 @@ class Pi0Policy(VLAModel):
             action_dim = self.settings.action_dim
             state_dims = {"default": action_dim}
         if action_dim > cfg.action_dim:
-            raise ModelLoadError(f"action dim {action_dim} exceeds the model's {cfg.action_dim}")
+            raise base.ModelLoadError(f"action dim {action_dim} exceeds the model's {cfg.action_dim}")
         too_big = {e: d for e, d in state_dims.items() if d > cfg.action_dim}
         if too_big:
-            raise ModelLoadError(f"state sizes {too_big} exceed the model's {cfg.action_dim}")
+            raise base.ModelLoadError(f"state sizes {too_big} exceed the model's {cfg.action_dim}")
         return action_dim, state_dims
 
     @property
-    def model_info(self) -> ModelDescription:
+    def model_info(self) -> base.ModelDescription:
         if self._info is None:
             raise RuntimeError("Pi0Policy.load() has not been called")
         return self._info
@@ -261,26 +249,26 @@ class Pi0Policy(VLAModel):
     ) -> tuple[np.ndarray, np.ndarray]:
         return tokenize_prompt(self._tokenizer, self.config, instruction, normalized_state)
 
-    def prepare(self, observation: Observation) -> PreparedSample:
+    def prepare(self, observation: base.Observation) -> base.PreparedSample:
         info = self.model_info
         cfg = self.config
         embodiment = self.resolve_embodiment(observation.embodiment)
         self.check_joints(observation, embodiment)
         images_in = {
-            name if name in self._camera_slot else canonical_camera(name): image
+            name if name in self._camera_slot else base.canonical_camera(name): image
             for name, image in observation.images.items()
         }
         unknown = sorted(set(images_in) - set(self._camera_slot))
         if unknown:
-            raise InvalidObservation(
+            raise base.InvalidObservation(
                 "cameras",
                 f"unknown camera(s) {', '.join(map(repr, unknown))}; "
                 f"this model takes: {', '.join(info.camera_names)}",
             )
         if len(images_in) != len(observation.images):
-            raise InvalidObservation("cameras", "the same camera is given twice (under an alias)")
+            raise base.InvalidObservation("cameras", "the same camera is given twice (under an alias)")
         if not images_in:
-            raise InvalidObservation(
+            raise base.InvalidObservation(
                 "cameras", f"at least one camera image is required ({', '.join(info.camera_names)})"
             )
         size = cfg.vision.image_size
@@ -293,7 +281,7 @@ class Pi0Policy(VLAModel):
                 or image.ndim != 3
                 or image.shape[2] != 3
             ):
-                raise InvalidObservation(
+                raise base.InvalidObservation(
                     "cameras", f"camera {camera!r}: expected an (H, W, 3) uint8 RGB image"
                 )
             slot = self._camera_slot[camera]
@@ -307,17 +295,17 @@ class Pi0Policy(VLAModel):
         state[: normalized.shape[0]] = normalized
         tokens, token_mask = self.tokenize(observation.instruction, normalized if cfg.pi05 else None)
         inputs = Pi0Inputs(images, masks, tokens, token_mask, state)
-        return PreparedSample(inputs, embodiment, sample_seed(observation), batch_key=("pi0",))
+        return base.PreparedSample(inputs, embodiment, base.sample_seed(observation), batch_key=("pi0",))
 
     # ---- forward -----------------------------------------------------------------------------
 
     def noise(self, seed: int) -> torch.Tensor:
         cfg = self.config
         return torch.randn(
-            (cfg.action_horizon, cfg.action_dim), generator=seeded_generator(seed), dtype=torch.float32
+            (cfg.action_horizon, cfg.action_dim), generator=base.seeded_generator(seed), dtype=torch.float32
         )
 
-    def forward(self, samples: Sequence[PreparedSample]) -> list[Any]:
+    def forward(self, samples: Sequence[base.PreparedSample]) -> list[Any]:
         model = self.model
         inputs = [s.inputs for s in samples]
         used = max(int(i.token_mask.sum()) for i in inputs)  # trailing padding never influences valid tokens
@@ -355,7 +343,7 @@ class Pi0Policy(VLAModel):
 
     # ---- finish ------------------------------------------------------------------------------
 
-    def finish(self, raw: Any, sample: PreparedSample) -> ActionPrediction:
+    def finish(self, raw: Any, sample: base.PreparedSample) -> base.ActionPrediction:
         info = self.model_info
         assert isinstance(raw, Pi0Raw)
         norm = self._norm(sample.embodiment)
@@ -364,7 +352,7 @@ class Pi0Policy(VLAModel):
         )
         actions = np.ascontiguousarray(actions[: info.chunk_size, : info.action_dim], dtype=np.float32)
         confidence = flow.confidence(raw.last_velocity, raw.dt, info.chunk_size, info.action_dim)
-        return ActionPrediction(actions=actions, confidence=confidence, model_actions=raw.actions)
+        return base.ActionPrediction(actions=actions, confidence=confidence, model_actions=raw.actions)
 
     def normalize_actions(self, actions: np.ndarray, embodiment: str) -> np.ndarray:
         norm = self._norm(embodiment)
