@@ -20,6 +20,7 @@ import pytest
 import torch
 import transformers
 
+from tests.helpers.reference import checkpoint_shapes
 from vla_inference.models.base import ModelLoadError
 from vla_inference.models.groot.checkpoint import config_from_json, groot_names
 from vla_inference.models.groot.model import GR00TN15, SIZES
@@ -191,7 +192,7 @@ def test_the_loader_reads_exactly_the_checkpoint_layout() -> None:
     with torch.device("meta"):
         model = GR00TN15(cfg)
     names = groot_names(cfg)
-    ours = names.checkpoint_shapes(model)
+    ours = checkpoint_shapes(names, model)
     fixture = _fixture()
     for unused in (
         "backbone.eagle_model.vision_model.vision_model.head.probe",

@@ -35,6 +35,7 @@ from transformers import (
     SiglipVisionModel,
 )
 
+from tests.helpers.reference import checkpoint_shapes
 from vla_inference.models.common.vit import FINAL, VisionTower
 from vla_inference.models.openvla.checkpoint import openvla_names, parse_config
 from vla_inference.models.openvla.model import TIMM_TOWERS, OpenVLA, OpenVLAConfig
@@ -119,7 +120,7 @@ def test_7b_reads_the_published_layout_and_skips_only_what_it_never_runs() -> No
     with torch.device("meta"):
         model = OpenVLA(cfg)
     names = openvla_names(cfg)
-    ours = names.checkpoint_shapes(model)
+    ours = checkpoint_shapes(names, model)
     expected = _expected()
     skipped = {k for k in expected if names.unused(k)}
     assert sorted(set(ours) - set(expected)) == []

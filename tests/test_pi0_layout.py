@@ -26,6 +26,7 @@ import pytest
 import torch
 import transformers
 
+from tests.helpers.reference import checkpoint_shapes
 from vla_inference.models.pi0 import checkpoint as ckpt
 from vla_inference.models.pi0.model import NAMED_CONFIGS, build
 
@@ -101,7 +102,7 @@ def test_openpi_layout_matches_published(paligemma_layout: dict[str, tuple[int, 
     expected = {**paligemma_layout, **expert_layout(pi05), **heads_layout(pi05)}
     model = build(NAMED_CONFIGS[variant], device="meta")
     names = ckpt.openpi_names()
-    ours = names.checkpoint_shapes(model)  # what the loader reads, in the file's names
+    ours = checkpoint_shapes(names, model)  # what the loader reads, in the file's names
     # the one saved tensor we do not model: the expert's unused LM head, skipped on load
     skipped = {k: expected.pop(k) for k in list(expected) if names.unused(k)}
     assert skipped == {EX + "lm_head.weight": (257152, 1024)}

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import torch
 
-from vla_inference.models.common.weights import NameMap
+from vla_inference.models.common.weights import NameMap, source_shape
 
 
 def copy_from_reference(ours: torch.nn.Module, names: NameMap, reference: Mapping[str, torch.Tensor]) -> None:
@@ -45,3 +45,12 @@ def submap(full: NameMap, ours_prefix: str, theirs_prefix: str) -> NameMap:
         return [replace(s, key=s.key.removeprefix(theirs_prefix)) for s in found]
 
     return NameMap(sources)
+
+
+def checkpoint_shapes(names: NameMap, model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """The tensors (name -> shape) the loader reads for `model` from a checkpoint of this format."""
+    shapes = {}
+    for name, tensor in model.state_dict().items():
+        for source in names.sources(name, tuple(tensor.shape)):
+            shapes[source.key] = source_shape(source, tuple(tensor.shape))
+    return shapes

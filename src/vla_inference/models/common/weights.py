@@ -194,40 +194,24 @@ class NameMap:
     sources: Callable[[str, tuple[int, ...]], list[Source]] = same_name
     unused: Callable[[str], bool] = field(default=_never)
 
-    def checkpoint_shapes(self, model: nn.Module) -> dict[str, tuple[int, ...]]:
-        """The tensors (name -> shape) this model reads from a checkpoint of this format."""
-        shapes = {}
-        for name, tensor in model.state_dict().items():
-            for source in self.sources(name, tuple(tensor.shape)):
-                shapes[source.key] = _source_shape(source, tuple(tensor.shape))
-        return shapes
-
     def to_checkpoint(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Our state dict in this format's names (what a writer of the format saves)."""
         out = {}
         for name, tensor in state_dict.items():
             for source in self.sources(name, tuple(tensor.shape)):
                 part = tensor if source.rows is None else tensor[source.rows[0] : source.rows[1]]
-                shape = _source_shape(source, tuple(tensor.shape))
+                shape = source_shape(source, tuple(tensor.shape))
                 out[source.key] = part.detach().reshape(shape).contiguous().cpu()
         return out
 
 
-def _source_shape(source: Source, shape: tuple[int, ...]) -> tuple[int, ...]:
+def source_shape(source: Source, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The checkpoint tensor's shape for `source`, part of our tensor of `shape`."""
     if source.shape is not None:
         return source.shape
     if source.rows is None:
         return shape
     return (source.rows[1] - source.rows[0], *shape[1:])
-
-
-def split_rows(name: str, sizes: Iterable[int], keys: Iterable[str]) -> list[Source]:
-    """Sources filling consecutive row blocks of `name` (sizes) from `keys`, in order."""
-    sources, start = [], 0
-    for size, key in zip(sizes, keys, strict=True):
-        sources.append(Source(key, (start, start + size)))
-        start += size
-    return sources
 
 
 # ---- the layout check -----------------------------------------------------------------------
@@ -248,7 +232,7 @@ def plan(
     for name, tensor in model.state_dict().items():
         for source in names.sources(name, tuple(tensor.shape)):
             wanted[source.key] = (name, source)
-            shapes[source.key] = _source_shape(source, tuple(tensor.shape))
+            shapes[source.key] = source_shape(source, tuple(tensor.shape))
     missing = sorted(k for k in wanted if k not in layout)
     unexpected = sorted(k for k in layout if k not in wanted and not names.unused(k))
     mis_shaped = sorted(
