@@ -154,6 +154,23 @@ def test_embedding_alias_accepted(tmp_path: Path) -> None:
     np.testing.assert_array_equal(_load(path).predict(_obs()).actions, reference)
 
 
+def test_lerobot_reads_embed_tokens_over_the_lm_head(tmp_path: Path) -> None:
+    """LeRobot's files (config.json and key layout as LeRobot 0.4 writes them) hold the PaliGemma
+    embedding under both names; the LM head copy is never used, so only "embed_tokens" is read."""
+    path = write_tiny_lerobot_checkpoint(tmp_path / "c", "pi0", with_tokenizer=True)
+    tensors = load_file(path / "model.safetensors")
+    assert {"model." + ckpt.EMBED_KEY, "model." + ckpt.EMBED_ALIAS} <= set(tensors)
+    reference = _load(path).predict(_obs()).actions
+    original = tensors["model." + ckpt.EMBED_KEY]
+    tensors["model." + ckpt.EMBED_KEY] = torch.randn_like(original)
+    save_file(tensors, str(path / "model.safetensors"))
+    np.testing.assert_array_equal(_load(path).predict(_obs()).actions, reference)
+    # a file with the lm_head name only still loads, from it
+    tensors["model." + ckpt.EMBED_KEY] = tensors.pop("model." + ckpt.EMBED_ALIAS)
+    save_file(tensors, str(path / "model.safetensors"))
+    np.testing.assert_array_equal(_load(path).predict(_obs()).actions, reference)
+
+
 def test_variant_read_from_config_and_checked_against_weights(tmp_path: Path) -> None:
     path = write_tiny_openpi_checkpoint(tmp_path / "c", "pi05")
     config = json.loads((path / "config.json").read_text())
