@@ -76,6 +76,33 @@ def test_invalid_value_stops_with_one_clear_line(variable, value, words):
     assert words in lines[0]
 
 
+def test_a_model_that_cannot_load_stops_with_one_clear_line_and_no_traceback(tmp_path):
+    env = _clean_env() | {
+        "VLA_MODEL_TYPE": "openvla",
+        "VLA_MODEL_PATH": str(tmp_path / "missing"),
+        "VLA_GRPC_PORT": "0",
+        "VLA_METRICS_PORT": "0",
+        "VLA_LOG_LEVEL": "WARNING",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "vla_inference", "serve"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr  # no "Exception ignored ... Event loop is closed" after it
+    assert "cannot serve" in lines[0] and "does not exist" in lines[0]
+
+
+def test_config_does_not_import_the_models():
+    """config.py validates VLA_MODEL_TYPE from its own list; importing it loads no model code."""
+    code = (
+        "import sys, vla_inference.config; "
+        "print(sorted(m for m in sys.modules if m.startswith('vla_inference')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "['vla_inference', 'vla_inference.config']"
+
+
 def test_from_env_raises_config_error(monkeypatch):
     monkeypatch.setenv("VLA_MAX_WORKERS", "1000")
     with pytest.raises(ConfigError, match="VLA_MAX_WORKERS='1000'"):

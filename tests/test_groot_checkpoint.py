@@ -280,14 +280,6 @@ def test_camera_by_key_name(policy: GrootPolicy) -> None:
     np.testing.assert_allclose(policy.predict(renamed).actions, policy.predict(obs).actions, atol=1e-5)
 
 
-def test_instruction_too_long(ckpt_dir: Path) -> None:
-    p = GrootPolicy(_settings(max_instruction_chars=10))
-    p.load(str(ckpt_dir), "cpu")
-    with pytest.raises(InvalidObservation) as err:
-        p.prepare(gr1_obs(instruction="pick up the red cube"))
-    assert err.value.field == "instruction"
-
-
 # --- checkpoint errors -------------------------------------------------------------------------
 
 
@@ -324,7 +316,7 @@ def test_missing_and_unexpected_weights_are_listed(ckpt_dir: Path, tmp_path: Pat
     with pytest.raises(ModelLoadError) as err:
         GrootPolicy(_settings()).load(str(d), "cpu")
     assert dropped in str(err.value) and "action_head.surprise.weight" in str(err.value)
-    assert "missing weights" in str(err.value) and "unexpected weights" in str(err.value)
+    assert "missing 1:" in str(err.value) and "unexpected 1:" in str(err.value)  # one format for every family
 
 
 def test_single_file_checkpoint(ckpt_dir: Path, tmp_path: Path, policy: GrootPolicy) -> None:

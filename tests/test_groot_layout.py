@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
+from tests.helpers.reference import checkpoint_shapes
 from vla_inference.models.base import ModelLoadError
-from vla_inference.models.groot.checkpoint import config_from_json, parameter_count
+from vla_inference.models.groot.checkpoint import config_from_json, groot_names
 from vla_inference.models.groot.model import GR00TN15, SIZES
-
-transformers = pytest.importorskip("transformers")
 
 # The published nvidia/GR00T-N1.5-3B config.json (the fields that shape the network).
 N15_CONFIG_JSON = {
@@ -185,11 +185,22 @@ def test_unsupported_configs_are_refused(section: str | None, key: str, value: o
         config_from_json(raw)
 
 
-def test_parameter_names_and_shapes_match_the_checkpoint_layout() -> None:
+def test_the_loader_reads_exactly_the_checkpoint_layout() -> None:
+    """Through the name map, the tensors the loader reads are the published ones, name and shape;
+    the tensors upstream keeps but never uses are skipped, not read."""
+    cfg = config_from_json(N15_CONFIG_JSON)
     with torch.device("meta"):
-        model = GR00TN15(config_from_json(N15_CONFIG_JSON))
-    ours = {name: tuple(p.shape) for name, p in model.named_parameters()}
+        model = GR00TN15(cfg)
+    names = groot_names(cfg)
+    ours = checkpoint_shapes(names, model)
     fixture = _fixture()
+    for unused in (
+        "backbone.eagle_model.vision_model.vision_model.head.probe",
+        "backbone.eagle_model.language_model.lm_head.weight",
+        "backbone.eagle_model.language_model.model.layers.12.mlp.up_proj.weight",
+    ):
+        assert names.unused(unused) and unused not in ours
+    assert not names.unused("backbone.eagle_model.language_model.model.layers.11.mlp.up_proj.weight")
     assert sorted(set(fixture) - set(ours)) == []
     assert sorted(set(ours) - set(fixture)) == []
     mismatched = {k: (ours[k], fixture[k]) for k in ours if ours[k] != fixture[k]}
@@ -197,7 +208,8 @@ def test_parameter_names_and_shapes_match_the_checkpoint_layout() -> None:
 
 
 def test_parameter_count() -> None:
-    total = parameter_count(SIZES["n1.5-3b"])
+    with torch.device("meta"):
+        total = sum(p.numel() for p in GR00TN15(SIZES["n1.5-3b"]).parameters())
     fixture_total = sum(int(torch.tensor(s).prod()) if s else 1 for s in _fixture().values())
     assert total == fixture_total
     # 2.40B built: LM cut at layer 12 ~0.915B, SigLIP ~0.412B, mlp1 2.4M, action head ~1.07B

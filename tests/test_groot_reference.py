@@ -1,105 +1,107 @@
-"""Our GR00T backbone blocks against the reference implementations in transformers (fp32, CPU).
+"""GR00T N1.5 against independent references, tiny random weights (fp32, CPU).
 
-Proves that, with the same random weights, our Qwen3 decoder equals transformers' Qwen3Model
-(GQA, q/k RMSNorm, RoPE, causal + padding mask, final norm) and our vision tower equals
-transformers' SiglipVisionModel. N1.5's Eagle 2.5 builds its vision tower as
-SiglipVisionModel (config model_type "siglip_vision_model": fixed 224 grid, Conv2d patches,
-learned positions) and loads SigLIP2-400M weights into it, so that is the reference here, not
-transformers' Siglip2VisionModel (NaFlex patches) which N1.5 does not use.
+Backbone: the shared Decoder in Qwen3's configuration equals transformers' Qwen3Model (GQA, q/k
+RMSNorm, RoPE, causal + padding mask, final norm), the shared ViT tower equals transformers'
+SiglipVisionModel (N1.5's Eagle 2.5 builds its vision tower as SiglipVisionModel and loads
+SigLIP2-400M weights into it), and the Eagle composition (tower -> mlp1 -> scatter into the
+<IMG_CONTEXT> rows -> Qwen3) equals the same assembled from transformers modules.
 
-Weights are random everywhere (norm gains included) so that a mis-wired weight shows.
+Action head: the VL adapter, the DiT (diffusers' Timesteps / TimestepEmbedding / Attention /
+FeedForward with GR00T's adaptive LayerNorm and output modulation written out), the
+category-specific state / action encoders and decoder, and the 4-step Euler schedule over the
+1000 timestep buckets, written out here from the published formulas, equal our sampler.
+
+Every weight is copied through the checkpoint name map, so the map is checked too.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
-import pytest
 import torch
+import torch.nn.functional as F
+import transformers
+from diffusers.models.attention import FeedForward
+from diffusers.models.attention_processor import Attention
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 
-transformers = pytest.importorskip("transformers")
-
-from vla_inference.models.groot.model import SIZES, Qwen3Model, SiglipVisionModel  # noqa: E402
+from tests.helpers.reference import copy_from_reference, randomise, submap
+from vla_inference.models.common.transformer import Decoder
+from vla_inference.models.common.vit import VisionTower
+from vla_inference.models.groot.checkpoint import groot_names
+from vla_inference.models.groot.model import GR00TN15, SIZES, EagleBackbone
 
 TINY = SIZES["tiny"]
+_LM = "backbone.eagle_model.language_model.model."
+_VISION = "backbone.eagle_model.vision_model.vision_model."
 
 
-def _randomise(module: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5)
-            elif name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+def _qwen3(layers: int) -> transformers.Qwen3Model:
+    return transformers.Qwen3Model(
+        transformers.Qwen3Config(
+            vocab_size=TINY.vocab_size,
+            hidden_size=TINY.llm_hidden,
+            intermediate_size=TINY.llm_intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=TINY.llm_heads,
+            num_key_value_heads=TINY.llm_kv_heads,
+            head_dim=TINY.llm_head_dim,
+            rope_theta=TINY.rope_theta,
+            rms_norm_eps=TINY.rms_eps,
+            max_position_embeddings=128,
+            attention_bias=False,
+            attn_implementation="eager",
+        )
+    ).eval()
 
 
-def _strip(name: str, prefix: str) -> str:
-    return name[len(prefix) :] if name.startswith(prefix) else name
+def _siglip() -> transformers.SiglipVisionModel:
+    return transformers.SiglipVisionModel(
+        transformers.SiglipVisionConfig(
+            hidden_size=TINY.vit_hidden,
+            intermediate_size=TINY.vit_intermediate,
+            num_hidden_layers=TINY.vit_layers,
+            num_attention_heads=TINY.vit_heads,
+            image_size=TINY.image_size,
+            patch_size=TINY.patch_size,
+            hidden_act="gelu_pytorch_tanh",
+            layer_norm_eps=TINY.vit_eps,
+            attn_implementation="eager",
+        )
+    ).eval()
 
 
-@pytest.mark.parametrize("layers", [1, 2])
-def test_qwen3_matches_transformers(layers: int) -> None:
-    hf_cfg = transformers.Qwen3Config(
-        vocab_size=TINY.vocab_size,
-        hidden_size=TINY.llm_hidden,
-        intermediate_size=TINY.llm_intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=TINY.llm_heads,
-        num_key_value_heads=TINY.llm_kv_heads,
-        head_dim=TINY.llm_head_dim,
-        rope_theta=TINY.rope_theta,
-        rms_norm_eps=TINY.rms_eps,
-        max_position_embeddings=128,
-        attention_bias=False,
-        attn_implementation="eager",
-    )
-    reference = transformers.Qwen3Model(hf_cfg).eval()
-    _randomise(reference, seed=layers)
-    ours = Qwen3Model(replace(TINY, select_layer=layers)).eval()
-    ours.load_state_dict({_strip(k, "model."): v for k, v in reference.state_dict().items()}, strict=True)
-
-    torch.manual_seed(0)
-    embeds = torch.randn(2, 11, TINY.llm_hidden)
-    mask = torch.ones(2, 11, dtype=torch.bool)
-    mask[1, 7:] = False  # right padding on the second row
-    with torch.no_grad():
-        expected = reference(inputs_embeds=embeds, attention_mask=mask.long()).last_hidden_state
-        got = ours(embeds, mask)
-    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got[1, :7], expected[1, :7], rtol=1e-5, atol=1e-5)
-    # The padded row's real tokens equal the same prompt run alone (right padding is invisible).
-    with torch.no_grad():
-        alone = ours(embeds[1:2, :7], mask[1:2, :7])
-    torch.testing.assert_close(got[1:2, :7], alone, rtol=1e-5, atol=1e-5)
+def test_qwen3_matches_transformers() -> None:
+    for layers in (1, 2):
+        cfg = replace(TINY, select_layer=layers)
+        reference = _qwen3(layers)
+        randomise(reference, seed=layers)
+        ours = Decoder(cfg.llm, vocab_size=cfg.vocab_size, layers=layers).eval()
+        copy_from_reference(ours, submap(groot_names(cfg), "backbone.llm.", _LM), reference.state_dict())
+        torch.manual_seed(0)
+        embeds = torch.randn(2, 11, TINY.llm_hidden)
+        mask = torch.ones(2, 11, dtype=torch.bool)
+        mask[1, 7:] = False  # right padding on the second row
+        positions = torch.arange(11)[None].expand(2, 11)
+        causal = torch.ones(11, 11, dtype=torch.bool).tril()[None, None] & mask[:, None, None, :]
+        with torch.no_grad():
+            expected = reference(inputs_embeds=embeds, attention_mask=mask.long()).last_hidden_state
+            got = ours(embeds, positions, causal)
+            alone = ours(embeds[1:2, :7], positions[:1, :7], causal[1:2, :, :7, :7])
+        torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[1, :7], expected[1, :7], rtol=1e-5, atol=1e-5)
+        # The padded row's real tokens equal the same prompt run alone (right padding is invisible).
+        torch.testing.assert_close(got[1:2, :7], alone, rtol=1e-5, atol=1e-5)
 
 
 def test_siglip_tower_matches_transformers() -> None:
-    hf_cfg = transformers.SiglipVisionConfig(
-        hidden_size=TINY.vit_hidden,
-        intermediate_size=TINY.vit_intermediate,
-        num_hidden_layers=TINY.vit_layers,
-        num_attention_heads=TINY.vit_heads,
-        image_size=TINY.image_size,
-        patch_size=TINY.patch_size,
-        hidden_act="gelu_pytorch_tanh",
-        layer_norm_eps=TINY.vit_eps,
-        attn_implementation="eager",
-    )
-    reference = transformers.SiglipVisionModel(hf_cfg).eval()
-    _randomise(reference, seed=5)
-    ours = SiglipVisionModel(TINY).eval()
-    state = {}
-    for name, value in reference.state_dict().items():
-        name = _strip(name, "vision_model.")
-        if name.startswith("head."):  # pooling head: GR00T uses last_hidden_state only
-            continue
-        state["vision_model." + name] = value
-    ours.load_state_dict(state, strict=True)
-
+    reference = _siglip()
+    randomise(reference, seed=5)
+    ours = VisionTower(TINY.vision).eval()
+    # transformers 5 names SiglipVisionModel's tensors below the "vision_model." level upstream has
+    state = {k.removeprefix("vision_model."): v for k, v in reference.state_dict().items()}
+    copy_from_reference(ours, submap(groot_names(TINY), "backbone.vision.", _VISION), state)
     torch.manual_seed(1)
     pixels = torch.randn(3, 3, TINY.image_size, TINY.image_size)
     with torch.no_grad():
@@ -111,61 +113,42 @@ def test_siglip_tower_matches_transformers() -> None:
 
 def test_eagle_backbone_matches_transformers_composition() -> None:
     """Vision tower -> mlp1 -> scatter into the <IMG_CONTEXT> rows -> Qwen3 (last_hidden_state),
-    assembled from transformers modules, equals our EagleBackbone (two prompts, two images each
-    for the first, one for the second, right-padded)."""
-    from vla_inference.models.groot.model import EagleBackbone
-
-    torch.manual_seed(3)
+    assembled from transformers modules, equals our EagleBackbone (two prompts, two images for
+    the first, one for the second, right-padded)."""
     ours = EagleBackbone(TINY).eval()
-    _randomise(ours, seed=9)
-    eagle = ours.eagle_model
-    text = transformers.Qwen3Config(
-        vocab_size=TINY.vocab_size,
-        hidden_size=TINY.llm_hidden,
-        intermediate_size=TINY.llm_intermediate,
-        num_hidden_layers=TINY.select_layer,
-        num_attention_heads=TINY.llm_heads,
-        num_key_value_heads=TINY.llm_kv_heads,
-        head_dim=TINY.llm_head_dim,
-        rope_theta=TINY.rope_theta,
-        rms_norm_eps=TINY.rms_eps,
-        attn_implementation="eager",
+    randomise(ours, seed=9)
+    w = {
+        k.removeprefix("backbone.eagle_model."): v
+        for k, v in groot_names(TINY)
+        .to_checkpoint({"backbone." + k: v for k, v in ours.state_dict().items()})
+        .items()
+    }
+    lm, vit = _qwen3(TINY.select_layer), _siglip()
+    lm.load_state_dict(
+        {k.removeprefix("language_model.model."): v for k, v in w.items() if k.startswith("language_model.")}
     )
-    vision = transformers.SiglipVisionConfig(
-        hidden_size=TINY.vit_hidden,
-        intermediate_size=TINY.vit_intermediate,
-        num_hidden_layers=TINY.vit_layers,
-        num_attention_heads=TINY.vit_heads,
-        image_size=TINY.image_size,
-        patch_size=TINY.patch_size,
-        hidden_act="gelu_pytorch_tanh",
-        layer_norm_eps=TINY.vit_eps,
-        attn_implementation="eager",
-    )
-    lm = transformers.Qwen3Model(text).eval()
-    vit = transformers.SiglipVisionModel(vision).eval()
-    lm.load_state_dict(eagle.language_model.model.state_dict(), strict=True)
-    vit_state = {k.removeprefix("vision_model."): v for k, v in eagle.vision_model.state_dict().items()}
+    level = "vision_model." if any(k.startswith("vision_model.") for k in vit.state_dict()) else ""
     missing, unexpected = vit.load_state_dict(
-        {("vision_model." + k if hasattr(vit, "vision_model") else k): v for k, v in vit_state.items()},
+        {
+            level + k.removeprefix("vision_model.vision_model."): v
+            for k, v in w.items()
+            if k.startswith("vision_model.")
+        },
         strict=False,
     )
-    assert unexpected == [] and all("head" in m for m in missing)
+    assert unexpected == [] and all(m.removeprefix(level).startswith("head.") for m in missing)
 
-    n_img = TINY.num_image_tokens
-    img = TINY.image_token_id
+    n_img, img = TINY.num_image_tokens, TINY.image_token_id
     row0 = [1, 2, *([img] * n_img), 3, *([img] * n_img), 4, 5, 6]
     row1 = [7, *([img] * n_img), 8, 9]
-    length = len(row0)
-    ids = torch.zeros(2, length, dtype=torch.long)
-    mask = torch.zeros(2, length, dtype=torch.bool)
+    ids = torch.zeros(2, len(row0), dtype=torch.long)
+    mask = torch.zeros(2, len(row0), dtype=torch.bool)
     ids[0], mask[0] = torch.tensor(row0), True
     ids[1, : len(row1)], mask[1, : len(row1)] = torch.tensor(row1), True
     pixels = torch.randn(3, 3, TINY.image_size, TINY.image_size)
-
     with torch.no_grad():
         got = ours(pixels, ids, mask)
-        feats = eagle.mlp1(vit(pixel_values=pixels).last_hidden_state)  # (3, T, D)
+        feats = F.linear(vit(pixel_values=pixels).last_hidden_state, w["mlp1.0.weight"], w["mlp1.0.bias"])
         embeds = lm.embed_tokens(ids).clone()
         embeds[ids == img] = feats.reshape(-1, TINY.llm_hidden)
         expected = lm(inputs_embeds=embeds, attention_mask=mask.long()).last_hidden_state
@@ -177,10 +160,8 @@ def test_pixel_shuffle_matches_eagle_definition() -> None:
     """Eagle's pixel shuffle (scale 0.5) maps (N, W, H, C) to (N, W/2, H/2, 4C) with
     out[a, b] = [x[2a, 2b], x[2a, 2b+1], x[2a+1, 2b], x[2a+1, 2b+1]] (derived from its
     view / permute sequence). N1.5 does not use it ("nops"), other Eagle configs do."""
-    from vla_inference.models.groot.model import EagleModel
-
     cfg = replace(TINY, use_pixel_shuffle=True, mlp_connector_layers=2)
-    model = EagleModel(cfg)
+    model = EagleBackbone(cfg)
     assert cfg.num_image_tokens == (TINY.image_size // TINY.patch_size) ** 2 // 4
     x = torch.randn(2, 4, 6, 5)
     out = model.pixel_shuffle(x)
@@ -198,4 +179,118 @@ def test_pixel_shuffle_matches_eagle_definition() -> None:
             )
             torch.testing.assert_close(out[:, a, b], expected)
     pixels = torch.randn(1, 3, TINY.image_size, TINY.image_size)
-    assert model.extract_feature(pixels).shape == (1, cfg.num_image_tokens, TINY.llm_hidden)
+    assert model.image_features(pixels).shape == (1, cfg.num_image_tokens, TINY.llm_hidden)
+
+
+def _loaded(module: torch.nn.Module, w: dict[str, torch.Tensor], prefix: str) -> torch.nn.Module:
+    module.load_state_dict(
+        {k.removeprefix(prefix): v for k, v in w.items() if k.startswith(prefix)}, strict=True
+    )
+    return module.eval()
+
+
+def test_action_head_matches_diffusers_modules_and_the_published_formulas() -> None:
+    cfg = TINY
+    model = GR00TN15(cfg).eval()
+    randomise(model, 13)
+    w = groot_names(cfg).to_checkpoint(model.state_dict())
+    D, H, steps = cfg.dit_inner_dim, cfg.action_horizon, cfg.num_inference_timesteps
+
+    def blocks(prefix: str, count: int, heads: int, head_dim: int, dim: int, cross: bool) -> list:  # type: ignore[type-arg]
+        out = []
+        for i in range(count):
+            p = f"{prefix}{i}."
+            kv = cfg.cross_attention_dim if cross and i % 2 == 0 else None
+            attn = Attention(
+                query_dim=dim,
+                heads=heads,
+                dim_head=head_dim,
+                cross_attention_dim=kv,
+                bias=True,
+                out_bias=True,
+            )
+            ff = FeedForward(dim, activation_fn="gelu-approximate")
+            out.append((_loaded(attn, w, p + "attn1."), _loaded(ff, w, p + "ff."), p, kv is not None))
+        return out
+
+    # --- the VL adapter: pre-LN self-attention blocks over the LayerNorm-ed backbone tokens
+    adapter = blocks(
+        "action_head.vl_self_attention.transformer_blocks.",
+        cfg.vlsa_layers,
+        cfg.vlsa_heads,
+        cfg.vlsa_head_dim,
+        cfg.vlsa_inner_dim,
+        False,
+    )
+    Dv = cfg.backbone_embedding_dim
+
+    def layer_norm(x: torch.Tensor, name: str | None, eps: float) -> torch.Tensor:
+        weight, bias = (w[name + ".weight"], w[name + ".bias"]) if name else (None, None)
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+    def vl_adapter(features: torch.Tensor) -> torch.Tensor:
+        x = layer_norm(features, "action_head.vlln", 1e-5)
+        for attn, ff, p, _ in adapter:
+            x = x + attn(layer_norm(x, p + "norm1", 1e-5))
+            x = x + ff(layer_norm(x, p + "norm3", 1e-5))
+        return x
+
+    # --- the DiT: diffusers' timestep embedding; GR00T's AdaLayerNorm LN(x)(1 + scale) + shift
+    timesteps = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=1)
+    temb_mlp = _loaded(TimestepEmbedding(256, D), w, "action_head.model.timestep_encoder.timestep_embedder.")
+    dit_blocks = blocks(
+        "action_head.model.transformer_blocks.", cfg.dit_layers, cfg.dit_heads, cfg.dit_head_dim, D, True
+    )
+
+    def linear(name: str, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, w[name + ".weight"], w[name + ".bias"])
+
+    def dit(x: torch.Tensor, vl: torch.Tensor, bucket: torch.Tensor) -> torch.Tensor:
+        temb = temb_mlp(timesteps(bucket))
+        for attn, ff, p, cross in dit_blocks:
+            scale, shift = linear(p + "norm1.linear", F.silu(temb)).chunk(2, dim=1)
+            h = layer_norm(x, None, cfg.dit_norm_eps) * (1 + scale[:, None]) + shift[:, None]
+            x = x + attn(h, encoder_hidden_states=vl if cross else None)
+            x = x + ff(layer_norm(x, None, cfg.dit_norm_eps))
+        shift, scale = linear("action_head.model.proj_out_1", F.silu(temb)).chunk(2, dim=1)
+        x = layer_norm(x, None, 1e-6) * (1 + scale[:, None]) + shift[:, None]
+        return linear("action_head.model.proj_out_2", x)
+
+    # --- category-specific layers: y = x W[id] + b[id]
+    def cat_linear(name: str, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bti,bio->bto", x, w[name + ".W"][ids]) + w[name + ".b"][ids][:, None]
+
+    def cat_mlp(name: str, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return cat_linear(name + ".layer2", F.relu(cat_linear(name + ".layer1", x, ids)), ids)
+
+    def encode_actions(a: torch.Tensor, bucket: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        h = cat_linear("action_head.action_encoder.W1", a, ids)
+        half = D // 2
+        freqs = torch.exp(-torch.arange(half) * math.log(10000.0) / half)
+        angle = bucket.float()[:, None, None] * freqs  # (B, 1, half), the same for every step of the chunk
+        tau = torch.cat([angle.sin(), angle.cos()], -1).expand(-1, a.shape[1], -1)
+        x = cat_linear("action_head.action_encoder.W2", torch.cat([h, tau], -1), ids)
+        return cat_linear("action_head.action_encoder.W3", x * torch.sigmoid(x), ids)
+
+    g = torch.Generator().manual_seed(14)
+    B, L = 2, 7
+    features = torch.randn(B, L, Dv, generator=g)
+    state = torch.randn(B, 1, cfg.max_state_dim, generator=g)
+    ids = torch.tensor([24, 31])
+    noise = torch.randn(B, H, cfg.action_dim, generator=g)
+    with torch.no_grad():
+        vl = vl_adapter(features)
+        x = noise
+        state_feat = cat_mlp("action_head.state_encoder", state, ids)
+        future = w["action_head.future_tokens.weight"][None].expand(B, -1, -1)
+        for k in range(steps):  # tau = k / steps, bucket = floor(tau * 1000), x += v / steps
+            bucket = torch.full((B,), math.floor(k / steps * cfg.num_timestep_buckets))
+            a = encode_actions(x, bucket, ids) + w["action_head.position_embedding.weight"][:H][None]
+            out = dit(torch.cat([state_feat, future, a], 1), vl, bucket)
+            x = x + cat_mlp("action_head.action_decoder", out, ids)[:, -H:] / steps
+
+        mask = torch.ones(B, L, dtype=torch.bool)
+        our_vl = model.action_head.process_backbone(features, mask)
+        ours, _ = model.action_head.sample(our_vl, mask, state, ids, noise, steps)
+    torch.testing.assert_close(our_vl, vl, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-5)

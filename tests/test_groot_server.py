@@ -58,3 +58,16 @@ def test_serves_two_embodiments(server_factory: Callable[..., RunningServer], ck
             client.predict(_image(0), [0.0] * 6, "go", embodiment="unitree_h1")
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "gr1" in (err.value.details() or "")
+
+
+def test_instruction_limit_names_the_proto_field(
+    server_factory: Callable[..., RunningServer], ckpt: Path
+) -> None:
+    """VLA_MAX_INSTRUCTION_CHARS is checked once, in the transport, under the proto's field name."""
+    running = server_factory(
+        model_type="groot", model_path=str(ckpt), max_instruction_chars=10, warmup_batches=0
+    )
+    with running.client() as client, pytest.raises(grpc.RpcError) as err:
+        client.predict(_image(0), [0.0] * 6, "pick up the red cube", embodiment="gr1")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "language_instruction" in (err.value.details() or "")

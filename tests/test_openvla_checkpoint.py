@@ -218,9 +218,12 @@ def test_bad_observations(policy: OpenVLAPolicy) -> None:
         ),
         (Observation(images={}, joint_positions=np.zeros(0, np.float32), instruction="x"), "cameras"),
         (_obs(image[..., :2]), "cameras"),
-        (_obs(image, instruction="   "), "instruction"),
-        (_obs(image, instruction="a" * 2000), "instruction"),
-        (_obs(image, instruction="ж" * 400), "instruction"),  # 800 byte-fallback tokens > 512 positions
+        (_obs(image, instruction="   "), "language_instruction"),
+        (_obs(image, instruction="a" * 2000), "language_instruction"),
+        (
+            _obs(image, instruction="ж" * 400),
+            "language_instruction",
+        ),  # 800 byte-fallback tokens > 512 positions
         (
             Observation(
                 images={"base": image}, joint_positions=np.array([np.nan], np.float32), instruction="x"

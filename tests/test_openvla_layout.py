@@ -1,8 +1,10 @@
 """The real-size OpenVLA 7B layout, on the meta device (no memory, no weights).
 
-Proves: our state dict has exactly the tensor names and shapes of the published
-openvla/openvla-7b checkpoint, so its shards load strictly with no renaming, and the
-published config.json (which names its towers only by timm id) parses to the "7b" size.
+Proves: the tensors our loader reads (through the checkpoint name map) plus the ones it knowingly
+skips (each tower's last block and final norm, SigLIP's attention-pool head: never run) are exactly
+the tensor names and shapes of the published openvla/openvla-7b checkpoint; the published
+config.json (which names its towers only by timm id) parses to the "7b" size; and every timm id of
+the tower table has the size transformers gives the same architecture.
 
 The expected layout is derived independently of our model code:
   * language_model.*: transformers' LlamaForCausalLM built on meta from the Llama-2-7b
@@ -21,6 +23,9 @@ The expected layout is derived independently of our model code:
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import pytest
 import torch
 import transformers
 from transformers import (
@@ -30,8 +35,10 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from vla_inference.models.openvla.checkpoint import parse_config
-from vla_inference.models.openvla.model import OpenVLA, OpenVLAConfig
+from tests.helpers.reference import checkpoint_shapes
+from vla_inference.models.common.vit import FINAL, VisionTower
+from vla_inference.models.openvla.checkpoint import openvla_names, parse_config
+from vla_inference.models.openvla.model import TIMM_TOWERS, OpenVLA, OpenVLAConfig
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -108,17 +115,36 @@ def _count(shapes: Shapes) -> int:
     return total
 
 
-def test_7b_state_dict_equals_the_published_layout() -> None:
+def test_7b_reads_the_published_layout_and_skips_only_what_it_never_runs() -> None:
+    cfg = OpenVLAConfig.named("7b")
     with torch.device("meta"):
-        model = OpenVLA(OpenVLAConfig.named("7b"))
-    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        model = OpenVLA(cfg)
+    names = openvla_names(cfg)
+    ours = checkpoint_shapes(names, model)
     expected = _expected()
+    skipped = {k for k in expected if names.unused(k)}
     assert sorted(set(ours) - set(expected)) == []
-    assert sorted(set(expected) - set(ours)) == []
+    assert sorted(set(expected) - set(ours) - skipped) == []
+    assert not skipped & set(ours)
     assert {k: v for k, v in ours.items() if expected[k] != v} == {}
+    dino, siglip = "vision_backbone.featurizer.", "vision_backbone.fused_featurizer."
+    assert skipped == {
+        k
+        for k in expected
+        if k.startswith(
+            (
+                dino + "blocks.23.",
+                dino + "norm.",
+                siglip + "blocks.26.",
+                siglip + "norm.",
+                siglip + "attn_pool.",
+            )
+        )
+    }
     params = sum(p.numel() for p in model.parameters())
-    assert params == _count(expected)
-    assert 7.5e9 < params < 7.6e9  # "OpenVLA 7B": 7.54 B with both full towers and the padded vocab
+    assert params == _count(expected) - _count({k: expected[k] for k in skipped})
+    assert 7.5e9 < _count(expected) < 7.6e9  # "OpenVLA 7B": 7.54 B with both full towers and the padded vocab
+    assert params > 7.4e9  # about 0.08 B are never allocated
 
 
 def test_tower_sizes_agree_with_transformers() -> None:
@@ -150,6 +176,63 @@ def test_tower_sizes_agree_with_transformers() -> None:
     # HF DINOv2 also has a mask token and a class-token position embedding (2 x 1024) that timm's lacks.
     assert sum(p.numel() for p in hf_dino.parameters()) == dino + 2 * 1024
     assert sum(p.numel() for p in hf_siglip.parameters()) == siglip
+
+
+def _hf_tower_params(timm_id: str, size: int) -> int:
+    cfg = TIMM_TOWERS[timm_id]
+    with torch.device("meta"):
+        if "dinov2" in timm_id:
+            common = dict(
+                hidden_size=cfg.width,
+                num_hidden_layers=cfg.depth,
+                num_attention_heads=cfg.num_heads,
+                mlp_ratio=4,
+                image_size=size,
+                patch_size=14,
+                use_swiglu_ffn=cfg.act == "swiglu",
+            )
+            if cfg.reg_tokens:
+                model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=4, **common))
+            else:
+                model = transformers.Dinov2Model(transformers.Dinov2Config(**common))
+            # HF also has a mask token, and a class-token position even with registers (timm has not)
+            extra = cfg.width + (cfg.width if cfg.reg_tokens else 0)
+        else:
+            model = SiglipVisionModel(
+                SiglipVisionConfig(
+                    hidden_size=cfg.width,
+                    intermediate_size=cfg.mlp_dim,
+                    num_hidden_layers=cfg.depth,
+                    num_attention_heads=cfg.num_heads,
+                    image_size=size,
+                    patch_size=cfg.patch_size,
+                    vision_use_head=False,
+                )
+            )
+            extra = 0
+    return sum(p.numel() for p in model.parameters()) - extra
+
+
+@pytest.mark.parametrize("timm_id", sorted(TIMM_TOWERS))
+def test_every_timm_tower_has_the_transformers_size(timm_id: str) -> None:
+    """Each table entry, built whole (all blocks + final norm) at its image size, has the parameter
+    count of transformers' model of that architecture (DINOv2 at 224 px as Prismatic uses it)."""
+    size = 224 if "dinov2" in timm_id else TIMM_TOWERS[timm_id].image_size
+    with torch.device("meta"):
+        tower = VisionTower(replace(TIMM_TOWERS[timm_id], image_size=size, output=FINAL))
+    assert sum(p.numel() for p in tower.parameters()) == _hf_tower_params(timm_id, size)
+
+
+def test_prismatic_384px_backbone_parses() -> None:
+    """dinosiglip-vit-so-384px: both towers at 384 px, 27 x 27 = 729 patches each."""
+    published = {
+        "timm_model_ids": ["vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400m_patch14_siglip_384"],
+        "image_sizes": [384, 384],
+        "text_config": {"model_type": "llama", "vocab_size": 32064},
+        "use_fused_vision_backbone": True,
+    }
+    cfg = parse_config(published)
+    assert cfg.num_patches == 729 and cfg.dino.image_size == cfg.siglip.image_size == 384
 
 
 def test_published_config_parses_to_7b() -> None:

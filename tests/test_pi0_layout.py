@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
+from tests.helpers.reference import checkpoint_shapes
 from vla_inference.models.pi0 import checkpoint as ckpt
 from vla_inference.models.pi0.model import NAMED_CONFIGS, build
-
-transformers = pytest.importorskip("transformers")
 
 PG = "paligemma_with_expert.paligemma."
 EX = "paligemma_with_expert.gemma_expert."
@@ -101,11 +101,11 @@ def test_openpi_layout_matches_published(paligemma_layout: dict[str, tuple[int, 
     pi05 = variant == "pi05"
     expected = {**paligemma_layout, **expert_layout(pi05), **heads_layout(pi05)}
     model = build(NAMED_CONFIGS[variant], device="meta")
-    ours = {ckpt.openpi_name(k): tuple(v.shape) for k, v in model.state_dict().items()}
-    assert len(ours) == len(model.state_dict())  # the mapping is one to one
-    # the one saved tensor we do not model: the expert's unused LM head, accepted and ignored on load
-    ignored = {k: expected.pop(k) for k in ckpt.IGNORED_KEYS}
-    assert ignored == {EX + "lm_head.weight": (257152, 1024)}
+    names = ckpt.openpi_names()
+    ours = checkpoint_shapes(names, model)  # what the loader reads, in the file's names
+    # the one saved tensor we do not model: the expert's unused LM head, skipped on load
+    skipped = {k: expected.pop(k) for k in list(expected) if names.unused(k)}
+    assert skipped == {EX + "lm_head.weight": (257152, 1024)}
     assert sorted(set(expected) - set(ours)) == []
     assert sorted(set(ours) - set(expected)) == []
     mismatched = {k: (ours[k], expected[k]) for k in ours if ours[k] != expected[k]}
@@ -120,7 +120,7 @@ def test_parameter_counts(variant: str) -> None:
         return sum(p.numel() for p in module.parameters())
 
     expert = count(model.expert)
-    vlm = count(model.vlm) + count(model.embed_tokens)
+    vlm = count(model.vlm)  # with its token embedding
     vision = count(model.vision) + count(model.projector)
     total = count(model)
     if variant == "pi0":

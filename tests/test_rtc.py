@@ -17,7 +17,8 @@ from vla_inference.client import make_observation
 from vla_inference.config import Settings
 from vla_inference.models import rtc
 from vla_inference.models.base import Observation
-from vla_inference.models.pi0.model import NAMED_CONFIGS, build, init_random_weights
+from vla_inference.models.common.init import init_random_weights
+from vla_inference.models.pi0.model import NAMED_CONFIGS, build
 from vla_inference.models.pi0.policy import Pi0Policy
 
 IMAGE = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)

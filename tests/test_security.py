@@ -201,7 +201,7 @@ def test_health_and_reflection_stay_open_and_denials_are_counted(token_server):
         assert _predict_code(anonymous) == grpc.StatusCode.UNAUTHENTICATED
         assert _predict_code(anonymous) == grpc.StatusCode.UNAUTHENTICATED
     text = urllib.request.urlopen(token_server.metrics_url, timeout=5).read().decode()
-    assert 'vla_inference_requests_total{model="toy-policy",status="UNAUTHENTICATED"} 2.0' in text
+    assert 'vla_inference_requests_total{model="toy/embedded-random",status="UNAUTHENTICATED"} 2.0' in text
     assert 'status="OK"' not in text  # a refused request never reached the servicer
     channel.close()
 

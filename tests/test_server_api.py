@@ -225,20 +225,24 @@ def test_health_not_serving_while_loading(server_factory):
     channel.close()
 
 
-METRIC_NAMES = [
-    "vla_inference_latency_seconds",
-    "vla_inference_requests_total",
-    "vla_batch_size",
-    "vla_gpu_utilization_percent",
-    "vla_gpu_memory_used_bytes",
-    "vla_gpu_memory_total_bytes",
-    "vla_queue_depth",
-    "vla_uptime_seconds",
-    "vla_model_info",
-    "vla_queue_duration_seconds",
-    "vla_model_duration_seconds",
-    "vla_stream_observations_skipped_total",
-]
+# Every metric the server exports, with its Prometheus type: the scrape must have exactly these.
+METRICS = {
+    "vla_inference_latency_seconds": "histogram",
+    "vla_inference_requests": "counter",
+    "vla_batch_size": "histogram",
+    "vla_gpu_utilization_percent": "gauge",
+    "vla_gpu_memory_used_bytes": "gauge",
+    "vla_gpu_memory_total_bytes": "gauge",
+    "vla_queue_depth": "gauge",
+    "vla_uptime_seconds": "gauge",
+    "vla_model_info": "gauge",  # an Info, exposed as a gauge of value 1 with the labels
+    "vla_queue_duration_seconds": "histogram",
+    "vla_model_duration_seconds": "histogram",
+    "vla_preprocess_duration_seconds": "histogram",
+    "vla_stream_observations_skipped": "counter",
+    "vla_active_streams": "gauge",
+    "vla_requests_in_flight": "gauge",
+}
 
 
 def test_metrics_scrape_has_every_metric_live(toy):
@@ -246,16 +250,22 @@ def test_metrics_scrape_has_every_metric_live(toy):
         client.predict(IMAGE, JOINTS, "x")
         _bad(client, joints=[1.0])
     text = urllib.request.urlopen(toy.metrics_url, timeout=5).read().decode()
-    for name in METRIC_NAMES:
-        assert f"\n{name}" in text, name
-    assert 'vla_inference_requests_total{model="toy-policy",status="OK"} 1.0' in text
-    assert 'vla_inference_requests_total{model="toy-policy",status="INVALID_ARGUMENT"} 1.0' in text
-    assert 'vla_inference_latency_seconds_count{embodiment="arm7",model="toy-policy"} 1.0' in text
+    from prometheus_client.parser import text_string_to_metric_families
+
+    exported = {f.name: f.type for f in text_string_to_metric_families(text)}
+    exported = {k: v for k, v in exported.items() if k.startswith("vla_") and not k.endswith("_created")}
+    assert exported == METRICS
+    # the `model` label is a short stable id (family / checkpoint), not the display name
+    assert 'vla_inference_requests_total{model="toy/embedded-random",status="OK"} 1.0' in text
+    assert 'vla_inference_requests_total{model="toy/embedded-random",status="INVALID_ARGUMENT"} 1.0' in text
+    assert 'vla_inference_latency_seconds_count{embodiment="arm7",model="toy/embedded-random"} 1.0' in text
     assert (
-        'vla_model_info{device="cpu",dtype="float32",family="toy",name="toy-policy",version="1"} 1.0' in text
+        'vla_model_info{device="cpu",dtype="float32",family="toy",id="toy/embedded-random",'
+        'name="toy-policy",version="1"} 1.0' in text
     )
     # warm-up (1 batch) + 1 request
     assert "vla_batch_size_count 1.0" in text
+    assert "vla_preprocess_duration_seconds_count 1.0" in text  # the bad one failed in preprocessing
     uptime = [line for line in text.splitlines() if line.startswith("vla_uptime_seconds ")]
     assert float(uptime[0].split()[1]) > 0
 

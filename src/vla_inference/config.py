@@ -15,6 +15,8 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "VLA_"
+# The model families (VLA_MODEL_TYPE values); models/registry.py maps each to its class.
+MODEL_TYPES = ("pi0", "openvla", "groot")
 
 
 class ConfigError(ValueError):
@@ -156,12 +158,9 @@ class Settings(BaseSettings):
     @field_validator("model_type")
     @classmethod
     def _known_model_type(cls, value: str) -> str:
-        from vla_inference.models.registry import available_model_types
-
         value = value.strip().lower()
-        known = available_model_types()
-        if value not in known:
-            raise ValueError(f"one of {', '.join(known)}")
+        if value not in MODEL_TYPES:
+            raise ValueError(f"one of {', '.join(sorted(MODEL_TYPES))}")
         return value
 
     @field_validator("groot_data_config")

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from vla_inference.models.groot.checkpoint import groot_names
 from vla_inference.models.groot.model import GR00TN15, SIZES, GrootConfig
 
 TINY = SIZES["tiny"]
@@ -267,8 +268,9 @@ def write_tiny_tokenizer(file: Path) -> None:
 
 
 def tiny_state_dict(seed: int, cfg: GrootConfig = TINY) -> dict[str, torch.Tensor]:
-    """Random, well-conditioned weights: every tensor (norm gains included) is random, with
-    fan-in scaled matrices so activations stay O(1) and float32 noise stays small."""
+    """Random, well-conditioned weights in the checkpoint's names: every tensor (norm gains
+    included) is random, with fan-in scaled matrices so activations stay O(1) and float32 noise
+    stays small."""
     torch.manual_seed(seed)
     model = GR00TN15(cfg)
     state = {}
@@ -276,7 +278,7 @@ def tiny_state_dict(seed: int, cfg: GrootConfig = TINY) -> dict[str, torch.Tenso
         shape = tuple(p.shape)
         if name.endswith(".W"):  # category-specific (categories, in, out)
             value = torch.randn(shape) / shape[1] ** 0.5
-        elif name.endswith(("embed_tokens.weight", "position_embedding.weight", "future_tokens.weight")):
+        elif name.endswith(("embed_tokens.weight", "position_embedding", "future_tokens", "pos_embed")):
             value = 0.5 * torch.randn(shape)
         elif p.ndim >= 2:  # Linear (out, in) / Conv (out, in, k, k)
             fan_in = int(torch.tensor(shape[1:]).prod())
@@ -286,7 +288,7 @@ def tiny_state_dict(seed: int, cfg: GrootConfig = TINY) -> dict[str, torch.Tenso
         else:  # biases
             value = 0.05 * torch.randn(shape)
         state[name] = value.contiguous()
-    return state
+    return groot_names(cfg).to_checkpoint(state)
 
 
 def write_tiny_groot_checkpoint(

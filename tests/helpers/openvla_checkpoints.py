@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import random
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from vla_inference.models.openvla.model import OpenVLA, OpenVLAConfig, init_weights
+from vla_inference.models.common import vit
+from vla_inference.models.openvla.checkpoint import openvla_names
+from vla_inference.models.openvla.model import OpenVLA, OpenVLAConfig
 
 TINY = OpenVLAConfig.named("tiny")
 TOKENIZER_VOCAB = 400
@@ -94,17 +98,68 @@ def tiny_norm_stats(datasets: tuple[str, ...], seed: int = 0, dim: int = 7) -> d
     return stats
 
 
-def tiny_state_dict(seed: int = 0, cfg: OpenVLAConfig = TINY) -> dict[str, torch.Tensor]:
+def init_weights(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random weights for tests: matrices ~ N(0, 1/fan_in), norms ~1, biases small, layer scale 0.5..1."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            noise = torch.randn(param.shape, generator=generator)
+            if leaf in ("ls1", "ls2"):
+                param.copy_(0.5 + 0.5 * torch.rand(param.shape, generator=generator))
+            elif leaf == "weight" and param.ndim == 1:  # LayerNorm / RMSNorm
+                param.copy_(1.0 + 0.1 * noise)
+            elif leaf == "bias" or param.ndim not in (2, 4) or leaf in ("pos_embed", "reg_tokens"):
+                param.copy_(0.02 * noise)
+            else:  # Linear (out, in), Conv2d (out, C, k, k), Embedding (V, D)
+                param.copy_(noise / math.sqrt(param[0].numel()))
+
+
+def tiny_model(seed: int = 0, cfg: OpenVLAConfig = TINY) -> OpenVLA:
+    """A random OpenVLA whose greedy token is always an action token (lm_head zero elsewhere)."""
     model = OpenVLA(cfg)
     init_weights(model, seed)
     with torch.no_grad():
-        head = model.language_model.lm_head.weight  # (32064, D)
+        head = model.lm_head.weight  # (32064, D)
         first_action = cfg.action_vocab_size - (cfg.n_action_bins - 1)  # 31745: bins 254..0
         keep = torch.zeros(head.shape[0], dtype=torch.bool)
         keep[first_action : cfg.action_vocab_size] = True
         head[~keep] = 0.0
         head[keep] *= 4.0
-    return {name: t.detach().clone().contiguous() for name, t in model.state_dict().items()}
+    return model
+
+
+def _never_run(prefix: str, tower: vit.ViTConfig, seed: int, attn_pool: bool) -> dict[str, torch.Tensor]:
+    """What a published tower also holds: its last block and final norm (+ SigLIP's MAP head)."""
+    full = vit.VisionTower(replace(tower, output=vit.FINAL))
+    init_weights(full, seed)
+    out = {}
+    for name, tensor in full.state_dict().items():
+        if name.startswith((f"blocks.{tower.depth - 1}.", "norm.")):
+            for source in vit.timm_name(name, tuple(tensor.shape), "scale_factor"):
+                out[prefix + source.key] = tensor.reshape(source.shape or tensor.shape).clone()
+    if attn_pool:
+        w, m = tower.width, tower.mlp_dim
+        shapes = {"latent": (1, 1, w), "q.weight": (w, w), "q.bias": (w,), "kv.weight": (2 * w, w)}
+        shapes |= {"kv.bias": (2 * w,), "proj.weight": (w, w), "proj.bias": (w,), "norm.weight": (w,)}
+        shapes |= {
+            "norm.bias": (w,),
+            "mlp.fc1.weight": (m, w),
+            "mlp.fc1.bias": (m,),
+            "mlp.fc2.weight": (w, m),
+        }
+        shapes |= {"mlp.fc2.bias": (w,)}
+        g = torch.Generator().manual_seed(seed)
+        out |= {f"{prefix}attn_pool.{k}": 0.02 * torch.randn(v, generator=g) for k, v in shapes.items()}
+    return out
+
+
+def tiny_state_dict(seed: int = 0, cfg: OpenVLAConfig = TINY) -> dict[str, torch.Tensor]:
+    """Every tensor of a tiny checkpoint in the published names, the never-run ones included."""
+    tensors = openvla_names(cfg).to_checkpoint(tiny_model(seed, cfg).state_dict())
+    tensors |= _never_run("vision_backbone.featurizer.", cfg.dino, seed + 1, attn_pool=False)
+    tensors |= _never_run("vision_backbone.fused_featurizer.", cfg.siglip, seed + 2, attn_pool=True)
+    return tensors
 
 
 def tiny_config_json(cfg: OpenVLAConfig, datasets: tuple[str, ...], seed: int) -> dict[str, Any]:
@@ -132,13 +187,13 @@ def tiny_config_json(cfg: OpenVLAConfig, datasets: tuple[str, ...], seed: int) -
         "text_config": {
             "model_type": "llama",
             "pad_token_id": cfg.pad_token_id,
-            "vocab_size": cfg.llm.vocab_size,
-            "hidden_size": cfg.llm.dim,
-            "intermediate_size": cfg.llm.intermediate,
-            "num_hidden_layers": cfg.llm.n_layers,
-            "num_attention_heads": cfg.llm.n_heads,
-            "num_key_value_heads": cfg.llm.n_kv_heads,
-            "max_position_embeddings": cfg.llm.max_seq_len,
+            "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.llm.width,
+            "intermediate_size": cfg.llm.mlp_dim,
+            "num_hidden_layers": cfg.llm.depth,
+            "num_attention_heads": cfg.llm.num_heads,
+            "num_key_value_heads": cfg.llm.num_kv_heads,
+            "max_position_embeddings": cfg.max_seq_len,
         },
         "vla_inference_towers": [asdict(cfg.dino), asdict(cfg.siglip)],
         "norm_stats": tiny_norm_stats(datasets, seed),

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from vla_inference.config import Settings
+from vla_inference.engine import realtime
 from vla_inference.engine.errors import (
     DeadlineExceeded,
     Draining,
@@ -36,8 +37,15 @@ from vla_inference.engine.errors import (
     ResourceExhausted,
     Skipped,
 )
-from vla_inference.engine.realtime import ChunkMemory
-from vla_inference.models.base import ActionPrediction, PreparedSample, VLAModel
+from vla_inference.engine.realtime import Applied, ChunkMemory, RtcRequest
+from vla_inference.models import rtc
+from vla_inference.models.base import (
+    ActionPrediction,
+    ModelDescription,
+    Observation,
+    PreparedSample,
+    VLAModel,
+)
 from vla_inference.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -112,10 +120,51 @@ class InferenceEngine:
         self._draining = False
         self._forward_started: float | None = None
         self._model_free_since = 0.0  # when the last forward pass ended
-        self.sessions = 0
+        self._sessions = 0
         metrics.bind_queue_depth(lambda: float(self.queue_depth))
         metrics.in_flight.set_function(lambda: float(self._in_flight))
-        metrics.active_streams.set_function(lambda: float(self.sessions))
+        metrics.active_streams.set_function(lambda: float(self._sessions))
+
+    # --- what the transport asks of the model -------------------------------------------------
+    @property
+    def model_info(self) -> ModelDescription:
+        return self.model.model_info
+
+    def prepare(self, observation: Observation) -> PreparedSample:
+        """The model's preprocessing (CPU; call it in the worker pool through `preprocess`)."""
+        return self.model.prepare(observation)
+
+    def resolve_rtc(
+        self, request: RtcRequest, embodiment: str, memory: ChunkMemory | None
+    ) -> tuple[rtc.Prefix | None, Applied]:
+        """The real-time chunking prefix of one request (engine/realtime.py)."""
+        return realtime.resolve(request, self.model, embodiment, self.settings, memory)
+
+    # --- accounting -----------------------------------------------------------------------------
+    def record(self, status: str, embodiment: str = "", seconds: float = 0.0) -> None:
+        """Count one request's outcome (a gRPC status name, or SKIPPED); latency for answered ones."""
+        self.metrics.count(status)
+        if status == "OK":
+            self.metrics.inference_latency.labels(
+                model=self.metrics.model_id, embodiment=embodiment or "default"
+            ).observe(seconds)
+
+    def record_preprocess(self, seconds: float) -> None:
+        self.metrics.preprocess_time.observe(seconds)
+
+    @contextlib.contextmanager
+    def stream(self) -> Iterator[StreamSession]:
+        """One StreamControl session for its whole life (counted in active streams)."""
+        self._sessions += 1
+        try:
+            yield StreamSession()
+        finally:
+            self._sessions -= 1
+
+    @property
+    def sessions(self) -> int:
+        """Open stream sessions."""
+        return self._sessions
 
     # --- state --------------------------------------------------------------------------------
     @property

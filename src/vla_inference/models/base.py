@@ -14,13 +14,22 @@ that preprocessing overlaps with the model and requests from many robots share o
 from __future__ import annotations
 
 import abc
+import secrets
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from vla_inference.config import Settings
+# Camera names robots use for the server's cameras ("base", "left_wrist", "right_wrist"), one table.
+CAMERA_ALIASES = {"wrist": "left_wrist", "main": "base", "left": "left_wrist", "right": "right_wrist"}
+
+
+def canonical_camera(name: str) -> str:
+    """A camera name as the models know it: trimmed, lower-case, aliases resolved."""
+    name = name.strip().lower()
+    return CAMERA_ALIASES.get(name, name)
 
 
 class InvalidObservation(ValueError):
@@ -45,7 +54,47 @@ class Observation:
     instruction: str
     embodiment: str = ""  # "" = the model's default embodiment
     joint_velocities: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (J,) or (0,)
-    seed: int | None = None
+    seed: int | None = None  # None = a fresh random seed (sample_seed)
+
+
+def sample_seed(observation: Observation) -> int:
+    """The seed of a sample's noise: the observation's, or a fresh random one when it has none."""
+    return int(observation.seed) if observation.seed is not None else secrets.randbits(63)
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The settings a model needs (a subset of config.Settings: no ports, TLS or limits)."""
+
+    model_type: str = "pi0"
+    model_path: str = ""
+    embedded_model: str = "metaworld"
+    dtype: str = "auto"
+    chunk_size: int = 16
+    action_dim: int = 7
+    action_dim_set: bool = False  # VLA_ACTION_DIM was given (a checkpoint that says otherwise is refused)
+    image_width: int = 224
+    image_height: int = 224
+    tokenizer_path: str = ""
+    norm_stats_key: str = ""
+    groot_data_config: str = ""
+    num_denoise_steps: int = 0
+    pi05_prompt_state: str = "unpadded"  # VLA_PI05_PROMPT_STATE: pi0.5 prompt state, padded or not
+    compile: bool = False
+
+    @classmethod
+    def of(cls, settings: Any) -> ModelSettings:
+        """From config.Settings (or any object with those fields)."""
+        if isinstance(settings, ModelSettings):
+            return settings
+        values = {f.name: getattr(settings, f.name) for f in fields(cls) if hasattr(settings, f.name)}
+        values["action_dim_set"] = bool(settings.explicitly_set("action_dim"))
+        return cls(**values)
+
+    def model_id(self, model_type: str | None = None) -> str:
+        """A short stable id for metrics labels, known before loading: family/checkpoint name."""
+        name = Path(self.model_path).name if self.model_path else f"embedded-{self.embedded_model}"
+        return f"{model_type or self.model_type}/{name}"
 
 
 @dataclass(frozen=True)
@@ -102,8 +151,13 @@ class VLAModel(abc.ABC):
     #: The VLA_MODEL_TYPE value this class serves.
     model_type: ClassVar[str]
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(self, settings: ModelSettings | Any) -> None:
+        self.settings = ModelSettings.of(settings)
+
+    @property
+    def model_id(self) -> str:
+        """Metrics label: a short id that does not change when the model loads."""
+        return self.settings.model_id(self.model_type)
 
     @abc.abstractmethod
     def load(self, checkpoint_path: str | None, device: str) -> None:
@@ -187,6 +241,21 @@ class VLAModel(abc.ABC):
                 )
             if not np.all(np.isfinite(velocities)):
                 raise InvalidObservation("joint_velocities", "values must be finite (found NaN or inf)")
+
+
+def checkpoint_dir(checkpoint_path: str | None, family: str, contents: str) -> Path:
+    """VLA_MODEL_PATH as a directory, or ModelLoadError saying what the family needs there."""
+    if not checkpoint_path:
+        raise ModelLoadError(
+            f"{family} has no embedded model: set VLA_MODEL_PATH to a {family} checkpoint "
+            f"directory ({contents})"
+        )
+    path = Path(checkpoint_path).expanduser()
+    if not path.is_dir():
+        raise ModelLoadError(
+            f"{family} checkpoint directory {path} does not exist ({contents} expected there)"
+        )
+    return path
 
 
 def seeded_generator(seed: int) -> Any:

@@ -1,15 +1,16 @@
 """The model registry: VLA_MODEL_TYPE -> model class.
 
-Only real backends are listed. Classes are imported lazily so that `vla-inference config`
-and the transport tests do not pay for importing torch model code.
+Only real backends are listed (config.MODEL_TYPES names them). Classes are imported lazily so
+that `vla-inference config` and the transport tests do not pay for importing torch model code.
+Models receive ModelSettings, the part of the settings they need.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from vla_inference.config import Settings
-from vla_inference.models.base import VLAModel
+from vla_inference.config import MODEL_TYPES, Settings
+from vla_inference.models.base import ModelSettings, VLAModel
 
 # model type -> "module:ClassName"
 MODEL_CLASSES: dict[str, str] = {
@@ -17,6 +18,7 @@ MODEL_CLASSES: dict[str, str] = {
     "openvla": "vla_inference.models.openvla.policy:OpenVLAPolicy",
     "groot": "vla_inference.models.groot.policy:GrootPolicy",
 }
+assert set(MODEL_CLASSES) == set(MODEL_TYPES), "config.MODEL_TYPES and the registry must agree"
 
 
 def available_model_types() -> list[str]:
@@ -38,4 +40,4 @@ def model_class(model_type: str) -> type[VLAModel]:
 
 def create_model(settings: Settings) -> VLAModel:
     """Instantiate (not load) the model class that settings.model_type names."""
-    return model_class(settings.model_type)(settings)
+    return model_class(settings.model_type)(ModelSettings.of(settings))

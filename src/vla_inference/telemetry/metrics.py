@@ -22,9 +22,11 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 class Metrics:
     """Every metric the server exports."""
 
-    def __init__(self, model_name: str, gpu: GpuMonitor | None = None) -> None:
+    def __init__(self, model_id: str, gpu: GpuMonitor | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.model_name = model_name
+        # The `model` label: a short id known before the model loads (family/checkpoint name), the
+        # same for the whole life of the server; vla_model_info carries the display name.
+        self.model_id = model_id
         self._start = time.monotonic()
         self._gpu = gpu
         r = self.registry
@@ -94,8 +96,7 @@ class Metrics:
         return time.monotonic() - self._start
 
     def set_model(self, name: str, version: str, device: str, **extra: str) -> None:
-        self.model_name = name
-        self.model.info({"name": name, "version": version, "device": device, **extra})
+        self.model.info({"id": self.model_id, "name": name, "version": version, "device": device, **extra})
 
     def bind_queue_depth(self, read: Callable[[], float]) -> None:
         self.queue_depth.set_function(read)
@@ -104,7 +105,7 @@ class Metrics:
         self.openpi_connections.set_function(read)
 
     def count(self, status: str, n: int = 1) -> None:
-        self.requests.labels(model=self.model_name, status=status).inc(n)
+        self.requests.labels(model=self.model_id, status=status).inc(n)
 
     def serve_http(self, host: str, port: int) -> int:
         """Start the /metrics endpoint in a daemon thread; return the bound port."""

@@ -34,16 +34,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from vla_inference.models.common.init import init_random_weights
 from vla_inference.models.pi0 import checkpoint as ckpt
 from vla_inference.models.pi0.demo import tokenizer_bytes
-from vla_inference.models.pi0.model import (
-    NAMED_CONFIGS,
-    Pi0Config,
-    Pi0Model,
-    build,
-    init_random_weights,
-    sample_flow_time,
-)
+from vla_inference.models.pi0.model import NAMED_CONFIGS, Pi0Config, Pi0Model, build, sample_flow_time
 from vla_inference.sim import tasks as mt
 from vla_inference.training.dataset import DemoDataset
 

@@ -1,12 +1,13 @@
 """Conversion between protobuf messages and the domain types of models/base.py.
 
-Cheap structural checks (sizes, counts, finite numbers) happen here with messages that name the
-proto field. Image decoding happens here too but is called from the worker pool.
+Cheap structural checks of the message (sizes, counts, the instruction length, camera names)
+happen here with messages that name the proto field; what a model needs of an observation (joint
+counts, finite values, its cameras) the model checks once, in prepare (models/base.py). Image
+decoding happens here too but is called from the worker pool.
 """
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,12 +16,11 @@ from vla_inference.api.v1 import vla_inference_pb2 as pb
 from vla_inference.config import Settings
 from vla_inference.engine import Completed
 from vla_inference.engine.realtime import Applied, RtcRequest, default_method
-from vla_inference.models.base import InvalidObservation, ModelDescription, Observation
+from vla_inference.models.base import InvalidObservation, ModelDescription, Observation, canonical_camera
 from vla_inference.preprocessing.images import JPEG, PNG, RAW_RGB, ImageError, decode_image
 
 MAX_REQUEST_ID_CHARS = 128
 BASE_CAMERA = "base"
-CAMERA_ALIASES = {"wrist": "left_wrist", "main": "base", "left": "left_wrist", "right": "right_wrist"}
 _ENCODINGS: dict[int, str] = {
     pb.IMAGE_ENCODING_UNSPECIFIED: JPEG,
     pb.IMAGE_ENCODING_JPEG: JPEG,
@@ -107,8 +107,7 @@ def _encoded_images(request: pb.Observation, info: ModelDescription) -> dict[str
         )
     for index, camera in enumerate(request.cameras):
         field = f"cameras[{index}]"
-        name = camera.name.strip().lower()
-        name = CAMERA_ALIASES.get(name, name)
+        name = canonical_camera(camera.name)
         if not name:
             raise InvalidObservation(f"{field}.name", "camera name is empty")
         if name in images:
@@ -147,20 +146,13 @@ def observation_from_proto(
             )
         except ImageError as exc:
             raise InvalidObservation(encoded.field, str(exc)) from None
-    joints = np.asarray(request.joint_positions, dtype=np.float32)
-    if not np.all(np.isfinite(joints)):
-        raise InvalidObservation("joint_positions", "values must be finite (found NaN or inf)")
-    velocities = np.asarray(request.joint_velocities, dtype=np.float32)
-    if not np.all(np.isfinite(velocities)):
-        raise InvalidObservation("joint_velocities", "values must be finite (found NaN or inf)")
-    seed = request.seed if request.HasField("seed") else secrets.randbits(63)
     return Observation(
         images=images,
-        joint_positions=joints,
-        joint_velocities=velocities,
+        joint_positions=np.asarray(request.joint_positions, dtype=np.float32),
+        joint_velocities=np.asarray(request.joint_velocities, dtype=np.float32),
         instruction=request.language_instruction,
         embodiment=request.embodiment_tag,
-        seed=seed,
+        seed=request.seed if request.HasField("seed") else None,  # None: the model draws one
     )
 
 

@@ -445,7 +445,7 @@ class OpenpiEndpoint:
             engine = self._engine_ref()
             if engine is None:
                 return
-            await connection.send(pack(self._metadata(engine.model.model_info)))
+            await connection.send(pack(self._metadata(engine.model_info)))
             previous_total_ms: float | None = None
             for number in itertools.count(1):
                 try:
@@ -523,9 +523,9 @@ class OpenpiEndpoint:
             control = obs["__ctrl__"]
             known = control in ("episode_start", "episode_end")
             return _Prepared(None, control if known else "ignored", 0.0)
-        info = engine.model.model_info
+        info = engine.model_info
         observation = observation_from_openpi(obs, self.settings, info, self.settings.openpi_layout)
-        sample = engine.model.prepare(observation)
+        sample = engine.prepare(observation)
         return _Prepared(sample, "", time.monotonic() - t0)
 
 

@@ -10,7 +10,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from vla_inference.engine import EngineError, InferenceEngine
+from vla_inference.engine import (
+    DeadlineExceeded,
+    Draining,
+    EngineError,
+    InferenceEngine,
+    ModelFailure,
+    QueueFull,
+    ResourceExhausted,
+)
 from vla_inference.models.base import InvalidObservation
 
 log = logging.getLogger(__name__)
@@ -25,7 +33,21 @@ class Outcome:
 
 
 class Unavailable(Exception):
-    """The server cannot take requests yet (the model is loading)."""
+    """The server cannot take requests (the model is loading, or the server is draining)."""
+
+
+class RateLimited(Exception):
+    """A stream sends faster than VLA_MAX_STREAM_RATE_HZ."""
+
+
+# The engine's kinds of failure -> the status a client is told.
+ENGINE_STATUS: dict[type[EngineError], str] = {
+    QueueFull: "RESOURCE_EXHAUSTED",
+    ResourceExhausted: "RESOURCE_EXHAUSTED",
+    DeadlineExceeded: "DEADLINE_EXCEEDED",
+    Draining: "UNAVAILABLE",
+    ModelFailure: "INTERNAL",
+}
 
 
 def classify(exc: BaseException, where: str) -> Outcome:
@@ -34,19 +56,15 @@ def classify(exc: BaseException, where: str) -> Outcome:
         return Outcome("INVALID_ARGUMENT", f"invalid observation: {exc}")
     if isinstance(exc, Unavailable):
         return Outcome("UNAVAILABLE", str(exc))
+    if isinstance(exc, RateLimited):
+        return Outcome("RESOURCE_EXHAUSTED", str(exc))
     if isinstance(exc, EngineError):
-        return Outcome(exc.status, exc.message)
+        return Outcome(ENGINE_STATUS.get(type(exc), "INTERNAL"), exc.message)
     log.exception("unexpected error in %s", where)
     return Outcome("INTERNAL", f"internal error ({type(exc).__name__}); see server log")
 
 
 def record(engine: InferenceEngine | None, status: str, embodiment: str = "", seconds: float = 0.0) -> None:
     """Count one request's outcome in vla_inference_requests_total (and its latency when OK)."""
-    if engine is None:
-        return
-    metrics = engine.metrics
-    metrics.count(status)
-    if status == "OK":
-        metrics.inference_latency.labels(
-            model=metrics.model_name, embodiment=embodiment or "default"
-        ).observe(seconds)
+    if engine is not None:
+        engine.record(status, embodiment, seconds)

@@ -60,7 +60,7 @@ class VLAServer:
         self.state = ServerState()
         self.model = model if model is not None else create_model(settings)
         self.gpu = GpuMonitor(settings.device)
-        self.metrics = Metrics(model_name=settings.model_type, gpu=self.gpu)
+        self.metrics = Metrics(model_id=self.model.model_id, gpu=self.gpu)
         self.engine: InferenceEngine | None = None
         self.health = health.aio.HealthServicer()
         self.openpi: OpenpiEndpoint | None = None
@@ -235,7 +235,12 @@ class VLAServer:
         waiter = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({start, waiter}, return_when=asyncio.FIRST_COMPLETED)
         if start in done:
-            start.result()  # raise load errors
+            if start.exception() is not None:
+                # Close the port and the metrics endpoint before the loop ends (else grpc's server
+                # finalizer runs on a closed loop and prints a traceback after the error).
+                waiter.cancel()
+                await self.stop(0)
+                start.result()  # raise the load error
             await waiter
         else:
             start.cancel()

@@ -28,18 +28,16 @@ from vla_inference.config import Settings
 from vla_inference.engine import (
     Completed,
     DeadlineExceeded,
-    EngineError,
     InferenceEngine,
     Skipped,
     StreamSession,
-    realtime,
 )
 from vla_inference.engine.realtime import Applied, ChunkMemory, RtcRequest
 from vla_inference.models.base import PreparedSample
 from vla_inference.telemetry.gpu import GpuMonitor
 from vla_inference.transport import codec
+from vla_inference.transport.outcome import RateLimited, classify, record
 from vla_inference.transport.outcome import Unavailable as _Unavailable
-from vla_inference.transport.outcome import classify, record
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +122,11 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
     def _prepare(self, engine: InferenceEngine, request: pb.Observation) -> _Prepared:
         """Decode + model preprocessing; runs in the worker pool."""
         t0 = time.monotonic()
-        observation = codec.observation_from_proto(request, self.settings, engine.model.model_info)
+        info = engine.model_info
+        observation = codec.observation_from_proto(request, self.settings, info)
         t1 = time.monotonic()
-        sample = engine.model.prepare(observation)
-        rtc_request = codec.rtc_request(request, engine.model.model_info)
+        sample = engine.prepare(observation)
+        rtc_request = codec.rtc_request(request, info)
         t2 = time.monotonic()
         return _Prepared(sample, t1 - t0, t2 - t1, rtc_request)
 
@@ -136,15 +135,13 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
         is the one it was last sent by then)."""
         if prepared.rtc_request is None:
             return
-        prefix, prepared.rtc = realtime.resolve(
-            prepared.rtc_request, engine.model, prepared.sample.embodiment, self.settings, memory
-        )
+        prefix, prepared.rtc = engine.resolve_rtc(prepared.rtc_request, prepared.sample.embodiment, memory)
         prepared.sample.rtc = prefix
 
     async def _prepare_checked(self, engine: InferenceEngine, request: pb.Observation) -> _Prepared:
-        codec.check_envelope(request, self.settings, engine.model.model_info)
+        codec.check_envelope(request, self.settings, engine.model_info)
         prepared = await engine.preprocess(self._prepare, engine, request)
-        engine.metrics.preprocess_time.observe(prepared.decode_s + prepared.preprocess_s)
+        engine.record_preprocess(prepared.decode_s + prepared.preprocess_s)
         return prepared
 
     def _failure(self, exc: BaseException, where: str) -> _Failure:
@@ -171,7 +168,7 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
         return codec.action_chunk(
             request,
             done,
-            engine.model.model_info.name,
+            engine.model_info.name,
             decode_s=prepared.decode_s,
             preprocess_s=prepared.preprocess_s,
             total_s=total,
@@ -218,59 +215,57 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             return
         await _commit(context)
-        session = StreamSession()
         answers: asyncio.Queue[asyncio.Task[pb.ActionChunk | None] | _DrainSignal | None] = asyncio.Queue()
         tasks: set[asyncio.Task[Any]] = set()
-        engine.sessions += 1
         limiter = _RateLimiter(self.settings.max_stream_rate_hz)
         unregister = self.state.on_drain(lambda: answers.put_nowait(_DRAIN))
+        with engine.stream() as session:
 
-        async def read() -> None:
-            previous_submitted: asyncio.Event | None = None
-            try:
-                async for request in request_iterator:
-                    submitted = asyncio.Event()
-                    step = asyncio.create_task(
-                        self._stream_step(
-                            engine, request, session, previous_submitted, submitted, limiter.allow()
+            async def read() -> None:
+                previous_submitted: asyncio.Event | None = None
+                try:
+                    async for request in request_iterator:
+                        submitted = asyncio.Event()
+                        step = asyncio.create_task(
+                            self._stream_step(
+                                engine, request, session, previous_submitted, submitted, limiter.allow()
+                            )
                         )
-                    )
-                    tasks.add(step)
-                    step.add_done_callback(tasks.discard)
-                    await answers.put(step)
-                    previous_submitted = submitted
-            finally:
-                # Always end the answer loop, also when reading fails: `await reader` below then
-                # re-raises the failure instead of the stream hanging until its deadline.
-                answers.put_nowait(None)
+                        tasks.add(step)
+                        step.add_done_callback(tasks.discard)
+                        await answers.put(step)
+                        previous_submitted = submitted
+                finally:
+                    # Always end the answer loop, also when reading fails: `await reader` below then
+                    # re-raises the failure instead of the stream hanging until its deadline.
+                    answers.put_nowait(None)
 
-        reader = asyncio.create_task(read())
-        try:
-            while True:
-                step = await answers.get()
-                if step is None:
-                    break
-                if isinstance(step, _DrainSignal):
-                    # Answer what was already read, then end: the client reopens elsewhere.
-                    reader.cancel()
-                    while not answers.empty():
-                        pending = answers.get_nowait()
-                        if isinstance(pending, asyncio.Task):
-                            chunk = await pending
-                            if chunk is not None and not _refused_by_drain(chunk):
-                                yield chunk
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, STREAM_DRAINED_MESSAGE)
-                    return
-                chunk = await step
-                if chunk is not None:
-                    yield chunk
-            await reader
-        finally:
-            unregister()
-            engine.sessions -= 1
-            reader.cancel()
-            for task in list(tasks):
-                task.cancel()
+            reader = asyncio.create_task(read())
+            try:
+                while True:
+                    step = await answers.get()
+                    if step is None:
+                        break
+                    if isinstance(step, _DrainSignal):
+                        # Answer what was already read, then end: the client reopens elsewhere.
+                        reader.cancel()
+                        while not answers.empty():
+                            pending = answers.get_nowait()
+                            if isinstance(pending, asyncio.Task):
+                                chunk = await pending
+                                if chunk is not None and not _refused_by_drain(chunk):
+                                    yield chunk
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, STREAM_DRAINED_MESSAGE)
+                        return
+                    chunk = await step
+                    if chunk is not None:
+                        yield chunk
+                await reader
+            finally:
+                unregister()
+                reader.cancel()
+                for task in list(tasks):
+                    task.cancel()
 
     async def _stream_step(
         self,
@@ -287,7 +282,7 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
             try:
                 if not allowed:
                     rate = self.settings.max_stream_rate_hz
-                    raise _RateLimited(f"stream sends faster than VLA_MAX_STREAM_RATE_HZ={rate:g}")
+                    raise RateLimited(f"stream sends faster than VLA_MAX_STREAM_RATE_HZ={rate:g}")
                 with engine.admit():
                     observation = codec.require_observation(request)
                     prepared = await self._prepare_checked(engine, observation)
@@ -315,7 +310,7 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
             return pb.ActionChunk(
                 request_id=request.request_id,
                 observation_timestamp=request.timestamp,
-                model_name=engine.model.model_info.name,
+                model_name=engine.model_info.name,
                 error=pb.StreamError(code=failure.status.value[0], message=failure.message),
             )
         return self._answer(engine, observation, prepared, done, arrival, session.take_skipped())
@@ -326,7 +321,7 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
         except _Unavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             raise
-        return codec.model_info_message(engine.model.model_info, self.settings)
+        return codec.model_info_message(engine.model_info, self.settings)
 
     async def HealthCheck(self, request: Any, context: grpc.aio.ServicerContext) -> pb.HealthStatus:
         engine = self._engine_ref()
@@ -337,9 +332,7 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
             uptime_seconds=time.monotonic() - self.state.started,
             queue_depth=engine.queue_depth if engine else 0,
             state=self.state.phase,
-            model_name=engine.model.model_info.name
-            if engine and self.state.phase != ServerState.LOADING
-            else "",
+            model_name=engine.model_info.name if engine and self.state.phase != ServerState.LOADING else "",
             gpu_memory_used_bytes=reading.memory_used_bytes if reading else 0,
             gpu_memory_total_bytes=reading.memory_total_bytes if reading else 0,
             requests_in_flight=engine.in_flight if engine else 0,
@@ -386,10 +379,6 @@ class _DrainSignal:
 
 
 _DRAIN = _DrainSignal()
-
-
-class _RateLimited(EngineError):
-    status = "RESOURCE_EXHAUSTED"
 
 
 class _RateLimiter:

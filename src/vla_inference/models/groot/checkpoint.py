@@ -7,7 +7,9 @@ A checkpoint directory (as NVIDIA publishes nvidia/GR00T-N1.5-3B and as fine-tun
     experiment_cfg/metadata.json     per embodiment tag: statistics + modalities
     tokenizer.json                   Qwen3 tokenizer with the Eagle tokens (see TOKENIZER_HELP)
 
-Only safetensors and JSON are read; nothing is unpickled or executed.
+Only safetensors and JSON are read; nothing is unpickled or executed. `groot_names` maps our
+parameter names to upstream's; the SigLIP pooling head, the LM head and the LM layers above
+select_layer are in the files but never used: they are skipped, not allocated.
 
 The Eagle backbone's own configuration is not in config.json: upstream reads it from the
 Eagle files inside the gr00t package. We use the published N1.5 values (model.SIZES["n1.5-3b"]),
@@ -22,7 +24,6 @@ that choose what is served are read by embodiments.py / data_configs.py.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -31,15 +32,15 @@ from typing import Any
 import torch
 
 from vla_inference.models.base import ModelLoadError
+from vla_inference.models.common import vit
+from vla_inference.models.common.tokenizers import find_tokenizer as find_file
+from vla_inference.models.common.weights import NameMap, Source, find_weight_files, load_weights, read_json
 from vla_inference.models.groot.model import GR00TN15, SIZES, GrootConfig
 
 MODEL_TYPE = "gr00t_n1_5"
-
-# Checkpoint tensors that exist upstream but are not used for actions.
-_UNUSED_PREFIXES = (
-    "backbone.eagle_model.vision_model.vision_model.head.",  # SigLIP pooling head
-    "backbone.eagle_model.language_model.lm_head.",  # tied, LM logits unused
-)
+_EAGLE = "backbone.eagle_model."
+_VISION = _EAGLE + "vision_model.vision_model."
+_LM = _EAGLE + "language_model."
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_HELP = (
@@ -55,15 +56,6 @@ REQUIRED_TOKENS = ("<|im_start|>", "<|im_end|>", "<img>", "</img>", IMAGE_CONTEX
 
 # ----------------------------------------------------------------------------------------------
 # config
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelLoadError(f"missing {path}") from None
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read {path}: {exc}") from None
 
 
 def config_from_json(raw: Mapping[str, Any], eagle: Mapping[str, Any] | None = None) -> GrootConfig:
@@ -169,14 +161,14 @@ def _check_config(cfg: GrootConfig, dit: Mapping[str, Any]) -> None:
 def says_lerobot(path: Path) -> bool:
     """Whether config.json marks the checkpoint as LeRobot's ("type": "groot", as LeRobot writes
     its policy configs); such a checkpoint uses LeRobot's embodiment ids (embodiments.py)."""
-    raw = _read_json(path / "config.json")
+    raw = read_json(path / "config.json")
     return isinstance(raw, dict) and raw.get("type") == "groot"
 
 
 def read_config(path: Path) -> GrootConfig:
-    raw = _read_json(path / "config.json")
+    raw = read_json(path / "config.json")
     eagle_file = path / "eagle_config.json"
-    eagle = _read_json(eagle_file) if eagle_file.is_file() else None
+    eagle = read_json(eagle_file) if eagle_file.is_file() else None
     return config_from_json(raw, eagle)
 
 
@@ -184,74 +176,77 @@ def read_config(path: Path) -> GrootConfig:
 # weights
 
 
-def _weight_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = _read_json(index).get("weight_map") or {}
-        files = sorted({path / name for name in weight_map.values()})
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise ModelLoadError(f"{index} names shards that are not in {path}: {', '.join(missing)}")
-        return files
-    single = path / "model.safetensors"
-    if single.is_file():
-        return [single]
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise ModelLoadError(
-            f"no safetensors weights in {path} (expected model.safetensors or an index + shards)"
-        )
-    return files
+_BLOCK = {"attn.to_out": "attn1.to_out.0", "ff.proj_in": "ff.net.0.proj", "ff.proj_out": "ff.net.2"}
 
 
-def is_unused_key(name: str, cfg: GrootConfig) -> bool:
-    if name.startswith(_UNUSED_PREFIXES):
-        return True
-    prefix = "backbone.eagle_model.language_model.model.layers."
-    if name.startswith(prefix):
-        index = name[len(prefix) :].split(".", 1)[0]
-        return index.isdigit() and int(index) >= cfg.select_layer  # layers above select_layer
-    return False
+def _block_name(rest: str) -> str:
+    """A DiT / VL-adapter block's module names -> diffusers' (attn1, to_out.0, ff.net.0.proj, ff.net.2)."""
+    module, leaf = rest.rsplit(".", 1)
+    if module in _BLOCK:
+        return f"{_BLOCK[module]}.{leaf}"
+    return rest.replace("attn.", "attn1.", 1)
 
 
-def load_weights(model: GR00TN15, path: Path, dtype: torch.dtype, device: str) -> None:
-    """Fill `model` (built on the meta device) from the checkpoint; names match one to one.
+def _head_name(rest: str) -> str:
+    """action_head.<rest> (ours) -> upstream's name below "action_head."."""
+    if rest.startswith("dit.blocks."):
+        _, _, index, inner = rest.split(".", 3)
+        return f"model.transformer_blocks.{index}.{_block_name(inner)}"
+    if rest.startswith("dit.timestep_embedder."):
+        return "model.timestep_encoder." + rest.removeprefix("dit.")
+    if rest.startswith("dit."):
+        return "model." + rest.removeprefix("dit.")
+    if rest.startswith("vl_adapter."):
+        _, index, inner = rest.split(".", 2)
+        return f"vl_self_attention.transformer_blocks.{index}.{_block_name(inner)}"
+    if rest in ("future_tokens", "position_embedding"):
+        return rest + ".weight"
+    return rest
 
-    Refuses missing, unexpected and mis-shaped tensors, listing them. Tensors upstream keeps but
-    never uses for actions (SigLIP pooling head, lm_head, LM layers above select_layer) are skipped.
-    """
-    from safetensors import safe_open
 
-    own = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    state: dict[str, torch.Tensor] = {}
-    unexpected: list[str] = []
-    wrong_shape: list[str] = []
-    for file in _weight_files(path):
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as handle:
-                for name in handle.keys():  # noqa: SIM118 - safe_open is not iterable
-                    if name not in own:
-                        if not is_unused_key(name, model.cfg):
-                            unexpected.append(name)
-                        continue
-                    tensor = handle.get_tensor(name)
-                    if tuple(tensor.shape) != own[name]:
-                        wrong_shape.append(f"{name} {tuple(tensor.shape)} != {own[name]}")
-                        continue
-                    state[name] = tensor.to(device=device, dtype=dtype)
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise ModelLoadError(f"cannot read {file}: {exc}") from None
-    missing = sorted(set(own) - set(state))
-    if missing or unexpected or wrong_shape:
-        parts = []
-        if missing:
-            parts.append(f"missing weights ({len(missing)}): {', '.join(missing[:20])}")
-        if unexpected:
-            parts.append(f"unexpected weights ({len(unexpected)}): {', '.join(sorted(unexpected)[:20])}")
-        if wrong_shape:
-            parts.append(f"wrong shapes ({len(wrong_shape)}): {', '.join(wrong_shape[:20])}")
-        raise ModelLoadError(f"checkpoint {path} does not match GR00T N1.5: " + "; ".join(parts))
-    model.load_state_dict(state, strict=True, assign=True)
+def groot_names(cfg: GrootConfig) -> NameMap:
+    """Our names -> the N1.5 checkpoint's (what upstream's module tree is called)."""
+
+    def sources(name: str, shape: tuple[int, ...]) -> list[Source]:
+        head, _, rest = name.partition(".")
+        if head == "action_head":
+            return [Source("action_head." + _head_name(rest))]
+        part, _, rest = rest.partition(".")  # backbone.<part>.<rest>
+        if part == "vision":
+            return [s.under(_VISION) for s in vit.hf_siglip_names(rest, shape)]
+        if part == "llm":
+            return [Source(_LM + "model." + rest)]
+        if part == "eagle_linear":
+            return [Source("backbone.eagle_linear." + rest)]
+        return [Source(_EAGLE + part + "." + rest)]  # mlp1
+
+    def unused(key: str) -> bool:
+        if key.startswith(_VISION) and vit.hf_siglip_unused(key.removeprefix(_VISION)):
+            return True  # SigLIP pooling head
+        if key.startswith(_LM + "lm_head."):
+            return True  # tied, LM logits unused
+        prefix = _LM + "model.layers."
+        index = key.removeprefix(prefix).split(".", 1)[0]
+        return key.startswith(prefix) and index.isdigit() and int(index) >= cfg.select_layer
+
+    return NameMap(sources, unused)
+
+
+def load_model(path: Path, cfg: GrootConfig, dtype: torch.dtype, device: str) -> GR00TN15:
+    """Build GR00T on `meta` and stream the checkpoint into it (common/weights.py)."""
+    with torch.device("meta"):
+        model = GR00TN15(cfg)
+    loaded = load_weights(
+        model,
+        find_weight_files(path),
+        groot_names(cfg),
+        device=device,
+        dtype=dtype,
+        where=str(path),
+        what="GR00T N1.5",
+    )
+    assert isinstance(loaded, GR00TN15)
+    return loaded
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,17 +254,7 @@ def load_weights(model: GR00TN15, path: Path, dtype: torch.dtype, device: str) -
 
 
 def find_tokenizer(path: Path | None, tokenizer_path: str) -> Path:
-    candidates: list[Path] = []
-    if tokenizer_path:
-        given = Path(tokenizer_path)
-        candidates.append(given / TOKENIZER_FILE if given.is_dir() else given)
-    if path is not None:
-        candidates.append(path / TOKENIZER_FILE)
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    looked = ", ".join(str(c) for c in candidates) or "nowhere"
-    raise ModelLoadError(f"missing {TOKENIZER_FILE} (looked in {looked}). {TOKENIZER_HELP}")
+    return find_file(path, tokenizer_path, TOKENIZER_FILE, TOKENIZER_HELP)
 
 
 def load_tokenizer(file: Path, cfg: GrootConfig) -> Any:
@@ -295,9 +280,3 @@ def load_tokenizer(file: Path, cfg: GrootConfig) -> Any:
             f"tokenizer {file} has {tokenizer.get_vocab_size()} tokens, the model {cfg.vocab_size}"
         )
     return tokenizer
-
-
-def parameter_count(cfg: GrootConfig) -> int:
-    with torch.device("meta"):
-        model = GR00TN15(cfg)
-    return sum(p.numel() for p in model.parameters())

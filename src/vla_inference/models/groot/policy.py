@@ -46,28 +46,17 @@ Precision: bfloat16 on CUDA, float32 on CPU (VLA_DTYPE overrides).
 from __future__ import annotations
 
 import logging
-import secrets
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from vla_inference.config import Settings
-from vla_inference.models import rtc
-from vla_inference.models.base import (
-    ActionPrediction,
-    InvalidObservation,
-    ModelDescription,
-    ModelLoadError,
-    Observation,
-    PreparedSample,
-    VLAModel,
-    seeded_generator,
-)
+from vla_inference.models import base, rtc
+from vla_inference.models.common import flow
+from vla_inference.models.common.weights import resolve_dtype
 from vla_inference.models.groot import checkpoint as ckpt
 from vla_inference.models.groot.data_configs import parse_setting
 from vla_inference.models.groot.embodiments import (
@@ -83,7 +72,6 @@ DEFAULT_INSTRUCTION = "Perform the default behavior."
 SYSTEM_PROMPT = "You are a helpful assistant."
 BASE_CAMERA = "base"
 log = logging.getLogger(__name__)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -111,16 +99,16 @@ def prompt_text(instruction: str, num_images: int, tokens_per_image: int) -> str
     )
 
 
-class GrootPolicy(VLAModel):
+class GrootPolicy(base.VLAModel):
     model_type = "groot"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: object) -> None:
         super().__init__(settings)
         self._model: GR00TN15 | None = None
         self._cfg: GrootConfig | None = None
         self._tokenizer: Any = None
         self._embodiments: dict[str, Embodiment] = {}
-        self._info: ModelDescription | None = None
+        self._info: base.ModelDescription | None = None
         self._device = "cpu"
         self._dtype = torch.float32
         self._lock = threading.Lock()
@@ -128,14 +116,11 @@ class GrootPolicy(VLAModel):
     # --- loading ---------------------------------------------------------------------------
 
     def load(self, checkpoint_path: str | None, device: str) -> None:
-        if not checkpoint_path:
-            raise ModelLoadError(
-                "GR00T has no embedded model: set VLA_MODEL_PATH to a GR00T N1.5 checkpoint directory "
-                "(config.json, *.safetensors, experiment_cfg/metadata.json, tokenizer.json)"
-            )
-        path = Path(checkpoint_path)
-        if not path.is_dir():
-            raise ModelLoadError(f"GR00T checkpoint {path} is not a directory")
+        path = base.checkpoint_dir(
+            checkpoint_path,
+            "GR00T N1.5",
+            "config.json, *.safetensors, experiment_cfg/metadata.json, tokenizer.json",
+        )
         cfg = ckpt.read_config(path)
         lerobot = ckpt.says_lerobot(path)
         embodiments, skipped = build_embodiments(
@@ -154,15 +139,12 @@ class GrootPolicy(VLAModel):
         for emb in embodiments.values():
             log.info("GR00T embodiment %s", emb.describe())
         tokenizer = ckpt.load_tokenizer(ckpt.find_tokenizer(path, self.settings.tokenizer_path), cfg)
-        dtype = self._resolve_dtype(device)
-        with torch.device("meta"):
-            model = GR00TN15(cfg)
-        ckpt.load_weights(model, path, dtype, device)
-        model.eval()
+        dtype = resolve_dtype(self.settings.dtype, device)
+        model = ckpt.load_model(path, cfg, dtype, device)
 
         default = self.settings.norm_stats_key.strip() or next(iter(embodiments))
         if default not in embodiments:
-            raise ModelLoadError(
+            raise base.ModelLoadError(
                 f"VLA_NORM_STATS_KEY={default!r} is not a supported embodiment of {path}; "
                 f"supported: {', '.join(embodiments)}"
             )
@@ -172,7 +154,7 @@ class GrootPolicy(VLAModel):
         cameras: list[str] = []
         for emb in (first, *embodiments.values()):  # the default's first, then the others'
             cameras += [role for role, _ in camera_roles(emb) if role not in cameras]
-        self._info = ModelDescription(
+        self._info = base.ModelDescription(
             name=path.name,
             version="gr00t-n1.5",
             family="groot",
@@ -186,23 +168,15 @@ class GrootPolicy(VLAModel):
             image_size=(cfg.image_size, cfg.image_size),
             device=device,
             dtype=str(dtype).removeprefix("torch."),
-            confidence_definition=(
-                "1 / (1 + RMS(v_last * dt)): v_last = velocity of the final flow-matching Euler step, "
-                "dt = 1/steps, over the returned steps and action dims, in normalised action units"
-            ),
+            confidence_definition=flow.CONFIDENCE_DEFINITION,
             description=describe(embodiments.values(), lerobot),
             state_layouts={tag: e.state_names() for tag, e in embodiments.items()},
             action_layouts={tag: e.action_names() for tag, e in embodiments.items()},
             rtc_methods=rtc.FLOW_METHODS,
         )
 
-    def _resolve_dtype(self, device: str) -> torch.dtype:
-        if self.settings.dtype == "auto":
-            return torch.bfloat16 if device.startswith("cuda") else torch.float32
-        return _DTYPES[self.settings.dtype]
-
     @property
-    def model_info(self) -> ModelDescription:
+    def model_info(self) -> base.ModelDescription:
         if self._info is None:
             raise RuntimeError("GrootPolicy.load() has not been called")
         return self._info
@@ -210,7 +184,7 @@ class GrootPolicy(VLAModel):
     def embodiment(self, tag: str) -> Embodiment:
         return self._embodiments[self.resolve_embodiment(tag)]
 
-    def warmup_observation(self) -> Observation:
+    def warmup_observation(self) -> base.Observation:
         info = self.model_info
         emb = self._embodiments[info.default_embodiment]
         size = info.image_size
@@ -219,20 +193,15 @@ class GrootPolicy(VLAModel):
             for role, camera in zip((r for r, _ in camera_roles(emb)), emb.cameras, strict=True)
         }
         joints = np.zeros(emb.state_dim, np.float32)
-        return Observation(images=images, joint_positions=joints, instruction="warm up", seed=0)
+        return base.Observation(images=images, joint_positions=joints, instruction="warm up", seed=0)
 
     # --- prepare ---------------------------------------------------------------------------
 
-    def prepare(self, observation: Observation) -> PreparedSample:
+    def prepare(self, observation: base.Observation) -> base.PreparedSample:
         cfg = self._require_cfg()
         emb = self.embodiment(observation.embodiment)
         self.check_joints(observation, emb.tag)
         instruction = observation.instruction.strip()
-        if len(instruction) > self.settings.max_instruction_chars:
-            raise InvalidObservation(
-                "instruction",
-                f"{len(instruction)} characters, over the limit of {self.settings.max_instruction_chars}",
-            )
         frames = self._images(observation, emb)
         pixels = np.stack(
             [
@@ -246,21 +215,22 @@ class GrootPolicy(VLAModel):
         with np.errstate(divide="ignore", invalid="ignore"):
             state[: emb.model_state_dim] = emb.encode_state(observation.joint_positions)
         if not np.all(np.isfinite(state)):
-            raise InvalidObservation(
+            raise base.InvalidObservation(
                 "joint_positions",
                 f"a value of embodiment {emb.tag!r} cannot be converted as its data config asks "
                 "(e.g. an all-zero quaternion); layout: " + ", ".join(k.describe() for k in emb.state),
             )
-        seed = observation.seed if observation.seed is not None else secrets.randbits(63)
         inputs = GrootInputs(
             pixels=torch.from_numpy(pixels),
             input_ids=torch.tensor(ids, dtype=torch.long),
             state=torch.from_numpy(state),
             embodiment_id=emb.id,
         )
-        return PreparedSample(inputs=inputs, embodiment=emb.tag, seed=int(seed), batch_key=None)
+        return base.PreparedSample(
+            inputs=inputs, embodiment=emb.tag, seed=base.sample_seed(observation), batch_key=None
+        )
 
-    def _images(self, observation: Observation, emb: Embodiment) -> list[np.ndarray]:
+    def _images(self, observation: base.Observation, emb: Embodiment) -> list[np.ndarray]:
         """One frame per video key of the embodiment, in data config order (see camera_roles)."""
         given = {name.lower(): image for name, image in observation.images.items()}
         roles = camera_roles(emb)
@@ -269,19 +239,19 @@ class GrootPolicy(VLAModel):
             short = _short(key).lower()
             image = next((given[n] for n in (role, short, f"video.{short}") if n in given), None)
             if image is None:
-                raise InvalidObservation(
+                raise base.InvalidObservation(
                     "cameras",
                     f"embodiment {emb.tag!r} needs cameras {', '.join(r for r, _ in roles)} "
                     f"(video keys {', '.join(emb.video_keys)}); missing {role!r}",
                 )
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-                raise InvalidObservation("cameras", f"camera {role!r} must be (H, W, 3) uint8 RGB")
+                raise base.InvalidObservation("cameras", f"camera {role!r} must be (H, W, 3) uint8 RGB")
             out.append(image)
         return out
 
     # --- forward ---------------------------------------------------------------------------
 
-    def forward(self, samples: Sequence[PreparedSample]) -> list[Any]:
+    def forward(self, samples: Sequence[base.PreparedSample]) -> list[Any]:
         model, cfg = self._require_model(), self._require_cfg()
         if not samples:
             return []
@@ -298,7 +268,7 @@ class GrootPolicy(VLAModel):
         emb_ids = torch.tensor([x.embodiment_id for x in inputs], dtype=torch.long)
         noise = torch.stack(
             [
-                torch.randn(cfg.action_horizon, cfg.action_dim, generator=seeded_generator(s.seed))
+                torch.randn(cfg.action_horizon, cfg.action_dim, generator=base.seeded_generator(s.seed))
                 for s in samples
             ]
         )
@@ -329,14 +299,13 @@ class GrootPolicy(VLAModel):
 
     # --- finish ----------------------------------------------------------------------------
 
-    def finish(self, raw: Any, sample: PreparedSample) -> ActionPrediction:
+    def finish(self, raw: Any, sample: base.PreparedSample) -> base.ActionPrediction:
         assert isinstance(raw, GrootRaw)
         emb = self._embodiments[sample.embodiment]
         chunk = min(self.settings.chunk_size, raw.actions.shape[0])
         actions = emb.decode_actions(raw.actions[:chunk])
-        step = raw.velocity[:chunk, : emb.model_action_dim].astype(np.float64) * raw.dt
-        confidence = float(1.0 / (1.0 + np.sqrt(np.mean(step**2))))
-        return ActionPrediction(actions=actions, confidence=confidence, model_actions=raw.actions)
+        confidence = flow.confidence(raw.velocity, raw.dt, chunk, emb.model_action_dim)
+        return base.ActionPrediction(actions=actions, confidence=confidence, model_actions=raw.actions)
 
     def normalize_actions(self, actions: np.ndarray, embodiment: str) -> np.ndarray:
         emb = self._embodiments[embodiment]

@@ -11,14 +11,19 @@ Python files (auto_map) are never imported, nothing is unpickled.
   preprocessor_config.json      optional: image means/stds, interpolation, resize strategy
   dataset_statistics.json       optional (fine-tunes): norm stats, merged over config.json's
 
-Tower sizes come from the timm model ids. A checkpoint may instead describe its towers with
-the key `vla_inference_towers` (a list of two ViTConfig field dicts): the tiny test
-checkpoints use it, the published ones do not.
+Tower sizes and conventions come from the timm model ids (model.TIMM_TOWERS: DINOv2 S/B/L/g with
+or without registers, SigLIP B/16 and So400m/14 at 224 or 384 px). A checkpoint may instead
+describe its towers with the key `vla_inference_towers` (a list of two ViTConfig field dicts): the
+tiny test checkpoints use it, the published ones do not.
+
+Checkpoint names: `vision_backbone.featurizer.*` / `fused_featurizer.*` are timm's (LayerScale's
+`gamma` renamed `scale_factor` by the OpenVLA port), `projector.*` ours, `language_model.model.*`
+and `language_model.lm_head.weight` HF Llama's. The towers' last block, final norm and SigLIP's
+attention-pool head are in the files but never run: they are skipped, not allocated.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -28,28 +33,17 @@ import numpy as np
 import torch
 
 from vla_inference.models.base import ModelLoadError
-from vla_inference.models.openvla.model import (
-    DINOV2_L14_REG4,
-    SIGLIP_SO400M_14,
-    LlamaConfig,
-    OpenVLA,
-    OpenVLAConfig,
-    ViTConfig,
-)
+from vla_inference.models.common import vit
+from vla_inference.models.common.transformer import DecoderConfig
+from vla_inference.models.common.weights import NameMap, Source, find_weight_files, load_weights, read_json
+from vla_inference.models.openvla.model import TIMM_TOWERS, OpenVLA, OpenVLAConfig
 
 CONFIG_FILE = "config.json"
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.model"
 PREPROCESSOR_FILE = "preprocessor_config.json"
 STATISTICS_FILE = "dataset_statistics.json"
 TOWERS_KEY = "vla_inference_towers"
-
-# timm model id (without the ".pretrained_tag") -> tower architecture
-TIMM_TOWERS: dict[str, ViTConfig] = {
-    "vit_large_patch14_reg4_dinov2": DINOV2_L14_REG4,
-    "vit_so400m_patch14_siglip_224": SIGLIP_SO400M_14,
-}
+_TOWERS = {"dino": "vision_backbone.featurizer.", "siglip": "vision_backbone.fused_featurizer."}
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -85,48 +79,68 @@ class CheckpointInfo:
     config: OpenVLAConfig
     norm_stats: dict[str, ActionStats]
     image: ImageSpec
-    weight_files: dict[str, list[str]]  # shard file name -> tensor names
+    weight_files: list[Path]
     raw_config: dict[str, Any]
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        with path.open(encoding="utf-8") as handle:
-            return json.load(handle)
-    except FileNotFoundError:
-        raise ModelLoadError(f"missing {path.name} in {path.parent}") from None
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read {path}: {exc}") from None
+def openvla_names(cfg: OpenVLAConfig) -> NameMap:
+    """Our names -> the HF OpenVLA checkpoint's; the towers' never-run tensors are skipped."""
+
+    def sources(name: str, shape: tuple[int, ...]) -> list[Source]:
+        head, _, rest = name.partition(".")
+        if head in _TOWERS:
+            layer_scale = "scale_factor" if head == "dino" else "gamma"
+            return [s.under(_TOWERS[head]) for s in vit.timm_name(rest, shape, layer_scale)]
+        if head == "llm":
+            return [Source("language_model.model." + rest)]
+        if head == "lm_head":
+            return [Source("language_model." + name)]
+        return [Source(name)]  # projector.*
+
+    def unused(key: str) -> bool:
+        return any(
+            key.startswith(prefix) and vit.timm_unused(getattr(cfg, tower), key.removeprefix(prefix))
+            for tower, prefix in _TOWERS.items()
+        )
+
+    return NameMap(sources, unused)
 
 
-def _tower_config(timm_id: str, image_size: int) -> ViTConfig:
+def _tower_config(timm_id: str, image_size: int) -> vit.ViTConfig:
     base = timm_id.split(".")[0]
     if base not in TIMM_TOWERS:
         raise ModelLoadError(
             f"unsupported vision tower {timm_id!r} in config.json timm_model_ids; "
             f"supported: {', '.join(TIMM_TOWERS)}"
         )
-    return replace(TIMM_TOWERS[base], image_size=image_size)
+    tower = TIMM_TOWERS[base]
+    if "siglip" in base and tower.image_size != image_size:
+        raise ModelLoadError(
+            f"config.json image_sizes gives {image_size} px for {timm_id}, a {tower.image_size} px tower"
+        )
+    return replace(tower, image_size=image_size)
 
 
-def _llama_config(text: Mapping[str, Any]) -> LlamaConfig:
-    """text_config -> LlamaConfig; absent keys take transformers' LlamaConfig defaults (as the reference)."""
+def _llama_config(text: Mapping[str, Any]) -> tuple[DecoderConfig, int, int]:
+    """text_config -> (decoder config, vocab size, max positions); absent keys take transformers'
+    LlamaConfig defaults (as the reference)."""
     if text.get("model_type", "llama") != "llama":
         raise ModelLoadError(f"unsupported language model {text.get('model_type')!r}; OpenVLA uses llama")
     if text.get("rope_scaling"):
         raise ModelLoadError("text_config.rope_scaling is not supported")
     heads = int(text.get("num_attention_heads", 32))
-    return LlamaConfig(
-        vocab_size=int(text.get("vocab_size", 32000)),
-        dim=int(text.get("hidden_size", 4096)),
-        n_layers=int(text.get("num_hidden_layers", 32)),
-        n_heads=heads,
-        n_kv_heads=int(text.get("num_key_value_heads") or heads),
-        intermediate=int(text.get("intermediate_size", 11008)),
+    width = int(text.get("hidden_size", 4096))
+    decoder = DecoderConfig(
+        width=width,
+        depth=int(text.get("num_hidden_layers", 32)),
+        mlp_dim=int(text.get("intermediate_size", 11008)),
+        num_heads=heads,
+        num_kv_heads=int(text.get("num_key_value_heads") or heads),
+        head_dim=width // heads,
         norm_eps=float(text.get("rms_norm_eps", 1e-6)),
         rope_theta=float(text.get("rope_theta", 10000.0)),
-        max_seq_len=int(text.get("max_position_embeddings", 2048)),
     )
+    return decoder, int(text.get("vocab_size", 32000)), int(text.get("max_position_embeddings", 2048))
 
 
 def parse_config(raw: Mapping[str, Any]) -> OpenVLAConfig:
@@ -138,18 +152,25 @@ def parse_config(raw: Mapping[str, Any]) -> OpenVLAConfig:
     try:
         if TOWERS_KEY in raw:
             towers = raw[TOWERS_KEY]
-            names = {f.name for f in fields(ViTConfig)}
-            dino, siglip = (ViTConfig(**{k: v for k, v in t.items() if k in names}) for t in towers)
+            names = {f.name for f in fields(vit.ViTConfig)}
+            dino, siglip = (vit.ViTConfig(**{k: v for k, v in t.items() if k in names}) for t in towers)
         else:
             ids = raw.get("timm_model_ids") or []
             if len(ids) != 2:
                 raise ModelLoadError(f"config.json timm_model_ids must name two towers, got {ids!r}")
             dino, siglip = _tower_config(ids[0], sizes[0]), _tower_config(ids[1], sizes[1])
-        llm = _llama_config(raw.get("text_config") or {})
+        llm, vocab_size, max_seq_len = _llama_config(raw.get("text_config") or {})
+        if dino.num_patches != siglip.num_patches:
+            raise ModelLoadError(
+                f"the towers give {dino.num_patches} and {siglip.num_patches} patches; a fused backbone "
+                "needs the same patch grid (image size / patch size) in both"
+            )
         return OpenVLAConfig(
             dino=dino,
             siglip=siglip,
             llm=llm,
+            vocab_size=vocab_size,
+            max_seq_len=max_seq_len,
             pad_token_id=int(raw.get("pad_token_id", 32000)),
             pad_to_multiple_of=int(raw.get("pad_to_multiple_of", 64)),
             n_action_bins=int(raw.get("n_action_bins", 256)),
@@ -179,7 +200,7 @@ def parse_norm_stats(raw: Mapping[str, Any]) -> dict[str, ActionStats]:
 def _image_spec(path: Path, raw: Mapping[str, Any], cfg: OpenVLAConfig) -> ImageSpec:
     pre: Mapping[str, Any] = {}
     if (path / PREPROCESSOR_FILE).is_file():
-        pre = _read_json(path / PREPROCESSOR_FILE)
+        pre = read_json(path / PREPROCESSOR_FILE)
     strategy = str(pre.get("image_resize_strategy", raw.get("image_resize_strategy", "resize-naive")))
     if strategy not in ("resize-naive", "letterbox", "resize-crop"):
         raise ModelLoadError(f"unsupported image_resize_strategy {strategy!r}")
@@ -200,36 +221,16 @@ def _image_spec(path: Path, raw: Mapping[str, Any], cfg: OpenVLAConfig) -> Image
     )
 
 
-def _weight_files(path: Path) -> dict[str, list[str]]:
-    from safetensors import safe_open
-
-    if (path / INDEX_FILE).is_file():
-        weight_map = _read_json(path / INDEX_FILE).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ModelLoadError(f"{path / INDEX_FILE} has no weight_map")
-        files: dict[str, list[str]] = {}
-        for name, file in weight_map.items():
-            files.setdefault(str(file), []).append(str(name))
-        for file in files:
-            if not (path / file).is_file():
-                raise ModelLoadError(f"shard {file} named in {INDEX_FILE} is missing from {path}")
-        return files
-    if (path / SINGLE_FILE).is_file():
-        with safe_open(str(path / SINGLE_FILE), framework="pt") as handle:
-            return {SINGLE_FILE: list(handle.keys())}
-    raise ModelLoadError(f"no weights in {path}: expected {INDEX_FILE} with shards, or {SINGLE_FILE}")
-
-
 def read_checkpoint(path: str | Path) -> CheckpointInfo:
     """Read everything but the tensors; fail early with what is missing."""
     path = Path(path)
     if not path.is_dir():
         raise ModelLoadError(f"OpenVLA checkpoint directory {path} does not exist")
-    raw = _read_json(path / CONFIG_FILE)
+    raw = read_json(path / CONFIG_FILE)
     cfg = parse_config(raw)
     stats_raw: dict[str, Any] = dict(raw.get("norm_stats") or {})
     if (path / STATISTICS_FILE).is_file():
-        stats_raw.update(_read_json(path / STATISTICS_FILE))
+        stats_raw.update(read_json(path / STATISTICS_FILE))
     if not stats_raw:
         raise ModelLoadError(f"no norm_stats in {path / CONFIG_FILE} and no {STATISTICS_FILE}")
     return CheckpointInfo(
@@ -237,50 +238,23 @@ def read_checkpoint(path: str | Path) -> CheckpointInfo:
         config=cfg,
         norm_stats=parse_norm_stats(stats_raw),
         image=_image_spec(path, raw, cfg),
-        weight_files=_weight_files(path),
+        weight_files=find_weight_files(path),
         raw_config=dict(raw),
     )
 
 
-def _listing(names: set[str], limit: int = 12) -> str:
-    ordered = sorted(names)
-    text = ", ".join(ordered[:limit])
-    return text + (f", ... ({len(ordered) - limit} more)" if len(ordered) > limit else "")
-
-
 def load_model(info: CheckpointInfo, device: str | torch.device, dtype: torch.dtype) -> OpenVLA:
-    """Build the model on `meta`, allocate it once on `device`, stream tensors in shard by shard.
-
-    Peak host memory is one tensor; the weights are never held twice.
-    """
-    from safetensors import safe_open
-
+    """Build the model on `meta` and stream the checkpoint's tensors into it (common/weights.py)."""
     with torch.device("meta"):
         model = OpenVLA(info.config)
-    model = model.to(dtype=dtype)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    present = {name for names in info.weight_files.values() for name in names}
-    missing, unexpected = set(expected) - present, present - set(expected)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensors: {_listing(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} tensors: {_listing(unexpected)}")
-        raise ModelLoadError(f"{info.path} does not match the OpenVLA layout: " + "; ".join(parts))
-
-    model = model.to_empty(device=device)
-    params: dict[str, torch.Tensor] = dict(model.named_parameters())
-    params.update(model.named_buffers())
-    with torch.no_grad():
-        for file, names in info.weight_files.items():
-            with safe_open(str(info.path / file), framework="pt", device="cpu") as handle:
-                for name in names:
-                    tensor = handle.get_tensor(name)
-                    if tuple(tensor.shape) != expected[name]:
-                        raise ModelLoadError(
-                            f"{file}: {name} has shape {tuple(tensor.shape)}, expected {expected[name]}"
-                        )
-                    params[name].copy_(tensor)
-                    del tensor
-    return model.eval()
+    loaded = load_weights(
+        model,
+        info.weight_files,
+        openvla_names(info.config),
+        device=device,
+        dtype=dtype,
+        where=str(info.path),
+        what="OpenVLA",
+    )
+    assert isinstance(loaded, OpenVLA)
+    return loaded

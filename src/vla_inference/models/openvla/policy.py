@@ -21,23 +21,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from PIL import Image
 
-from vla_inference.config import Settings
-from vla_inference.models.base import (
-    ActionPrediction,
-    InvalidObservation,
-    ModelDescription,
-    ModelLoadError,
-    Observation,
-    PreparedSample,
-    VLAModel,
-)
+from vla_inference.models import base
+from vla_inference.models.common.tokenizers import find_tokenizer, load_sentencepiece
+from vla_inference.models.common.weights import resolve_dtype
 from vla_inference.models.openvla.checkpoint import (
     TOKENIZER_FILE,
     ActionStats,
@@ -130,10 +122,10 @@ def preprocess_image(image: np.ndarray, spec: ImageSpec) -> torch.Tensor:
     return torch.cat(towers, dim=0).contiguous()
 
 
-class OpenVLAPolicy(VLAModel):
+class OpenVLAPolicy(base.VLAModel):
     model_type: ClassVar[str] = "openvla"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: object) -> None:
         super().__init__(settings)
         self._info: CheckpointInfo | None = None
         self._model: OpenVLA | None = None
@@ -141,33 +133,37 @@ class OpenVLAPolicy(VLAModel):
         self._device = torch.device("cpu")
         self._dtype = torch.float32
         self._default = ""
-        self._description: ModelDescription | None = None
+        self._description: base.ModelDescription | None = None
 
     # --- loading ----------------------------------------------------------------------------
 
     def load(self, checkpoint_path: str | None, device: str) -> None:
-        if not checkpoint_path:
-            raise ModelLoadError(
-                "OpenVLA has no embedded default model: set VLA_MODEL_PATH to an openvla-7b checkpoint "
-                "directory (config.json, model*.safetensors, tokenizer.model)"
-            )
-        info = read_checkpoint(checkpoint_path)
+        path = base.checkpoint_dir(
+            checkpoint_path, "OpenVLA", "config.json, model*.safetensors, tokenizer.model"
+        )
+        info = read_checkpoint(path)
         if self.settings.compile:
             logger.warning("VLA_COMPILE is not implemented for OpenVLA yet; running eager")
         key = self.settings.norm_stats_key.strip()
         datasets = sorted(info.norm_stats)
         if key and key not in info.norm_stats:
-            raise ModelLoadError(
+            raise base.ModelLoadError(
                 f"VLA_NORM_STATS_KEY={key!r} is not in the checkpoint; available: {', '.join(datasets)}"
             )
         self._default = key or (datasets[0] if len(datasets) == 1 else "")
-        self._tokenizer = self._load_tokenizer(info.path)
+        tokenizer_file = find_tokenizer(
+            info.path,
+            self.settings.tokenizer_path,
+            TOKENIZER_FILE,
+            "OpenVLA needs the Llama-2 SentencePiece tokenizer.model of openvla/openvla-7b.",
+        )
+        self._tokenizer = load_sentencepiece(tokenizer_file, info.config.vocab_size)
         self._device = torch.device(device)
-        self._dtype = self._resolve_dtype(self._device)
+        self._dtype = resolve_dtype(self.settings.dtype, self._device)
         self._model = load_model(info, self._device, self._dtype)
         self._info = info
         action_dim = info.norm_stats[self._default or datasets[0]].dim
-        self._description = ModelDescription(
+        self._description = base.ModelDescription(
             name=info.path.name,
             version="+".join(
                 str(info.raw_config.get(k, "?")) for k in ("vision_backbone_id", "llm_backbone_id")
@@ -194,44 +190,21 @@ class OpenVLAPolicy(VLAModel):
             self._default or "(none: requests must name one)",
         )
 
-    def _load_tokenizer(self, path: Path) -> Any:
-        import sentencepiece
-
-        candidates = [path / TOKENIZER_FILE]
-        if self.settings.tokenizer_path:
-            candidates.insert(0, Path(self.settings.tokenizer_path))
-        for candidate in candidates:
-            if candidate.is_file():
-                try:
-                    return sentencepiece.SentencePieceProcessor(model_file=str(candidate))
-                except (OSError, RuntimeError) as exc:
-                    raise ModelLoadError(f"cannot read SentencePiece model {candidate}: {exc}") from None
-        raise ModelLoadError(
-            f"no {TOKENIZER_FILE} in {path}: copy the Llama-2 tokenizer.model of openvla/openvla-7b there "
-            "or set VLA_TOKENIZER_PATH"
-        )
-
-    def _resolve_dtype(self, device: torch.device) -> torch.dtype:
-        name = self.settings.dtype
-        if name == "auto":
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
     def _loaded(self) -> tuple[CheckpointInfo, OpenVLA]:
         if self._info is None or self._model is None:
             raise RuntimeError("OpenVLAPolicy.load() has not been called")
         return self._info, self._model
 
     @property
-    def model_info(self) -> ModelDescription:
+    def model_info(self) -> base.ModelDescription:
         if self._description is None:
             raise RuntimeError("OpenVLAPolicy.load() has not been called")
         return self._description
 
-    def warmup_observation(self) -> Observation:
+    def warmup_observation(self) -> base.Observation:
         info, _ = self._loaded()
         size = info.image.size
-        return Observation(
+        return base.Observation(
             images={CAMERA: np.zeros((size, size, 3), np.uint8)},
             joint_positions=np.zeros(0, np.float32),
             instruction="warm up",
@@ -254,44 +227,39 @@ class OpenVLAPolicy(VLAModel):
         info, _ = self._loaded()
         key = self.resolve_embodiment(tag)
         if not key:
-            raise InvalidObservation(
+            raise base.InvalidObservation(
                 "embodiment_tag",
                 "this OpenVLA checkpoint has statistics for several datasets; name one as embodiment_tag "
                 f"(or set VLA_NORM_STATS_KEY): {', '.join(sorted(info.norm_stats))}",
             )
         return key
 
-    def prepare(self, observation: Observation) -> PreparedSample:
+    def prepare(self, observation: base.Observation) -> base.PreparedSample:
         info, _ = self._loaded()
         key = self.unnorm_key(observation.embodiment)
         names = set(observation.images)
         if names != {CAMERA}:
             got = ", ".join(sorted(names)) or "none"
-            raise InvalidObservation(
+            raise base.InvalidObservation(
                 "cameras", f"OpenVLA takes exactly one camera named {CAMERA!r}; got: {got}"
             )
         image = observation.images[CAMERA]
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or 0 in image.shape:
-            raise InvalidObservation(
+            raise base.InvalidObservation(
                 "cameras", f"camera {CAMERA!r} must be (H, W, 3) uint8 RGB, got {image.shape}"
             )
         instruction = observation.instruction.strip()
         if not instruction:
-            raise InvalidObservation("instruction", "OpenVLA needs a language instruction")
-        if len(instruction) > self.settings.max_instruction_chars:
-            raise InvalidObservation(
-                "instruction",
-                f"longer than {self.settings.max_instruction_chars} characters (VLA_MAX_INSTRUCTION_CHARS)",
-            )
+            raise base.InvalidObservation("language_instruction", "OpenVLA needs a language instruction")
         self.check_joints(observation, key)  # unused by OpenVLA; only checked to be finite
         n_tokens = info.norm_stats[key].dim
         input_ids = self.tokenize(instruction)
         total = input_ids.shape[0] + info.config.num_patches + n_tokens
-        if total > info.config.llm.max_seq_len:
-            raise InvalidObservation(
-                "instruction",
+        if total > info.config.max_seq_len:
+            raise base.InvalidObservation(
+                "language_instruction",
                 f"too long: {input_ids.shape[0]} prompt tokens + {info.config.num_patches} image tokens + "
-                f"{n_tokens} action tokens exceed the model's {info.config.llm.max_seq_len}",
+                f"{n_tokens} action tokens exceed the model's {info.config.max_seq_len}",
             )
         inputs = OpenVLAInputs(
             pixels=preprocess_image(image, info.image),
@@ -299,10 +267,12 @@ class OpenVLAPolicy(VLAModel):
             unnorm_key=key,
             n_tokens=n_tokens,
         )
-        seed = 0 if observation.seed is None else int(observation.seed)
-        return PreparedSample(inputs=inputs, embodiment=key, seed=seed, batch_key=("openvla", n_tokens))
+        # Greedy decoding draws no noise: the seed is kept for the record only.
+        return base.PreparedSample(
+            inputs, key, base.sample_seed(observation), batch_key=("openvla", n_tokens)
+        )
 
-    def forward(self, samples: Sequence[PreparedSample]) -> list[OpenVLARaw]:
+    def forward(self, samples: Sequence[base.PreparedSample]) -> list[OpenVLARaw]:
         _, model = self._loaded()
         if not samples:
             return []
@@ -318,13 +288,13 @@ class OpenVLAPolicy(VLAModel):
         tokens, probs = out.tokens.cpu().numpy(), out.probs.float().cpu().numpy()
         return [OpenVLARaw(tokens=tokens[b], probs=probs[b]) for b in range(len(inputs))]
 
-    def finish(self, raw: OpenVLARaw, sample: PreparedSample) -> ActionPrediction:
+    def finish(self, raw: OpenVLARaw, sample: base.PreparedSample) -> base.ActionPrediction:
         info, model = self._loaded()
         inputs: OpenVLAInputs = sample.inputs
         normalized = detokenize(raw.tokens, model.cfg.action_vocab_size, model.cfg.n_action_bins)
         actions = unnormalize(normalized, info.norm_stats[inputs.unnorm_key])
         probs = np.clip(raw.probs.astype(np.float64), 1e-30, 1.0)
         confidence = float(np.exp(np.mean(np.log(probs))))
-        return ActionPrediction(
+        return base.ActionPrediction(
             actions=actions[None].astype(np.float32), confidence=min(max(confidence, 0.0), 1.0)
         )

@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 
 from vla_inference.models.base import ModelLoadError
+from vla_inference.models.common.init import init_random_weights
 from vla_inference.models.pi0 import checkpoint as ckpt
-from vla_inference.models.pi0.model import NAMED_CONFIGS, build, init_random_weights
+from vla_inference.models.pi0.model import NAMED_CONFIGS, build
 
 DEMO_CONFIG = NAMED_CONFIGS["pi0_demo"]
 DEMO_SEED = 0
@@ -35,7 +36,7 @@ METAWORLD_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "metaworld"
 # sha256 of METAWORLD_CHECKPOINT/model.safetensors: the weights docs/evaluation.md measured
 # (ModelInfo.model_version is its first 12 digits). `make train-default` prints the new one.
 METAWORLD_SHA256 = "to be set"
-_RECIPE_VERSION = 1
+_RECIPE_VERSION = 2  # 2: shared model modules (fused ViT qkv, new random draw order)
 
 
 def demo_norm_stats(state_dim: int = 7, action_dim: int = 7) -> dict[str, dict[str, list[float]]]:

@@ -7,7 +7,7 @@ Cameras. pi0 has three image slots; observation camera names map to them as foll
     "left_wrist"         left_wrist_0_rgb
     "right_wrist"        right_wrist_0_rgb
 
-("wrist" is an alias of "left_wrist", as in the transport.)
+(aliases such as "wrist" for "left_wrist": models/base.py CAMERA_ALIASES, as in the transport.)
 
 A camera that is not sent is a black image with its mask False (the model ignores its tokens).
 An unknown camera name is refused (InvalidObservation on "cameras"). A LeRobot checkpoint whose
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,18 +36,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from vla_inference.config import Settings
-from vla_inference.models import rtc
-from vla_inference.models.base import (
-    ActionPrediction,
-    InvalidObservation,
-    ModelDescription,
-    ModelLoadError,
-    Observation,
-    PreparedSample,
-    VLAModel,
-    seeded_generator,
-)
+from vla_inference.models import base, rtc
+from vla_inference.models.common import flow
+from vla_inference.models.common.tokenizers import load_sentencepiece
+from vla_inference.models.common.weights import load_weights, resolve_dtype
 from vla_inference.models.pi0 import checkpoint as ckpt
 from vla_inference.models.pi0.model import IMAGE_SLOTS, Pi0Config, Pi0Model, build
 from vla_inference.preprocessing.images import resize_with_pad
@@ -57,14 +48,6 @@ log = logging.getLogger(__name__)
 
 CAMERA_TO_SLOT = {"base": "base_0_rgb", "left_wrist": "left_wrist_0_rgb", "right_wrist": "right_wrist_0_rgb"}
 SLOT_TO_CAMERA = {slot: camera for camera, slot in CAMERA_TO_SLOT.items()}
-# The transport's aliases (codec.CAMERA_ALIASES), accepted here too for direct callers.
-CAMERA_ALIASES = {"wrist": "left_wrist", "main": "base", "left": "left_wrist", "right": "right_wrist"}
-
-CONFIDENCE_DEFINITION = (
-    "1 / (1 + r), r = RMS over the chunk's robot action dimensions of the last Euler step's "
-    "displacement |dt| * v (normalised action units). Near 1 when the flow has settled at t = 0; "
-    "a cheap convergence signal, not a calibrated probability."
-)
 
 
 @dataclass
@@ -81,12 +64,6 @@ class Pi0Raw:
     actions: np.ndarray  # (H, A) float32, normalised units
     last_velocity: np.ndarray  # (H, A) float32
     dt: float
-
-
-def _resolve_dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def discretize_state(state: np.ndarray) -> np.ndarray:
@@ -121,7 +98,7 @@ def tokenize_prompt(
     else:
         ids = tokenizer.encode(cleaned, add_bos=True) + tokenizer.encode("\n")
     if len(ids) > cfg.max_token_len:
-        raise InvalidObservation(
+        raise base.InvalidObservation(
             "language_instruction",
             f"the prompt is {len(ids)} tokens; this model takes at most {cfg.max_token_len} "
             "(shorten the instruction)",
@@ -133,13 +110,13 @@ def tokenize_prompt(
     return tokens, mask
 
 
-class Pi0Policy(VLAModel):
+class Pi0Policy(base.VLAModel):
     model_type = "pi0"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: object) -> None:
         super().__init__(settings)
         self._model: Pi0Model | None = None
-        self._info: ModelDescription | None = None
+        self._info: base.ModelDescription | None = None
         self._ckpt: ckpt.Checkpoint | None = None
         self._tokenizer: Any = None
         self._device = torch.device("cpu")
@@ -162,29 +139,18 @@ class Pi0Policy(VLAModel):
             path, tokenizer_path=self.settings.tokenizer_path, norm_stats_key=self.settings.norm_stats_key
         )
         cfg = loaded.config
-        dtype = _resolve_dtype(self.settings.dtype, device)
-        model = build(cfg, device="meta")
-        try:
-            model.load_state_dict(loaded.state_dict, strict=True, assign=True)
-        except RuntimeError as exc:  # the key checks in checkpoint.py should make this unreachable
-            raise ModelLoadError(f"{path}: {exc}") from None
-        try:
-            model = model.to(device=device, dtype=dtype).eval()
-        except (RuntimeError, AssertionError) as exc:
-            raise ModelLoadError(f"cannot place the model on {device} as {dtype}: {exc}") from None
-        loaded.state_dict = {}
-
-        import sentencepiece
-
-        try:
-            tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(loaded.tokenizer_path))
-        except (OSError, RuntimeError) as exc:
-            raise ModelLoadError(f"{loaded.tokenizer_path} is not a SentencePiece model: {exc}") from None
-        if tokenizer.get_piece_size() > cfg.vocab_size:
-            raise ModelLoadError(
-                f"tokenizer {loaded.tokenizer_path} has {tokenizer.get_piece_size()} pieces but the model's "
-                f"embedding has {cfg.vocab_size} rows: wrong tokenizer for this checkpoint"
-            )
+        tokenizer = load_sentencepiece(loaded.tokenizer_path, cfg.vocab_size)
+        dtype = resolve_dtype(self.settings.dtype, device)
+        model = load_weights(
+            build(cfg, device="meta"),
+            loaded.weight_files,
+            loaded.names,
+            device=device,
+            dtype=dtype,
+            where=str(path / "model.safetensors"),
+            what=loaded.describe(),
+        )
+        assert isinstance(model, Pi0Model)
 
         action_dim, state_dims = self._dims(loaded)
         embodiments = tuple(sorted(loaded.norms)) or ("default",)
@@ -195,7 +161,7 @@ class Pi0Policy(VLAModel):
         cameras = tuple(SLOT_TO_CAMERA.get(slot, slot) for slot in slots)
         trained = loaded.about.cameras  # a checkpoint may say it was trained with fewer cameras
         if trained and not set(trained) <= set(cameras):
-            raise ModelLoadError(
+            raise base.ModelLoadError(
                 f"{path}: config.json names cameras {list(trained)}; the model has {list(cameras)}"
             )
         num_steps = self.settings.num_denoise_steps or loaded.num_steps or cfg.num_steps
@@ -209,7 +175,7 @@ class Pi0Policy(VLAModel):
             version = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()[:12]
         else:
             version = hashlib.sha256(f"{path.resolve()}|{cfg}".encode()).hexdigest()[:12]
-        self._info = ModelDescription(
+        self._info = base.ModelDescription(
             name=name,
             version=version,
             family="pi05" if cfg.pi05 else "pi0",
@@ -223,7 +189,7 @@ class Pi0Policy(VLAModel):
             image_size=(cfg.vision.image_size, cfg.vision.image_size),
             device=str(device),
             dtype=str(dtype).removeprefix("torch."),
-            confidence_definition=CONFIDENCE_DEFINITION,
+            confidence_definition=flow.CONFIDENCE_DEFINITION,
             demo=demo,
             description=loaded.about.description,
             state_layouts=loaded.about.state_layouts,
@@ -254,15 +220,15 @@ class Pi0Policy(VLAModel):
             sizes = {emb: n.actions.stats.size for emb, n in loaded.norms.items()}
             distinct = set(sizes.values())
             if len(distinct) != 1:
-                raise ModelLoadError(
+                raise base.ModelLoadError(
                     f"{loaded.path}: the norm stats disagree on the action size ({sizes}); "
                     "choose one set with VLA_NORM_STATS_KEY"
                 )
             action_dim = distinct.pop()
             if action_dim == 0:
                 action_dim = self.settings.action_dim
-            elif self.settings.explicitly_set("action_dim") and self.settings.action_dim != action_dim:
-                raise ModelLoadError(
+            elif self.settings.action_dim_set and self.settings.action_dim != action_dim:
+                raise base.ModelLoadError(
                     f"VLA_ACTION_DIM={self.settings.action_dim} but the checkpoint's action statistics have "
                     f"{action_dim} dimensions"
                 )
@@ -271,14 +237,14 @@ class Pi0Policy(VLAModel):
             action_dim = self.settings.action_dim
             state_dims = {"default": action_dim}
         if action_dim > cfg.action_dim:
-            raise ModelLoadError(f"action dim {action_dim} exceeds the model's {cfg.action_dim}")
+            raise base.ModelLoadError(f"action dim {action_dim} exceeds the model's {cfg.action_dim}")
         too_big = {e: d for e, d in state_dims.items() if d > cfg.action_dim}
         if too_big:
-            raise ModelLoadError(f"state sizes {too_big} exceed the model's {cfg.action_dim}")
+            raise base.ModelLoadError(f"state sizes {too_big} exceed the model's {cfg.action_dim}")
         return action_dim, state_dims
 
     @property
-    def model_info(self) -> ModelDescription:
+    def model_info(self) -> base.ModelDescription:
         if self._info is None:
             raise RuntimeError("Pi0Policy.load() has not been called")
         return self._info
@@ -304,32 +270,26 @@ class Pi0Policy(VLAModel):
     ) -> tuple[np.ndarray, np.ndarray]:
         return tokenize_prompt(self._tokenizer, self.config, instruction, normalized_state)
 
-    def prepare(self, observation: Observation) -> PreparedSample:
+    def prepare(self, observation: base.Observation) -> base.PreparedSample:
         info = self.model_info
         cfg = self.config
         embodiment = self.resolve_embodiment(observation.embodiment)
         self.check_joints(observation, embodiment)
-        if len(observation.instruction) > self.settings.max_instruction_chars:
-            raise InvalidObservation(
-                "language_instruction",
-                f"{len(observation.instruction)} characters, over the limit of "
-                f"{self.settings.max_instruction_chars} (VLA_MAX_INSTRUCTION_CHARS)",
-            )
         images_in = {
-            name if name in self._camera_slot else CAMERA_ALIASES.get(name, name): image
+            name if name in self._camera_slot else base.canonical_camera(name): image
             for name, image in observation.images.items()
         }
         unknown = sorted(set(images_in) - set(self._camera_slot))
         if unknown:
-            raise InvalidObservation(
+            raise base.InvalidObservation(
                 "cameras",
                 f"unknown camera(s) {', '.join(map(repr, unknown))}; "
                 f"this model takes: {', '.join(info.camera_names)}",
             )
         if len(images_in) != len(observation.images):
-            raise InvalidObservation("cameras", "the same camera is given twice (under an alias)")
+            raise base.InvalidObservation("cameras", "the same camera is given twice (under an alias)")
         if not images_in:
-            raise InvalidObservation(
+            raise base.InvalidObservation(
                 "cameras", f"at least one camera image is required ({', '.join(info.camera_names)})"
             )
         size = cfg.vision.image_size
@@ -342,7 +302,7 @@ class Pi0Policy(VLAModel):
                 or image.ndim != 3
                 or image.shape[2] != 3
             ):
-                raise InvalidObservation(
+                raise base.InvalidObservation(
                     "cameras", f"camera {camera!r}: expected an (H, W, 3) uint8 RGB image"
                 )
             slot = self._camera_slot[camera]
@@ -359,19 +319,18 @@ class Pi0Policy(VLAModel):
             # openpi discretises the unpadded state; LeRobot 0.4.0-0.4.4 the state padded to 32 dims.
             prompt_state = state if self.settings.pi05_prompt_state == "padded" else normalized
         tokens, token_mask = self.tokenize(observation.instruction, prompt_state)
-        seed = observation.seed if observation.seed is not None else secrets.randbits(63)
         inputs = Pi0Inputs(images, masks, tokens, token_mask, state)
-        return PreparedSample(inputs=inputs, embodiment=embodiment, seed=int(seed), batch_key=("pi0",))
+        return base.PreparedSample(inputs, embodiment, base.sample_seed(observation), batch_key=("pi0",))
 
     # ---- forward -----------------------------------------------------------------------------
 
     def noise(self, seed: int) -> torch.Tensor:
         cfg = self.config
         return torch.randn(
-            (cfg.action_horizon, cfg.action_dim), generator=seeded_generator(seed), dtype=torch.float32
+            (cfg.action_horizon, cfg.action_dim), generator=base.seeded_generator(seed), dtype=torch.float32
         )
 
-    def forward(self, samples: Sequence[PreparedSample]) -> list[Any]:
+    def forward(self, samples: Sequence[base.PreparedSample]) -> list[Any]:
         model = self.model
         inputs = [s.inputs for s in samples]
         used = max(int(i.token_mask.sum()) for i in inputs)  # trailing padding never influences valid tokens
@@ -409,7 +368,7 @@ class Pi0Policy(VLAModel):
 
     # ---- finish ------------------------------------------------------------------------------
 
-    def finish(self, raw: Any, sample: PreparedSample) -> ActionPrediction:
+    def finish(self, raw: Any, sample: base.PreparedSample) -> base.ActionPrediction:
         info = self.model_info
         assert isinstance(raw, Pi0Raw)
         norm = self._norm(sample.embodiment)
@@ -417,12 +376,8 @@ class Pi0Policy(VLAModel):
             norm.actions.unnormalize(raw.actions) if norm is not None else raw.actions.astype(np.float32)
         )
         actions = np.ascontiguousarray(actions[: info.chunk_size, : info.action_dim], dtype=np.float32)
-        step = raw.last_velocity[:, : info.action_dim].astype(np.float64) * raw.dt
-        rms = float(np.sqrt(np.mean(step**2))) if step.size else 0.0
-        confidence = 1.0 / (1.0 + rms) if np.isfinite(rms) else 0.0
-        return ActionPrediction(
-            actions=actions, confidence=float(min(1.0, max(0.0, confidence))), model_actions=raw.actions
-        )
+        confidence = flow.confidence(raw.last_velocity, raw.dt, info.chunk_size, info.action_dim)
+        return base.ActionPrediction(actions=actions, confidence=confidence, model_actions=raw.actions)
 
     def normalize_actions(self, actions: np.ndarray, embodiment: str) -> np.ndarray:
         norm = self._norm(embodiment)
