@@ -242,6 +242,7 @@ METRICS = {
     "vla_stream_observations_skipped": "counter",
     "vla_active_streams": "gauge",
     "vla_requests_in_flight": "gauge",
+    "vla_openpi_connections": "gauge",  # 0 unless VLA_OPENPI_PORT serves openpi clients
 }
 
 

@@ -117,7 +117,7 @@ def train_step(state: TrainState, data: DemoDataset, batch_size: int) -> float:
     actions = torch.from_numpy(batch.actions)
     noise = torch.randn(actions.shape, generator=state.generator)
     t = sample_flow_time(batch_size, state.generator)
-    loss = model.flow_matching_loss(
+    errors = model.flow_matching_loss(
         torch.from_numpy(batch.images),
         torch.from_numpy(batch.image_masks),
         torch.from_numpy(batch.tokens),
@@ -126,7 +126,8 @@ def train_step(state: TrainState, data: DemoDataset, batch_size: int) -> float:
         actions,
         noise,
         t,
-    ).mean()
+    )
+    loss = errors[..., : model.cfg.flow_dims or None].mean()  # the padding's target is 0 and learnt
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -6,7 +6,8 @@ openpi PyTorch (examples/convert_jax_model_to_pytorch.py in Physical-Intelligenc
     <dir>/model.safetensors        keys "paligemma_with_expert.paligemma.model.vision_tower...", ...
     <dir>/config.json              {action_dim, action_horizon, paligemma_variant, action_expert_variant,
                                     precision}; we also read the optional "pi05", "max_token_len",
-                                    "vision_variant" (ours, default "so400m") and "vla_inference"
+                                    "vision_variant" (ours, default "so400m"), "flow_dims" (ours,
+                                    default 0 = every dim) and "vla_inference"
     <dir>/assets/<asset_id>/norm_stats.json   {"norm_stats": {"state": {...}, "actions": {...}}}
     <dir>/tokenizer.model          optional (openpi downloads it; we never do)
 
@@ -179,6 +180,15 @@ def positive_int(config: Mapping[str, Any], key: str, default: int, where: Path)
     return value
 
 
+def flow_dims(config: Mapping[str, Any], where: Path) -> int:
+    """Ours: "flow_dims" (Pi0Config.flow_dims), absent or 0 = every dim, as openpi."""
+    value = config.get("flow_dims", 0)
+    action_dim = config.get("action_dim", 32)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= action_dim:
+        raise ModelLoadError(f"{where}: flow_dims={value!r} must be an integer from 0 to action_dim")
+    return value
+
+
 def variant_from_keys(layout: Mapping[str, TensorEntry], prefix: str) -> bool | None:
     """pi0.5 (True) when the weights have time_mlp_in, pi0 (False) when state_proj, else None."""
     has_time = prefix + "time_mlp_in.weight" in layout
@@ -252,6 +262,7 @@ def load_openpi(path: Path, *, tokenizer_path: str = "", norm_stats_key: str = "
         action_dim=positive_int(config, "action_dim", 32, where),
         action_horizon=positive_int(config, "action_horizon", 50, where),
         max_token_len=positive_int(config, "max_token_len", 200 if pi05 else 48, where),
+        flow_dims=flow_dims(config, where),
     )
     found = _find_assets(path)
     if norm_stats_key:
@@ -312,6 +323,7 @@ def write_openpi(
         "pi05": cfg.pi05,
         "max_token_len": cfg.max_token_len,
         "vision_variant": cfg.vision_variant,
+        **({"flow_dims": cfg.flow_dims} if cfg.flow_dims else {}),
         **(extra_config or {}),
     }
     (path / "config.json").write_text(json.dumps(config, indent=2))

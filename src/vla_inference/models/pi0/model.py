@@ -110,6 +110,10 @@ class Pi0Config:
     image_slots: tuple[str, ...] = IMAGE_SLOTS
     min_period: float = 4e-3
     max_period: float = 4.0
+    # The flow runs in the first `flow_dims` action dims; the padding beyond stays exactly 0 (no
+    # noise in, no velocity out). 0 = every dim, as openpi trains. Ours: a small model trained on a
+    # 4-dim robot need not learn the 1/t-scaled noise of 28 padding dims.
+    flow_dims: int = 0
 
     def __post_init__(self) -> None:
         if self.max_token_len <= 0:
@@ -159,6 +163,7 @@ NAMED_CONFIGS: dict[str, Pi0Config] = {
         vision_variant="metaworld",
         vocab_size=512,
         action_horizon=16,
+        flow_dims=4,
     ),
 }
 
@@ -409,13 +414,23 @@ class Pi0Model(nn.Module):
         context = self.suffix_context(prefix_pad)
         batch = prefix_embs.shape[0]
 
+        flow_mask = self.flow_mask(noise)
+
         def toward_data(x: Tensor, step: int) -> Tensor:
             t = torch.full((batch,), 1.0 - step / steps, dtype=x.dtype, device=x.device)
-            return -self.denoise_step(cache, context, state, x, t)
+            v = -self.denoise_step(cache, context, state, x, t)
+            return v if flow_mask is None else v * flow_mask
 
-        return flow.euler(
-            toward_data, noise.to(torch.promote_types(noise.dtype, torch.float32)), steps, prefix
-        )
+        noise = noise.to(torch.promote_types(noise.dtype, torch.float32))
+        return flow.euler(toward_data, noise if flow_mask is None else noise * flow_mask, steps, prefix)
+
+    def flow_mask(self, like: Tensor) -> Tensor | None:
+        """(A,) 1 for the dims the flow runs in, 0 for the padding (None: every dim)."""
+        if not 0 < self.cfg.flow_dims < self.cfg.action_dim:
+            return None
+        mask = torch.zeros(self.cfg.action_dim, dtype=like.dtype, device=like.device)
+        mask[: self.cfg.flow_dims] = 1
+        return mask
 
     def flow_matching_loss(
         self,
@@ -433,7 +448,11 @@ class Pi0Model(nn.Module):
 
         x_t = t * noise + (1 - t) * actions is the point on the straight path at time t; the target
         velocity is d x_t / dt = noise - actions, which sample_actions integrates from t = 1 to 0.
+        With cfg.flow_dims the padding has no noise and a zero target.
         """
+        flow_mask = self.flow_mask(noise)
+        if flow_mask is not None:
+            noise = noise * flow_mask
         tt = t[:, None, None]
         x_t = tt * noise + (1.0 - tt) * actions
         v_t = self.velocity_full(images, image_masks, tokens, token_masks, state, x_t, t)
