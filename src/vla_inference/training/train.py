@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export", type=Path, required=True, help="where to write the checkpoint")
     parser.add_argument("--steps", type=int, default=12_000)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--ema", type=float, default=0.999)
