@@ -117,6 +117,11 @@ class Settings(BaseSettings):
     )
 
     # --- input limits ----------------------------------------------------------------------
+    jpeg_scaled_decode: bool = Field(
+        True,
+        description="Decode JPEGs at least twice the model's input size at 1/2, 1/4 or 1/8 scale "
+        "(faster; pixels within ~1 grey level); false = always a full decode",
+    )
     max_image_pixels: int = Field(
         4096 * 4096, ge=1, le=1 << 28, description="Most pixels per decoded image (checked before decoding)"
     )

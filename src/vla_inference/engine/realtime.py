@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import math
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,25 +49,32 @@ class Applied:
 
 
 class ChunkMemory:
-    """One stream's recent chunks (by request id) and server-side latencies."""
+    """One stream's recent chunks (by request id) and server-side latencies. Written on the event
+    loop, read by the preprocessing thread of the stream's next observation: hence the lock."""
 
     def __init__(self) -> None:
         self._chunks: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         self._latencies: collections.deque[float] = collections.deque(maxlen=LATENCIES_REMEMBERED)
         self._last: str | None = None
+        self._lock = threading.Lock()
 
     def remember(self, request_id: str, chunk: np.ndarray | None, latency_s: float) -> None:
-        self._latencies.append(latency_s)
-        if chunk is None:
-            return
-        self._chunks[request_id] = chunk
-        self._chunks.move_to_end(request_id)
-        self._last = request_id
-        while len(self._chunks) > CHUNKS_REMEMBERED:
-            self._chunks.popitem(last=False)
+        with self._lock:
+            self._latencies.append(latency_s)
+            if chunk is None:
+                return
+            self._chunks[request_id] = chunk
+            self._chunks.move_to_end(request_id)
+            self._last = request_id
+            while len(self._chunks) > CHUNKS_REMEMBERED:
+                self._chunks.popitem(last=False)
 
     def chunk(self, request_id: str) -> np.ndarray | None:
         """The chunk answering `request_id`, or the last one sent when it is empty."""
+        with self._lock:
+            return self._chunk(request_id)
+
+    def _chunk(self, request_id: str) -> np.ndarray | None:
         if not request_id:
             return self._chunks.get(self._last) if self._last is not None else None
         if request_id not in self._chunks:
@@ -80,9 +88,10 @@ class ChunkMemory:
     def estimate_delay(self, control_hz: float) -> int:
         """ceil(latency x rate) with the slowest of the recent requests: a delay guessed short
         leaves the robot executing actions the new chunk did not keep; one guessed long costs little."""
-        if control_hz <= 0 or not self._latencies:
-            return 0
-        return math.ceil(max(self._latencies) * control_hz - 1e-9)
+        with self._lock:
+            if control_hz <= 0 or not self._latencies:
+                return 0
+            return math.ceil(max(self._latencies) * control_hz - 1e-9)
 
 
 def default_method(supported: tuple[str, ...], settings: Settings) -> str:

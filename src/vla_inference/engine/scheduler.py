@@ -1,108 +1,50 @@
-"""Dynamic batching scheduler and the single model worker.
+"""The inference engine: admission, the request path, stream sessions and the model thread's life.
 
 Lifecycle of a request:
-  admit()        -> counted in flight; refused at once (QueueFull / Draining) when over the bound
-  preprocess()   -> decode + model.prepare in the worker pool (VLA_MAX_WORKERS threads)
-  infer()        -> queued; the scheduler task coalesces compatible samples (equal batch_key) into
-                    one batch of up to VLA_BATCH_SIZE, waiting at most VLA_BATCH_TIMEOUT_MS after
-                    the oldest queued request, and hands it to the one model thread
-  answer         -> the caller's own future gets its own result
+  admit()   -> counted in flight; refused at once (QueueFull / Draining) when over the bound
+  run()     -> `prepare` (decode + model.prepare, and a stream's real-time chunking) in the
+               preprocessing pool (VLA_MAX_WORKERS threads), which queues the sample straight on
+               the model thread (model_thread.py: batching, the forward pass, failure isolation);
+               the caller's own future gets its own answer, or DeadlineExceeded at its deadline
 
-Expired and cancelled requests are dropped before they reach the model. A stream session holds
-at most one queued observation: a newer one replaces it (the old one is answered Skipped).
-The event loop never runs model code; it only moves futures.
+Cancelling the caller drops its request before it reaches the model. The event loop never runs
+model code; it only creates futures and receives answers (one callback per batch).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import contextlib
 import logging
-import sys
 import time
-from collections.abc import Callable, Hashable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, TypeVar
 
 from vla_inference.config import Settings
 from vla_inference.engine import realtime
-from vla_inference.engine.errors import (
-    DeadlineExceeded,
-    Draining,
-    EngineError,
-    ModelFailure,
-    QueueFull,
-    ResourceExhausted,
-    Skipped,
-)
+from vla_inference.engine.errors import DeadlineExceeded, Draining, QueueFull
+from vla_inference.engine.model_thread import Completed, ModelThread, StreamSession, WorkItem
 from vla_inference.engine.realtime import Applied, ChunkMemory, RtcRequest
 from vla_inference.models import rtc
-from vla_inference.models.base import (
-    ActionPrediction,
-    ModelDescription,
-    Observation,
-    PreparedSample,
-    VLAModel,
-)
+from vla_inference.models.base import ModelDescription, Observation, PreparedSample, VLAModel
 from vla_inference.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-PREPROCESS_WAIT_FACTOR = 5
 
 
-@dataclass(frozen=True)
-class Completed:
-    """A request's answer with where its time went (seconds)."""
-
-    prediction: ActionPrediction
-    queue_s: float
-    model_s: float
-    postprocess_s: float
-    batch_size: int
-
-
-@dataclass(eq=False)
-class _WorkItem:
+class HasSample(Protocol):
     sample: PreparedSample
-    future: asyncio.Future[Completed]
-    enqueued_at: float
-    deadline: float
-    request_id: str
-    session: StreamSession | None = None
-
-    @property
-    def live(self) -> bool:
-        return not self.future.done()
 
 
-@dataclass(eq=False)
-class StreamSession:
-    """Per-StreamControl state: the observation waiting in the queue, if any, and the chunks the
-    stream was sent (for real-time chunking)."""
+P = TypeVar("P", bound=HasSample)
+T = TypeVar("T")
 
-    pending: _WorkItem | None = None
-    skipped: list[str] = field(default_factory=list)
-    memory: ChunkMemory = field(default_factory=ChunkMemory)
-
-    def take_skipped(self) -> list[str]:
-        skipped, self.skipped = self.skipped, []
-        return skipped
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    # Only look at torch when a model already imported it: importing it here, on the model thread
-    # at the first failure, would stall the worker for seconds.
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(exc, torch.OutOfMemoryError):
-        return True
-    return "out of memory" in str(exc).lower()
+__all__ = ["Completed", "InferenceEngine", "StreamSession"]
 
 
 class InferenceEngine:
-    """Owns the model, its worker thread, the preprocessing pool and the request queue."""
+    """Owns the model, its thread, the preprocessing pool and admission."""
 
     def __init__(self, model: VLAModel, settings: Settings, metrics: Metrics) -> None:
         self.model = model
@@ -111,15 +53,10 @@ class InferenceEngine:
         self._pool = concurrent.futures.ThreadPoolExecutor(
             settings.max_workers, thread_name_prefix="preprocess"
         )
-        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model-worker")
-        self._queue: collections.deque[_WorkItem] = collections.deque()
-        self._wakeup: asyncio.Event | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._thread = ModelThread(model, settings, metrics)
+        self._started = False
         self._in_flight = 0
-        self._executing = 0
         self._draining = False
-        self._forward_started: float | None = None
-        self._model_free_since = 0.0  # when the last forward pass ended
         self._sessions = 0
         metrics.bind_queue_depth(lambda: float(self.queue_depth))
         metrics.in_flight.set_function(lambda: float(self._in_flight))
@@ -170,12 +107,7 @@ class InferenceEngine:
     @property
     def queue_depth(self) -> int:
         """Requests admitted and not yet on the model (preprocessing or queued)."""
-        return max(0, self._in_flight - self._executing)
-
-    @property
-    def _preprocessing(self) -> int:
-        """Admitted requests not yet queued nor executing: decoding or preprocessing right now."""
-        return self._in_flight - self._executing - len(self._queue)
+        return max(0, self._in_flight - self._thread.executing)
 
     @property
     def in_flight(self) -> int:
@@ -184,7 +116,7 @@ class InferenceEngine:
     @property
     def stuck(self) -> bool:
         """True while one forward pass has run longer than VLA_STUCK_AFTER_S."""
-        started = self._forward_started
+        started = self._thread.forward_started
         return started is not None and time.monotonic() - started > self.settings.stuck_after_s
 
     @property
@@ -193,8 +125,8 @@ class InferenceEngine:
 
     # --- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
-        self._wakeup = asyncio.Event()
-        self._task = asyncio.create_task(self._schedule(), name="batch-scheduler")
+        self._thread.start()
+        self._started = True
 
     async def warmup(self, batches: int) -> None:
         """Run dummy batches (batch 1 and the largest batch) so the first real request is not slow."""
@@ -206,7 +138,7 @@ class InferenceEngine:
         sizes = [1, self.settings.batch_size][: max(1, batches)]
         sizes += [self.settings.batch_size] * (batches - len(sizes))
         for size in sizes:
-            await loop.run_in_executor(self._worker, self.model.predict_batch, [sample] * size)
+            await asyncio.wrap_future(self._thread.call(self.model.predict_batch, [sample] * size))
         log.info("warm-up done: %d batches (sizes %s)", len(sizes), sizes)
 
     async def drain(self, grace_s: float) -> bool:
@@ -218,17 +150,8 @@ class InferenceEngine:
         return self._in_flight == 0
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        for item in self._queue:
-            if item.live:
-                item.future.set_exception(Draining("server is shutting down"))
-        self._queue.clear()
+        self._thread.stop()
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._worker.shutdown(wait=False, cancel_futures=True)
 
     # --- request path -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -247,45 +170,60 @@ class InferenceEngine:
         finally:
             self._in_flight -= 1
 
-    async def preprocess(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run CPU preprocessing in the worker pool, off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-
-    def submit(
+    async def run(
         self,
-        sample: PreparedSample,
+        prepare: Callable[[], P],
         deadline: float,
         request_id: str = "",
         session: StreamSession | None = None,
-    ) -> _WorkItem:
-        """Queue one prepared sample now (synchronously, so queue order = call order)."""
-        now = time.monotonic()
-        item = _WorkItem(
-            sample, asyncio.get_running_loop().create_future(), now, deadline, request_id, session
-        )
-        if deadline <= now:
-            item.future.set_exception(
-                DeadlineExceeded("deadline passed before the request reached the model")
-            )
-            return item
-        if session is not None:
-            stale = session.pending
-            if stale is not None and stale.live:
-                stale.future.set_exception(Skipped("replaced by a newer observation"))
-                session.skipped.append(stale.request_id)
-                self.metrics.stream_skipped.inc()
-            session.pending = item
-        self._queue.append(item)
-        assert self._wakeup is not None, "engine not started"
-        self._wakeup.set()
-        return item
+    ) -> tuple[P, Completed]:
+        """`prepare()` in the preprocessing pool, then the model; (what prepare returned, the answer).
 
-    async def wait(self, item: _WorkItem) -> Completed:
-        """Wait for a submitted item's answer until its deadline; cancelling the caller drops it."""
+        `prepare` returns an object with the PreparedSample as `.sample`; its exceptions (e.g.
+        InvalidObservation) are raised here. The answer comes by `deadline` (time.monotonic()).
+        """
+        assert self._started, "engine not started"
+        loop = asyncio.get_running_loop()
+        item = WorkItem(loop.create_future(), loop, deadline, request_id, session)
+        if session is not None:
+            item.seq = session.next_seq()
+        prepared: list[P] = []
+
+        def job() -> None:
+            try:
+                result = prepare()
+            except BaseException as exc:
+                self._thread.prepared(None)
+                item.fail(exc)
+                return
+            prepared.append(result)
+            item.sample = result.sample
+            self._thread.prepared(item)
+
+        self._thread.preparing()
+        self._pool.submit(job)
+        completed = await self._wait(item)
+        return prepared[0], completed
+
+    async def preprocess(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run CPU work in the preprocessing pool, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def infer(self, sample: PreparedSample, deadline: float, request_id: str = "") -> Completed:
+        """A sample already prepared (by `preprocess`): queue it on the model thread, await the answer."""
+        assert self._started, "engine not started"
+        loop = asyncio.get_running_loop()
+        item = WorkItem(loop.create_future(), loop, deadline, request_id, sample=sample)
+        self._thread.preparing()
+        self._thread.prepared(item)
+        return await self._wait(item)
+
+    async def _wait(self, item: WorkItem) -> Completed:
+        """The item's answer until its deadline; cancelling the caller drops it."""
 
         # A timer on the item's own future rather than wait_for(shield(...)): when the deadline
-        # and an answer (or _prune's DeadlineExceeded) coincide, wait_for leaves the shield's
-        # exception unretrieved and asyncio logs it as an error.
+        # and an answer coincide, wait_for leaves the shield's exception unretrieved and asyncio
+        # logs it as an error.
         def expire() -> None:
             if not item.future.done():
                 item.future.set_exception(DeadlineExceeded("no answer within the deadline"))
@@ -300,164 +238,9 @@ class InferenceEngine:
             raise
         finally:
             timer.cancel()
-            if item.session is not None and item.session.pending is item:
-                item.session.pending = None
+            if item.session is not None:
+                self._thread.take_pending(item.session, item)
 
-    async def infer(
-        self,
-        sample: PreparedSample,
-        deadline: float,
-        request_id: str = "",
-        session: StreamSession | None = None,
-    ) -> Completed:
-        """submit() then wait(): one sample's answer by `deadline` (time.monotonic() seconds)."""
-        return await self.wait(self.submit(sample, deadline, request_id, session))
-
-    # --- scheduler ------------------------------------------------------------------------------
-    def _prune(self) -> None:
-        """Drop answered, cancelled and expired items from the head and middle of the queue."""
-        now = time.monotonic()
-        kept: collections.deque[_WorkItem] = collections.deque()
-        for item in self._queue:
-            if not item.live:
-                continue
-            if item.deadline <= now:
-                item.future.set_exception(DeadlineExceeded("deadline passed while queued; not run"))
-                continue
-            kept.append(item)
-        self._queue = kept
-
-    def _compatible(self, key: Hashable) -> list[_WorkItem]:
-        return [item for item in self._queue if item.sample.batch_key == key]
-
-    async def _schedule(self) -> None:
-        assert self._wakeup is not None
-        max_batch = self.settings.batch_size
-        delay = self.settings.batch_timeout_ms / 1000
-        while True:
-            self._prune()
-            if not self._queue:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            first = self._queue[0]
-            key = first.sample.batch_key
-            # The fill window opens when the oldest request arrived or when the model came free,
-            # whichever is later, and stays open while admitted requests are still being decoded
-            # (up to PREPROCESS_WAIT_FACTOR windows): under load, robots answered by the last pass
-            # join the next one instead of splitting the fleet into alternating half batches.
-            opened = max(first.enqueued_at, self._model_free_since)
-            window_end = opened + delay
-            stretch_end = opened + delay * PREPROCESS_WAIT_FACTOR
-            while max_batch > 1 and len(self._compatible(key)) < max_batch:
-                end = stretch_end if self._preprocessing > 0 else window_end
-                remaining = end - time.monotonic()
-                if remaining <= 0 or not first.live:
-                    break
-                self._wakeup.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), remaining)
-                self._prune()
-            if not first.live:
-                continue
-            batch = self._compatible(key)[:max_batch]
-            taken = set(map(id, batch))
-            self._queue = collections.deque(item for item in self._queue if id(item) not in taken)
-            for item in batch:
-                if item.session is not None and item.session.pending is item:
-                    item.session.pending = None
-            await self._execute(batch)
-
-    async def _execute(self, batch: list[_WorkItem]) -> None:
-        loop = asyncio.get_running_loop()
-        started = time.monotonic()
-        self._executing += len(batch)
-        try:
-            outcomes, model_s = await loop.run_in_executor(
-                self._worker, self._run_batch, [item.sample for item in batch]
-            )
-        except Exception as exc:  # the worker itself failed (should not happen: _run_batch catches)
-            log.exception("model worker failed")
-            outcomes, model_s = [(ModelFailure(f"model failed: {type(exc).__name__}"), 0.0)] * len(batch), 0.0
-        finally:
-            self._executing -= len(batch)
-            self._model_free_since = time.monotonic()
-        self.metrics.batch_size.observe(len(batch))
-        self.metrics.model_time.observe(model_s)
-        for item, (outcome, post_s) in zip(batch, outcomes, strict=True):
-            self.metrics.queue_time.observe(started - item.enqueued_at)
-            if item.future.done():
-                continue  # answered meanwhile (deadline, cancel)
-            if isinstance(outcome, BaseException):
-                item.future.set_exception(outcome)
-            else:
-                item.future.set_result(
-                    Completed(outcome, started - item.enqueued_at, model_s, post_s, len(batch))
-                )
-
-    # --- model thread ---------------------------------------------------------------------------
-    def _run_batch(
-        self, samples: Sequence[PreparedSample]
-    ) -> tuple[list[tuple[ActionPrediction | EngineError, float]], float]:
-        """Forward + finish for one batch, isolating failures. Runs on the model thread."""
-        self._forward_started = time.monotonic()
-        try:
-            raws, ok = self._forward_isolating(list(samples))
-        finally:
-            model_s = time.monotonic() - self._forward_started
-            self._forward_started = None
-        outcomes: list[tuple[ActionPrediction | EngineError, float]] = []
-        for raw, sample, good in zip(raws, samples, ok, strict=True):
-            if not good:
-                outcomes.append((raw, 0.0))
-                continue
-            t0 = time.monotonic()
-            try:
-                outcomes.append((self.model.finish(raw, sample), time.monotonic() - t0))
-            except Exception:
-                log.exception("postprocessing failed")
-                outcomes.append((ModelFailure("model postprocessing failed; see server log"), 0.0))
-        return outcomes, model_s
-
-    def _forward_isolating(self, samples: list[PreparedSample]) -> tuple[list[Any], list[bool]]:
-        """Forward the batch; on failure split it so only the failing samples fail.
-
-        Out of memory: halve the batch and retry (RESOURCE_EXHAUSTED only when one sample alone
-        does not fit). Any other error: retry samples one by one (INTERNAL for the failing ones).
-        """
-        try:
-            return list(self.model.forward(samples)), [True] * len(samples)
-        except Exception as exc:
-            oom = _is_out_of_memory(exc)
-            if oom:
-                _release_device_memory()
-            if len(samples) == 1:
-                if oom:
-                    log.error("out of memory for a single sample: %s", exc)
-                    return [ResourceExhausted("the model ran out of device memory for this request")], [False]
-                log.exception("model forward failed")
-                return [ModelFailure(f"model failed ({type(exc).__name__}); see server log")], [False]
-            log.warning(
-                "batch of %d failed (%s); retrying %s",
-                len(samples),
-                type(exc).__name__,
-                "in halves" if oom else "one by one",
-            )
-            parts = (
-                [samples[: len(samples) // 2], samples[len(samples) // 2 :]]
-                if oom
-                else [[s] for s in samples]
-            )
-            raws: list[Any] = []
-            ok: list[bool] = []
-            for part in parts:
-                part_raws, part_ok = self._forward_isolating(part)
-                raws += part_raws
-                ok += part_ok
-            return raws, ok
-
-
-def _release_device_memory() -> None:
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    def take_skipped(self, session: StreamSession) -> list[str]:
+        """Request ids of the session's observations skipped since the last call."""
+        return self._thread.take_skipped(session)

@@ -132,6 +132,9 @@ class ModelDescription:
     state_layouts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     action_layouts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     rtc_methods: tuple[str, ...] = ()  # real-time chunking methods supported (models/rtc.py)
+    # (width, height) every camera frame is resized to first, when that is one size for all: a JPEG
+    # at least twice as large may then be decoded at reduced scale (preprocessing/images.py).
+    decode_size: tuple[int, int] | None = None
 
 
 @dataclass

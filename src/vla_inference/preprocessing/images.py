@@ -25,15 +25,28 @@ class ImageError(ValueError):
 
 
 def decode_image(
-    data: bytes, encoding: str, *, width: int = 0, height: int = 0, max_pixels: int
+    data: bytes,
+    encoding: str,
+    *,
+    width: int = 0,
+    height: int = 0,
+    max_pixels: int,
+    at_least: tuple[int, int] | None = None,
 ) -> np.ndarray:
-    """Decode to (H, W, 3) uint8 RGB, refusing images over max_pixels before decoding them."""
+    """Decode to (H, W, 3) uint8 RGB, refusing images over max_pixels before decoding them.
+
+    at_least = (width, height): the size the model's preprocessing will resize to. A JPEG at least
+    twice that size is then decoded directly at 1/2, 1/4 or 1/8 scale (libjpeg-turbo's DCT
+    scaling, an antialiased downscale), never below that size: about half the decode-and-resize
+    time, pixels within about one grey level (mean) of a full decode, less than the JPEG's own
+    quantisation error at quality 90. PNG and raw RGB are always decoded exactly.
+    """
     if not data:
         raise ImageError("image is empty")
     if encoding == RAW_RGB:
         return _decode_raw(data, width, height, max_pixels)
     if encoding == JPEG:
-        return _decode_jpeg(data, max_pixels)
+        return _decode_jpeg(data, max_pixels, at_least)
     if encoding == PNG:
         return _decode_png(data, max_pixels)
     raise ImageError(f"unsupported encoding {encoding!r}")
@@ -59,14 +72,17 @@ def _decode_raw(data: bytes, width: int, height: int, max_pixels: int) -> np.nda
     return np.frombuffer(data, np.uint8).reshape(height, width, 3)
 
 
-def _decode_jpeg(data: bytes, max_pixels: int) -> np.ndarray:
+def _decode_jpeg(data: bytes, max_pixels: int, at_least: tuple[int, int] | None) -> np.ndarray:
     try:
         height, width, _, _ = simplejpeg.decode_jpeg_header(data)
     except (ValueError, RuntimeError) as exc:
         raise ImageError(f"not a valid JPEG ({_short(exc)})") from None
     _check_pixels(width, height, max_pixels)
+    scaled: dict[str, int] = {}
+    if at_least is not None and width >= 2 * at_least[0] and height >= 2 * at_least[1]:
+        scaled = {"min_width": at_least[0], "min_height": at_least[1]}
     try:
-        return simplejpeg.decode_jpeg(data, colorspace="RGB")
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", **scaled)
     except (ValueError, RuntimeError) as exc:
         raise ImageError(f"corrupt JPEG ({_short(exc)})") from None
 

@@ -135,6 +135,7 @@ def observation_from_proto(
 ) -> Observation:
     """Decode images and copy fields; CPU work, called in the worker pool."""
     images = {}
+    at_least = info.decode_size if settings.jpeg_scaled_decode else None
     for name, encoded in _encoded_images(request, info).items():
         try:
             images[name] = decode_image(
@@ -143,6 +144,7 @@ def observation_from_proto(
                 width=encoded.width,
                 height=encoded.height,
                 max_pixels=settings.max_image_pixels,
+                at_least=at_least,
             )
         except ImageError as exc:
             raise InvalidObservation(encoded.field, str(exc)) from None
@@ -234,7 +236,7 @@ def action_chunk(
     total_ms = total_s * 1000
     return pb.ActionChunk(
         rtc=rtc_applied(rtc) if rtc is not None else None,
-        actions=[pb.Action(joint_commands=row.tolist()) for row in actions],
+        actions=[pb.Action(joint_commands=row) for row in actions.tolist()],
         inference_time_ms=total_ms,
         confidence=float(done.prediction.confidence),
         request_id=request.request_id,

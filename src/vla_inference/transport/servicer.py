@@ -32,7 +32,7 @@ from vla_inference.engine import (
     Skipped,
     StreamSession,
 )
-from vla_inference.engine.realtime import Applied, ChunkMemory, RtcRequest
+from vla_inference.engine.realtime import Applied, ChunkMemory
 from vla_inference.models.base import PreparedSample
 from vla_inference.telemetry.gpu import GpuMonitor
 from vla_inference.transport import codec
@@ -59,8 +59,7 @@ class _Prepared:
     sample: PreparedSample
     decode_s: float
     preprocess_s: float
-    rtc_request: RtcRequest | None = None
-    rtc: Applied | None = None  # what real-time chunking did, once resolved
+    rtc: Applied | None = None  # what real-time chunking did, when asked for
 
 
 class ServerState:
@@ -119,30 +118,38 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
             return arrival + max(0.0, remaining), f"client deadline {remaining * 1000:.0f} ms"
         return arrival + default, f"VLA_TIMEOUT_MS={self.settings.timeout_ms}"
 
-    def _prepare(self, engine: InferenceEngine, request: pb.Observation) -> _Prepared:
-        """Decode + model preprocessing; runs in the worker pool."""
+    def _prepare(
+        self, engine: InferenceEngine, request: pb.Observation, memory: ChunkMemory | None
+    ) -> _Prepared:
+        """Decode, model preprocessing and real-time chunking; runs in the preprocessing pool.
+
+        A stream's previous chunk is the one it had been sent when this observation was decoded."""
         t0 = time.monotonic()
         info = engine.model_info
         observation = codec.observation_from_proto(request, self.settings, info)
         t1 = time.monotonic()
         sample = engine.prepare(observation)
+        prepared = _Prepared(sample, t1 - t0, 0.0)
         rtc_request = codec.rtc_request(request, info)
-        t2 = time.monotonic()
-        return _Prepared(sample, t1 - t0, t2 - t1, rtc_request)
-
-    def _resolve_rtc(self, engine: InferenceEngine, prepared: _Prepared, memory: ChunkMemory | None) -> None:
-        """Attach the real-time chunking prefix (just before submission: a stream's previous chunk
-        is the one it was last sent by then)."""
-        if prepared.rtc_request is None:
-            return
-        prefix, prepared.rtc = engine.resolve_rtc(prepared.rtc_request, prepared.sample.embodiment, memory)
-        prepared.sample.rtc = prefix
-
-    async def _prepare_checked(self, engine: InferenceEngine, request: pb.Observation) -> _Prepared:
-        codec.check_envelope(request, self.settings, engine.model_info)
-        prepared = await engine.preprocess(self._prepare, engine, request)
+        if rtc_request is not None:
+            sample.rtc, prepared.rtc = engine.resolve_rtc(rtc_request, sample.embodiment, memory)
+        prepared.preprocess_s = time.monotonic() - t1
         engine.record_preprocess(prepared.decode_s + prepared.preprocess_s)
         return prepared
+
+    async def _run(
+        self,
+        engine: InferenceEngine,
+        request: pb.Observation,
+        deadline: float,
+        session: StreamSession | None = None,
+    ) -> tuple[_Prepared, Completed]:
+        """Checks that need no decoding (here, on the loop), then preprocessing and the model."""
+        codec.check_envelope(request, self.settings, engine.model_info)
+        memory = session.memory if session is not None else None
+        return await engine.run(
+            lambda: self._prepare(engine, request, memory), deadline, request.request_id, session
+        )
 
     def _failure(self, exc: BaseException, where: str) -> _Failure:
         outcome = classify(exc, where)
@@ -188,10 +195,8 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
                 await _commit(context)
                 request = codec.require_observation(request)
                 deadline, budget = self._deadline(context, arrival)
-                prepared = await self._prepare_checked(engine, request)
-                self._resolve_rtc(engine, prepared, None)
                 try:
-                    done = await engine.infer(prepared.sample, deadline, request.request_id)
+                    prepared, done = await self._run(engine, request, deadline)
                 except DeadlineExceeded as exc:
                     raise DeadlineExceeded(f"{exc.message} ({budget})") from None
             return self._answer(engine, request, prepared, done, arrival)
@@ -222,19 +227,13 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
         with engine.stream() as session:
 
             async def read() -> None:
-                previous_submitted: asyncio.Event | None = None
                 try:
                     async for request in request_iterator:
-                        submitted = asyncio.Event()
-                        step = asyncio.create_task(
-                            self._stream_step(
-                                engine, request, session, previous_submitted, submitted, limiter.allow()
-                            )
-                        )
+                        allowed = limiter.allow()
+                        step = asyncio.create_task(self._stream_step(engine, request, session, allowed))
                         tasks.add(step)
                         step.add_done_callback(tasks.discard)
                         await answers.put(step)
-                        previous_submitted = submitted
                 finally:
                     # Always end the answer loop, also when reading fails: `await reader` below then
                     # re-raises the failure instead of the stream hanging until its deadline.
@@ -272,32 +271,22 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
         engine: InferenceEngine,
         request: pb.Observation | codec.MalformedMessage,
         session: StreamSession,
-        previous_submitted: asyncio.Event | None,
-        submitted: asyncio.Event,
         allowed: bool,
     ) -> pb.ActionChunk | None:
-        """One observation of a stream. Submission keeps arrival order; answers carry errors inline."""
+        """One observation of a stream; its answer carries a failure inline. An observation that a
+        newer one overtook before reaching the model is skipped (engine: newest wins)."""
         arrival = time.monotonic()
         try:
-            try:
-                if not allowed:
-                    rate = self.settings.max_stream_rate_hz
-                    raise RateLimited(f"stream sends faster than VLA_MAX_STREAM_RATE_HZ={rate:g}")
-                with engine.admit():
-                    observation = codec.require_observation(request)
-                    prepared = await self._prepare_checked(engine, observation)
-                    if previous_submitted is not None:
-                        await previous_submitted.wait()
-                    self._resolve_rtc(engine, prepared, session.memory)
-                    deadline = arrival + self.settings.timeout_ms / 1000
-                    item = engine.submit(prepared.sample, deadline, observation.request_id, session)
-                    submitted.set()
-                    done = await engine.wait(item)
-                    session.memory.remember(
-                        observation.request_id, done.prediction.model_actions, time.monotonic() - arrival
-                    )
-            finally:
-                submitted.set()
+            if not allowed:
+                rate = self.settings.max_stream_rate_hz
+                raise RateLimited(f"stream sends faster than VLA_MAX_STREAM_RATE_HZ={rate:g}")
+            with engine.admit():
+                observation = codec.require_observation(request)
+                deadline = arrival + self.settings.timeout_ms / 1000
+                prepared, done = await self._run(engine, observation, deadline, session)
+                session.memory.remember(
+                    observation.request_id, done.prediction.model_actions, time.monotonic() - arrival
+                )
         except asyncio.CancelledError:
             self._record(engine, "CANCELLED")
             raise
@@ -313,7 +302,7 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
                 model_name=engine.model_info.name,
                 error=pb.StreamError(code=failure.status.value[0], message=failure.message),
             )
-        return self._answer(engine, observation, prepared, done, arrival, session.take_skipped())
+        return self._answer(engine, observation, prepared, done, arrival, engine.take_skipped(session))
 
     async def GetModelInfo(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         try:

@@ -177,6 +177,7 @@ class OpenVLAPolicy(base.VLAModel):
             state_dims={},
             camera_names=(CAMERA,),
             image_size=(info.image.size, info.image.size),
+            decode_size=(info.image.size, info.image.size),
             device=str(self._device),
             dtype=str(self._dtype).removeprefix("torch."),
             confidence_definition=CONFIDENCE_DEFINITION,

@@ -8,6 +8,7 @@ the statistics (padding) pass through.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,15 @@ class Normalizer:
     flavour: str = OPENPI
     eps: float = 1e-6
 
+    @functools.cached_property
+    def _size(self) -> int:
+        return self.stats.size
+
     def _parts(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._offset_scale
+
+    @functools.cached_property
+    def _offset_scale(self) -> tuple[np.ndarray, np.ndarray]:
         """(offset, scale) so that normalised = (x - offset) / scale * k + c for each mode."""
         s = self.stats
         if self.mode == "zscore":
@@ -75,9 +84,9 @@ class Normalizer:
         return lo, np.where(d == 0, self.eps, d)
 
     def normalize(self, x: np.ndarray) -> np.ndarray:
-        if self.mode == "identity" or self.stats.size == 0:
+        if self.mode == "identity" or self._size == 0:
             return x.astype(np.float32)
-        n = min(self.stats.size, x.shape[-1])
+        n = min(self._size, x.shape[-1])
         out = x.astype(np.float64).copy()
         offset, scale = self._parts()
         y = (out[..., :n] - offset[:n]) / scale[:n]
@@ -85,9 +94,9 @@ class Normalizer:
         return out.astype(np.float32)
 
     def unnormalize(self, x: np.ndarray) -> np.ndarray:
-        if self.mode == "identity" or self.stats.size == 0:
+        if self.mode == "identity" or self._size == 0:
             return x.astype(np.float32)
-        n = min(self.stats.size, x.shape[-1])
+        n = min(self._size, x.shape[-1])
         out = x.astype(np.float64).copy()
         offset, scale = self._parts()
         s = self.stats

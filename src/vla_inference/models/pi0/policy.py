@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 CAMERA_TO_SLOT = {"base": "base_0_rgb", "left_wrist": "left_wrist_0_rgb", "right_wrist": "right_wrist_0_rgb"}
 SLOT_TO_CAMERA = {slot: camera for camera, slot in CAMERA_TO_SLOT.items()}
+PROMPT_CACHE_SIZE = 1024
 
 
 @dataclass
@@ -74,10 +75,14 @@ def discretize_state(state: np.ndarray) -> np.ndarray:
     return np.digitize(state, bins=np.linspace(-1, 1, 256 + 1)[:-1]) - 1
 
 
-def image_to_model_input(image: np.ndarray, size: int) -> np.ndarray:
-    """(H, W, 3) uint8 RGB -> (3, size, size) float32 in [-1, 1], resized with padding."""
-    resized = resize_with_pad(image, size, size)
-    return (resized.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)
+def image_to_model_input(image: np.ndarray, size: int, out: np.ndarray | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (3, size, size) float32 in [-1, 1], resized with padding (into `out`)."""
+    resized = resize_with_pad(image, size, size).transpose(2, 0, 1)
+    if out is None:
+        out = np.empty((3, size, size), np.float32)
+    np.divide(resized, 127.5, out=out, dtype=np.float32)
+    out -= 1.0
+    return out
 
 
 def tokenize_prompt(
@@ -121,6 +126,7 @@ class Pi0Policy(base.VLAModel):
         self._tokenizer: Any = None
         self._device = torch.device("cpu")
         self._num_steps = 10
+        self._prompts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     # ---- loading -----------------------------------------------------------------------------
 
@@ -195,6 +201,7 @@ class Pi0Policy(base.VLAModel):
             state_layouts=loaded.about.state_layouts,
             action_layouts=loaded.about.action_layouts,
             rtc_methods=rtc.FLOW_METHODS,
+            decode_size=(cfg.vision.image_size, cfg.vision.image_size),
         )
         if self.settings.pi05_prompt_state == "padded":
             if cfg.pi05:
@@ -268,7 +275,16 @@ class Pi0Policy(base.VLAModel):
     def tokenize(
         self, instruction: str, normalized_state: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray]:
-        return tokenize_prompt(self._tokenizer, self.config, instruction, normalized_state)
+        if normalized_state is not None:  # pi0.5: the state is in the prompt
+            return tokenize_prompt(self._tokenizer, self.config, instruction, normalized_state)
+        # pi0: a robot repeats its instruction for a whole episode; the arrays are never written.
+        cached = self._prompts.get(instruction)
+        if cached is None:
+            cached = tokenize_prompt(self._tokenizer, self.config, instruction, None)
+            if len(self._prompts) >= PROMPT_CACHE_SIZE:
+                self._prompts.clear()
+            self._prompts[instruction] = cached
+        return cached
 
     def prepare(self, observation: base.Observation) -> base.PreparedSample:
         info = self.model_info
@@ -306,7 +322,7 @@ class Pi0Policy(base.VLAModel):
                     "cameras", f"camera {camera!r}: expected an (H, W, 3) uint8 RGB image"
                 )
             slot = self._camera_slot[camera]
-            images[slot] = image_to_model_input(image, size)
+            image_to_model_input(image, size, out=images[slot])
             masks[slot] = True
 
         joints = np.asarray(observation.joint_positions, np.float32)
