@@ -20,8 +20,9 @@ Modes (how the robot lives in time):
 The JSON report (`--json`) holds per task and `overall`: success_rate, episodes,
 mean_steps_to_success, latency_p50_ms, latency_p99_ms, stalls, boundary_jump_p99 and
 within_chunk_jump_p99. Jumps are |a_t - a_(t-1)| (Euclidean, over the end-effector motion
-dims xyz) between consecutive executed actions: "boundary" at the first action of each new
-chunk, "within chunk" everywhere else.
+dims xyz) between consecutive executed actions of the policy: "boundary" at the first action of
+each new chunk, "within chunk" everywhere else; steps from or to a hold (a stall, e.g. while the
+first chunk of an episode is computed in realtime mode) are counted as stalls, not as jumps.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ class _Robot:
         self.client = client
         self.instruction = instruction_for(task, cfg.instruction_from)
         self._boundary_next = False
+        self._held_last = False
 
     def observation(self, episode: mt.MetaWorldEpisode, seed: int, index: int, result: EpisodeResult) -> Any:
         from vla_inference.client import make_observation
@@ -120,7 +122,7 @@ class _Robot:
     def run(self, episode: mt.MetaWorldEpisode, seed: int) -> EpisodeResult:
         result = EpisodeResult(self.task.name, seed, False, 0)
         episode.reset(seed)
-        self._boundary_next = False
+        self._boundary_next = self._held_last = False
         with self.client.control() as stream:
             self._control(episode, seed, stream, result)
         result.success, result.steps = episode.success, episode.steps
@@ -141,17 +143,22 @@ class _Robot:
         return chunk, latency
 
     def _tick(self, episode: mt.MetaWorldEpisode, action: np.ndarray | None, result: EpisodeResult) -> None:
-        """One control step: the queue's action, or hold still (zero motion, same gripper) on a stall."""
-        boundary = self._boundary_next and action is not None
+        """One control step: the queue's action, or hold still (zero motion, same gripper) on a stall.
+
+        Jumps are measured between consecutive actions of the policy: a step from or to a hold is
+        a stall (counted in `stalls`), not a chunk boundary."""
+        held = action is None
+        boundary = self._boundary_next and not held
         if action is None:
             action = np.zeros(mt.ACTION_DIM, np.float32)
             action[3] = result.actions[-1][3] if result.actions else 0.0
         if boundary:
             result.chunk_starts.append(episode.steps)
             self._boundary_next = False
-        if result.actions:
+        if result.actions and not held and not self._held_last:
             jump = float(np.linalg.norm(action[MOTION_DIMS] - np.asarray(result.actions[-1])[MOTION_DIMS]))
             (result.boundary_jumps if boundary else result.within_jumps).append(jump)
+        self._held_last = held
         result.actions.append([float(v) for v in action])
         episode.step(action)
 
