@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from vla_inference.client import ControlSession
+from vla_inference.client import ChannelSecurity, ControlSession, VLAClient, make_observation
 from vla_inference.control import ChunkQueue, delay_for
 from vla_inference.sim import tasks as mt
 
@@ -105,8 +105,6 @@ class _Robot:
         self._held_last = False
 
     def observation(self, episode: mt.MetaWorldEpisode, seed: int, index: int, result: EpisodeResult) -> Any:
-        from vla_inference.client import make_observation
-
         frame = episode.render()
         if self.cfg.video_dir:
             result.frames.append(frame)
@@ -190,8 +188,6 @@ class _Robot:
 
 
 def _run_task(cfg: SimConfig, task_name: str, seeds: Sequence[int]) -> list[EpisodeResult]:
-    from vla_inference.client import ChannelSecurity, VLAClient
-
     task = mt.task(task_name)
     results = []
     with (
