@@ -33,6 +33,8 @@ from vla_inference.models.common.transformer import Decoder, DecoderConfig
 from vla_inference.models.common.vit import VisionTower, ViTConfig
 from vla_inference.models.groot.action_head import ActionHead
 
+STATIC_INSTRUCTION_TOKENS = 64  # VLA_COMPILE: instruction tokens the compiled prompt length allows
+
 
 @dataclass(frozen=True)
 class GrootConfig:
@@ -396,7 +398,8 @@ class GrootStatic:
         with torch.inference_mode():
             noise = noise.to(dtype)
             B, H = noise.shape[:2]
-            hard_actions = prefix.actions if prefix is not None else torch.zeros_like(noise)
+            # one dtype with or without a prefix (bf16 on CUDA): no recompile for the first hard batch
+            hard_actions = prefix.actions.to(dtype) if prefix is not None else torch.zeros_like(noise)
             hard_mask = (
                 prefix.hard_mask
                 if prefix is not None

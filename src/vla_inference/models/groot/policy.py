@@ -68,11 +68,10 @@ from vla_inference.models.groot.embodiments import (
     embodiment_ids,
     read_metadata,
 )
-from vla_inference.models.groot.model import GR00TN15, GrootConfig, GrootStatic
+from vla_inference.models.groot.model import GR00TN15, STATIC_INSTRUCTION_TOKENS, GrootConfig, GrootStatic
 from vla_inference.models.groot.video import frame_to_pixels
 
 DEFAULT_INSTRUCTION = "Perform the default behavior."
-STATIC_INSTRUCTION_TOKENS = 64  # VLA_COMPILE: instruction tokens the compiled prompt length allows
 SYSTEM_PROMPT = "You are a helpful assistant."
 BASE_CAMERA = "base"
 log = logging.getLogger(__name__)

@@ -30,6 +30,7 @@ from vla_inference.models.common import static
 from vla_inference.models.common.transformer import Decoder, DecoderConfig, KVCache
 from vla_inference.models.common.vit import PENULTIMATE, VisionTower, ViTConfig
 
+STATIC_PROMPT_TOKENS = 64  # VLA_COMPILE: prompt tokens (BOS included) the compiled decoder takes
 LLAMA2_7B = DecoderConfig(width=4096, depth=32, mlp_dim=11008, num_heads=32, num_kv_heads=32, head_dim=128)
 
 # timm ids of the towers Prismatic's fused backbones name (Prismatic keeps each tower's features

@@ -42,14 +42,13 @@ from vla_inference.models.openvla.checkpoint import (
     load_model,
     read_checkpoint,
 )
-from vla_inference.models.openvla.model import OpenVLA, OpenVLAStatic
+from vla_inference.models.openvla.model import STATIC_PROMPT_TOKENS, OpenVLA, OpenVLAStatic
 
 logger = logging.getLogger(__name__)
 
 CAMERA = "base"
 SPACE_TOKEN = 29871  # Llama-2 "▁": the reference appends it after "Out:" (as seen in training)
 PROMPT = "In: What action should the robot take to {}?\nOut:"
-STATIC_PROMPT_TOKENS = 64  # VLA_COMPILE: prompt tokens (BOS included) of the compiled decoder
 CONFIDENCE_DEFINITION = (
     "geometric mean over the action_dim greedily decoded action tokens of each token's softmax "
     "probability (over the full vocabulary)"

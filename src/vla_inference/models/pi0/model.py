@@ -628,7 +628,8 @@ class Pi0Static:
             if flow_mask is not None:
                 noise = noise * flow_mask
             B, H = noise.shape[:2]
-            hard_actions = prefix.actions if prefix is not None else torch.zeros_like(noise)
+            # one dtype with or without a prefix: no recompile for the first hard batch
+            hard_actions = prefix.actions.to(noise.dtype) if prefix is not None else torch.zeros_like(noise)
             hard_mask = (
                 prefix.hard_mask
                 if prefix is not None
