@@ -39,12 +39,13 @@ from vla_inference.models.common import static
 from vla_inference.models.common.init import init_random_weights
 from vla_inference.models.groot.model import GR00TN15, GrootStatic, config_for
 from vla_inference.models.groot.policy import GrootPolicy
-from vla_inference.models.openvla.model import OpenVLA, OpenVLAConfig, OpenVLAStatic
-from vla_inference.models.openvla.policy import STATIC_PROMPT_TOKENS, OpenVLAPolicy
+from vla_inference.models.openvla.model import STATIC_PROMPT_TOKENS, OpenVLA, OpenVLAConfig, OpenVLAStatic
+from vla_inference.models.openvla.policy import OpenVLAPolicy
 from vla_inference.models.pi0.model import NAMED_CONFIGS, Pi0Model, Pi0Static, build
 from vla_inference.models.pi0.policy import Pi0Policy
 
 ATOL = 2e-5
+BF16_ATOL = 0.05  # bf16 keeps ~3 significant digits; actions are O(1)
 BACKEND = "aot_eager"
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -58,6 +59,10 @@ def _fresh_dynamo(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(static, "BACKEND", BACKEND)
     yield
     torch._dynamo.reset()
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, atol: float) -> None:
+    torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=0)
 
 
 def _graphs() -> int:
@@ -278,8 +283,12 @@ def test_groot_static_shapes_equal_eager_without_a_compiler() -> None:
     np.testing.assert_allclose(velocity, expected_v, atol=ATOL, rtol=0)
 
 
-def test_groot_compiled_equals_eager_and_does_not_recompile() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_groot_compiled_equals_eager_and_does_not_recompile(dtype: torch.dtype) -> None:
+    """bf16 as on a GPU: the noise runs in bf16, and a hard-chunking batch reuses the graph."""
     model, inputs = _groot(4)
+    model.to(dtype)
+    atol = ATOL if dtype == torch.float32 else BF16_ATOL
     three = (inputs[0][:3], *(t[:3] for t in inputs[1:]))
     cfg = model.cfg
     previous = torch.randn(3, cfg.action_horizon, cfg.action_dim, generator=torch.Generator().manual_seed(1))
@@ -291,17 +300,17 @@ def test_groot_compiled_equals_eager_and_does_not_recompile() -> None:
     actions, velocity = runner.sample(*three, steps=4)  # bucket 4: one padding row, 6 of 8 images
     assert _graphs() - before == 2
     expected, expected_v = _eager_groot(model, three)
-    np.testing.assert_allclose(actions, expected, atol=ATOL, rtol=0)
-    np.testing.assert_allclose(velocity, expected_v, atol=ATOL, rtol=0)
+    _close(actions, expected, atol)
+    _close(velocity, expected_v, atol)
 
     compiled = _graphs()
     with torch.compiler.set_stance("fail_on_recompile"):
         with_hard, _ = runner.sample(*three, steps=4, prefix=hard)
         four, _ = runner.sample(*inputs, steps=4)
     assert _graphs() == compiled
-    np.testing.assert_allclose(with_hard, _eager_groot(model, three, hard)[0], atol=ATOL, rtol=0)
-    torch.testing.assert_close(with_hard[1, :5], previous[1, :5])
-    np.testing.assert_allclose(four, _eager_groot(model, inputs)[0], atol=ATOL, rtol=0)
+    _close(with_hard, _eager_groot(model, three, hard)[0], atol)
+    torch.testing.assert_close(with_hard[1, :5], previous[1, :5].to(dtype))
+    _close(four, _eager_groot(model, inputs)[0], atol)
 
 
 # ---- OpenVLA -----------------------------------------------------------------------------------
