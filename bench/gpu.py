@@ -461,13 +461,18 @@ def compiled_figures(
 ) -> dict[str, Any]:
     """The static-shape runner: first-call time per bucket (compile + CUDA-graph capture: two
     calls), batch-1 latency, speed-up over eager, agreement with eager; optionally the batch bucket."""
+    from torch._dynamo.utils import counters
+
     out: dict[str, Any] = {"backend": args.compile_backend}
+    skips = counters["inductor"]["cudagraph_skips"]
     t0 = time.perf_counter()
     fam.build_static(args.compile_backend)
     first = fam.run(b1, compiled=True)
     fam.run(b1, compiled=True)
     _sync(device)
     out["first_calls_b1_s"] = round(time.perf_counter() - t0, 2)
+    if device.type == "cuda":  # 0: every compiled piece runs as a CUDA graph (reasons in the log)
+        out["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
     out.update(fam.agreement(fam.run(b1), first))
     lat = _time(lambda: fam.run(b1, compiled=True), device, args.reps, args.budget_s)
     out["latency_b1"] = _stats(lat)
