@@ -1,4 +1,5 @@
-"""GPU benchmark: real-size model families with random weights built on the device.
+"""GPU benchmark: real-size model families with random weights built on the device, eager and
+compiled (VLA_COMPILE's static-shape path).
 
     bench/gpu.sh            # on a GPU machine (bf16, real sizes); < 8 minutes on one H100/H200
     bench/gpu.sh --tiny     # anywhere, on CPU: the same code with tiny configurations
@@ -8,6 +9,11 @@ For each family: pi0 (1 and 3 cameras), pi0.5, OpenVLA 7B, GR00T N1.5 —
     checkpoint files, nothing downloaded), random weights, bf16 on CUDA (float32 on CPU),
   - model latency p50/p99 at batch 1 and throughput at batch 8 (the model's own inference entry
     point: pi0 sample_actions, OpenVLA generate, GR00T sample), synchronised timing,
+  - compiled (families with a latency goal, --compile): the static-shape runner the policies use
+    under VLA_COMPILE (Pi0Static, OpenVLAStatic, GrootStatic; torch.compile fullgraph, CUDA
+    graphs via mode="reduce-overhead" on CUDA), its first-call time (compile + capture), latency
+    p50/p99 at batch 1 (bucket 1), the speed-up over eager, and its agreement with eager; with
+    --compile-batch also the batch bucket's throughput,
   - peak device memory (torch.cuda.max_memory_allocated) and the weights' size,
   - end-to-end Predict through the real server (VLAServer, grpc.aio, 127.0.0.1) with a 224x224
     JPEG, using a thin bench adapter (SyntheticPolicy) around the same network: the families'
@@ -115,8 +121,11 @@ class Family:
     prompt_tokens: int
     cameras: int = 1
 
+    goal_ms: float | None = None  # batch-1 latency goal on one H100/H200 in bf16 (issue 15)
+
     # set by prepare()
     model: Any = None
+    runner: Any = None  # the static-shape runner (build_static)
     cfg: Any = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
@@ -131,9 +140,18 @@ class Family:
         """Per-sample CPU inputs from one (S, S, 3) uint8 image (already at the model's size)."""
         raise NotImplementedError
 
-    def run(self, samples: Sequence[dict[str, Any]]) -> np.ndarray:
-        """One batched inference pass -> (B, T, D) float32 actions (or tokens) on the host."""
+    def build_static(self, backend: str) -> None:
+        """The runner VLA_COMPILE serves with (its compiles happen on first use)."""
         raise NotImplementedError
+
+    def run(self, samples: Sequence[dict[str, Any]], compiled: bool = False) -> np.ndarray:
+        """One batched inference pass -> (B, T, D) float32 actions (or tokens) on the host;
+        `compiled`: through the static-shape runner."""
+        raise NotImplementedError
+
+    def agreement(self, eager: np.ndarray, compiled: np.ndarray) -> dict[str, Any]:
+        """How far the compiled answer is from the eager one (flow families: actions)."""
+        return {"max_abs_diff_vs_eager": float(f"{float(np.abs(eager - compiled).max()):.3g}")}
 
     def synthetic_batch(self, batch: int) -> list[dict[str, Any]]:
         s = self.image_size()
@@ -156,6 +174,12 @@ class Pi0Family(Family):
     def image_size(self) -> int:
         return int(self.cfg.vision.image_size)
 
+    def build_static(self, backend: str) -> None:
+        mod = importlib.import_module(self.module)
+        # The slots a deployment with this many cameras serves (eager drops absent slots too).
+        slots = range(min(self.cameras, len(self.cfg.image_slots)))
+        self.runner = mod.Pi0Static(self.model, slots=slots, backend=backend)
+
     def sample_inputs(self, pixels: np.ndarray, seed: int) -> dict[str, Any]:
         cfg = self.cfg
         slots = len(cfg.image_slots)
@@ -177,15 +201,16 @@ class Pi0Family(Family):
             "noise": noise,
         }
 
-    def run(self, samples: Sequence[dict[str, Any]]) -> np.ndarray:
+    def run(self, samples: Sequence[dict[str, Any]], compiled: bool = False) -> np.ndarray:
         dev = self.device
 
         def stack(key: str, dtype: torch.dtype) -> torch.Tensor:
             return torch.from_numpy(np.stack([s[key] for s in samples])).to(dev, dtype)
 
         tokens = stack("tokens", torch.long)
+        sample = self.runner.sample_actions if compiled else self.model.sample_actions
         with torch.inference_mode():
-            actions, _ = self.model.sample_actions(
+            actions, _ = sample(
                 stack("images", self.dtype),
                 stack("masks", torch.bool),
                 tokens,
@@ -206,6 +231,13 @@ class OpenVLAFamily(Family):
     def image_size(self) -> int:
         return int(self.cfg.dino.image_size)
 
+    def build_static(self, backend: str) -> None:
+        mod = importlib.import_module(self.module)
+        self.runner = mod.OpenVLAStatic(self.model, mod.STATIC_PROMPT_TOKENS, 7, backend=backend)
+
+    def agreement(self, eager: np.ndarray, compiled: np.ndarray) -> dict[str, Any]:
+        return {"tokens_equal_eager": round(float((eager == compiled).mean()), 4)}
+
     def sample_inputs(self, pixels: np.ndarray, seed: int) -> dict[str, Any]:
         img = _normalise(pixels)
         rng = np.random.default_rng(seed)
@@ -213,11 +245,12 @@ class OpenVLAFamily(Family):
         ids[0] = 1  # BOS
         return {"pixels": np.concatenate([img, img]), "ids": ids}
 
-    def run(self, samples: Sequence[dict[str, Any]]) -> np.ndarray:
+    def run(self, samples: Sequence[dict[str, Any]], compiled: bool = False) -> np.ndarray:
         pixels = torch.from_numpy(np.stack([s["pixels"] for s in samples])).to(self.device, self.dtype)
         prompts = [torch.from_numpy(s["ids"]).to(self.device) for s in samples]
+        generate = self.runner.generate if compiled else self.model.generate
         with torch.inference_mode():
-            out = self.model.generate(pixels, prompts, 7)  # 7 action tokens, as for a 7-DoF arm
+            out = generate(pixels, prompts, 7)  # 7 action tokens, as for a 7-DoF arm
         return out.tokens.float().cpu().numpy()[:, None, :]
 
 
@@ -230,6 +263,13 @@ class GrootFamily(Family):
 
     def image_size(self) -> int:
         return int(self.cfg.image_size)
+
+    def build_static(self, backend: str) -> None:
+        mod = importlib.import_module(self.module)
+        # As GrootPolicy: the prompt (here the synthetic one) + the instruction budget, to 16.
+        ids = self.cfg.num_image_tokens * self.cameras + self.prompt_tokens
+        length = -(-(ids + mod.STATIC_INSTRUCTION_TOKENS) // 16) * 16
+        self.runner = mod.GrootStatic(self.model, length, self.cameras, backend=backend)
 
     def sample_inputs(self, pixels: np.ndarray, seed: int) -> dict[str, Any]:
         cfg = self.cfg
@@ -244,34 +284,44 @@ class GrootFamily(Family):
             "noise": rng.standard_normal((cfg.action_horizon, cfg.action_dim)).astype(np.float32),
         }
 
-    def run(self, samples: Sequence[dict[str, Any]]) -> np.ndarray:
+    def run(self, samples: Sequence[dict[str, Any]], compiled: bool = False) -> np.ndarray:
         dev = self.device
 
         def stack(key: str, dtype: torch.dtype) -> torch.Tensor:
             return torch.from_numpy(np.stack([s[key] for s in samples])).to(dev, dtype)
 
         ids = stack("ids", torch.long)
-        pixels = torch.from_numpy(np.concatenate([s["pixels"] for s in samples])).to(dev, self.dtype)
+        rows = [torch.from_numpy(s["pixels"]).to(dev, self.dtype) for s in samples]
+        inputs = (
+            ids,
+            torch.ones_like(ids, dtype=torch.bool),
+            stack("state", torch.float32),
+            torch.zeros(len(samples), dtype=torch.long, device=dev),
+            stack("noise", torch.float32),
+        )
         with torch.inference_mode():
-            actions, _ = self.model.sample(
-                pixels,
-                ids,
-                torch.ones_like(ids, dtype=torch.bool),
-                stack("state", torch.float32),
-                torch.zeros(len(samples), dtype=torch.long, device=dev),
-                stack("noise", torch.float32),
-            )
+            if compiled:
+                actions, _ = self.runner.sample(rows, *inputs)
+            else:
+                actions, _ = self.model.sample(torch.cat(rows), *inputs)
         return actions.float().cpu().numpy()
 
 
 def families(tiny: bool) -> list[Family]:
+    """The families and their batch-1 goals (bf16, one H100/H200; issue 15): pi0 with 3 cameras
+    and 10 steps <= 20 ms, pi0.5 similar, OpenVLA 7B <= 60 ms per action, GR00T N1.5 <= 20 ms."""
     pi0, pi05 = ("pi0_dummy", "pi05_dummy") if tiny else ("pi0", "pi05")
+    pi0_mod = "vla_inference.models.pi0.model"
     return [
-        Pi0Family("pi0 (1 camera)", "vla_inference.models.pi0.model", pi0, prompt_tokens=20, cameras=1),
-        Pi0Family("pi0 (3 cameras)", "vla_inference.models.pi0.model", pi0, prompt_tokens=20, cameras=3),
-        Pi0Family("pi0.5 (1 camera)", "vla_inference.models.pi0.model", pi05, prompt_tokens=60, cameras=1),
-        OpenVLAFamily("OpenVLA 7B", "vla_inference.models.openvla.model", "tiny" if tiny else "7b", 24),
-        GrootFamily("GR00T N1.5", "vla_inference.models.groot.model", "tiny" if tiny else "n1.5-3b", 16),
+        Pi0Family("pi0 (1 camera)", pi0_mod, pi0, prompt_tokens=20, cameras=1),
+        Pi0Family("pi0 (3 cameras)", pi0_mod, pi0, prompt_tokens=20, cameras=3, goal_ms=20),
+        Pi0Family("pi0.5 (1 camera)", pi0_mod, pi05, prompt_tokens=60, cameras=1, goal_ms=20),
+        OpenVLAFamily(
+            "OpenVLA 7B", "vla_inference.models.openvla.model", "tiny" if tiny else "7b", 24, goal_ms=60
+        ),
+        GrootFamily(
+            "GR00T N1.5", "vla_inference.models.groot.model", "tiny" if tiny else "n1.5-3b", 16, goal_ms=20
+        ),
     ]
 
 
@@ -316,7 +366,7 @@ def _synthetic_policy(family: Family, settings: Any) -> Any:
             return PreparedSample(family.sample_inputs(resized, seed), "default", seed, batch_key="x")
 
         def forward(self, samples: Sequence[PreparedSample]) -> list[Any]:
-            out = family.run([s.inputs for s in samples])
+            out = family.run([s.inputs for s in samples], compiled=family.runner is not None)
             return list(out)
 
         def finish(self, raw: Any, sample: PreparedSample) -> ActionPrediction:
@@ -328,8 +378,9 @@ def _synthetic_policy(family: Family, settings: Any) -> Any:
     return SyntheticPolicy(settings)
 
 
-def end_to_end(family: Family, requests: int, budget_s: float) -> dict[str, Any]:
-    """Sequential Predict calls over 127.0.0.1 through an in-process VLAServer (batch size 8)."""
+def end_to_end(family: Family, requests: int, budget_s: float, warmup_batches: int = 2) -> dict[str, Any]:
+    """Sequential Predict calls over 127.0.0.1 through an in-process VLAServer (batch size 8), the
+    compiled runner when the family has one (sequential requests: batches of 1)."""
     import asyncio
     import threading
 
@@ -346,7 +397,7 @@ def end_to_end(family: Family, requests: int, budget_s: float) -> dict[str, Any]
         device=device,
         batch_size=8,
         batch_timeout_ms=2.0,
-        warmup_batches=2,
+        warmup_batches=warmup_batches,
         timeout_ms=120_000,
         max_stream_rate_hz=0,
     )
@@ -375,6 +426,7 @@ def end_to_end(family: Family, requests: int, budget_s: float) -> dict[str, Any]
         server_total = [t.total_ms / 1000 for t in timings]
         return {
             "adapter": "bench SyntheticPolicy (synthetic tokens; real decode, resize, batching, forward)",
+            "path": "compiled" if family.runner is not None else "eager",
             "e2e": _stats(e2e),
             "server_total": _stats(server_total),
             "model": _stats([t.model_ms / 1000 for t in timings]),
@@ -399,10 +451,52 @@ def e2e_unavailable() -> str:
 
 
 # --- main ------------------------------------------------------------------------------------------
+def compiled_figures(
+    fam: Family,
+    device: torch.device,
+    args: argparse.Namespace,
+    b1: list[dict[str, Any]],
+    bn: list[dict[str, Any]],
+    eager_b1: dict[str, Any],
+) -> dict[str, Any]:
+    """The static-shape runner: first-call time per bucket (compile + CUDA-graph capture: two
+    calls), batch-1 latency, speed-up over eager, agreement with eager; optionally the batch bucket."""
+    from torch._dynamo.utils import counters
+
+    out: dict[str, Any] = {"backend": args.compile_backend}
+    skips = counters["inductor"]["cudagraph_skips"]
+    t0 = time.perf_counter()
+    fam.build_static(args.compile_backend)
+    first = fam.run(b1, compiled=True)
+    fam.run(b1, compiled=True)
+    _sync(device)
+    out["first_calls_b1_s"] = round(time.perf_counter() - t0, 2)
+    if device.type == "cuda":  # 0: every compiled piece runs as a CUDA graph (reasons in the log)
+        out["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
+    out.update(fam.agreement(fam.run(b1), first))
+    lat = _time(lambda: fam.run(b1, compiled=True), device, args.reps, args.budget_s)
+    out["latency_b1"] = _stats(lat)
+    if eager_b1.get("p50_ms") and out["latency_b1"].get("p50_ms"):
+        out["speedup_b1_p50"] = round(eager_b1["p50_ms"] / out["latency_b1"]["p50_ms"], 3)
+    if args.compile_batch:
+        t0 = time.perf_counter()
+        fam.run(bn, compiled=True)
+        fam.run(bn, compiled=True)
+        _sync(device)
+        out[f"first_calls_batch{args.batch}_s"] = round(time.perf_counter() - t0, 2)
+        thr = _time(lambda: fam.run(bn, compiled=True), device, max(3, args.reps // 4), args.budget_s)
+        stats = _stats(thr)
+        stats["samples_per_s"] = round(args.batch * 1000 / stats["p50_ms"], 3)
+        out[f"batch{args.batch}"] = stats
+    return out
+
+
 def bench_family(
-    fam: Family, device: torch.device, dtype: torch.dtype, args: argparse.Namespace
+    fam: Family, device: torch.device, dtype: torch.dtype, args: argparse.Namespace, deadline: float
 ) -> dict[str, Any]:
     out: dict[str, Any] = {"name": fam.name, "config": fam.config_name, "cameras": fam.cameras}
+    if fam.goal_ms is not None:
+        out["goal_b1_ms"] = fam.goal_ms
     try:
         importlib.import_module(fam.module)
     except Exception as exc:
@@ -432,6 +526,19 @@ def bench_family(
     out[f"batch{args.batch}"] = stats
     if cuda:
         out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    if args.compile == "none" or (args.compile == "goals" and fam.goal_ms is None):
+        out["compiled"] = {"skipped": f"--compile {args.compile}"}
+    elif deadline - time.monotonic() < args.compile_min_s:
+        out["compiled"] = {"skipped": f"less than {args.compile_min_s:.0f} s of the time budget left"}
+    else:
+        try:
+            out["compiled"] = compiled_figures(fam, device, args, b1, bn, out["latency_b1"])
+        except Exception as exc:
+            traceback.print_exc()
+            fam.runner = None
+            out["compiled"] = {"skipped": f"failed: {type(exc).__name__}: {exc}"}
+        if cuda:
+            out["peak_memory_gib_incl_compiled"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     if args.no_e2e:
         out["e2e"] = {"skipped": "--no-e2e"}
     else:
@@ -440,7 +547,8 @@ def bench_family(
             out["e2e"] = {"skipped": why}
         else:
             try:
-                out["e2e"] = end_to_end(fam, args.e2e_requests, args.budget_s)
+                warm = 2 if fam.runner is None or args.compile_batch else 1  # no new bucket
+                out["e2e"] = end_to_end(fam, args.e2e_requests, args.budget_s, warm)
             except Exception as exc:
                 traceback.print_exc()
                 out["e2e"] = {"skipped": f"failed: {type(exc).__name__}: {exc}"}
@@ -462,6 +570,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--e2e-requests", type=int, default=30)
     parser.add_argument("--no-e2e", action="store_true")
     parser.add_argument("--deadline-s", type=float, default=450.0, help="skip families started after this")
+    parser.add_argument(
+        "--compile",
+        choices=("goals", "all", "none"),
+        default="goals",
+        help="families measured compiled too: those with a latency goal (default), all, none",
+    )
+    parser.add_argument(
+        "--compile-backend",
+        default="",
+        help="torch.compile backend; default inductor on CUDA (CUDA graphs), aot_eager on CPU "
+        "(checks the capture; CPU inductor compiles take minutes)",
+    )
+    parser.add_argument(
+        "--compile-batch", action="store_true", help="also compile and time the --batch bucket"
+    )
+    parser.add_argument(
+        "--compile-min-s", type=float, default=150.0, help="skip compiling with less budget left than this"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -474,6 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
+    args.compile_backend = args.compile_backend or ("inductor" if device.type == "cuda" else "aot_eager")
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out_path = args.out
     if out_path is None:
@@ -490,6 +617,8 @@ def main(argv: list[str] | None = None) -> int:
         "cuda": torch.version.cuda,
         "nproc": os.cpu_count(),
         "batch": args.batch,
+        "compile": args.compile,
+        "compile_backend": args.compile_backend,
         "families": [],
     }
     only = [x.strip().lower() for x in args.only.split(",") if x.strip()]
@@ -503,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"[gpu-bench] {fam.name} ({fam.config_name}) on {device} {dtype}", flush=True)
         try:
-            row = bench_family(fam, device, dtype, args)
+            row = bench_family(fam, device, dtype, args, started + args.deadline_s)
         except Exception as exc:
             traceback.print_exc()
             row = {
@@ -513,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             if "out of memory" in str(exc).lower():
                 row["skipped"] = f"out of memory: {exc}"
-        fam.model = None
+        fam.model = fam.runner = None
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -541,21 +670,28 @@ def _cpu_model() -> str:
 
 def _table(result: dict[str, Any]) -> str:
     lines = [
-        f"{result['device']} ({result['device_name']}), {result['dtype']}, torch {result['torch']}",
-        "| family | config | params (M) | b1 p50 ms | b1 p99 ms | b8 samples/s | peak GiB "
-        "| e2e p50 ms | e2e p99 ms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"{result['device']} ({result['device_name']}), {result['dtype']}, torch {result['torch']}, "
+        f"compiled with {result['compile_backend']}",
+        "| family | config | params (M) | eager b1 p50 / p99 ms | compiled b1 p50 / p99 ms | speed-up "
+        "| goal ms | first calls s | eager b8 samples/s | peak GiB | e2e p50 / p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     batch_key = f"batch{result['batch']}"
     for r in result["families"]:
         if "skipped" in r:
-            lines.append(f"| {r['name']} | {r.get('config', '')} | skipped: {r['skipped']} |||||||")
+            lines.append(f"| {r['name']} | {r.get('config', '')} | skipped: {r['skipped']} |||||||||")
             continue
         e2e = r.get("e2e", {}).get("e2e", {})
+        comp = r.get("compiled", {})
+        lat = comp.get("latency_b1", {})
+        compiled = f"{lat['p50_ms']} / {lat['p99_ms']}" if lat.get("n") else comp.get("skipped", "-")
         lines.append(
-            f"| {r['name']} | {r['config']} | {r['parameters'] / 1e6:.1f} | {r['latency_b1'].get('p50_ms')} "
-            f"| {r['latency_b1'].get('p99_ms')} | {r[batch_key].get('samples_per_s')} "
-            f"| {r.get('peak_memory_gib', '-')} | {e2e.get('p50_ms', '-')} | {e2e.get('p99_ms', '-')} |"
+            f"| {r['name']} | {r['config']} | {r['parameters'] / 1e6:.1f} "
+            f"| {r['latency_b1'].get('p50_ms')} / {r['latency_b1'].get('p99_ms')} | {compiled} "
+            f"| {comp.get('speedup_b1_p50', '-')} | {r.get('goal_b1_ms', '-')} "
+            f"| {comp.get('first_calls_b1_s', '-')} "
+            f"| {r[batch_key].get('samples_per_s')} | {r.get('peak_memory_gib', '-')} "
+            f"| {e2e.get('p50_ms', '-')} / {e2e.get('p99_ms', '-')} |"
         )
     return "\n".join(lines)
 

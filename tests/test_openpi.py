@@ -326,9 +326,7 @@ def test_libero_with_openpi_client_matches_the_model(libero: RunningServer):
     second = client.infer(libero_obs(1))  # no seed: fresh noise, same shapes
     assert second["server_timing"]["prev_total_ms"] >= first["server_timing"]["infer_ms"]
     assert not np.allclose(second["actions"], first["actions"])
-    assert 'vla_inference_requests_total{model="pi0/libero",status="OK"} 2.0' in scrape(
-        libero
-    )
+    assert 'vla_inference_requests_total{model="pi0/libero",status="OK"} 2.0' in scrape(libero)
 
 
 def test_droid_with_openpi_client(server_factory, checkpoints):

@@ -64,7 +64,11 @@ class Settings(BaseSettings):
         "after f0d2b37be) or padded with zeros to the model's 32 dims (pi0.5 fine-tuned with LeRobot "
         "0.4.0-0.4.4)",
     )
-    compile: bool = Field(False, description="torch.compile the model (CUDA)")
+    compile: bool = Field(
+        False,
+        description="Static-shape compiled model path: torch.compile per batch bucket 1/2/4/8, CUDA "
+        "graphs on a GPU; compiles at warm-up (see README)",
+    )
     torch_threads: int = Field(
         0, ge=0, le=512, description="CPU threads for torch; 0 = torch's default (all cores)"
     )

@@ -80,7 +80,8 @@ class ModelSettings:
     groot_data_config: str = ""
     num_denoise_steps: int = 0
     pi05_prompt_state: str = "unpadded"  # VLA_PI05_PROMPT_STATE: pi0.5 prompt state, padded or not
-    compile: bool = False
+    compile: bool = False  # VLA_COMPILE: the static-shape compiled path (models/common/static.py)
+    batch_size: int = 1  # VLA_BATCH_SIZE: the compiled path warms the buckets up to it
 
     @classmethod
     def of(cls, settings: Any) -> ModelSettings:

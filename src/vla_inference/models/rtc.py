@@ -173,7 +173,8 @@ def guided_velocity(
     return (v + w[:, None, None] * g).detach()
 
 
-def inpaint_hard(x: Tensor, tau: Tensor, noise: Tensor, prefix: BatchPrefix) -> Tensor:
-    """x with its hard-masked rows replaced by the previous chunk noised to time tau (B,)."""
-    target = (1.0 - tau)[:, None, None] * noise + tau[:, None, None] * prefix.actions.to(x.dtype)
-    return torch.where(prefix.hard_mask[:, :, None], target.to(x.dtype), x)
+def inpaint_hard(x: Tensor, tau: Tensor, noise: Tensor, actions: Tensor, hard_mask: Tensor) -> Tensor:
+    """x with its hard-masked rows (hard_mask (B, H)) replaced by the previous chunk `actions`
+    (B, H, A) noised to time tau (B,)."""
+    target = (1.0 - tau)[:, None, None] * noise + tau[:, None, None] * actions.to(x.dtype)
+    return torch.where(hard_mask[:, :, None], target.to(x.dtype), x)

@@ -9,7 +9,8 @@
                    through scaled_dot_product_attention(enable_gqa=...)
     DecoderLayer   pre-norm: x + attn(norm(x)); x + mlp(norm(x))
     Decoder        optional token embedding, the layers, the final norm
-    KVCache        keys/values of every layer (L, B, Hkv, S, D): written at a column, read up to one
+    KVCache        keys/values of every layer (L, B, Hkv, S, D): written at a column, read up to one;
+                   or, with the column a tensor (static shapes), written there and read whole
 
 Parameter names follow the HF layout (`layers.{i}.self_attn.q_proj`, `mlp.gate_proj`,
 `input_layernorm`, ...), so the checkpoint maps of the families are prefix renames.
@@ -103,12 +104,20 @@ class KVCache:
     `view` reads it. `reserve` reuses a cache when it is large enough (grows it otherwise).
     """
 
-    def __init__(
-        self, layers: int, batch: int, kv_heads: int, length: int, head_dim: int, like: Tensor
-    ) -> None:
+    def __init__(self, k: Tensor, v: Tensor) -> None:
+        """A cache over existing (L, B, Hkv, S, D) tensors (no allocation: a static cache handed to
+        a compiled function); `allocate` makes new ones."""
+        self.k, self.v = k, v
+
+    @classmethod
+    def allocate(
+        cls, layers: int, batch: int, kv_heads: int, length: int, head_dim: int, like: Tensor
+    ) -> KVCache:
         shape = (layers, batch, kv_heads, length, head_dim)
-        self.k = torch.zeros(shape, dtype=like.dtype, device=like.device)
-        self.v = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        return cls(
+            torch.zeros(shape, dtype=like.dtype, device=like.device),
+            torch.zeros(shape, dtype=like.dtype, device=like.device),
+        )
 
     @classmethod
     def reserve(
@@ -127,10 +136,19 @@ class KVCache:
                 return cache
             batch, length = max(batch, b), max(length, s)  # grow, never shrink
         del cache  # free the old one before allocating
-        return cls(layers, batch, kv_heads, length, head_dim, like)
+        return cls.allocate(layers, batch, kv_heads, length, head_dim, like)
 
-    def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, Hkv, T, D) at columns start..start+T; return the layer's (B, Hkv, start+T, D)."""
+    def update(self, layer: int, start: int | Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, Hkv, T, D) at columns start..start+T; return the layer's (B, Hkv, start+T, D).
+
+        With `start` a tensor (shape (1,), static shapes: one graph for every column), the batch is
+        the cache's and the whole layer (B, Hkv, S, D) comes back; the mask hides unwritten columns.
+        """
+        if isinstance(start, Tensor):
+            columns = start + torch.arange(k.shape[2], device=start.device)
+            self.k[layer].index_copy_(2, columns, k)
+            self.v[layer].index_copy_(2, columns, v)
+            return self.k[layer], self.v[layer]
         batch, end = k.shape[0], start + k.shape[2]
         self.k[layer, :batch, :, start:end] = k
         self.v[layer, :batch, :, start:end] = v
@@ -170,10 +188,10 @@ class Attention(nn.Module):
         mask: Tensor | None,
         cache: KVCache | None = None,
         layer: int = 0,
-        start: int = 0,
+        start: int | Tensor = 0,
     ) -> Tensor:
         """h (B, T, W), mask (B, 1, T, S) bool; with a cache, keys/values are written at `start`
-        and the attention covers columns 0..start+T."""
+        and the attention covers columns 0..start+T (every column when `start` is a tensor)."""
         q, k, v = self.qkv(h, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, start, k, v)
@@ -199,7 +217,7 @@ class DecoderLayer(nn.Module):
         mask: Tensor | None,
         cache: KVCache | None = None,
         layer: int = 0,
-        start: int = 0,
+        start: int | Tensor = 0,
     ) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -227,7 +245,12 @@ class Decoder(nn.Module):
         return cast(DecoderLayer, self.layers[index])
 
     def forward(
-        self, x: Tensor, positions: Tensor, mask: Tensor | None, cache: KVCache | None = None, start: int = 0
+        self,
+        x: Tensor,
+        positions: Tensor,
+        mask: Tensor | None,
+        cache: KVCache | None = None,
+        start: int | Tensor = 0,
     ) -> Tensor:
         """x (B, T, W) embeddings, positions (B, T), mask (B, 1, T, S) -> final-normed (B, T, W)."""
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)

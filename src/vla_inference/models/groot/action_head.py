@@ -12,13 +12,17 @@ cross_attention_dit.py; diffusers' Attention / FeedForward / Timesteps / Timeste
          then a GELU-tanh feed-forward; out = LN(x) (1 + scale) + shift from temb, proj_out_2
     v = action_decoder[emb](out)[:, -H:];  x += v / steps   (tau = k / steps, bucket = tau * 1000)
 
+The cross-attention keys/values of vl do not depend on the step: a sample computes them once
+(DiT.cross_kv) and every Euler step reuses them.
+
 Names are ours; checkpoint.py maps them to upstream's (attn1.to_out.0, ff.net.0.proj, ...).
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -48,12 +52,24 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(kv_dim or query_dim, inner)
         self.to_out = nn.Linear(inner, query_dim)
 
-    def forward(self, x: Tensor, context: Tensor | None = None, key_mask: Tensor | None = None) -> Tensor:
-        context = x if context is None else context
+    def project_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """context (B, S, Dc) -> keys, values (B, h, S, d)."""
+        B, S, _ = context.shape
+        k = self.to_k(context).view(B, S, self.heads, -1).transpose(1, 2)
+        v = self.to_v(context).view(B, S, self.heads, -1).transpose(1, 2)
+        return k, v
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        key_mask: Tensor | None = None,
+        kv: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """Self-attention over x, or cross-attention to `context`, or to its precomputed `kv`."""
         B, T, _ = x.shape
         q = self.to_q(x).view(B, T, self.heads, -1).transpose(1, 2)  # (B, h, T, d)
-        k = self.to_k(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)
-        v = self.to_v(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)
+        k, v = kv if kv is not None else self.project_kv(x if context is None else context)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=_key_mask(key_mask))
         return self.to_out(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -112,9 +128,10 @@ class TransformerBlock(nn.Module):
         temb: Tensor | None = None,
         context: Tensor | None = None,
         key_mask: Tensor | None = None,
+        kv: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         h = self.norm1(x, temb) if self.ada_norm else self.norm1(x)
-        x = x + self.attn(h, context, key_mask)
+        x = x + self.attn(h, context, key_mask, kv)
         return x + self.ff(self.norm3(x))
 
 
@@ -162,10 +179,24 @@ class DiT(nn.Module):
     def is_self_attention(self, index: int) -> bool:
         return self.cfg.interleave_self_attention and index % 2 == 1
 
-    def forward(self, x: Tensor, vl: Tensor, vl_mask: Tensor | None, t: Tensor) -> Tensor:
+    def cross_kv(self, vl: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """The cross-attention blocks' keys/values of vl (B, L, Dv): (B, h, L, d) each, in block
+        order. They do not depend on the step, so a sample computes them once."""
+        blocks = [cast(TransformerBlock, block) for block in self.blocks]
+        return [block.attn.project_kv(vl) for i, block in enumerate(blocks) if not self.is_self_attention(i)]
+
+    def forward(
+        self, x: Tensor, cross_kv: Sequence[tuple[Tensor, Tensor]], vl_mask: Tensor | None, t: Tensor
+    ) -> Tensor:
+        """x (B, T, D) tokens, cross_kv = cross_kv(vl), vl_mask (B, L), t (B,) buckets -> (B, T, D_out)."""
         temb = self.timestep_embedder(t)  # (B, D)
+        kvs = iter(cross_kv)
         for i, block in enumerate(self.blocks):
-            x = block(x, temb) if self.is_self_attention(i) else block(x, temb, context=vl, key_mask=vl_mask)
+            x = (
+                block(x, temb)
+                if self.is_self_attention(i)
+                else block(x, temb, key_mask=vl_mask, kv=next(kvs))
+            )
         shift, scale = self.proj_out_1(F.silu(temb)).chunk(2, dim=1)
         x = self.norm_out(x) * (1 + scale[:, None]) + shift[:, None]
         return self.proj_out_2(x)
@@ -259,16 +290,27 @@ class ActionHead(nn.Module):
         return x
 
     def velocity(
-        self, vl: Tensor, vl_mask: Tensor, state_feat: Tensor, x: Tensor, bucket: Tensor, ids: Tensor
+        self,
+        cross_kv: Sequence[tuple[Tensor, Tensor]],
+        vl_mask: Tensor,
+        state_feat: Tensor,
+        x: Tensor,
+        bucket: Tensor,
+        ids: Tensor,
     ) -> Tensor:
-        """One DiT evaluation: noisy actions x (B, H, A) at bucket (B,) -> velocity (B, H, A)."""
+        """One DiT evaluation: noisy actions x (B, H, A) at bucket (B,) -> velocity (B, H, A);
+        cross_kv = dit.cross_kv(vl)."""
         a = self.action_encoder(x, bucket, ids)  # (B, H, D)
         if self.position_embedding is not None:
             a = a + self.position_embedding[: a.shape[1]][None]
         future = self.future_tokens[None].expand(x.shape[0], -1, -1)
         tokens = torch.cat([state_feat, future, a], dim=1)  # (B, 1 + F + H, D)
-        out = self.dit(tokens, vl, vl_mask, bucket)
+        out = self.dit(tokens, cross_kv, vl_mask, bucket)
         return self.action_decoder(out, ids)[:, -self.cfg.action_horizon :]
+
+    def time_bucket(self, x: Tensor, step: int, steps: int) -> Tensor:
+        """The DiT's discretised time (B,) long at `step`: int(step / steps * num_timestep_buckets)."""
+        return torch.full((x.shape[0],), int(step / steps * self.cfg.num_timestep_buckets), device=x.device)
 
     def sample(
         self,
@@ -283,11 +325,9 @@ class ActionHead(nn.Module):
         """Euler integration from noise (tau = 0) to actions (tau = 1) with the shared sampler;
         returns (actions, last velocity). `prefix`: real-time chunking rows (models/rtc.py)."""
         state_feat = self.state_encoder(state, ids)  # (B, 1, D)
+        cross_kv = self.dit.cross_kv(vl)
 
         def velocity(x: Tensor, step: int) -> Tensor:
-            bucket = torch.full(
-                (x.shape[0],), int(step / steps * self.cfg.num_timestep_buckets), device=x.device
-            )
-            return self.velocity(vl, vl_mask, state_feat, x, bucket, ids)
+            return self.velocity(cross_kv, vl_mask, state_feat, x, self.time_bucket(x, step, steps), ids)
 
         return flow.euler(velocity, noise, steps, prefix)

@@ -20,15 +20,20 @@ Deliberate differences from upstream (documented, both only matter for padded ba
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
 from vla_inference.models import rtc
+from vla_inference.models.common import flow, static
 from vla_inference.models.common.transformer import Decoder, DecoderConfig
 from vla_inference.models.common.vit import VisionTower, ViTConfig
 from vla_inference.models.groot.action_head import ActionHead
+
+STATIC_INSTRUCTION_TOKENS = 64  # VLA_COMPILE: instruction tokens the compiled prompt length allows
 
 
 @dataclass(frozen=True)
@@ -213,17 +218,26 @@ class EagleBackbone(nn.Module):
             x = x.reshape(x.shape[0], -1, x.shape[-1])
         return self.mlp1(x)
 
-    def forward(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """pixels (N_img, 3, S, S), input_ids / attention_mask (B, L) -> features (B, L, D)."""
+    def forward(
+        self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor, check: bool = True
+    ) -> Tensor:
+        """pixels (N_img, 3, S, S), input_ids / attention_mask (B, L) -> features (B, L, D).
+
+        The k-th <IMG_CONTEXT> id of the batch (row-major) takes the k-th image token. `check`
+        (a host sync) refuses a prompt whose count differs from the images'; the static path
+        passes zero images beyond the counted ones instead and skips it."""
         embeds = self.llm.embed_tokens(input_ids)  # (B, L, D)
         vit = self.image_features(pixels)  # (N_img, T_img, D)
         selected = input_ids == self.cfg.image_token_id  # (B, L)
-        if int(selected.sum()) != vit.shape[0] * vit.shape[1]:
+        if check and int(selected.sum()) != vit.shape[0] * vit.shape[1]:
             raise ValueError(
                 f"prompt has {int(selected.sum())} image tokens, "
                 f"the {vit.shape[0]} images have {vit.shape[1]} tokens each"
             )
-        embeds = embeds.masked_scatter(selected[..., None], vit.to(embeds.dtype).reshape(-1))
+        # masked_scatter written as a gather: static shapes, no data-dependent size
+        index = (torch.cumsum(selected.flatten(), 0) - 1).clamp(min=0).view(selected.shape)  # (B, L)
+        rows = vit.to(embeds.dtype).flatten(0, 1)[index]  # (B, L, D)
+        embeds = torch.where(selected[..., None], rows, embeds)
         B, L, _ = embeds.shape
         positions = torch.arange(L, device=embeds.device)[None].expand(B, L)
         causal = torch.ones(L, L, dtype=torch.bool, device=embeds.device).tril()
@@ -264,3 +278,169 @@ class GR00TN15(nn.Module):
             steps or self.cfg.num_inference_timesteps,
             prefix,
         )
+
+    # --- static shapes (VLA_COMPILE: GrootStatic, models/common/static.py) --------------------
+
+    def context_static(
+        self, cross_kv: Tensor, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor
+    ) -> None:
+        """Backbone, VL adapter and the DiT's cross-attention keys/values of a padded batch, written
+        into cross_kv (C, 2, B, h, L, d) in place (C cross-attention blocks)."""
+        dtype = self.action_head.future_tokens.dtype
+        features = self.backbone(pixels.to(dtype), input_ids, attention_mask, check=False)
+        vl = self.action_head.process_backbone(features, attention_mask)
+        for i, (k, v) in enumerate(self.action_head.dit.cross_kv(vl)):
+            cross_kv[i, 0].copy_(k)
+            cross_kv[i, 1].copy_(v)
+
+    def step_static(
+        self,
+        cross_kv: Tensor,
+        attention_mask: Tensor,
+        state: Tensor,
+        embodiment_ids: Tensor,
+        x: Tensor,
+        tau: Tensor,
+        bucket: Tensor,
+        noise: Tensor,
+        hard_actions: Tensor,
+        hard_mask: Tensor,
+        steps: int,
+    ) -> tuple[Tensor, Tensor]:
+        """One Euler step of sample (flow.euler_step) against the cached cross-attention keys/values;
+        hard real-time chunking on the rows of hard_mask (none: all False). tau (B,) = step / steps,
+        bucket (B,) the DiT's time. Returns (x after the step, velocity)."""
+        head = self.action_head
+        state_feat = head.state_encoder(state, embodiment_ids)  # (B, 1, D)
+        kv = [(cross_kv[i, 0], cross_kv[i, 1]) for i in range(cross_kv.shape[0])]
+
+        def velocity(x_in: Tensor) -> Tensor:
+            return head.velocity(kv, attention_mask, state_feat, x_in, bucket, embodiment_ids)
+
+        return flow.euler_step(velocity, x, tau, 1.0 / steps, noise, hard_actions, hard_mask)
+
+
+class GrootStatic:
+    """GR00TN15.sample with static shapes (VLA_COMPILE; models/common/static.py).
+
+    prompt    right-padded to `prompt_len` (padding masked; the LM is causal) and the images to
+              `images_per_row` per row (zero images past the counted ones are never read), so the
+              DiT's cross-attention keys/values go into one cache allocated once per bucket;
+    compiled  context_static (SigLIP, Eagle LM, VL adapter, cross-attention keys/values) and
+              step_static (one Euler step through the DiT), each once per bucket;
+    chunking  none and hard; guided batches are refused here (the policy runs them eagerly).
+    A batch with a longer prompt or more images does not fit (`fits`); the policy runs it eagerly.
+    """
+
+    def __init__(
+        self,
+        model: GR00TN15,
+        prompt_len: int,
+        images_per_row: int,
+        compile: bool = True,
+        backend: str | None = None,
+    ) -> None:
+        self.model = model
+        self.prompt_len = prompt_len
+        self.images_per_row = images_per_row
+        self.device = model.action_head.future_tokens.device
+        self.compiled = compile
+        wrap = functools.partial(static.compile_static, device=self.device, backend=backend)
+        self._context = wrap(model.context_static) if compile else model.context_static
+        self._step = wrap(model.step_static) if compile else model.step_static
+        self._caches: dict[int, Tensor] = {}
+        self._times: dict[tuple[int, int, torch.dtype], list[tuple[Tensor, Tensor]]] = {}
+
+    def fits(self, prompt_len: int, images_per_row: int) -> bool:
+        return prompt_len <= self.prompt_len and images_per_row <= self.images_per_row
+
+    def cache(self, bucket: int) -> Tensor:
+        """The bucket's cross-attention keys/values (C, 2, bucket, h, prompt_len, d), made once."""
+        cache = self._caches.get(bucket)
+        if cache is None:
+            cfg = self.model.cfg
+            blocks = sum(not self.model.action_head.dit.is_self_attention(i) for i in range(cfg.dit_layers))
+            shape = (blocks, 2, bucket, cfg.dit_heads, self.prompt_len, cfg.dit_head_dim)
+            like = self.model.action_head.future_tokens
+            cache = static.persistent(torch.zeros(shape, dtype=like.dtype, device=like.device))
+            self._caches[bucket] = cache
+        return cache
+
+    def times(self, bucket: int, steps: int, dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
+        """(tau, DiT bucket) (bucket,) per step, as the eager sampler makes them."""
+        key = (bucket, steps, dtype)
+        if key not in self._times:
+            head = self.model.action_head
+            like = torch.empty(bucket, 1, dtype=dtype, device=self.device)
+            self._times[key] = [
+                (flow.step_time(like, i, steps), head.time_bucket(like, i, steps)) for i in range(steps)
+            ]
+        return self._times[key]
+
+    def sample(
+        self,
+        pixels: Sequence[Tensor],  # per row (V_i, 3, S, S) normalised, V_i <= images_per_row
+        input_ids: Tensor,  # (B, L) right-padded, L <= prompt_len
+        attention_mask: Tensor,  # (B, L) bool
+        state: Tensor,  # (B, 1, max_state_dim)
+        embodiment_ids: Tensor,  # (B,) long
+        noise: Tensor,  # (B, H, action_dim)
+        steps: int | None = None,
+        prefix: rtc.BatchPrefix | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """As GR00TN15.sample, the images given per row."""
+        if prefix is not None and prefix.guided:
+            raise ValueError("guided real-time chunking runs eagerly (GR00TN15.sample)")
+        if not self.fits(input_ids.shape[1], max(p.shape[0] for p in pixels)):
+            raise ValueError("the batch exceeds the static prompt length or images per row")
+        steps = steps or self.model.cfg.num_inference_timesteps
+        dtype = self.model.action_head.future_tokens.dtype
+        with torch.inference_mode():
+            noise = noise.to(dtype)
+            B, H = noise.shape[:2]
+            # one dtype with or without a prefix (bf16 on CUDA): no recompile for the first hard batch
+            hard_actions = prefix.actions.to(dtype) if prefix is not None else torch.zeros_like(noise)
+            hard_mask = (
+                prefix.hard_mask
+                if prefix is not None
+                else torch.zeros(B, H, dtype=torch.bool, device=noise.device)
+            )
+            ids = static.pad_columns(input_ids, self.prompt_len)
+            mask = static.pad_columns(attention_mask, self.prompt_len, False)
+            rows = (ids, mask, state.to(dtype), embodiment_ids, noise, hard_actions, hard_mask)
+            actions, velocities = [], []
+            for start, stop, bucket in static.pieces(B):
+                piece = [static.pad_rows(t[start:stop], bucket) for t in rows]
+                images = list(pixels[start:stop])
+                images += [images[-1]] * (bucket - len(images))  # the padding rows' images
+                flat = torch.cat(images)
+                spare = bucket * self.images_per_row - flat.shape[0]
+                if spare:
+                    flat = torch.cat([flat, flat.new_zeros(spare, *flat.shape[1:])])
+                a, v = self._run(bucket, steps, flat, *piece)
+                actions.append(a[: stop - start].clone())  # a CUDA graph's outputs are reused
+                velocities.append(v[: stop - start].clone())
+            return torch.cat(actions), torch.cat(velocities)
+
+    def _run(
+        self,
+        bucket: int,
+        steps: int,
+        pixels: Tensor,
+        ids: Tensor,
+        mask: Tensor,
+        state: Tensor,
+        embodiment_ids: Tensor,
+        noise: Tensor,
+        hard_actions: Tensor,
+        hard_mask: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        cache = self.cache(bucket)
+        static.begin_call(self.device)
+        self._context(cache, pixels, ids, mask)
+        x, v = noise.clone(), torch.zeros_like(noise)  # x aliasing noise would be a second graph
+        for tau, time_bucket in self.times(bucket, steps, noise.dtype):
+            x, v = self._step(
+                cache, mask, state, embodiment_ids, x, tau, time_bucket, noise, hard_actions, hard_mask, steps
+            )
+        return flow.finish(x, hard_actions, hard_mask), v

@@ -40,6 +40,9 @@ Model outputs -> actions (finish, CPU):
 
 Batching: samples of different embodiments share a batch (the category-specific layers pick
 weights per sample), so batch_key is None. Each sample draws its noise from its own seed.
+VLA_COMPILE: batches run through model.GrootStatic (prompt padded to the longest template +
+STATIC_INSTRUCTION_TOKENS, compiled per batch bucket on the first forward); guided real-time
+chunking and longer prompts run eagerly.
 Precision: bfloat16 on CUDA, float32 on CPU (VLA_DTYPE overrides).
 """
 
@@ -55,7 +58,7 @@ import numpy as np
 import torch
 
 from vla_inference.models import base, rtc
-from vla_inference.models.common import flow
+from vla_inference.models.common import flow, static
 from vla_inference.models.common.weights import resolve_dtype
 from vla_inference.models.groot import checkpoint as ckpt
 from vla_inference.models.groot.data_configs import parse_setting
@@ -65,7 +68,7 @@ from vla_inference.models.groot.embodiments import (
     embodiment_ids,
     read_metadata,
 )
-from vla_inference.models.groot.model import GR00TN15, GrootConfig
+from vla_inference.models.groot.model import GR00TN15, STATIC_INSTRUCTION_TOKENS, GrootConfig, GrootStatic
 from vla_inference.models.groot.video import frame_to_pixels
 
 DEFAULT_INSTRUCTION = "Perform the default behavior."
@@ -112,6 +115,8 @@ class GrootPolicy(base.VLAModel):
         self._device = "cpu"
         self._dtype = torch.float32
         self._lock = threading.Lock()
+        self._static: GrootStatic | None = None  # VLA_COMPILE
+        self._static_warm = False
 
     # --- loading ---------------------------------------------------------------------------
 
@@ -150,6 +155,8 @@ class GrootPolicy(base.VLAModel):
             )
         self._model, self._cfg, self._tokenizer = model, cfg, tokenizer
         self._embodiments, self._device, self._dtype = embodiments, device, dtype
+        self._static = self._static_runner(model, cfg) if self.settings.compile else None
+        self._static_warm = False
         first = embodiments[default]
         cameras: list[str] = []
         for emb in (first, *embodiments.values()):  # the default's first, then the others'
@@ -174,6 +181,22 @@ class GrootPolicy(base.VLAModel):
             action_layouts={tag: e.action_names() for tag, e in embodiments.items()},
             rtc_methods=rtc.FLOW_METHODS,
         )
+
+    def _static_runner(self, model: GR00TN15, cfg: GrootConfig) -> GrootStatic:
+        """VLA_COMPILE: the prompt padded to the longest embodiment's template + STATIC_INSTRUCTION_TOKENS
+        (rounded up to 16), the images to the most cameras of an embodiment. Longer prompts run eagerly."""
+        views = max(len(emb.video_keys) for emb in self._embodiments.values())
+        template = max(
+            len(
+                self._tokenizer.encode(
+                    prompt_text("", len(emb.video_keys), cfg.num_image_tokens), add_special_tokens=False
+                ).ids
+            )
+            for emb in self._embodiments.values()
+        )
+        length = -(-(template + STATIC_INSTRUCTION_TOKENS) // 16) * 16
+        log.info("VLA_COMPILE: GR00T prompts padded to %d tokens, %d image(s) per sample", length, views)
+        return GrootStatic(model, prompt_len=length, images_per_row=views)
 
     @property
     def model_info(self) -> base.ModelDescription:
@@ -277,25 +300,49 @@ class GrootPolicy(base.VLAModel):
         prefix = rtc.BatchPrefix.stack(
             [s.rtc for s in samples], cfg.action_horizon, cfg.action_dim, torch.device(dev)
         )
-        # Guidance differentiates through the DiT: plain no_grad then, not inference mode.
-        grad_mode = torch.no_grad() if prefix is not None and prefix.guided else torch.inference_mode()
-        with self._lock, grad_mode:
-            actions, velocity = model.sample(
-                pixels.to(dev),
-                ids.to(dev),
-                mask.to(dev),
-                state.to(dev),
-                emb_ids.to(dev),
-                noise.to(dev),
-                steps,
-                prefix,
-            )
+        guided = prefix is not None and prefix.guided
+        runner = self._static
+        views = max(int(x.pixels.shape[0]) for x in inputs)
+        if runner is not None and not guided and runner.fits(length, views):
+            rows = [x.pixels.to(dev) for x in inputs]
+            batch = (ids.to(dev), mask.to(dev), state.to(dev), emb_ids.to(dev), noise.to(dev))
+            with self._lock:
+                if not self._static_warm:
+                    self._warm_up(runner, rows, batch, steps)
+                actions, velocity = runner.sample(rows, *batch, steps=steps, prefix=prefix)
+        else:  # eager: guided real-time chunking, or a prompt longer than the compiled length
+            # Guidance differentiates through the DiT: plain no_grad then, not inference mode.
+            grad_mode = torch.no_grad() if guided else torch.inference_mode()
+            with self._lock, grad_mode:
+                actions, velocity = model.sample(
+                    pixels.to(dev),
+                    ids.to(dev),
+                    mask.to(dev),
+                    state.to(dev),
+                    emb_ids.to(dev),
+                    noise.to(dev),
+                    steps,
+                    prefix,
+                )
         actions_np = actions.float().cpu().numpy()
         velocity_np = velocity.float().cpu().numpy()
         return [
             GrootRaw(actions=a, velocity=v, dt=1.0 / steps)
             for a, v in zip(actions_np, velocity_np, strict=True)
         ]
+
+    def _warm_up(
+        self, runner: GrootStatic, rows: list[torch.Tensor], batch: tuple[torch.Tensor, ...], steps: int
+    ) -> None:
+        """Compile every bucket up to VLA_BATCH_SIZE on the first forward (the engine's warm-up),
+        with copies of the batch's first row, so no later request waits for a compile."""
+
+        def run(bucket: int) -> None:
+            ids, mask, state, emb_ids, noise = (static.pad_rows(t[:1], bucket) for t in batch)
+            runner.sample(rows[:1] * bucket, ids, mask, state, emb_ids, noise, steps)
+
+        static.warm_up("GR00T sampler", static.buckets_up_to(self.settings.batch_size), run)
+        self._static_warm = True
 
     # --- finish ----------------------------------------------------------------------------
 

@@ -10,19 +10,27 @@ Decoding is greedy over the full vocabulary, like the reference `predict_action`
 left-padded: every sample has its own positions (RoPE starts at 0 at its BOS) and a key mask, so a
 batch yields the same tokens as its samples one by one. checkpoint.py maps our names to the HF
 checkpoint's and names the towers by timm id.
+
+OpenVLAStatic (VLA_COMPILE) runs the same decoding with static shapes: the prompt padded to a
+fixed length as [BOS | patches | padding | text] (positions count valid tokens only, so values
+are unchanged), a KV cache preallocated to that length + the action tokens once per batch bucket,
+a compiled prefill and a compiled one-token decode step that writes its column of the cache.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vla_inference.models.common import static
 from vla_inference.models.common.transformer import Decoder, DecoderConfig, KVCache
 from vla_inference.models.common.vit import PENULTIMATE, VisionTower, ViTConfig
 
+STATIC_PROMPT_TOKENS = 64  # VLA_COMPILE: prompt tokens (BOS included) the compiled decoder takes
 LLAMA2_7B = DecoderConfig(width=4096, depth=32, mlp_dim=11008, num_heads=32, num_kv_heads=32, head_dim=128)
 
 # timm ids of the towers Prismatic's fused backbones name (Prismatic keeps each tower's features
@@ -241,3 +249,164 @@ class OpenVLA(nn.Module):
             hidden = self.llm(x, (next_pos + step)[:, None], step_mask, cache, start=column)
             logits = self.lm_head(hidden[:, -1]).float()
         return DecodeOutput(tokens=torch.stack(tokens, 1), probs=torch.stack(probs, 1))
+
+    # --- static shapes (VLA_COMPILE: OpenVLAStatic, models/common/static.py) -------------------
+
+    def greedy(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """hidden (B, W) of the last position -> greedy token (B,) and its softmax probability (B,)."""
+        logits = self.lm_head(hidden).float()  # (B, V)
+        token = logits.argmax(-1)
+        return token, torch.softmax(logits, -1).gather(1, token[:, None])[:, 0]
+
+    def prefill_static(
+        self,
+        cache_k: Tensor,
+        cache_v: Tensor,
+        pixels: Tensor,
+        bos: Tensor,
+        text: Tensor,
+        text_valid: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The prompt with fixed columns: [BOS | patches | padding | text], T0 = 1 + N + Lt.
+
+        pixels (B, 6, S, S); bos (B, 1) ids; text (B, Lt) the prompt after BOS, left-padded, with
+        text_valid (B, Lt). Keys/values go to columns 0..T0 of cache_k / cache_v (L, B, H, S, D).
+        Returns the first greedy token and its probability (B,), the valid keys (B, S) and the
+        next token's position (B,)."""
+        patches = self.projector(self.patch_features(pixels))  # (B, N, W)
+        embed = self.llm.embed_tokens
+        embeds = torch.cat([embed(bos), patches.to(embed.weight.dtype), embed(text)], dim=1)  # (B, T0, W)
+        B, T0, _ = embeds.shape
+        valid = torch.cat([text_valid.new_ones(B, 1 + patches.shape[1]), text_valid], dim=1)  # (B, T0)
+        positions = (torch.cumsum(valid.long(), dim=1) - 1).clamp(min=0)  # RoPE counts valid tokens
+        col = torch.arange(T0, device=embeds.device)
+        causal = col[:, None] >= col[None, :]
+        # Padding queries see themselves too (no empty softmax row); their outputs are never read.
+        mask = (causal[None] & valid[:, None, :]) | torch.eye(T0, dtype=torch.bool, device=embeds.device)[
+            None
+        ]
+        hidden = self.llm(embeds, positions, mask[:, None], KVCache(cache_k, cache_v), start=0)
+        token, prob = self.greedy(hidden[:, -1])
+        key_valid = torch.cat([valid, valid.new_zeros(B, cache_k.shape[3] - T0)], dim=1)  # (B, S)
+        return token, prob, key_valid, valid.sum(dim=1)
+
+    def decode_static(
+        self,
+        cache_k: Tensor,
+        cache_v: Tensor,
+        token: Tensor,
+        position: Tensor,
+        column: Tensor,
+        key_valid: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One decoded token: token (B,) at RoPE position (B,), its keys/values written at cache
+        column (1,) long; the attention covers the whole cache through key_valid (B, S).
+        Returns the next greedy token, its probability, the valid keys and the next position."""
+        key_valid = key_valid | (torch.arange(key_valid.shape[1], device=column.device) == column)[None]
+        x = self.llm.embed_tokens(token[:, None])  # (B, 1, W)
+        hidden = self.llm(
+            x, position[:, None], key_valid[:, None, None, :], KVCache(cache_k, cache_v), start=column
+        )
+        next_token, prob = self.greedy(hidden[:, -1])
+        return next_token, prob, key_valid, position + 1
+
+
+class OpenVLAStatic:
+    """OpenVLA.generate with static shapes (VLA_COMPILE; models/common/static.py).
+
+    The prompt (BOS included) is padded to `prompt_len` tokens, so a sequence is T0 = N + prompt_len
+    columns and the KV cache, allocated once per bucket, T0 + max_new_tokens. Compiled once per
+    bucket: prefill_static (towers, projector, Llama prefill) and decode_static (one token; the
+    same graph for every column, the column a tensor). A longer prompt does not fit (`fits`): the
+    policy decodes it eagerly.
+    """
+
+    def __init__(
+        self,
+        model: OpenVLA,
+        prompt_len: int,
+        max_new_tokens: int,
+        compile: bool = True,
+        backend: str | None = None,
+    ) -> None:
+        self.model = model
+        self.prompt_len = prompt_len
+        self.max_new_tokens = max_new_tokens
+        self.start = model.cfg.num_patches + prompt_len  # T0, the first generated token's column
+        self.length = self.start + max_new_tokens
+        if self.length > model.cfg.max_seq_len:
+            raise ValueError(
+                f"a static sequence of {self.length} tokens exceeds the model's {model.cfg.max_seq_len}"
+            )
+        self.device = model.lm_head.weight.device
+        self.compiled = compile
+        wrap = functools.partial(static.compile_static, device=self.device, backend=backend)
+        self._prefill = wrap(model.prefill_static) if compile else model.prefill_static
+        self._decode = wrap(model.decode_static) if compile else model.decode_static
+        self._caches: dict[int, KVCache] = {}
+        self._columns: list[Tensor] = []
+
+    def fits(self, prompt_len: int, max_new_tokens: int) -> bool:
+        return prompt_len <= self.prompt_len and max_new_tokens <= self.max_new_tokens
+
+    def cache(self, bucket: int) -> KVCache:
+        """The bucket's KV cache (L, bucket, H, T0 + max_new_tokens, D), allocated on first use."""
+        cache = self._caches.get(bucket)
+        if cache is None:
+            llm = self.model.cfg.llm
+            like = self.model.lm_head.weight
+            cache = KVCache.allocate(llm.depth, bucket, llm.num_kv_heads, self.length, llm.head_dim, like)
+            static.persistent(cache.k)
+            static.persistent(cache.v)
+            self._caches[bucket] = cache
+        return cache
+
+    def columns(self) -> list[Tensor]:
+        """The cache column (1,) of each decode step's token."""
+        if not self._columns:
+            self._columns = [
+                torch.tensor([self.start + i], device=self.device) for i in range(self.max_new_tokens)
+            ]
+        return self._columns
+
+    def generate(self, pixels: Tensor, prompts: list[Tensor], max_new_tokens: int) -> DecodeOutput:
+        """As OpenVLA.generate; the prompts must fit."""
+        longest = max(int(p.shape[0]) for p in prompts)
+        if not self.fits(longest, max_new_tokens):
+            raise ValueError(
+                f"{longest} prompt tokens / {max_new_tokens} action tokens exceed the static "
+                f"{self.prompt_len} / {self.max_new_tokens}"
+            )
+        with torch.inference_mode():
+            B, width = len(prompts), self.prompt_len - 1
+            bos = torch.stack([p[:1] for p in prompts]).to(self.device)
+            text = torch.full((B, width), self.model.cfg.pad_token_id, dtype=torch.long)
+            text_valid = torch.zeros(B, width, dtype=torch.bool)
+            for row, prompt in enumerate(prompts):
+                n = int(prompt.shape[0]) - 1
+                if n:
+                    text[row, width - n :] = prompt[1:]
+                    text_valid[row, width - n :] = True
+            rows = (pixels, bos, text.to(self.device), text_valid.to(self.device))
+            tokens, probs = [], []
+            for start, stop, bucket in static.pieces(B):
+                piece = [static.pad_rows(t[start:stop], bucket) for t in rows]
+                t, p = self._run(bucket, max_new_tokens, *piece)
+                tokens.append(t[: stop - start])
+                probs.append(p[: stop - start])
+            return DecodeOutput(tokens=torch.cat(tokens), probs=torch.cat(probs))
+
+    def _run(
+        self, bucket: int, n: int, pixels: Tensor, bos: Tensor, text: Tensor, text_valid: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        cache = self.cache(bucket)
+        static.begin_call(self.device)
+        token, prob, key_valid, position = self._prefill(cache.k, cache.v, pixels, bos, text, text_valid)
+        tokens, probs = [token], [prob]
+        for column in self.columns()[: n - 1]:
+            token, prob, key_valid, position = self._decode(
+                cache.k, cache.v, token, position, column, key_valid
+            )
+            tokens.append(token)
+            probs.append(prob)
+        return torch.stack(tokens, 1), torch.stack(probs, 1)  # new tensors: safe from the next replay

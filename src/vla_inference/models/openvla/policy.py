@@ -4,7 +4,10 @@ prepare   one "base" camera image -> 224 px (checkpoint's resize strategy, bicub
           normalisations (DINOv2 ImageNet mean/std, SigLIP 0.5/0.5) stacked to (6, 224, 224);
           prompt "In: What action should the robot take to {instruction.lower()}?\\nOut:" ->
           [BOS] + SentencePiece ids, + 29871 ("▁") when the prompt does not already end with it.
-forward   batched greedy decoding of action_dim tokens (left padding, per-sample positions).
+forward   batched greedy decoding of action_dim tokens (left padding, per-sample positions);
+          with VLA_COMPILE the static-shape decoder (model.OpenVLAStatic: prompts padded to
+          STATIC_PROMPT_TOKENS, a KV cache per batch bucket, compiled prefill and decode step);
+          a longer prompt is decoded eagerly.
 finish    token -> bin centre -> un-normalised with the dataset's q01/q99 (masked dimensions pass).
 
 Embodiments are the datasets in norm_stats (the reference's `unnorm_key`). A request's
@@ -28,6 +31,7 @@ import torch
 from PIL import Image
 
 from vla_inference.models import base
+from vla_inference.models.common import static
 from vla_inference.models.common.tokenizers import find_tokenizer, load_sentencepiece
 from vla_inference.models.common.weights import resolve_dtype
 from vla_inference.models.openvla.checkpoint import (
@@ -38,7 +42,7 @@ from vla_inference.models.openvla.checkpoint import (
     load_model,
     read_checkpoint,
 )
-from vla_inference.models.openvla.model import OpenVLA
+from vla_inference.models.openvla.model import STATIC_PROMPT_TOKENS, OpenVLA, OpenVLAStatic
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +138,8 @@ class OpenVLAPolicy(base.VLAModel):
         self._dtype = torch.float32
         self._default = ""
         self._description: base.ModelDescription | None = None
+        self._static: OpenVLAStatic | None = None  # VLA_COMPILE
+        self._static_warm = False
 
     # --- loading ----------------------------------------------------------------------------
 
@@ -142,8 +148,6 @@ class OpenVLAPolicy(base.VLAModel):
             checkpoint_path, "OpenVLA", "config.json, model*.safetensors, tokenizer.model"
         )
         info = read_checkpoint(path)
-        if self.settings.compile:
-            logger.warning("VLA_COMPILE is not implemented for OpenVLA yet; running eager")
         key = self.settings.norm_stats_key.strip()
         datasets = sorted(info.norm_stats)
         if key and key not in info.norm_stats:
@@ -162,6 +166,9 @@ class OpenVLAPolicy(base.VLAModel):
         self._dtype = resolve_dtype(self.settings.dtype, self._device)
         self._model = load_model(info, self._device, self._dtype)
         self._info = info
+        if self.settings.compile:
+            most_tokens = max(stats.dim for stats in info.norm_stats.values())
+            self._static = OpenVLAStatic(self._model, STATIC_PROMPT_TOKENS, most_tokens)
         action_dim = info.norm_stats[self._default or datasets[0]].dim
         self._description = base.ModelDescription(
             name=info.path.name,
@@ -284,10 +291,30 @@ class OpenVLAPolicy(base.VLAModel):
                 f"samples in one batch must decode the same number of tokens, got {sorted(n_tokens)}"
             )
         pixels = torch.stack([i.pixels for i in inputs]).to(self._device, self._dtype)
-        with torch.inference_mode():
-            out = model.generate(pixels, [i.input_ids for i in inputs], n_tokens.pop())
+        prompts = [i.input_ids for i in inputs]
+        n = n_tokens.pop()
+        runner = self._static
+        if runner is not None and runner.fits(max(int(p.shape[0]) for p in prompts), n):
+            if not self._static_warm:
+                self._warm_up(runner, pixels, prompts, n)
+            out = runner.generate(pixels, prompts, n)
+        else:
+            with torch.inference_mode():
+                out = model.generate(pixels, prompts, n)
         tokens, probs = out.tokens.cpu().numpy(), out.probs.float().cpu().numpy()
         return [OpenVLARaw(tokens=tokens[b], probs=probs[b]) for b in range(len(inputs))]
+
+    def _warm_up(
+        self, runner: OpenVLAStatic, pixels: torch.Tensor, prompts: list[torch.Tensor], n: int
+    ) -> None:
+        """Compile every bucket up to VLA_BATCH_SIZE on the first forward (the engine's warm-up),
+        with copies of the batch's first sample, so no later request waits for a compile."""
+
+        def run(bucket: int) -> None:
+            runner.generate(static.pad_rows(pixels[:1], bucket), prompts[:1] * bucket, n)
+
+        static.warm_up("OpenVLA decoder", static.buckets_up_to(self.settings.batch_size), run)
+        self._static_warm = True
 
     def finish(self, raw: OpenVLARaw, sample: base.PreparedSample) -> base.ActionPrediction:
         info, model = self._loaded()

@@ -36,7 +36,9 @@ itself only, so no softmax row is empty (no NaN) and padding never reaches valid
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -45,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vla_inference.models import rtc
-from vla_inference.models.common import flow
+from vla_inference.models.common import flow, static
 from vla_inference.models.common.transformer import (
     Decoder,
     DecoderConfig,
@@ -268,15 +270,23 @@ class Pi0Model(nn.Module):
     # ---- embeddings ------------------------------------------------------------------------
 
     def embed_prefix(
-        self, images: Tensor, image_masks: Tensor, tokens: Tensor, token_masks: Tensor
+        self,
+        images: Tensor,
+        image_masks: Tensor,
+        tokens: Tensor,
+        token_masks: Tensor,
+        slots: Sequence[int] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """images (B, N, 3, S, S) in [-1, 1], image_masks (B, N), tokens/token_masks (B, T)
         -> embeddings (B, P, W), pad mask (B, P) with P = N' * patches + T, N' the slots present in
-        at least one sample (a slot absent from the whole batch contributes no tokens)."""
-        present = [i for i, there in enumerate(image_masks.any(dim=0).tolist()) if there]  # one sync
-        slots = [self.projector(self.vision(images[:, i])) for i in present]
+        at least one sample (a slot absent from the whole batch contributes no tokens), or the
+        given `slots` (static shapes: no host sync; a slot masked in a row is masked padding)."""
+        if slots is None:
+            slots = [i for i, there in enumerate(image_masks.any(dim=0).tolist()) if there]  # one sync
+        present = list(slots)
+        slot_embs = [self.projector(self.vision(images[:, i])) for i in present]
         lang = self.vlm.embed_tokens(tokens) * math.sqrt(self.cfg.vlm.width)  # (B, T, W)
-        embs = torch.cat([*slots, lang.to(self.dtype)], dim=1)
+        embs = torch.cat([*slot_embs, lang.to(self.dtype)], dim=1)
         kept = image_masks[:, present]  # (B, N')
         pad = torch.cat([kept.repeat_interleave(self.cfg.vision.num_patches, dim=1), token_masks], dim=1)
         return embs, pad
@@ -336,8 +346,9 @@ class Pi0Model(nn.Module):
             cast(Tensor, _norm(stack.norm, x, c)[0]) for stack, x, c in zip(stacks, xs, conds, strict=False)
         ]
 
-    def prefill(self, prefix_embs: Tensor, prefix_pad: Tensor) -> KVCache:
-        """Run the prefix through the VLM; return every layer's keys/values (B, Hkv, P, D).
+    def prefill(self, prefix_embs: Tensor, prefix_pad: Tensor, cache: KVCache | None = None) -> KVCache:
+        """Run the prefix through the VLM; return every layer's keys/values (B, Hkv, P, D), written
+        into `cache` when it is given (and large enough), else into a new one.
 
         Only the keys/values are needed: the last layer skips its queries, attention and MLP.
         """
@@ -345,7 +356,7 @@ class Pi0Model(nn.Module):
         positions = torch.cumsum(prefix_pad.long(), dim=1) - 1
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
         mask = block_causal_mask(torch.zeros_like(prefix_pad, dtype=torch.int32), prefix_pad)[:, None]
-        cache = self.vlm.new_cache(prefix_embs.shape[0], prefix_embs.shape[1], prefix_embs)
+        cache = self.vlm.new_cache(prefix_embs.shape[0], prefix_embs.shape[1], prefix_embs, cache)
         x = prefix_embs
         for li in range(cfg.depth - 1):
             x = self.vlm.layer(li)(x, cos, sin, mask, cache, li)
@@ -424,6 +435,51 @@ class Pi0Model(nn.Module):
         noise = noise.to(torch.promote_types(noise.dtype, torch.float32))
         return flow.euler(toward_data, noise if flow_mask is None else noise * flow_mask, steps, prefix)
 
+    # ---- static shapes (VLA_COMPILE: Pi0Static, models/common/static.py) ----------------------
+
+    def prefix_static(
+        self,
+        cache_k: Tensor,
+        cache_v: Tensor,
+        images: Tensor,
+        image_masks: Tensor,
+        tokens: Tensor,
+        token_masks: Tensor,
+        slots: tuple[int, ...],
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The prefix with fixed shapes: every slot in `slots`, the prompt at max_token_len, the
+        keys/values written into cache_k / cache_v (L, B, Hkv, P, D) in place. Returns the suffix
+        context (mask, cos, sin) every step shares."""
+        embs, pad = self.embed_prefix(images, image_masks, tokens, token_masks, slots)
+        self.prefill(embs, pad, KVCache(cache_k, cache_v))
+        return self.suffix_context(pad)
+
+    def step_static(
+        self,
+        cache_k: Tensor,
+        cache_v: Tensor,
+        context: tuple[Tensor, Tensor, Tensor],
+        state: Tensor,
+        x: Tensor,
+        tau: Tensor,
+        t: Tensor,
+        noise: Tensor,
+        hard_actions: Tensor,
+        hard_mask: Tensor,
+        steps: int,
+    ) -> tuple[Tensor, Tensor]:
+        """One Euler step of sample_actions (flow.euler_step) against the cached prefix, hard
+        real-time chunking on the rows of hard_mask (none: all False). tau (B,) = step / steps,
+        t = 1 - tau as the network sees it. Returns (x after the step, velocity toward the data)."""
+        cache = KVCache(cache_k, cache_v)
+        flow_mask = self.flow_mask(noise)
+
+        def toward_data(x_in: Tensor) -> Tensor:
+            v = -self.denoise_step(cache, context, state, x_in, t)
+            return v if flow_mask is None else v * flow_mask
+
+        return flow.euler_step(toward_data, x, tau, 1.0 / steps, noise, hard_actions, hard_mask)
+
     def flow_mask(self, like: Tensor) -> Tensor | None:
         """(A,) 1 for the dims the flow runs in, 0 for the padding (None: every dim)."""
         if not 0 < self.cfg.flow_dims < self.cfg.action_dim:
@@ -490,6 +546,128 @@ def sample_flow_time(batch: int, generator: torch.Generator | None = None) -> Te
     u = torch.rand(batch, generator=generator, dtype=torch.float64)
     beta = u ** (1.0 / 1.5)  # inverse CDF of Beta(1.5, 1): F(x) = x^1.5
     return (beta * 0.999 + 0.001).float()
+
+
+class Pi0Static:
+    """Pi0Model.sample_actions with static shapes (VLA_COMPILE; models/common/static.py).
+
+    prefix    P = len(slots) * patches + max_token_len: every slot a camera can fill (one masked in
+              a row is masked padding) and the whole prompt (padding tokens masked), so the prefix
+              keys/values go into one KV cache allocated once per bucket;
+    compiled  prefix_static (towers, projector, VLM prefill into the cache) and step_static (one
+              Euler step through the action expert), each once per bucket; a call replays them
+              (CUDA graphs on a GPU) with the 10 steps' times as tensor arguments;
+    chunking  none and hard; guided batches are refused here (the policy runs them eagerly: the
+              guidance differentiates through the expert at every step).
+    Equal to sample_actions up to float rounding (the masked padding changes no valid value).
+    """
+
+    def __init__(
+        self,
+        model: Pi0Model,
+        slots: Iterable[int] | None = None,
+        compile: bool = True,
+        backend: str | None = None,
+    ) -> None:
+        cfg = model.cfg
+        self.model = model
+        self.slots = tuple(sorted(set(range(len(cfg.image_slots)) if slots is None else slots)))
+        self.prefix_len = len(self.slots) * cfg.vision.num_patches + cfg.max_token_len
+        self.device = model.action_in_proj.weight.device
+        self.compiled = compile
+        self._prefix = (
+            static.compile_static(model.prefix_static, self.device, backend)
+            if compile
+            else model.prefix_static
+        )
+        self._step = (
+            static.compile_static(model.step_static, self.device, backend) if compile else model.step_static
+        )
+        self._caches: dict[int, KVCache] = {}
+        self._times: dict[tuple[int, int, torch.dtype], list[tuple[Tensor, Tensor]]] = {}
+
+    def cache(self, bucket: int) -> KVCache:
+        """The bucket's prefix KV cache (L, bucket, Hkv, P, D), allocated on first use."""
+        cache = self._caches.get(bucket)
+        if cache is None:
+            vlm = self.model.cfg.vlm
+            like = self.model.action_in_proj.weight
+            cache = KVCache.allocate(vlm.depth, bucket, vlm.num_kv_heads, self.prefix_len, vlm.head_dim, like)
+            static.persistent(cache.k)
+            static.persistent(cache.v)
+            self._caches[bucket] = cache
+        return cache
+
+    def times(self, bucket: int, steps: int, dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
+        """(tau, t) (bucket,) per step, as the eager sampler makes them: tau = step / steps, t = 1 - tau."""
+        key = (bucket, steps, dtype)
+        if key not in self._times:
+            full = functools.partial(torch.full, (bucket,), dtype=dtype, device=self.device)
+            self._times[key] = [(full(i / steps), full(1.0 - i / steps)) for i in range(steps)]
+        return self._times[key]
+
+    def sample_actions(
+        self,
+        images: Tensor,
+        image_masks: Tensor,
+        tokens: Tensor,
+        token_masks: Tensor,
+        state: Tensor,
+        noise: Tensor,
+        num_steps: int | None = None,
+        prefix: rtc.BatchPrefix | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """As Pi0Model.sample_actions (tokens may be trimmed: they are padded to max_token_len)."""
+        if prefix is not None and prefix.guided:
+            raise ValueError("guided real-time chunking runs eagerly (Pi0Model.sample_actions)")
+        cfg = self.model.cfg
+        steps = num_steps or cfg.num_steps
+        with torch.inference_mode():
+            noise = noise.to(torch.promote_types(noise.dtype, torch.float32))
+            flow_mask = self.model.flow_mask(noise)
+            if flow_mask is not None:
+                noise = noise * flow_mask
+            B, H = noise.shape[:2]
+            # one dtype with or without a prefix: no recompile for the first hard batch
+            hard_actions = prefix.actions.to(noise.dtype) if prefix is not None else torch.zeros_like(noise)
+            hard_mask = (
+                prefix.hard_mask
+                if prefix is not None
+                else torch.zeros(B, H, dtype=torch.bool, device=noise.device)
+            )
+            tokens = static.pad_columns(tokens, cfg.max_token_len)
+            token_masks = static.pad_columns(token_masks, cfg.max_token_len, False)
+            rows = (images, image_masks, tokens, token_masks, state, noise, hard_actions, hard_mask)
+            actions, velocities = [], []
+            for start, stop, bucket in static.pieces(B):
+                piece = [static.pad_rows(t[start:stop], bucket) for t in rows]
+                a, v = self._run(bucket, steps, *piece)
+                actions.append(a[: stop - start].clone())  # a CUDA graph's outputs are reused
+                velocities.append(v[: stop - start].clone())
+            return torch.cat(actions), torch.cat(velocities)
+
+    def _run(
+        self,
+        bucket: int,
+        steps: int,
+        images: Tensor,
+        image_masks: Tensor,
+        tokens: Tensor,
+        token_masks: Tensor,
+        state: Tensor,
+        noise: Tensor,
+        hard_actions: Tensor,
+        hard_mask: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        cache = self.cache(bucket)
+        static.begin_call(self.device)
+        context = self._prefix(cache.k, cache.v, images, image_masks, tokens, token_masks, self.slots)
+        x, v = noise.clone(), torch.zeros_like(noise)  # x aliasing noise would be a second graph
+        for tau, t in self.times(bucket, steps, noise.dtype):
+            x, v = self._step(
+                cache.k, cache.v, context, state, x, tau, t, noise, hard_actions, hard_mask, steps
+            )
+        return flow.finish(x, hard_actions, hard_mask), v
 
 
 def build(cfg: Pi0Config, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Pi0Model:

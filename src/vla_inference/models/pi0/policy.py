@@ -22,6 +22,10 @@ as openpi; VLA_PI05_PROMPT_STATE=padded discretises it zero-padded to 32 dims, a
 did). A prompt longer than the model's max_token_len is refused rather than truncated.
 
 Embodiments are the checkpoint's norm-stats asset ids (VLA_NORM_STATS_KEY keeps only one).
+
+VLA_COMPILE: batches run through model.Pi0Static (static shapes per batch bucket, compiled; the
+first forward, the engine's warm-up, compiles every bucket up to VLA_BATCH_SIZE). Batches with a
+guided real-time-chunking row run eagerly (the guidance differentiates through the expert).
 """
 
 from __future__ import annotations
@@ -37,11 +41,11 @@ import numpy as np
 import torch
 
 from vla_inference.models import base, rtc
-from vla_inference.models.common import flow
+from vla_inference.models.common import flow, static
 from vla_inference.models.common.tokenizers import load_sentencepiece
 from vla_inference.models.common.weights import load_weights, resolve_dtype
 from vla_inference.models.pi0 import checkpoint as ckpt
-from vla_inference.models.pi0.model import IMAGE_SLOTS, Pi0Config, Pi0Model, build
+from vla_inference.models.pi0.model import IMAGE_SLOTS, Pi0Config, Pi0Model, Pi0Static, build
 from vla_inference.preprocessing.images import resize_with_pad
 
 log = logging.getLogger(__name__)
@@ -127,6 +131,8 @@ class Pi0Policy(base.VLAModel):
         self._device = torch.device("cpu")
         self._num_steps = 10
         self._prompts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._static: Pi0Static | None = None  # VLA_COMPILE
+        self._static_warm = False
 
     # ---- loading -----------------------------------------------------------------------------
 
@@ -212,14 +218,16 @@ class Pi0Policy(base.VLAModel):
                 )
             else:
                 log.warning("VLA_PI05_PROMPT_STATE=padded has no effect: pi0 has no state in its prompt")
-        if self.settings.compile:
-            model.denoise_step = torch.compile(model.denoise_step, dynamic=False)  # type: ignore[method-assign]
-            model.prefill = torch.compile(model.prefill, dynamic=False)  # type: ignore[method-assign]
         self._model, self._ckpt, self._tokenizer = model, loaded, tokenizer
         self._device = torch.device(device)
         self._num_steps = num_steps
         self._slots = slots
         self._camera_slot = {c: i for i, c in enumerate(cameras) if not trained or c in trained}
+        # VLA_COMPILE: static shapes over the slots a camera can fill; compiled on the first forward
+        self._static = (
+            Pi0Static(model, slots=set(self._camera_slot.values())) if self.settings.compile else None
+        )
+        self._static_warm = False
 
     def _dims(self, loaded: ckpt.Checkpoint) -> tuple[int, dict[str, int]]:
         cfg = loaded.config
@@ -365,22 +373,34 @@ class Pi0Policy(base.VLAModel):
         cfg = self.config
         prefix = rtc.BatchPrefix.stack([s.rtc for s in samples], cfg.action_horizon, cfg.action_dim, device)
         guided = prefix is not None and prefix.guided
-        # Guidance differentiates through the action expert: plain no_grad then, not inference mode.
-        with torch.no_grad() if guided else torch.inference_mode():
-            actions, velocity = model.sample_actions(
-                images,
-                image_masks,
-                tokens,
-                token_masks,
-                state,
-                noise,
-                num_steps=self._num_steps,
-                prefix=prefix,
-            )
+        batch = (images, image_masks, tokens, token_masks, state, noise)
+        if self._static is not None and not guided:  # guided batches run eagerly (below)
+            if not self._static_warm:
+                self._warm_up(self._static, batch)
+            actions, velocity = self._static.sample_actions(*batch, num_steps=self._num_steps, prefix=prefix)
+        else:
+            # Guidance differentiates through the action expert: plain no_grad then, not inference mode.
+            with torch.no_grad() if guided else torch.inference_mode():
+                actions, velocity = model.sample_actions(*batch, num_steps=self._num_steps, prefix=prefix)
         actions_np = actions.float().cpu().numpy()
         velocity_np = velocity.float().cpu().numpy()
         dt = 1.0 / self._num_steps
         return [Pi0Raw(actions_np[i], velocity_np[i], dt) for i in range(len(samples))]
+
+    def _warm_up(self, runner: Pi0Static, batch: tuple[torch.Tensor, ...]) -> None:
+        """Compile every bucket up to VLA_BATCH_SIZE on the first forward (the engine's warm-up),
+        with copies of the batch's first row, so no later request waits for a compile."""
+
+        def run(bucket: int) -> None:
+            images, image_masks, tokens, token_masks, state, noise = (
+                static.pad_rows(t[:1], bucket) for t in batch
+            )
+            runner.sample_actions(images, image_masks, tokens, token_masks, state, noise, self._num_steps)
+
+        static.warm_up(
+            f"{self.model_info.family} sampler", static.buckets_up_to(self.settings.batch_size), run
+        )
+        self._static_warm = True
 
     # ---- finish ------------------------------------------------------------------------------
 

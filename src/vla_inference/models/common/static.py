@@ -1,0 +1,121 @@
+"""Static shapes for torch.compile and CUDA graphs (VLA_COMPILE): batch buckets, row padding, the
+compile call and the persistent buffers.
+
+A compiled family never shows the compiler a new shape after its warm-up:
+
+    rows     a batch of n rows runs as buckets of BUCKETS sizes: n = 3 runs as 4 (the last row
+             repeated as padding, only the real rows' results kept); n > 8 runs as pieces of 8
+             and a last, rounded-up piece;
+    lengths  each family pads its prefix to one fixed length (padding tokens masked), so the
+             prefix keys/values live in a cache allocated once per bucket;
+    steps    the loop over denoising steps / decoded tokens stays in Python; each step is one
+             compiled call whose time (tau, t, the cache column) is a tensor argument, so every
+             step of a bucket replays the same graph instead of specialising on the step index.
+
+`compile_static` is torch.compile(fullgraph=True, dynamic=False): a graph break is an error, not
+a silent fallback. On CUDA it uses mode="reduce-overhead" (CUDA graphs via cudagraph trees; the
+caches are marked static addresses, so writing them inside a graph is allowed). On the CPU the
+same graphs run through inductor without CUDA graphs (or through BACKEND, which tests set to
+"aot_eager" to keep compile times short).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+BUCKETS = (1, 2, 4, 8)
+MAX_BUCKET = BUCKETS[-1]
+
+# The torch.compile backend; "inductor" serves. Tests may set "aot_eager" (same graph capture,
+# no code generation).
+BACKEND = "inductor"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def bucket_for(rows: int) -> int:
+    """The smallest bucket holding `rows` (1 <= rows <= MAX_BUCKET)."""
+    for bucket in BUCKETS:
+        if rows <= bucket:
+            return bucket
+    raise ValueError(f"{rows} rows exceed the largest bucket ({MAX_BUCKET}); split the batch first")
+
+
+def pieces(rows: int) -> list[tuple[int, int, int]]:
+    """(start, stop, bucket) per piece of a batch of `rows`: pieces of MAX_BUCKET, the last rounded up."""
+    out = []
+    for start in range(0, rows, MAX_BUCKET):
+        stop = min(rows, start + MAX_BUCKET)
+        out.append((start, stop, bucket_for(stop - start)))
+    return out
+
+
+def buckets_up_to(batch_size: int) -> tuple[int, ...]:
+    """The buckets a server with VLA_BATCH_SIZE = batch_size can meet."""
+    largest = bucket_for(min(max(batch_size, 1), MAX_BUCKET))
+    return tuple(b for b in BUCKETS if b <= largest)
+
+
+def pad_rows(t: Tensor, rows: int) -> Tensor:
+    """t (n, ...) -> a new (rows, ...) tensor with the last row repeated: padding rows are valid
+    inputs (no empty masks, no NaN) whose outputs are dropped. Always a new tensor, made in the
+    caller's grad mode (under inference_mode an inference tensor, as dynamo's guards expect)."""
+    n = t.shape[0]
+    return torch.cat([t, t[-1:].expand(rows - n, *t.shape[1:])])
+
+
+def pad_columns(t: Tensor, length: int, value: float | bool = 0) -> Tensor:
+    """t (B, T, ...) -> (B, length, ...), right-padded with `value`."""
+    missing = length - t.shape[1]
+    if missing == 0:
+        return t
+    if missing < 0:
+        raise ValueError(f"{t.shape[1]} columns exceed the static length {length}")
+    fill = t.new_full((t.shape[0], missing, *t.shape[2:]), value)
+    return torch.cat([t, fill], dim=1)
+
+
+def compile_static(fn: F, device: torch.device, backend: str | None = None) -> F:
+    """torch.compile(fn) for static shapes: fullgraph (a graph break raises), dynamic=False, and on
+    CUDA with inductor mode="reduce-overhead" (CUDA graphs)."""
+    backend = backend or BACKEND
+    mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
+    return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend, mode=mode)  # type: ignore[return-value]
+
+
+def persistent(t: Tensor) -> Tensor:
+    """A buffer that lives for the model's life (a KV cache): its address is static to CUDA graphs,
+    so a graph may write it in place and the next graph read it without a copy."""
+    torch._dynamo.mark_static_address(t)
+    return t
+
+
+def begin_call(device: torch.device) -> None:
+    """Mark a new inference call for cudagraph trees (the previous call's outputs may be reused)."""
+    if device.type == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def warm_up(what: str, buckets: Iterable[int], run: Callable[[int], object]) -> None:
+    """Compile and capture every bucket now, logging the time: run(bucket) twice each (cudagraph
+    trees run a new graph once, then record it; the third call replays)."""
+    started = time.perf_counter()
+    done = []
+    for bucket in buckets:
+        run(bucket)
+        run(bucket)
+        done.append(bucket)
+    log.info(
+        "VLA_COMPILE: %s compiled for batch buckets %s in %.1f s",
+        what,
+        ", ".join(map(str, done)),
+        time.perf_counter() - started,
+    )

@@ -1,0 +1,477 @@
+"""VLA_COMPILE: the static-shape paths (models/common/static.py) on the CPU, tiny models.
+
+For pi0 / pi0.5, GR00T and OpenVLA:
+- the static path (batch buckets, padded prefix, persistent caches) gives the eager answers, run
+  eagerly (no compiler: the padding and bucketing logic) and compiled;
+- torch.compile(fullgraph=True) captures each piece without a graph break (torch._dynamo.explain
+  counts none; fullgraph would raise on one);
+- a second call of a bucket does not recompile (torch.compiler.set_stance("fail_on_recompile")
+  raises on a recompile; dynamo's graph counter stays), and a batch of 3 runs in the bucket of 4;
+- the policies behind VLA_COMPILE answer as the eager policies, guided real-time chunking and
+  over-long prompts falling back to eager; the pi0 server serves with VLA_COMPILE=1.
+
+Compiles use the "aot_eager" backend (the same dynamo capture and AOT graph as inductor, no code
+generation): CPU inductor compiles take minutes on a small machine. One test compiles the
+smallest pi0 with inductor, the serving backend. Tolerances: float32 on the CPU, where the
+padded prefix changes only the summation order (observed ~1e-6 after 3-10 Euler steps).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from tests.conftest import RunningServer
+from tests.helpers.groot_checkpoints import write_tiny_groot_checkpoint
+from tests.helpers.openvla_checkpoints import write_tiny_openvla_checkpoint
+from tests.helpers.pi0_checkpoints import write_tiny_openpi_checkpoint
+from vla_inference.config import Settings
+from vla_inference.models import rtc
+from vla_inference.models.base import Observation
+from vla_inference.models.common import static
+from vla_inference.models.common.init import init_random_weights
+from vla_inference.models.groot.model import GR00TN15, GrootStatic, config_for
+from vla_inference.models.groot.policy import GrootPolicy
+from vla_inference.models.openvla.model import STATIC_PROMPT_TOKENS, OpenVLA, OpenVLAConfig, OpenVLAStatic
+from vla_inference.models.openvla.policy import OpenVLAPolicy
+from vla_inference.models.pi0.model import NAMED_CONFIGS, Pi0Model, Pi0Static, build
+from vla_inference.models.pi0.policy import Pi0Policy
+
+ATOL = 2e-5
+BF16_ATOL = 0.05  # bf16 keeps ~3 significant digits; actions are O(1)
+BACKEND = "aot_eager"
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test starts with no compiled code (so the recompile limit is never reached across
+    tests) and policies compile with BACKEND."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(static, "BACKEND", BACKEND)
+    yield
+    torch._dynamo.reset()
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, atol: float) -> None:
+    torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=0)
+
+
+def _graphs() -> int:
+    return int(counters["stats"]["unique_graphs"])
+
+
+# ---- buckets -----------------------------------------------------------------------------------
+
+
+def test_buckets_pieces_and_padding() -> None:
+    assert [static.bucket_for(n) for n in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
+    assert static.pieces(3) == [(0, 3, 4)]
+    assert static.pieces(11) == [(0, 8, 8), (8, 11, 4)]
+    assert static.buckets_up_to(1) == (1,) and static.buckets_up_to(3) == (1, 2, 4)
+    assert static.buckets_up_to(64) == (1, 2, 4, 8)
+    rows = torch.arange(6).view(3, 2)
+    assert static.pad_rows(rows, 4).tolist() == [[0, 1], [2, 3], [4, 5], [4, 5]]
+    assert static.pad_columns(rows, 4, -1).tolist() == [[0, 1, -1, -1], [2, 3, -1, -1], [4, 5, -1, -1]]
+    with pytest.raises(ValueError, match="largest bucket"):
+        static.bucket_for(9)
+
+
+# ---- pi0 / pi0.5 -------------------------------------------------------------------------------
+
+
+def _pi0(cfg_name: str, batch: int, seed: int = 0) -> tuple[Pi0Model, tuple[torch.Tensor, ...]]:
+    cfg = NAMED_CONFIGS[cfg_name]
+    model = build(cfg).eval()
+    init_random_weights(model, seed)
+    g = torch.Generator().manual_seed(seed)
+    n, s = len(cfg.image_slots), cfg.vision.image_size
+    images = torch.rand(batch, n, 3, s, s, generator=g) * 2 - 1
+    image_masks = torch.tensor([[True, False, True], [True, True, False], [False, True, False]] * 4)[:batch]
+    tokens = torch.randint(0, cfg.vocab_size, (batch, 12), generator=g)
+    token_masks = torch.arange(12)[None] < torch.tensor([5, 12, 8, 3] * 3)[:batch, None]
+    state = torch.randn(batch, cfg.action_dim, generator=g)
+    noise = torch.randn(batch, cfg.action_horizon, cfg.action_dim, generator=g)
+    return model, (images, image_masks, tokens, token_masks, state, noise)
+
+
+def _eager_pi0(model: Pi0Model, inputs: tuple[torch.Tensor, ...], steps: int, prefix: Any = None) -> Any:
+    with torch.inference_mode():
+        return model.sample_actions(*inputs, num_steps=steps, prefix=prefix)
+
+
+def _hard_prefix(previous: torch.Tensor, delays: list[int]) -> rtc.BatchPrefix:
+    _, H, A = previous.shape
+    prefixes = [
+        rtc.build_prefix(previous[i].numpy(), 0, d, H, "hard", 0.0) if d else None
+        for i, d in enumerate(delays)
+    ]
+    batch = rtc.BatchPrefix.stack(prefixes, H, A, torch.device("cpu"))
+    assert batch is not None and batch.hard and not batch.guided
+    return batch
+
+
+@pytest.mark.parametrize("batch", [3, 9])
+def test_pi0_static_shapes_equal_eager_without_a_compiler(batch: int) -> None:
+    """Buckets (3 -> 4; 9 -> 8 + 1), the prompt padded to max_token_len and every slot in the
+    prefix change no valid value: the static path run eagerly equals sample_actions."""
+    model, inputs = _pi0("pi0_dummy", batch)
+    runner = Pi0Static(model, compile=False)
+    assert runner.prefix_len == 3 * 64 + 48
+    expected, expected_v = _eager_pi0(model, inputs, steps=3)
+    actions, velocity = runner.sample_actions(*inputs, num_steps=3)
+    assert actions.shape == expected.shape
+    np.testing.assert_allclose(actions, expected, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(velocity, expected_v, atol=ATOL, rtol=0)
+    assert sorted(runner._caches) == sorted({b for _, _, b in static.pieces(batch)})
+
+
+@pytest.mark.parametrize("cfg_name", ["pi0_dummy", "pi05_dummy"])
+def test_pi0_compiled_equals_eager_and_does_not_recompile(cfg_name: str) -> None:
+    model, inputs = _pi0(cfg_name, 4)
+    runner = Pi0Static(model, backend=BACKEND)
+    three = tuple(t[:3] for t in inputs)
+    expected, expected_v = _eager_pi0(model, three, steps=3)
+
+    before = _graphs()
+    actions, velocity = runner.sample_actions(*three, num_steps=3)  # bucket 4, one padding row
+    assert _graphs() - before == 2  # prefix + step: the 3 steps replay one graph
+    np.testing.assert_allclose(actions, expected, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(velocity, expected_v, atol=ATOL, rtol=0)
+    assert not torch.allclose(actions[0], actions[1])
+
+    compiled = _graphs()
+    with torch.compiler.set_stance("fail_on_recompile"):
+        again, _ = runner.sample_actions(*three, num_steps=3)
+        four, _ = runner.sample_actions(*inputs, num_steps=3)  # the same bucket, other rows
+    assert _graphs() == compiled
+    torch.testing.assert_close(again, actions, rtol=0, atol=0)
+    np.testing.assert_allclose(four, _eager_pi0(model, inputs, steps=3)[0], atol=ATOL, rtol=0)
+
+    with pytest.raises(Exception, match="recompil"), torch.compiler.set_stance("fail_on_recompile"):
+        runner.sample_actions(*(t[:1] for t in inputs), num_steps=3)  # bucket 1: a new graph
+
+
+def test_pi0_hard_chunking_is_compiled_guided_is_refused() -> None:
+    model, inputs = _pi0("pi0_dummy", 3)
+    cfg = model.cfg
+    previous = torch.randn(3, cfg.action_horizon, cfg.action_dim, generator=torch.Generator().manual_seed(5))
+    hard = _hard_prefix(previous, [4, 0, 2])
+    expected, _ = _eager_pi0(model, inputs, 3, hard)
+    actions, _ = Pi0Static(model, backend=BACKEND).sample_actions(*inputs, num_steps=3, prefix=hard)
+    np.testing.assert_allclose(actions, expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(actions[0, :4], previous[0, :4])  # the committed rows, exactly
+    assert not torch.allclose(actions[1, :2], previous[1, :2])
+
+    guided = rtc.BatchPrefix.stack(
+        [rtc.build_prefix(previous[0].numpy(), 0, 3, cfg.action_horizon, "guided", 5.0)],
+        cfg.action_horizon,
+        cfg.action_dim,
+        torch.device("cpu"),
+    )
+    with pytest.raises(ValueError, match="guided"):
+        Pi0Static(model, compile=False).sample_actions(*(t[:1] for t in inputs), num_steps=3, prefix=guided)
+
+
+def _explain(fn: Callable[..., Any], *args: Any) -> Any:
+    with torch.inference_mode():
+        return torch._dynamo.explain(fn)(*args)
+
+
+def test_every_compiled_piece_is_one_graph() -> None:
+    """torch._dynamo.explain over each family's compiled functions: one graph, no break."""
+    pi0, inputs = _pi0("pi05_dummy", 2)
+    runner = Pi0Static(pi0, compile=False)
+    cache = runner.cache(2)
+    images, image_masks, tokens, token_masks, state, noise = inputs
+    tokens, token_masks = static.pad_columns(tokens, 200), static.pad_columns(token_masks, 200, False)
+    explained = [
+        _explain(pi0.prefix_static, cache.k, cache.v, images, image_masks, tokens, token_masks, (0, 1, 2))
+    ]
+    with torch.inference_mode():
+        context = pi0.prefix_static(cache.k, cache.v, images, image_masks, tokens, token_masks, (0, 1, 2))
+    tau, t = torch.zeros(2), torch.ones(2)
+    hard = torch.zeros_like(noise), torch.zeros(2, noise.shape[1], dtype=torch.bool)
+    explained.append(
+        _explain(pi0.step_static, cache.k, cache.v, context, state, noise, tau, t, noise, *hard, 10)
+    )
+
+    groot, (pixels, ids, mask, gstate, emb, gnoise) = _groot(2)
+    kv = GrootStatic(groot, 64, 2, compile=False).cache(2)
+    flat = torch.cat([*pixels, torch.zeros(4 - 3, *pixels[0].shape[1:])])
+    ids, mask = static.pad_columns(ids, 64), static.pad_columns(mask, 64, False)
+    explained.append(_explain(groot.context_static, kv, flat, ids, mask))
+    ghard = torch.zeros_like(gnoise), torch.zeros(2, gnoise.shape[1], dtype=torch.bool)
+    bucket = torch.zeros(2, dtype=torch.long)
+    explained.append(
+        _explain(groot.step_static, kv, mask, gstate, emb, gnoise, tau, bucket, gnoise, *ghard, 4)
+    )
+
+    vla, (vpixels, _) = _openvla(2)
+    vrunner = OpenVLAStatic(vla, 24, 7, compile=False)
+    vcache = vrunner.cache(2)
+    bos, text, valid = (
+        torch.ones(2, 1, dtype=torch.long),
+        torch.full((2, 23), 5),
+        torch.ones(2, 23, dtype=torch.bool),
+    )
+    explained.append(_explain(vla.prefill_static, vcache.k, vcache.v, vpixels, bos, text, valid))
+    key_valid = torch.ones(2, vrunner.length, dtype=torch.bool)
+    token, position = torch.tensor([7, 9]), torch.tensor([30, 40])
+    explained.append(
+        _explain(vla.decode_static, vcache.k, vcache.v, token, position, vrunner.columns()[0], key_valid)
+    )
+    for out in explained:
+        assert out.graph_break_count == 0 and out.graph_count == 1, out.break_reasons
+
+
+@pytest.mark.slow
+def test_inductor_compiles_the_smallest_pi0() -> None:
+    """The serving backend (inductor; no CUDA graphs on the CPU) on pi0_demo, bucket 1."""
+    model, inputs = _pi0("pi0_demo", 1)
+    runner = Pi0Static(model, backend="inductor")
+    expected, _ = _eager_pi0(model, inputs, steps=2)
+    actions, _ = runner.sample_actions(*inputs, num_steps=2)
+    np.testing.assert_allclose(actions, expected, atol=1e-4, rtol=0)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        again, _ = runner.sample_actions(*inputs, num_steps=2)
+    torch.testing.assert_close(again, actions, rtol=0, atol=0)
+
+
+# ---- GR00T -------------------------------------------------------------------------------------
+
+
+def _groot(batch: int, seed: int = 0) -> tuple[GR00TN15, tuple[Any, ...]]:
+    cfg = config_for("tiny")
+    model = GR00TN15(cfg).eval()
+    init_random_weights(model, seed)
+    g = torch.Generator().manual_seed(seed)
+    views, lengths = [1, 2, 1, 2][:batch], [30, 44, 37, 40][:batch]
+    ids = torch.zeros(batch, max(lengths), dtype=torch.long)
+    mask = torch.zeros(batch, max(lengths), dtype=torch.bool)
+    pixels = []
+    for row, (v, n) in enumerate(zip(views, lengths, strict=True)):
+        seq = torch.randint(0, cfg.vocab_size - 2, (n,), generator=g)
+        seq[3 : 3 + v * cfg.num_image_tokens] = cfg.image_token_id
+        ids[row, :n], mask[row, :n] = seq, True
+        pixels.append(torch.rand(v, 3, cfg.image_size, cfg.image_size, generator=g) * 2 - 1)
+    state = torch.randn(batch, 1, cfg.max_state_dim, generator=g)
+    emb = torch.tensor([0, 3, 1, 0][:batch])
+    noise = torch.randn(batch, cfg.action_horizon, cfg.action_dim, generator=g)
+    return model, (pixels, ids, mask, state, emb, noise)
+
+
+def _eager_groot(model: GR00TN15, inputs: tuple[Any, ...], prefix: Any = None) -> Any:
+    pixels, *rest = inputs
+    with torch.inference_mode():
+        return model.sample(torch.cat(pixels), *rest, 4, prefix)
+
+
+def test_groot_static_shapes_equal_eager_without_a_compiler() -> None:
+    model, inputs = _groot(3)
+    expected, expected_v = _eager_groot(model, inputs)
+    actions, velocity = GrootStatic(model, 64, 2, compile=False).sample(*inputs, steps=4)
+    np.testing.assert_allclose(actions, expected, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(velocity, expected_v, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_groot_compiled_equals_eager_and_does_not_recompile(dtype: torch.dtype) -> None:
+    """bf16 as on a GPU: the noise runs in bf16, and a hard-chunking batch reuses the graph."""
+    model, inputs = _groot(4)
+    model.to(dtype)
+    atol = ATOL if dtype == torch.float32 else BF16_ATOL
+    three = (inputs[0][:3], *(t[:3] for t in inputs[1:]))
+    cfg = model.cfg
+    previous = torch.randn(3, cfg.action_horizon, cfg.action_dim, generator=torch.Generator().manual_seed(1))
+    hard = _hard_prefix(previous, [0, 5, 0])
+    runner = GrootStatic(model, 64, 2, backend=BACKEND)
+    assert not runner.fits(65, 1) and not runner.fits(30, 3)
+
+    before = _graphs()
+    actions, velocity = runner.sample(*three, steps=4)  # bucket 4: one padding row, 6 of 8 images
+    assert _graphs() - before == 2
+    expected, expected_v = _eager_groot(model, three)
+    _close(actions, expected, atol)
+    _close(velocity, expected_v, atol)
+
+    compiled = _graphs()
+    with torch.compiler.set_stance("fail_on_recompile"):
+        with_hard, _ = runner.sample(*three, steps=4, prefix=hard)
+        four, _ = runner.sample(*inputs, steps=4)
+    assert _graphs() == compiled
+    _close(with_hard, _eager_groot(model, three, hard)[0], atol)
+    torch.testing.assert_close(with_hard[1, :5], previous[1, :5].to(dtype))
+    _close(four, _eager_groot(model, inputs)[0], atol)
+
+
+# ---- OpenVLA -----------------------------------------------------------------------------------
+
+
+def _openvla(batch: int, seed: int = 0) -> tuple[OpenVLA, tuple[torch.Tensor, list[torch.Tensor]]]:
+    cfg = OpenVLAConfig.named("tiny")
+    model = OpenVLA(cfg).eval()
+    init_random_weights(model, seed)
+    g = torch.Generator().manual_seed(seed)
+    prompts = []
+    for n in [12, 20, 9, 16][:batch]:
+        prompt = torch.randint(3, 32000, (n,), generator=g)
+        prompt[0] = 1  # BOS
+        prompts.append(prompt)
+    pixels = torch.randn(batch, 6, cfg.dino.image_size, cfg.dino.image_size, generator=g)
+    return model, (pixels, prompts)
+
+
+def test_openvla_static_decoder_equals_generate() -> None:
+    model, (pixels, prompts) = _openvla(4)
+    eager = model.generate(pixels[:3], prompts[:3], 7)
+    plain = OpenVLAStatic(model, 24, 7, compile=False).generate(pixels[:3], prompts[:3], 7)
+    torch.testing.assert_close(plain.tokens, eager.tokens, rtol=0, atol=0)
+    torch.testing.assert_close(plain.probs, eager.probs, rtol=1e-4, atol=0)
+
+    runner = OpenVLAStatic(model, 24, 7, backend=BACKEND)
+    assert runner.length == 16 + 24 + 7 and not runner.fits(25, 7) and not runner.fits(24, 8)
+    before = _graphs()
+    out = runner.generate(pixels[:3], prompts[:3], 7)  # bucket 4
+    assert _graphs() - before == 2  # prefill + decode: the 6 decode steps replay one graph
+    torch.testing.assert_close(out.tokens, eager.tokens, rtol=0, atol=0)
+    torch.testing.assert_close(out.probs, eager.probs, rtol=1e-4, atol=0)
+    assert len({tuple(row) for row in out.tokens.tolist()}) == 3
+
+    with torch.compiler.set_stance("fail_on_recompile"):
+        four = runner.generate(pixels, prompts, 7)
+        fewer = runner.generate(pixels[:3], prompts[:3], 4)  # 4 action tokens: 3 decode steps
+    torch.testing.assert_close(four.tokens, model.generate(pixels, prompts, 7).tokens, rtol=0, atol=0)
+    torch.testing.assert_close(fewer.tokens, eager.tokens[:, :4], rtol=0, atol=0)
+
+
+# ---- the policies ------------------------------------------------------------------------------
+
+
+def _pi0_observations(n: int) -> list[Observation]:
+    rng = np.random.default_rng(0)
+    cams = [{"base": (224, 224)}, {"base": (480, 640), "left_wrist": (120, 160)}, {"right_wrist": (64, 64)}]
+    return [
+        Observation(
+            images={k: rng.integers(0, 256, (*shape, 3), dtype=np.uint8) for k, shape in cams[i % 3].items()},
+            joint_positions=rng.normal(size=7).astype(np.float32),
+            instruction=["pick up the cup", "open the drawer", ""][i % 3],
+            seed=20 + i,
+        )
+        for i in range(n)
+    ]
+
+
+def test_pi0_policy_with_compile(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = write_tiny_openpi_checkpoint(tmp_path / "ckpt", "pi0", seed=1)
+    eager, compiled = (
+        Pi0Policy(Settings(chunk_size=50)),
+        Pi0Policy(Settings(chunk_size=50, compile=True, batch_size=2)),
+    )
+    eager.load(str(path), "cpu")
+    compiled.load(str(path), "cpu")
+    samples = [compiled.prepare(o) for o in _pi0_observations(2)]
+    with caplog.at_level(logging.INFO, logger="vla_inference.models.common.static"):
+        got = compiled.forward(samples)
+    assert "compiled for batch buckets 1, 2" in caplog.text
+    for raw, want in zip(got, eager.forward(samples), strict=True):
+        np.testing.assert_allclose(raw.actions, want.actions, atol=ATOL, rtol=0)
+        np.testing.assert_allclose(raw.last_velocity, want.last_velocity, atol=ATOL, rtol=0)
+
+    # guided real-time chunking: eager on both (the same computation, the same numbers)
+    cfg = compiled.config
+    previous = np.random.default_rng(3).normal(size=(cfg.action_horizon, cfg.action_dim)).astype(np.float32)
+    samples[0].rtc = rtc.build_prefix(previous, 0, 3, cfg.action_horizon, "guided", 5.0)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        guided = compiled.forward(samples)
+        plain = compiled.forward(samples[1:])
+    np.testing.assert_array_equal(guided[0].actions, eager.forward(samples)[0].actions)
+    np.testing.assert_allclose(plain[0].actions, got[1].actions, atol=ATOL, rtol=0)
+
+
+def test_pi0_server_with_compile(
+    server_factory: Callable[..., RunningServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """VLA_COMPILE=1 through the real server (random demo model): the warm-up compiles the
+    buckets, Predict answers what the eager server answers."""
+    answers = []
+    for compile_model in (False, True):
+        with caplog.at_level(logging.INFO, logger="vla_inference.models.common.static"):
+            running = server_factory(compile=compile_model, batch_size=2, warmup_batches=1)
+        assert ("compiled for batch buckets 1, 2" in caplog.text) == compile_model
+        with running.client() as client:
+            image = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+            chunk = client.predict(image, [0.1] * 7, "pick up the cup", seed=7)
+        answers.append(np.array([a.joint_commands for a in chunk.actions]))
+        running.stop()
+    np.testing.assert_allclose(answers[1], answers[0], atol=1e-4, rtol=0)
+
+
+def test_groot_policy_with_compile(tmp_path: Path) -> None:
+    path = write_tiny_groot_checkpoint(tmp_path / "groot", seed=1)
+    eager, compiled = (
+        GrootPolicy(Settings(model_type="groot")),
+        GrootPolicy(Settings(model_type="groot", compile=True, batch_size=2)),
+    )
+    eager.load(str(path), "cpu")
+    compiled.load(str(path), "cpu")
+    rng = np.random.default_rng(0)
+
+    def image() -> np.ndarray:
+        return rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+
+    observations = [
+        Observation(
+            {"base": image()}, np.linspace(0, 1, 6).astype(np.float32), "pick up the cube", "gr1", seed=1
+        ),
+        Observation(
+            {"base": image(), "left_wrist": image()}, np.ones(6, np.float32), "wave", "new_embodiment", seed=2
+        ),
+    ]
+    samples = [compiled.prepare(o) for o in observations]
+    assert compiled._static is not None and compiled._static.images_per_row == 2
+    for raw, want in zip(compiled.forward(samples), eager.forward(samples), strict=True):
+        np.testing.assert_allclose(raw.actions, want.actions, atol=ATOL, rtol=0)
+
+    long = Observation({"base": image()}, np.zeros(6, np.float32), "go " * 200, "gr1", seed=3)
+    sample = compiled.prepare(long)
+    assert not compiled._static.fits(int(sample.inputs.input_ids.numel()), 1)
+    with torch.compiler.set_stance("fail_on_recompile"):  # eager: nothing to compile
+        np.testing.assert_allclose(
+            compiled.forward([sample])[0].actions, eager.forward([sample])[0].actions, atol=ATOL, rtol=0
+        )
+
+
+def test_openvla_policy_with_compile(tmp_path: Path) -> None:
+    path = write_tiny_openvla_checkpoint(tmp_path / "openvla", seed=0)
+    eager = OpenVLAPolicy(Settings(model_type="openvla"))
+    compiled = OpenVLAPolicy(Settings(model_type="openvla", compile=True, batch_size=2))
+    eager.load(str(path), "cpu")
+    compiled.load(str(path), "cpu")
+    rng = np.random.default_rng(0)
+    observations = [
+        Observation(
+            {"base": rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)}, np.zeros(0, np.float32), text
+        )
+        for text in ("pick up the red cup", "put the spoon in the drawer")
+    ]
+    samples = [compiled.prepare(o) for o in observations]
+    got, want = compiled.forward(samples), eager.forward(samples)
+    for raw, expected in zip(got, want, strict=True):
+        np.testing.assert_array_equal(raw.tokens, expected.tokens)
+        np.testing.assert_allclose(raw.probs, expected.probs, rtol=1e-4)
+
+    long = compiled.prepare(
+        Observation(observations[0].images, np.zeros(0, np.float32), "go to the left " * 30)
+    )
+    assert long.inputs.input_ids.numel() > STATIC_PROMPT_TOKENS  # decoded eagerly
+    with torch.compiler.set_stance("fail_on_recompile"):
+        np.testing.assert_array_equal(compiled.forward([long])[0].tokens, eager.forward([long])[0].tokens)
