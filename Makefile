@@ -90,7 +90,7 @@ $(DEMOS)/manifest.json: | $(SIM_STAMP)
 
 demos: $(DEMOS)/manifest.json ## Record MetaWorld MT10 expert demonstrations into data/ (about 20 min)
 
-train-default: install proto sim-install demos ## Retrain the embedded default policy (about 90 min, resumable)
+train-default: install proto sim-install demos ## Retrain the embedded default policy (about 2 h on 2 cores after the demos; resumable)
 	$(BIN)/python -m vla_inference.training.train --data $(DEMOS) --run runs/metaworld \
 		--export src/vla_inference/models/pi0/assets/metaworld
 

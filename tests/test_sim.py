@@ -211,6 +211,19 @@ def test_realtime_mode_switches_chunks_after_the_delay(default_server) -> None: 
     assert result.actions[0][:3] == [0.0, 0.0, 0.0] and result.actions[1][:3] == [0.0, 0.0, 0.0]
 
 
+@pytest.mark.parametrize(("task", "steps"), [("reach-v3", 46), ("drawer-close-v3", 78)])
+def test_the_default_policy_closes_the_loop(default_server, task: str, steps: int) -> None:  # type: ignore[no-untyped-def]
+    """Closed-loop smoke: the shipped policy solves two held-out episodes (seed 1000) in lockstep.
+
+    Deterministic here: the simulator replays from its seed and every request carries a fixed
+    sampling seed; `make eval` measured the same episodes (docs/evaluation/policy.json)."""
+    cfg, client = _robot(default_server.target, execute_steps=4, max_steps=150)
+    with client, mt.MetaWorldEpisode(task, max_steps=cfg.max_steps) as episode:
+        result = robot._Robot(cfg, mt.TASKS[task], client).run(episode, 1000)
+    assert result.success, f"{task} seed 1000 failed after {result.steps} steps"
+    assert abs(result.steps - steps) <= 10  # the evaluated episode, within CPU numerics' drift
+
+
 def test_sim_command_writes_the_report_video_and_plot(default_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "report.json"
     argv = ["sim", "--target", default_server.target, "--tasks", "reach,drawer-close", "--episodes", "2"]

@@ -14,7 +14,8 @@ Starts the default server (`vla-inference serve`, nothing set but an ephemeral p
   comes from the measured latency.
 
 Each part writes its JSON reports into docs/evaluation/ and docs/evaluation.md is rendered from
-all the reports found there. Figures are measured, not asserted.
+all the reports found there, with the goals checked against them and docs/evaluation/notes.md (the
+hand-written reading of the figures) appended. Figures are measured, not asserted.
 """
 
 from __future__ import annotations
@@ -239,6 +240,40 @@ def _rtc_section(runs: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _goals_section(policy: dict[str, Any] | None, rtc: dict[str, Any] | None) -> list[str]:
+    """The issues' goals, checked against the reports (measured, not asserted anywhere else)."""
+    rows: list[str] = []
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "**not met**"
+
+    if policy is not None:
+        rate = policy["policy"]["overall"]["success_rate"]
+        rows.append(
+            f"| lockstep success over MT10, held-out seeds >= 80% | {_pct(rate)} | {verdict(rate >= 0.8)} |"
+        )
+    if rtc is not None and {"d4-none", "d4-guided"} <= rtc.keys():
+        none, guided = rtc["d4-none"]["overall"], rtc["d4-guided"]["overall"]
+        b, w, bn = guided["boundary_jump_p99"], guided["within_chunk_jump_p99"], none["boundary_jump_p99"]
+        if None not in (b, w, bn):
+            rows.append(
+                f"| d=4 guided: boundary jump p99 <= 1.5 x within-chunk | {b:.3f} vs 1.5 x {w:.3f} = "
+                f"{1.5 * w:.3f} ({b / w:.2f}x) | {verdict(b <= 1.5 * w)} |"
+            )
+            rows.append(
+                f"| d=4 guided: boundary jump p99 <= half of none's | {b:.3f} vs {bn:.3f} / 2 = "
+                f"{bn / 2:.3f} ({b / bn:.2f}x) | {verdict(b <= bn / 2)} |"
+            )
+        sg, sn = guided["success_rate"], none["success_rate"]
+        rows.append(
+            f"| d=4 guided: success >= none's - 5 points | {_pct(sg)} vs {_pct(sn)} | "
+            f"{verdict(sg >= sn - 0.05 - 1e-9)} |"
+        )
+    if not rows:
+        return []
+    return ["## Against the goals", "", "| goal | measured | |", "|---|---|---|", *rows]
+
+
 def render(json_dir: Path) -> str:
     lines = [
         "# Closed-loop evaluation",
@@ -249,10 +284,19 @@ def render(json_dir: Path) -> str:
         "instruction in, 4-dim end-effector actions out. Reports: `docs/evaluation/*.json`.",
         "",
     ]
-    for name, section in (("policy.json", _policy_section), ("rtc.json", _rtc_section)):
-        path = json_dir / name
-        if path.is_file():
-            lines += [*section(json.loads(path.read_text())), ""]
+    reports = {
+        name: json.loads((json_dir / f"{name}.json").read_text())
+        for name in ("policy", "rtc")
+        if (json_dir / f"{name}.json").is_file()
+    }
+    lines += [*_goals_section(reports.get("policy"), reports.get("rtc")), ""]
+    if "policy" in reports:
+        lines += [*_policy_section(reports["policy"]), ""]
+    if "rtc" in reports:
+        lines += [*_rtc_section(reports["rtc"]), ""]
+    notes = json_dir / "notes.md"  # hand-written reading of the figures, kept across re-renders
+    if notes.is_file():
+        lines += [notes.read_text().rstrip(), ""]
     return "\n".join(lines)
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import multiprocessing
 import time
 import zlib
 from collections.abc import Sequence
@@ -219,7 +220,10 @@ def run(cfg: SimConfig) -> list[EpisodeResult]:
     # Split each task's seeds in halves too, so two workers never idle behind one long task.
     parts = max(1, min(cfg.parallel, len(seeds)))
     split = [(name, s[i::parts]) for name, s in jobs for i in range(parts)]
-    with concurrent.futures.ProcessPoolExecutor(cfg.parallel) as pool:
+    # Spawned, not forked: a child forked from a process that has used gRPC (the caller's ModelInfo
+    # request) can hang on gRPC's inherited locks.
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(cfg.parallel, mp_context=spawn) as pool:
         futures = [pool.submit(_run_task, cfg, name, s) for name, s in split]
         results = [r for f in futures for r in f.result()]
     return sorted(results, key=lambda r: (cfg.tasks.index(r.task), r.seed))
