@@ -129,6 +129,16 @@ class BatchPrefix:
         return bool(self.hard_mask.any())
 
     @staticmethod
+    def hard_inputs(prefix: BatchPrefix | None, noise: Tensor) -> tuple[Tensor, Tensor]:
+        """(actions (B, H, A), mask (B, H)) for a static sampler's hard inpainting, in the noise's
+        dtype: the prefix's, or zeros and an all-False mask without one (one dtype and shape either
+        way, so a compiled graph serves both)."""
+        if prefix is not None:
+            return prefix.actions.to(noise.dtype), prefix.hard_mask
+        B, H = noise.shape[:2]
+        return torch.zeros_like(noise), torch.zeros(B, H, dtype=torch.bool, device=noise.device)
+
+    @staticmethod
     def stack(
         prefixes: Sequence[Prefix | None], horizon: int, width: int, device: torch.device
     ) -> BatchPrefix | None:

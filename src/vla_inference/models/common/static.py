@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
+
+from vla_inference.models.common import flow
+from vla_inference.models.common.transformer import KVCache
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,52 @@ def pad_rows(t: Tensor, rows: int) -> Tensor:
     caller's grad mode (under inference_mode an inference tensor, as dynamo's guards expect)."""
     n = t.shape[0]
     return torch.cat([t, t[-1:].expand(rows - n, *t.shape[1:])])
+
+
+def run_in_pieces(
+    rows: Sequence[Tensor], run: Callable[[int, int, int, list[Tensor]], Sequence[Tensor]]
+) -> list[Tensor]:
+    """A batch through a per-bucket function: for each piece, run(bucket, start, stop, its rows
+    padded to the bucket); each output's real rows, concatenated over the pieces. Outputs are cloned:
+    a CUDA graph reuses its output buffers on the next replay."""
+    outputs = []
+    for start, stop, bucket in pieces(rows[0].shape[0]):
+        padded = [pad_rows(t[start:stop], bucket) for t in rows]
+        outputs.append([out[: stop - start].clone() for out in run(bucket, start, stop, padded)])
+    return [torch.cat(parts) for parts in zip(*outputs, strict=True)]
+
+
+def kv_cache(
+    caches: dict[int, KVCache],
+    bucket: int,
+    layers: int,
+    kv_heads: int,
+    length: int,
+    head_dim: int,
+    like: Tensor,
+) -> KVCache:
+    """caches[bucket]: a persistent KV cache (layers, bucket, kv_heads, length, head_dim) in `like`'s
+    dtype and device, allocated on first use."""
+    if bucket not in caches:
+        caches[bucket] = cache = KVCache.allocate(layers, bucket, kv_heads, length, head_dim, like)
+        persistent(cache.k)
+        persistent(cache.v)
+    return caches[bucket]
+
+
+def denoise(
+    step: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]],
+    times: Iterable[tuple[Tensor, Tensor]],
+    noise: Tensor,
+    hard_actions: Tensor,
+    hard_mask: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """The static Euler loop: x, v = step(x, tau, t) from the noise for each (tau, t) of `times`;
+    returns (actions with the hard prefix in place, the last velocity)."""
+    x, v = noise.clone(), torch.zeros_like(noise)  # x aliasing noise would be a second graph
+    for tau, t in times:
+        x, v = step(x, tau, t)
+    return flow.finish(x, hard_actions, hard_mask), v
 
 
 def pad_columns(t: Tensor, length: int, value: float | bool = 0) -> Tensor:

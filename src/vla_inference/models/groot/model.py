@@ -335,15 +335,14 @@ class GrootStatic:
     def __init__(
         self,
         model: GR00TN15,
-        prompt_len: int,
-        images_per_row: int,
+        prompt_len: int,  # tokens: every prompt is padded to this
+        images_per_row: int,  # camera views per sample: missing ones are zero images
+        *,
         compile: bool = True,
         backend: str | None = None,
     ) -> None:
-        self.model = model
-        self.prompt_len = prompt_len
-        self.images_per_row = images_per_row
         self.device = model.action_head.future_tokens.device
+        self.model, self.prompt_len, self.images_per_row = model, prompt_len, images_per_row
         self.compiled = compile
         wrap = functools.partial(static.compile_static, device=self.device, backend=backend)
         self._context = wrap(model.context_static) if compile else model.context_static
@@ -397,50 +396,33 @@ class GrootStatic:
         dtype = self.model.action_head.future_tokens.dtype
         with torch.inference_mode():
             noise = noise.to(dtype)
-            B, H = noise.shape[:2]
-            # one dtype with or without a prefix (bf16 on CUDA): no recompile for the first hard batch
-            hard_actions = prefix.actions.to(dtype) if prefix is not None else torch.zeros_like(noise)
-            hard_mask = (
-                prefix.hard_mask
-                if prefix is not None
-                else torch.zeros(B, H, dtype=torch.bool, device=noise.device)
-            )
+            hard_actions, hard_mask = rtc.BatchPrefix.hard_inputs(prefix, noise)  # bf16 on CUDA too
             ids = static.pad_columns(input_ids, self.prompt_len)
             mask = static.pad_columns(attention_mask, self.prompt_len, False)
             rows = (ids, mask, state.to(dtype), embodiment_ids, noise, hard_actions, hard_mask)
-            actions, velocities = [], []
-            for start, stop, bucket in static.pieces(B):
-                piece = [static.pad_rows(t[start:stop], bucket) for t in rows]
+
+            def run(bucket: int, start: int, stop: int, piece: list[Tensor]) -> tuple[Tensor, Tensor]:
                 images = list(pixels[start:stop])
                 images += [images[-1]] * (bucket - len(images))  # the padding rows' images
                 flat = torch.cat(images)
                 spare = bucket * self.images_per_row - flat.shape[0]
                 if spare:
                     flat = torch.cat([flat, flat.new_zeros(spare, *flat.shape[1:])])
-                a, v = self._run(bucket, steps, flat, *piece)
-                actions.append(a[: stop - start].clone())  # a CUDA graph's outputs are reused
-                velocities.append(v[: stop - start].clone())
-            return torch.cat(actions), torch.cat(velocities)
+                return self._run(bucket, steps, flat, piece)
 
-    def _run(
-        self,
-        bucket: int,
-        steps: int,
-        pixels: Tensor,
-        ids: Tensor,
-        mask: Tensor,
-        state: Tensor,
-        embodiment_ids: Tensor,
-        noise: Tensor,
-        hard_actions: Tensor,
-        hard_mask: Tensor,
-    ) -> tuple[Tensor, Tensor]:
+            actions, velocities = static.run_in_pieces(rows, run)
+            return actions, velocities
+
+    def _run(self, bucket: int, steps: int, pixels: Tensor, piece: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """One bucket: pixels (bucket * images_per_row, 3, S, S); piece = the padded rows (ids, mask,
+        state, embodiment_ids, noise, hard_actions, hard_mask)."""
+        ids, mask, state, embodiment_ids, noise, hard_actions, hard_mask = piece
         cache = self.cache(bucket)
         static.begin_call(self.device)
         self._context(cache, pixels, ids, mask)
-        x, v = noise.clone(), torch.zeros_like(noise)  # x aliasing noise would be a second graph
-        for tau, time_bucket in self.times(bucket, steps, noise.dtype):
-            x, v = self._step(
-                cache, mask, state, embodiment_ids, x, tau, time_bucket, noise, hard_actions, hard_mask, steps
-            )
-        return flow.finish(x, hard_actions, hard_mask), v
+
+        def step(x: Tensor, tau: Tensor, time_bucket: Tensor) -> tuple[Tensor, Tensor]:
+            args = (cache, mask, state, embodiment_ids, x, tau, time_bucket, noise, hard_actions, hard_mask)
+            return self._step(*args, steps)
+
+        return static.denoise(step, self.times(bucket, steps, noise.dtype), noise, hard_actions, hard_mask)

@@ -351,15 +351,10 @@ class OpenVLAStatic:
 
     def cache(self, bucket: int) -> KVCache:
         """The bucket's KV cache (L, bucket, H, T0 + max_new_tokens, D), allocated on first use."""
-        cache = self._caches.get(bucket)
-        if cache is None:
-            llm = self.model.cfg.llm
-            like = self.model.lm_head.weight
-            cache = KVCache.allocate(llm.depth, bucket, llm.num_kv_heads, self.length, llm.head_dim, like)
-            static.persistent(cache.k)
-            static.persistent(cache.v)
-            self._caches[bucket] = cache
-        return cache
+        llm, like = self.model.cfg.llm, self.model.lm_head.weight
+        return static.kv_cache(
+            self._caches, bucket, llm.depth, llm.num_kv_heads, self.length, llm.head_dim, like
+        )
 
     def columns(self) -> list[Tensor]:
         """The cache column (1,) of each decode step's token."""
@@ -388,13 +383,10 @@ class OpenVLAStatic:
                     text[row, width - n :] = prompt[1:]
                     text_valid[row, width - n :] = True
             rows = (pixels, bos, text.to(self.device), text_valid.to(self.device))
-            tokens, probs = [], []
-            for start, stop, bucket in static.pieces(B):
-                piece = [static.pad_rows(t[start:stop], bucket) for t in rows]
-                t, p = self._run(bucket, max_new_tokens, *piece)
-                tokens.append(t[: stop - start])
-                probs.append(p[: stop - start])
-            return DecodeOutput(tokens=torch.cat(tokens), probs=torch.cat(probs))
+            tokens, probs = static.run_in_pieces(
+                rows, lambda bucket, start, stop, piece: self._run(bucket, max_new_tokens, *piece)
+            )
+            return DecodeOutput(tokens=tokens, probs=probs)
 
     def _run(
         self, bucket: int, n: int, pixels: Tensor, bos: Tensor, text: Tensor, text_valid: Tensor

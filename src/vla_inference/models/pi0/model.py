@@ -588,15 +588,10 @@ class Pi0Static:
 
     def cache(self, bucket: int) -> KVCache:
         """The bucket's prefix KV cache (L, bucket, Hkv, P, D), allocated on first use."""
-        cache = self._caches.get(bucket)
-        if cache is None:
-            vlm = self.model.cfg.vlm
-            like = self.model.action_in_proj.weight
-            cache = KVCache.allocate(vlm.depth, bucket, vlm.num_kv_heads, self.prefix_len, vlm.head_dim, like)
-            static.persistent(cache.k)
-            static.persistent(cache.v)
-            self._caches[bucket] = cache
-        return cache
+        vlm, like = self.model.cfg.vlm, self.model.action_in_proj.weight
+        return static.kv_cache(
+            self._caches, bucket, vlm.depth, vlm.num_kv_heads, self.prefix_len, vlm.head_dim, like
+        )
 
     def times(self, bucket: int, steps: int, dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
         """(tau, t) (bucket,) per step, as the eager sampler makes them: tau = step / steps, t = 1 - tau."""
@@ -627,47 +622,29 @@ class Pi0Static:
             flow_mask = self.model.flow_mask(noise)
             if flow_mask is not None:
                 noise = noise * flow_mask
-            B, H = noise.shape[:2]
-            # one dtype with or without a prefix: no recompile for the first hard batch
-            hard_actions = prefix.actions.to(noise.dtype) if prefix is not None else torch.zeros_like(noise)
-            hard_mask = (
-                prefix.hard_mask
-                if prefix is not None
-                else torch.zeros(B, H, dtype=torch.bool, device=noise.device)
-            )
+            hard_actions, hard_mask = rtc.BatchPrefix.hard_inputs(prefix, noise)
             tokens = static.pad_columns(tokens, cfg.max_token_len)
             token_masks = static.pad_columns(token_masks, cfg.max_token_len, False)
             rows = (images, image_masks, tokens, token_masks, state, noise, hard_actions, hard_mask)
-            actions, velocities = [], []
-            for start, stop, bucket in static.pieces(B):
-                piece = [static.pad_rows(t[start:stop], bucket) for t in rows]
-                a, v = self._run(bucket, steps, *piece)
-                actions.append(a[: stop - start].clone())  # a CUDA graph's outputs are reused
-                velocities.append(v[: stop - start].clone())
-            return torch.cat(actions), torch.cat(velocities)
+            actions, velocities = static.run_in_pieces(
+                rows, lambda bucket, start, stop, piece: self._run(bucket, steps, piece)
+            )
+            return actions, velocities
 
-    def _run(
-        self,
-        bucket: int,
-        steps: int,
-        images: Tensor,
-        image_masks: Tensor,
-        tokens: Tensor,
-        token_masks: Tensor,
-        state: Tensor,
-        noise: Tensor,
-        hard_actions: Tensor,
-        hard_mask: Tensor,
-    ) -> tuple[Tensor, Tensor]:
+    def _run(self, bucket: int, steps: int, piece: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """One bucket: piece = the padded rows (images, image_masks, tokens, token_masks, state, noise,
+        hard_actions, hard_mask)."""
+        images, image_masks, tokens, token_masks, state, noise, hard_actions, hard_mask = piece
         cache = self.cache(bucket)
         static.begin_call(self.device)
         context = self._prefix(cache.k, cache.v, images, image_masks, tokens, token_masks, self.slots)
-        x, v = noise.clone(), torch.zeros_like(noise)  # x aliasing noise would be a second graph
-        for tau, t in self.times(bucket, steps, noise.dtype):
-            x, v = self._step(
+
+        def step(x: Tensor, tau: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+            return self._step(
                 cache.k, cache.v, context, state, x, tau, t, noise, hard_actions, hard_mask, steps
             )
-        return flow.finish(x, hard_actions, hard_mask), v
+
+        return static.denoise(step, self.times(bucket, steps, noise.dtype), noise, hard_actions, hard_mask)
 
 
 def build(cfg: Pi0Config, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Pi0Model:
