@@ -211,6 +211,10 @@ def _run_task(cfg: SimConfig, task_name: str, seeds: Sequence[int]) -> list[Epis
     return results
 
 
+def _log_to_stderr(level: int) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(message)s")
+
+
 def run(cfg: SimConfig) -> list[EpisodeResult]:
     """All episodes of every task; tasks are split over `cfg.parallel` worker processes."""
     seeds = list(range(cfg.seed, cfg.seed + cfg.episodes))
@@ -223,7 +227,10 @@ def run(cfg: SimConfig) -> list[EpisodeResult]:
     # Spawned, not forked: a child forked from a process that has used gRPC (the caller's ModelInfo
     # request) can hang on gRPC's inherited locks.
     spawn = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(cfg.parallel, mp_context=spawn) as pool:
+    level = logging.getLogger().getEffectiveLevel()  # the workers log each episode as the parent would
+    with concurrent.futures.ProcessPoolExecutor(
+        cfg.parallel, mp_context=spawn, initializer=_log_to_stderr, initargs=(level,)
+    ) as pool:
         futures = [pool.submit(_run_task, cfg, name, s) for name, s in split]
         results = [r for f in futures for r in f.result()]
     return sorted(results, key=lambda r: (cfg.tasks.index(r.task), r.seed))
