@@ -13,8 +13,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -264,6 +264,39 @@ async def stream(
     }
 
 
+@dataclass
+class FleetLog:
+    """What closed-loop robots record: (completion time, latency) of every answer after a robot's
+    first, the time of each robot's first answer, and the status names of failed calls."""
+
+    done: list[tuple[float, float]] = field(default_factory=list)
+    first: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    async def robot(
+        self, call: Callable[[], Awaitable[Any]], t_end: float, on_reply: Callable[[Any], None] | None = None
+    ) -> None:
+        """One robot until t_end: the next call when the previous answer arrives; a failed call
+        is counted and retried after 10 ms. on_reply sees every answer recorded in `done`."""
+        got_first = False
+        while time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            try:
+                reply = await call()
+            except grpc.RpcError as exc:
+                self.errors.append(exc.code().name)
+                await asyncio.sleep(0.01)
+                continue
+            t1 = time.perf_counter()
+            if not got_first:
+                got_first = True
+                self.first.append(t1)
+                continue
+            self.done.append((t1, t1 - t0))
+            if on_reply is not None:
+                on_reply(reply)
+
+
 async def fleet(
     target: str,
     request: pb.Observation,
@@ -282,13 +315,17 @@ async def fleet(
     if not 1 <= clients <= MAX_CLIENTS:
         raise ValueError(f"clients must be 1..{MAX_CLIENTS}")
     load_1m = load_average()
-    done: list[tuple[float, float]] = []  # (completion time, latency)
-    first: list[float] = []
+    log = FleetLog()
+    done, first, errors = log.done, log.first, log.errors
     batches: list[int] = []  # the server-reported batch size of each counted answer (ours only)
     server_parts: list[tuple[float, float]] = []  # (model_ms, queue_ms) as the server reported them
-    errors: list[str] = []
     t_start = time.perf_counter()
     t_end = t_start + window_s
+
+    def server_timing(reply: pb.ActionChunk) -> None:
+        if reply.timing.batch_size:
+            batches.append(reply.timing.batch_size)
+            server_parts.append((reply.timing.model_ms, reply.timing.queue_ms))
 
     async def robot(index: int) -> None:
         msg = pb.Observation()
@@ -296,24 +333,9 @@ async def fleet(
         msg.seed = index
         async with channel(target) as ch:
             stub = pb_grpc.VLAInferenceStub(ch)
-            got_first = False
-            while time.perf_counter() < t_end:
-                t0 = time.perf_counter()
-                try:
-                    reply = await stub.Predict(msg, timeout=CALL_TIMEOUT_S, metadata=metadata)
-                except grpc.aio.AioRpcError as exc:
-                    errors.append(exc.code().name)
-                    await asyncio.sleep(0.01)
-                    continue
-                t1 = time.perf_counter()
-                if not got_first:
-                    got_first = True
-                    first.append(t1)
-                else:
-                    done.append((t1, t1 - t0))
-                    if reply.timing.batch_size:
-                        batches.append(reply.timing.batch_size)
-                        server_parts.append((reply.timing.model_ms, reply.timing.queue_ms))
+            await log.robot(
+                lambda: stub.Predict(msg, timeout=CALL_TIMEOUT_S, metadata=metadata), t_end, server_timing
+            )
 
     tasks = [asyncio.create_task(robot(i)) for i in range(clients)]
     await asyncio.wait(tasks, timeout=window_s)

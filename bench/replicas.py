@@ -29,8 +29,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from bench import loadgen
 from bench.common import ROOT, machine_facts, make_request, summary_ms
 from vla_inference.client import AsyncVLAClient
@@ -66,29 +64,14 @@ def answered(metrics_port: int) -> float:
 async def fleet(targets: list[str], robots: int, window_s: float) -> dict[str, Any]:
     """`robots` closed-loop robots, one balanced client each, for window_s seconds."""
     info = await loadgen.model_info(targets[0])
-    done: list[tuple[float, float]] = []
-    first: list[float] = []
-    errors: list[str] = []
+    log = loadgen.FleetLog()
+    done, first, errors = log.done, log.first, log.errors
     t_end = time.perf_counter() + window_s
 
     async def robot(index: int) -> None:
         request = make_request(info, seed=index)
-        got_first = False
         async with AsyncVLAClient(targets, timeout=loadgen.CALL_TIMEOUT_S) as client:
-            while time.perf_counter() < t_end:
-                t0 = time.perf_counter()
-                try:
-                    await client.predict_observation(request)
-                except grpc.RpcError as exc:
-                    errors.append(exc.code().name)
-                    await asyncio.sleep(0.01)
-                    continue
-                t1 = time.perf_counter()
-                if not got_first:
-                    got_first = True
-                    first.append(t1)
-                else:
-                    done.append((t1, t1 - t0))
+            await log.robot(lambda: client.predict_observation(request), t_end)
 
     tasks = [asyncio.create_task(robot(i)) for i in range(robots)]
     await asyncio.wait(tasks, timeout=window_s + 5)
