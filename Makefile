@@ -90,14 +90,14 @@ $(DEMOS)/manifest.json: | $(SIM_STAMP)
 
 demos: $(DEMOS)/manifest.json ## Record MetaWorld MT10 expert demonstrations into data/ (about 20 min)
 
-train-default: install proto sim-install demos ## Retrain the embedded default policy (about 2 h on 2 cores after the demos; resumable)
+train-default: install proto sim-install demos ## Retrain the embedded default policy (about 70 min on 2 cores after the demos; resumable)
 	$(BIN)/python -m vla_inference.training.train --data $(DEMOS) --run runs/metaworld \
 		--export src/vla_inference/models/pi0/assets/metaworld
 
 eval: install proto sim-install ## Closed-loop success of the default policy and two baselines -> docs/evaluation.md (~20 min)
 	MUJOCO_GL=egl $(BIN)/python -m vla_inference.sim.evaluate policy
 
-eval-rtc: install proto sim-install ## Real-time chunking matrix in the simulated robot -> docs/evaluation.md (~30 min)
+eval-rtc: install proto sim-install ## Real-time chunking matrix in the simulated robot -> docs/evaluation.md (~40 min)
 	MUJOCO_GL=egl $(BIN)/python -m vla_inference.sim.evaluate rtc --episodes 10
 
 bench-gpu: install proto ## GPU benchmark script (real sizes, bf16); `bench/gpu.sh --tiny` runs it on the CPU

@@ -142,6 +142,15 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {_ms(s['queue'], 'p50_ms', 3)} | {_ms(s['postprocess'], 'p50_ms', 3)} "
                 f"| {_ms(s['server_total'], 'p50_ms', 3)} | {_ms(s['server_total'], 'p99_ms', 3)} |"
             )
+        for t in stubs:
+            sync = t.get("transport_floor", {}).get("sync_server")
+            if sync and sync.get("n"):
+                lines.append(
+                    f"\n{t['name']}: the same floor served by grpc's synchronous server (thread pool): "
+                    f"p50 {_ms(sync, 'p50_ms', 3)} ms, p99 {_ms(sync, 'p99_ms', 3)} ms "
+                    f"(grpc.aio: {t['transport_floor'].get('p50_ms', '-')} / "
+                    f"{t['transport_floor'].get('p99_ms', '-')} ms)."
+                )
     lines += ["", "## 3. StreamControl at a fixed control rate (deadline = one control period)", ""]
     lines += [
         "| model | forward | rate Hz | steps | answered | skipped | p50 ms | p99 ms | deadlines met |",

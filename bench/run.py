@@ -237,17 +237,23 @@ def _serve_phases(
             info = asyncio.run(loadgen.model_info(srv.target))
             floor_args = ["-m", "bench.transport_floor", "--actions", str(info.chunk_size)]
             floor_args += ["--dims", str(info.action_dim)]
-            with loadgen.ServerProcess(floor_args, {}, logs / "floor.log") as floor_srv:
+            with (
+                loadgen.ServerProcess(floor_args, {}, logs / "floor.log") as floor_srv,
+                loadgen.ServerProcess([*floor_args, "--sync"], {}, logs / "floor.log") as sync_srv,
+            ):
 
                 async def stub() -> None:
                     request = make_request(info)
                     calls = {"count": plan.stub_count, "window_s": plan.stub_window_s, "warmup": 20}
-                    # floor, ours, floor: the same client and bytes; the lower floor is kept.
+                    # floor, ours, floor: the same client and bytes; the lower floor is kept. Then
+                    # the floor served by grpc's synchronous server, for the framework question.
                     floors = [await loadgen.unary(floor_srv.target, request, **calls)]
                     unary = await loadgen.unary(srv.target, request, **calls)
                     floors.append(await loadgen.unary(floor_srv.target, request, **calls))
+                    sync_floor = await loadgen.unary(sync_srv.target, request, **calls)
                     res["overhead_stub"] = loadgen.overhead_breakdown(unary, None)
                     res["transport_floor"] = transport_floor(floors, res["overhead_stub"]["e2e"])
+                    res["transport_floor"]["sync_server"] = summary_ms(sync_floor.e2e_s)
 
                 asyncio.run(stub())
 

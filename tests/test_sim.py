@@ -211,7 +211,7 @@ def test_realtime_mode_switches_chunks_after_the_delay(default_server) -> None: 
     assert result.actions[0][:3] == [0.0, 0.0, 0.0] and result.actions[1][:3] == [0.0, 0.0, 0.0]
 
 
-@pytest.mark.parametrize(("task", "steps"), [("reach-v3", 46), ("drawer-close-v3", 78)])
+@pytest.mark.parametrize(("task", "steps"), [("reach-v3", 43), ("drawer-close-v3", 78)])
 def test_the_default_policy_closes_the_loop(default_server, task: str, steps: int) -> None:  # type: ignore[no-untyped-def]
     """Closed-loop smoke: the shipped policy solves two held-out episodes (seed 1000) in lockstep.
 

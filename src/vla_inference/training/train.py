@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, required=True, help="demonstrations (sim.demos output)")
     parser.add_argument("--run", type=Path, required=True, help="run directory (resumable state)")
     parser.add_argument("--export", type=Path, required=True, help="where to write the checkpoint")
-    parser.add_argument("--steps", type=int, default=12_000)
+    parser.add_argument("--steps", type=int, default=7_000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=500)
