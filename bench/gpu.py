@@ -14,6 +14,9 @@ For each family: pi0 (1 and 3 cameras), pi0.5, OpenVLA 7B, GR00T N1.5 —
     graphs via mode="reduce-overhead" on CUDA), its first-call time (compile + capture), latency
     p50/p99 at batch 1 (bucket 1), the speed-up over eager, and its agreement with eager; with
     --compile-batch also the batch bucket's throughput,
+  - real-time chunking (pi0 families; --no-rtc skips it): batch-1 latency of hard, guided with the
+    Jacobian (a backward pass per step) and guided with the velocity held constant, eager and
+    compiled where the static path runs it, against the plain pass,
   - peak device memory (torch.cuda.max_memory_allocated) and the weights' size,
   - end-to-end Predict through the real server (VLAServer, grpc.aio, 127.0.0.1) with a 224x224
     JPEG, using a thin bench adapter (SyntheticPolicy) around the same network: the families'
@@ -201,7 +204,10 @@ class Pi0Family(Family):
             "noise": noise,
         }
 
-    def run(self, samples: Sequence[dict[str, Any]], compiled: bool = False) -> np.ndarray:
+    def run(
+        self, samples: Sequence[dict[str, Any]], compiled: bool = False, prefix: Any = None
+    ) -> np.ndarray:
+        """`prefix`: a models.rtc.BatchPrefix (real-time chunking rows), as the policy passes it."""
         dev = self.device
 
         def stack(key: str, dtype: torch.dtype) -> torch.Tensor:
@@ -209,7 +215,8 @@ class Pi0Family(Family):
 
         tokens = stack("tokens", torch.long)
         sample = self.runner.sample_actions if compiled else self.model.sample_actions
-        with torch.inference_mode():
+        backward = prefix is not None and prefix.needs_backward  # the Jacobian: grad mode, no_grad
+        with torch.no_grad() if backward else torch.inference_mode():
             actions, _ = sample(
                 stack("images", self.dtype),
                 stack("masks", torch.bool),
@@ -217,8 +224,27 @@ class Pi0Family(Family):
                 torch.ones_like(tokens, dtype=torch.bool),
                 stack("state", torch.float32),
                 stack("noise", torch.float32),
+                prefix=prefix,
             )
         return actions.float().cpu().numpy()
+
+    def rtc_prefixes(self, delay: int = 4) -> dict[str, Any]:
+        """Batch-1 real-time chunking prefixes (previous chunk random, half of it executed, d =
+        `delay`) for the methods and guidance variants the server runs."""
+        from vla_inference.models import rtc
+
+        H, A = self.cfg.action_horizon, self.cfg.action_dim
+        previous = np.random.default_rng(0).standard_normal((H, A)).astype(np.float32)
+
+        def batch(method: str, jacobian: bool = True) -> Any:
+            one = rtc.build_prefix(previous, H // 2, delay, H, method, 5.0, jacobian=jacobian)
+            return rtc.BatchPrefix.stack([one], H, A, self.device)
+
+        return {
+            "hard": batch("hard"),
+            "guided_jacobian": batch("guided"),
+            "guided_constant_velocity": batch("guided", jacobian=False),
+        }
 
 
 class OpenVLAFamily(Family):
@@ -491,6 +517,29 @@ def compiled_figures(
     return out
 
 
+def rtc_figures(fam: Pi0Family, device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
+    """Batch-1 latency of real-time chunking (d = 4, half the previous chunk executed): hard, guided
+    with the Jacobian (a backward pass per step, eager) and guided with the velocity held constant,
+    eager and, when the static runner was built, compiled; ratios to the plain eager pass."""
+    b1 = fam.synthetic_batch(1)
+
+    def timed(compiled: bool, prefix: Any) -> dict[str, Any]:
+        for _ in range(2):  # warm-up (and a compiled bucket's first calls)
+            fam.run(b1, compiled, prefix)
+        return _stats(_time(lambda: fam.run(b1, compiled, prefix), device, args.reps, args.budget_s))
+
+    out: dict[str, Any] = {"delay": 4, "executed": fam.cfg.action_horizon // 2}
+    plain = out["none_eager"] = timed(False, None)
+    for name, prefix in fam.rtc_prefixes().items():
+        compiled_too = fam.runner is not None and not prefix.needs_backward
+        for where in ("eager", "compiled") if compiled_too else ("eager",):
+            stats = timed(where == "compiled", prefix)
+            if plain.get("p50_ms") and stats.get("p50_ms"):
+                stats["vs_none_eager_p50"] = round(stats["p50_ms"] / plain["p50_ms"], 3)
+            out[f"{name}_{where}"] = stats
+    return out
+
+
 def bench_family(
     fam: Family, device: torch.device, dtype: torch.dtype, args: argparse.Namespace, deadline: float
 ) -> dict[str, Any]:
@@ -539,6 +588,12 @@ def bench_family(
             out["compiled"] = {"skipped": f"failed: {type(exc).__name__}: {exc}"}
         if cuda:
             out["peak_memory_gib_incl_compiled"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    if isinstance(fam, Pi0Family) and not args.no_rtc:
+        try:
+            out["rtc"] = rtc_figures(fam, device, args)
+        except Exception as exc:
+            traceback.print_exc()
+            out["rtc"] = {"skipped": f"failed: {type(exc).__name__}: {exc}"}
     if args.no_e2e:
         out["e2e"] = {"skipped": "--no-e2e"}
     else:
@@ -569,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=20.0, help="time cap per measurement")
     parser.add_argument("--e2e-requests", type=int, default=30)
     parser.add_argument("--no-e2e", action="store_true")
+    parser.add_argument("--no-rtc", action="store_true", help="skip the real-time chunking latencies (pi0)")
     parser.add_argument("--deadline-s", type=float, default=450.0, help="skip families started after this")
     parser.add_argument(
         "--compile",

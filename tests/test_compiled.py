@@ -108,17 +108,6 @@ def _eager_pi0(model: Pi0Model, inputs: tuple[torch.Tensor, ...], steps: int, pr
         return model.sample_actions(*inputs, num_steps=steps, prefix=prefix)
 
 
-def _hard_prefix(previous: torch.Tensor, delays: list[int]) -> rtc.BatchPrefix:
-    _, H, A = previous.shape
-    prefixes = [
-        rtc.build_prefix(previous[i].numpy(), 0, d, H, "hard", 0.0) if d else None
-        for i, d in enumerate(delays)
-    ]
-    batch = rtc.BatchPrefix.stack(prefixes, H, A, torch.device("cpu"))
-    assert batch is not None and batch.hard and not batch.guided
-    return batch
-
-
 @pytest.mark.parametrize("batch", [3, 9])
 def test_pi0_static_shapes_equal_eager_without_a_compiler(batch: int) -> None:
     """Buckets (3 -> 4; 9 -> 8 + 1), the prompt padded to max_token_len and every slot in the
@@ -160,16 +149,36 @@ def test_pi0_compiled_equals_eager_and_does_not_recompile(cfg_name: str) -> None
         runner.sample_actions(*(t[:1] for t in inputs), num_steps=3)  # bucket 1: a new graph
 
 
-def test_pi0_hard_chunking_is_compiled_guided_is_refused() -> None:
+def _mixed_prefix(previous: torch.Tensor) -> rtc.BatchPrefix:
+    """Row 0 hard (d = 4), row 1 none, row 2 guided with the velocity held constant (d = 2)."""
+    _, H, A = previous.shape
+    prefixes = [
+        rtc.build_prefix(previous[0].numpy(), 0, 4, H, "hard", 0.0),
+        None,
+        rtc.build_prefix(previous[2].numpy(), 0, 2, H, "guided", 5.0, jacobian=False),
+    ]
+    batch = rtc.BatchPrefix.stack(prefixes, H, A, torch.device("cpu"))
+    assert batch is not None and batch.hard and batch.guided and not batch.needs_backward
+    return batch
+
+
+def test_pi0_chunking_is_compiled_guidance_with_the_jacobian_is_refused() -> None:
+    """Hard and constant-velocity guided rows share the plain rows' graphs and equal eager."""
     model, inputs = _pi0("pi0_dummy", 3)
     cfg = model.cfg
     previous = torch.randn(3, cfg.action_horizon, cfg.action_dim, generator=torch.Generator().manual_seed(5))
-    hard = _hard_prefix(previous, [4, 0, 2])
-    expected, _ = _eager_pi0(model, inputs, 3, hard)
-    actions, _ = Pi0Static(model, backend=BACKEND).sample_actions(*inputs, num_steps=3, prefix=hard)
-    np.testing.assert_allclose(actions, expected, atol=ATOL, rtol=0)
+    runner = Pi0Static(model, backend=BACKEND)
+    plain, _ = runner.sample_actions(*inputs, num_steps=3)
+    compiled = _graphs()
+    mixed = _mixed_prefix(previous)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        actions, _ = runner.sample_actions(*inputs, num_steps=3, prefix=mixed)
+    assert _graphs() == compiled
+    np.testing.assert_allclose(actions, _eager_pi0(model, inputs, 3, mixed)[0], atol=ATOL, rtol=0)
     torch.testing.assert_close(actions[0, :4], previous[0, :4])  # the committed rows, exactly
-    assert not torch.allclose(actions[1, :2], previous[1, :2])
+    torch.testing.assert_close(actions[1], plain[1])
+    pulled = (actions[2, :2] - previous[2, :2]).abs().mean()
+    assert pulled < 0.5 * (plain[2, :2] - previous[2, :2]).abs().mean()  # the guidance ran
 
     guided = rtc.BatchPrefix.stack(
         [rtc.build_prefix(previous[0].numpy(), 0, 3, cfg.action_horizon, "guided", 5.0)],
@@ -177,7 +186,7 @@ def test_pi0_hard_chunking_is_compiled_guided_is_refused() -> None:
         cfg.action_dim,
         torch.device("cpu"),
     )
-    with pytest.raises(ValueError, match="guided"):
+    with pytest.raises(ValueError, match="Jacobian"):
         Pi0Static(model, compile=False).sample_actions(*(t[:1] for t in inputs), num_steps=3, prefix=guided)
 
 
@@ -199,9 +208,9 @@ def test_every_compiled_piece_is_one_graph() -> None:
     with torch.inference_mode():
         context = pi0.prefix_static(cache.k, cache.v, images, image_masks, tokens, token_masks, (0, 1, 2))
     tau, t = torch.zeros(2), torch.ones(2)
-    hard = torch.zeros_like(noise), torch.zeros(2, noise.shape[1], dtype=torch.bool)
+    chunking = rtc.BatchPrefix.static_inputs(None, noise)
     explained.append(
-        _explain(pi0.step_static, cache.k, cache.v, context, state, noise, tau, t, noise, *hard, 10)
+        _explain(pi0.step_static, cache.k, cache.v, context, state, noise, tau, t, noise, chunking, 10)
     )
 
     groot, (pixels, ids, mask, gstate, emb, gnoise) = _groot(2)
@@ -209,10 +218,10 @@ def test_every_compiled_piece_is_one_graph() -> None:
     flat = torch.cat([*pixels, torch.zeros(4 - 3, *pixels[0].shape[1:])])
     ids, mask = static.pad_columns(ids, 64), static.pad_columns(mask, 64, False)
     explained.append(_explain(groot.context_static, kv, flat, ids, mask))
-    ghard = torch.zeros_like(gnoise), torch.zeros(2, gnoise.shape[1], dtype=torch.bool)
+    gchunking = rtc.BatchPrefix.static_inputs(None, gnoise)
     bucket = torch.zeros(2, dtype=torch.long)
     explained.append(
-        _explain(groot.step_static, kv, mask, gstate, emb, gnoise, tau, bucket, gnoise, *ghard, 4)
+        _explain(groot.step_static, kv, mask, gstate, emb, gnoise, tau, bucket, gnoise, gchunking, 4)
     )
 
     vla, (vpixels, _) = _openvla(2)
@@ -285,14 +294,15 @@ def test_groot_static_shapes_equal_eager_without_a_compiler() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_groot_compiled_equals_eager_and_does_not_recompile(dtype: torch.dtype) -> None:
-    """bf16 as on a GPU: the noise runs in bf16, and a hard-chunking batch reuses the graph."""
+    """bf16 as on a GPU: the noise runs in bf16, and a real-time-chunking batch (hard and guided
+    with the velocity held constant) reuses the graph."""
     model, inputs = _groot(4)
     model.to(dtype)
     atol = ATOL if dtype == torch.float32 else BF16_ATOL
     three = (inputs[0][:3], *(t[:3] for t in inputs[1:]))
     cfg = model.cfg
     previous = torch.randn(3, cfg.action_horizon, cfg.action_dim, generator=torch.Generator().manual_seed(1))
-    hard = _hard_prefix(previous, [0, 5, 0])
+    hard = _mixed_prefix(previous[[1, 0, 2]])  # row 0 hard, row 2 guided
     runner = GrootStatic(model, 64, 2, backend=BACKEND)
     assert not runner.fits(65, 1) and not runner.fits(30, 3)
 
@@ -309,7 +319,7 @@ def test_groot_compiled_equals_eager_and_does_not_recompile(dtype: torch.dtype) 
         four, _ = runner.sample(*inputs, steps=4)
     assert _graphs() == compiled
     _close(with_hard, _eager_groot(model, three, hard)[0], atol)
-    torch.testing.assert_close(with_hard[1, :5], previous[1, :5].to(dtype))
+    torch.testing.assert_close(with_hard[0, :4], previous[1, :4].to(dtype))
     _close(four, _eager_groot(model, inputs)[0], atol)
 
 
@@ -395,6 +405,13 @@ def test_pi0_policy_with_compile(tmp_path: Path, caplog: pytest.LogCaptureFixtur
         plain = compiled.forward(samples[1:])
     np.testing.assert_array_equal(guided[0].actions, eager.forward(samples)[0].actions)
     np.testing.assert_allclose(plain[0].actions, got[1].actions, atol=ATOL, rtol=0)
+
+    # guided with the velocity held constant: through the compiled graphs, no recompile
+    samples[0].rtc = rtc.build_prefix(previous, 0, 3, cfg.action_horizon, "guided", 5.0, jacobian=False)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        constant = compiled.forward(samples)
+    np.testing.assert_allclose(constant[0].actions, eager.forward(samples)[0].actions, atol=ATOL, rtol=0)
+    assert np.abs(constant[0].actions - guided[0].actions).max() > 1e-4  # not the Jacobian variant
 
 
 def test_pi0_server_with_compile(

@@ -86,11 +86,19 @@ def _tiny(seed: int = 0):  # type: ignore[no-untyped-def]
     return cfg, model, inputs, noise, previous
 
 
-def _guided_prefix(cfg, previous: torch.Tensor, delays: list[int], beta: float) -> rtc.BatchPrefix:  # type: ignore[no-untyped-def]
+def _guided_prefix(  # type: ignore[no-untyped-def]
+    cfg, previous: torch.Tensor, delays: list[int], beta: float, jacobian: tuple[bool, ...] = (True, True)
+) -> rtc.BatchPrefix:
     H = cfg.action_horizon
     prefixes = [
         rtc.build_prefix(
-            previous[i].numpy(), executed=0, delay=d, horizon=H, method="guided", max_guidance=beta
+            previous[i].numpy(),
+            executed=0,
+            delay=d,
+            horizon=H,
+            method="guided",
+            max_guidance=beta,
+            jacobian=jacobian[i],
         )
         for i, d in enumerate(delays)
     ]
@@ -130,6 +138,44 @@ def test_guided_steps_equal_an_independent_vjp_in_float64() -> None:
     with torch.no_grad():
         plain, _ = model.sample_actions(*inputs, noise, num_steps=2)
     assert (ours - plain).abs().max() > 1e-2  # the guidance did something
+
+
+def test_constant_velocity_guidance_is_the_weighted_error_without_a_backward_pass() -> None:
+    """VLA_RTC_GUIDANCE_JACOBIAN=false (LeRobot's variant): v <- v + w (Y - A1) W, written out here;
+    it runs under inference mode (no autograd at all), and a batch mixing it with the authors'
+    variant gives each row the answer it gets alone."""
+    cfg, model, inputs, noise, previous = _tiny(4)
+    constant = _guided_prefix(cfg, previous, [3, 5], beta=5.0, jacobian=(False, False))
+    assert constant.guided and not constant.needs_backward
+    with torch.inference_mode():
+        ours, _ = model.sample_actions(*inputs, noise, num_steps=2, prefix=constant)
+
+    x, t, dt = noise.clone(), torch.ones(2, dtype=torch.float64), -0.5
+    Y, W = constant.actions, constant.guide_weights[:, :, None]
+    with torch.no_grad():
+        for _ in range(2):
+            v = model.velocity_full(*inputs, x, t)  # openpi time: toward the noise
+            err = (Y - (x - t[:, None, None] * v)) * W
+            tau = 1 - t
+            c = torch.where(tau > 0, (1 - tau) / tau, torch.full_like(tau, math.inf))
+            weight = torch.clamp(c * (tau**2 + (1 - tau) ** 2) / (1 - tau) ** 2, max=5.0)
+            x = x + dt * (v - weight[:, None, None] * err)
+            t = t + dt
+    torch.testing.assert_close(ours, x, atol=2e-5, rtol=0, check_dtype=False)
+
+    with torch.no_grad():
+        authors, _ = model.sample_actions(
+            *inputs, noise, num_steps=2, prefix=_guided_prefix(cfg, previous, [3, 5], 5.0)
+        )
+        mixed, _ = model.sample_actions(
+            *inputs,
+            noise,
+            num_steps=2,
+            prefix=_guided_prefix(cfg, previous, [3, 5], 5.0, jacobian=(False, True)),
+        )
+    assert (authors[0] - ours[0]).abs().max() > 1e-3  # the Jacobian matters on this network
+    torch.testing.assert_close(mixed[0], ours[0], atol=1e-9, rtol=0)
+    torch.testing.assert_close(mixed[1], authors[1], atol=1e-9, rtol=0)
 
 
 def test_zero_guidance_leaves_the_sampler_unchanged() -> None:
@@ -251,7 +297,10 @@ def test_stream_estimates_the_delay_from_its_latency(server_factory) -> None:  #
         ]
     latency_ms = answers[0].timing.total_ms
     assert answers[1].rtc.delay_estimated and answers[1].rtc.method == pb.RTC_METHOD_GUIDED
-    assert answers[1].rtc.delay_actions == min(math.ceil(latency_ms), answers[1].rtc.overlap_actions)
+    # The server remembers the latency a few microseconds before it stamps total_ms (a float32):
+    # at 1000 Hz the two can fall on either side of a whole millisecond.
+    expected = {min(math.ceil(latency_ms) - k, answers[1].rtc.overlap_actions) for k in (0, 1)}
+    assert answers[1].rtc.delay_actions in expected
 
 
 def test_predict_takes_the_previous_chunk_in_robot_units(server_factory) -> None:  # type: ignore[no-untyped-def]
@@ -265,6 +314,28 @@ def test_predict_takes_the_previous_chunk_in_robot_units(server_factory) -> None
     actions = np.array([x.joint_commands for x in chunk.actions])
     np.testing.assert_allclose(actions[:3], previous[2:5], atol=1e-4)
     assert chunk.rtc.overlap_actions == 8 and chunk.rtc.delay_actions == 3
+
+
+def test_guided_rows_follow_the_jacobian_setting(server_factory) -> None:  # type: ignore[no-untyped-def]
+    """The same guided Predict against servers with VLA_RTC_GUIDANCE_JACOBIAN true and false: both
+    pull the first d actions toward the previous chunk, and the two variants answer differently."""
+    previous = np.random.default_rng(2).normal(size=(10, 7)).astype(np.float32)
+    obs = _observation("g", 5, _rtc(method=pb.RTC_METHOD_GUIDED, executed_actions=2, delay_actions=3))
+    obs.rtc.previous_actions.extend(pb.Action(joint_commands=row.tolist()) for row in previous)
+    plain = _observation("g", 5)
+    answers = {}
+    for jacobian in (True, False):
+        running = server_factory(chunk_size=16, rtc_guidance_jacobian=jacobian)
+        with running.client() as client:
+            chunk = client.predict_observation(obs)
+            alone = client.predict_observation(plain)
+        assert chunk.rtc.method == pb.RTC_METHOD_GUIDED and chunk.rtc.delay_actions == 3
+        actions = np.array([x.joint_commands for x in chunk.actions])
+        unguided = np.array([x.joint_commands for x in alone.actions])
+        target = previous[2:5]
+        assert np.abs(actions[:3] - target).mean() < 0.5 * np.abs(unguided[:3] - target).mean()
+        answers[jacobian] = actions
+    assert np.abs(answers[True] - answers[False]).max() > 1e-4
 
 
 @pytest.mark.parametrize(

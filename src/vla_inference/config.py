@@ -105,6 +105,12 @@ class Settings(BaseSettings):
     rtc_schedule: Literal["exp", "linear", "ones"] = Field(
         "exp", description="Real-time chunking: soft-mask schedule over the overlap (guided)"
     )
+    rtc_guidance_jacobian: bool = Field(
+        True,
+        description="Real-time chunking (guided): differentiate through the network (true, the authors' "
+        "vector-Jacobian product, a backward pass per step) or hold the velocity constant (false, "
+        "LeRobot's variant, no backward pass)",
+    )
 
     # --- openpi-compatible websocket endpoint (transport/openpi.py) ----------------------------
     openpi_port: int | None = Field(

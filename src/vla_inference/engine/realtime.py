@@ -130,7 +130,14 @@ def resolve(
         return None, Applied(rtc.NONE, 0, 0, estimated)
     beta = request.max_guidance or settings.rtc_max_guidance
     prefix = rtc.build_prefix(
-        previous, request.executed, delay, info.horizon, method, beta, settings.rtc_schedule
+        previous,
+        request.executed,
+        delay,
+        info.horizon,
+        method,
+        beta,
+        settings.rtc_schedule,
+        settings.rtc_guidance_jacobian,
     )
     if prefix.overlap == 0:
         return None, Applied(rtc.NONE, 0, 0, estimated)

@@ -18,7 +18,9 @@ Methods, per batch row:
              g = err^T dA1/dx, a true vector-Jacobian product through the network (the prefix /
              VLM context is a constant), and v <- v + min(beta, c / r^2) g with c = (1 - tau) / tau,
              1/r^2 = (tau^2 + (1 - tau)^2) / (1 - tau)^2 (c = inf at tau = 0, so the weight is beta).
-             This is the authors' variant (v is differentiated), not LeRobot's (v held constant).
+             This is the authors' variant (v is differentiated). With `jacobian` off for a row
+             (VLA_RTC_GUIDANCE_JACOBIAN=false) it is LeRobot's instead: v is held constant, so
+             dA1/dx is the identity, g = err, and no backward pass runs.
     hard     no guidance: at every step the first d rows of x are overwritten with the previous
              chunk noised to the current time, x[:d] = (1 - tau) noise[:d] + tau Y[:d], and the
              final chunk's first d rows are Y[:d] exactly. No backward pass; weaker continuity past d.
@@ -32,6 +34,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -83,6 +86,7 @@ class Prefix:
     delay: int  # d, after clamping to the overlap
     overlap: int  # rows of the new chunk the previous one covers
     max_guidance: float  # beta
+    jacobian: bool = True  # guided: differentiate through the network (False: v held constant)
 
 
 def build_prefix(
@@ -93,6 +97,7 @@ def build_prefix(
     method: str,
     max_guidance: float,
     schedule: str = "exp",
+    jacobian: bool = True,
 ) -> Prefix:
     """previous (Hp, A) in model units -> the prefix a new chunk of `horizon` rows is inpainted toward."""
     if method not in METHODS:
@@ -108,7 +113,19 @@ def build_prefix(
         weights = prefix_weights(delay, overlap, horizon, schedule).astype(np.float32)
     else:
         weights = np.zeros(horizon, np.float32)
-    return Prefix(method, aligned, weights, delay, overlap, float(max_guidance) if method == GUIDED else 0.0)
+    beta = float(max_guidance) if method == GUIDED else 0.0
+    return Prefix(method, aligned, weights, delay, overlap, beta, jacobian)
+
+
+class StaticPrefix(NamedTuple):
+    """A batch's real-time chunking as tensors of fixed shapes and dtypes, for the compiled steps
+    (models/common/static.py): all zeros / False when no row asks for it, so one graph serves both.
+    Rows guided with the Jacobian never come here (they need a backward pass: eager)."""
+
+    actions: Tensor  # (B, H, A) Y, in the noise's dtype
+    hard_mask: Tensor  # (B, H) bool: hard rows, i < d
+    guide_weights: Tensor  # (B, H) W of guided rows (velocity held constant), 0 elsewhere
+    max_guidance: Tensor  # (B,) beta of those rows, 0 elsewhere
 
 
 @dataclass
@@ -119,24 +136,39 @@ class BatchPrefix:
     guide_weights: Tensor  # (B, H) W for guided rows, 0 elsewhere
     max_guidance: Tensor  # (B,) beta for guided rows, 0 elsewhere
     hard_mask: Tensor  # (B, H) bool: rows overwritten at every step (hard rows, i < d)
+    jacobian: Tensor  # (B,) bool: guided rows whose guidance differentiates through the network
 
     @property
     def guided(self) -> bool:
         return bool((self.max_guidance > 0).any() and (self.guide_weights > 0).any())
 
     @property
+    def needs_backward(self) -> bool:
+        """Some guided row takes the vector-Jacobian product (a backward pass per step)."""
+        return self.guided and bool((self.jacobian & (self.max_guidance > 0)).any())
+
+    @property
     def hard(self) -> bool:
         return bool(self.hard_mask.any())
 
     @staticmethod
-    def hard_inputs(prefix: BatchPrefix | None, noise: Tensor) -> tuple[Tensor, Tensor]:
-        """(actions (B, H, A), mask (B, H)) for a static sampler's hard inpainting, in the noise's
-        dtype: the prefix's, or zeros and an all-False mask without one (one dtype and shape either
-        way, so a compiled graph serves both)."""
-        if prefix is not None:
-            return prefix.actions.to(noise.dtype), prefix.hard_mask
+    def static_inputs(prefix: BatchPrefix | None, noise: Tensor) -> StaticPrefix:
+        """The prefix for a static sampler, in the noise's dtype: the batch's, or zeros without one
+        (one dtype and shape either way, so a compiled graph serves both)."""
         B, H = noise.shape[:2]
-        return torch.zeros_like(noise), torch.zeros(B, H, dtype=torch.bool, device=noise.device)
+        if prefix is None:
+            zeros = noise.new_zeros(B, H)
+            no_rows = torch.zeros(B, H, dtype=torch.bool, device=noise.device)
+            return StaticPrefix(torch.zeros_like(noise), no_rows, zeros, noise.new_zeros(B))
+        if prefix.needs_backward:
+            raise ValueError("guided real-time chunking with the Jacobian runs eagerly")
+        dtype = noise.dtype
+        return StaticPrefix(
+            prefix.actions.to(dtype),
+            prefix.hard_mask,
+            prefix.guide_weights.to(dtype),
+            prefix.max_guidance.to(dtype),
+        )
 
     @staticmethod
     def stack(
@@ -150,12 +182,13 @@ class BatchPrefix:
         guide = np.zeros((B, horizon), np.float32)
         beta = np.zeros(B, np.float32)
         hard = np.zeros((B, horizon), bool)
+        jacobian = np.zeros(B, bool)
         for row, p in enumerate(prefixes):
             if p is None or p.method == NONE:
                 continue
             actions[row, :, : p.actions.shape[1]] = p.actions[:horizon]
             if p.method == GUIDED:
-                guide[row], beta[row] = p.weights[:horizon], p.max_guidance
+                guide[row], beta[row], jacobian[row] = p.weights[:horizon], p.max_guidance, p.jacobian
             else:
                 hard[row] = p.weights[:horizon] > 0
         return BatchPrefix(
@@ -163,6 +196,7 @@ class BatchPrefix:
             torch.from_numpy(guide).to(device),
             torch.from_numpy(beta).to(device),
             torch.from_numpy(hard).to(device),
+            torch.from_numpy(jacobian).to(device),
         )
 
 
@@ -171,16 +205,38 @@ def guided_velocity(
 ) -> Tensor:
     """The guided velocity toward the data at x (B, H, A), time tau (B,): v + w g (module docstring).
 
-    `velocity(x)` must be differentiable in x; rows with zero weights come back as plain v.
+    `velocity(x)` must be differentiable in x when a row takes the Jacobian (prefix.jacobian);
+    rows with zero weights come back as plain v. Rows without the Jacobian get g = err.
     """
+    if not prefix.needs_backward:
+        v = velocity(x)
+        return guide_constant(x, tau, v, prefix.actions, prefix.guide_weights, prefix.max_guidance)
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         v = velocity(x)
-        estimate = x + (1.0 - tau)[:, None, None] * v  # A1
-        err = (prefix.actions.to(v.dtype) - estimate) * prefix.guide_weights[:, :, None].to(v.dtype)
+        estimate, err = _estimate_and_error(x, tau, v, prefix.actions, prefix.guide_weights)
         (g,) = torch.autograd.grad(estimate, x, grad_outputs=err.detach())
+    g = torch.where(prefix.jacobian[:, None, None], g, err.detach())
     w = guidance_weight(tau, prefix.max_guidance).to(v.dtype)
     return (v + w[:, None, None] * g).detach()
+
+
+def guide_constant(
+    x: Tensor, tau: Tensor, v: Tensor, actions: Tensor, guide_weights: Tensor, max_guidance: Tensor
+) -> Tensor:
+    """Guidance with the velocity held constant: v + w (Y - A1) W. No backward pass and no host
+    synchronisation (the static steps compile it); rows with beta = 0 or W = 0 come back as v."""
+    _, err = _estimate_and_error(x, tau, v, actions, guide_weights)
+    w = guidance_weight(tau, max_guidance).to(v.dtype)
+    return v + w[:, None, None] * err
+
+
+def _estimate_and_error(
+    x: Tensor, tau: Tensor, v: Tensor, actions: Tensor, guide_weights: Tensor
+) -> tuple[Tensor, Tensor]:
+    """A1 = x + (1 - tau) v, the denoiser's estimate of the clean chunk, and err = (Y - A1) W."""
+    estimate = x + (1.0 - tau)[:, None, None] * v
+    return estimate, (actions.to(v.dtype) - estimate) * guide_weights[:, :, None].to(v.dtype)
 
 
 def inpaint_hard(x: Tensor, tau: Tensor, noise: Tensor, actions: Tensor, hard_mask: Tensor) -> Tensor:

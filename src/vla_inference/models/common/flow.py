@@ -72,12 +72,30 @@ def euler_step(
 ) -> tuple[Tensor, Tensor]:
     """One step of `euler`: hard real-time chunking (rows of hard_mask (B, H) set to the previous
     chunk hard_actions (B, H, A) noised to tau), then x + dt v. No host synchronisation, so
-    torch.compile(fullgraph=True) captures it (static path: a mask of False rows changes nothing).
-    Returns (x after the step, v)."""
+    torch.compile(fullgraph=True) captures it. Returns (x after the step, v)."""
     if hard_actions is not None and hard_mask is not None:
         x = rtc.inpaint_hard(x, tau, noise, hard_actions, hard_mask)
     v = velocity(x)
     return x + dt * v, v
+
+
+def static_step(
+    velocity: Callable[[Tensor], Tensor],
+    x: Tensor,
+    tau: Tensor,
+    dt: float,
+    noise: Tensor,
+    prefix: rtc.StaticPrefix,
+) -> tuple[Tensor, Tensor]:
+    """`euler_step` for the compiled samplers: every row through hard inpainting and guidance with
+    the velocity held constant, whose all-False mask and zero weights leave rows without real-time
+    chunking unchanged, so one graph serves every batch."""
+
+    def guided(x_in: Tensor) -> Tensor:
+        v = velocity(x_in)
+        return rtc.guide_constant(x_in, tau, v, prefix.actions, prefix.guide_weights, prefix.max_guidance)
+
+    return euler_step(guided, x, tau, dt, noise, prefix.actions, prefix.hard_mask)
 
 
 def finish(x: Tensor, hard_actions: Tensor | None, hard_mask: Tensor | None) -> Tensor:

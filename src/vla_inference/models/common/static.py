@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from vla_inference.models import rtc
 from vla_inference.models.common import flow
 from vla_inference.models.common.transformer import KVCache
 
@@ -110,15 +111,14 @@ def denoise(
     step: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]],
     times: Iterable[tuple[Tensor, Tensor]],
     noise: Tensor,
-    hard_actions: Tensor,
-    hard_mask: Tensor,
+    chunking: rtc.StaticPrefix,
 ) -> tuple[Tensor, Tensor]:
     """The static Euler loop: x, v = step(x, tau, t) from the noise for each (tau, t) of `times`;
     returns (actions with the hard prefix in place, the last velocity)."""
     x, v = noise.clone(), torch.zeros_like(noise)  # x aliasing noise would be a second graph
     for tau, t in times:
         x, v = step(x, tau, t)
-    return flow.finish(x, hard_actions, hard_mask), v
+    return flow.finish(x, chunking.actions, chunking.hard_mask), v
 
 
 def pad_columns(t: Tensor, length: int, value: float | bool = 0) -> Tensor:

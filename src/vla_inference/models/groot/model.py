@@ -303,13 +303,13 @@ class GR00TN15(nn.Module):
         tau: Tensor,
         bucket: Tensor,
         noise: Tensor,
-        hard_actions: Tensor,
-        hard_mask: Tensor,
+        prefix: rtc.StaticPrefix,
         steps: int,
     ) -> tuple[Tensor, Tensor]:
-        """One Euler step of sample (flow.euler_step) against the cached cross-attention keys/values;
-        hard real-time chunking on the rows of hard_mask (none: all False). tau (B,) = step / steps,
-        bucket (B,) the DiT's time. Returns (x after the step, velocity)."""
+        """One Euler step of sample (flow.static_step) against the cached cross-attention
+        keys/values, with the batch's hard and constant-velocity guided real-time chunking (none:
+        zeros). tau (B,) = step / steps, bucket (B,) the DiT's time. Returns (x after the step,
+        velocity)."""
         head = self.action_head
         state_feat = head.state_encoder(state, embodiment_ids)  # (B, 1, D)
         kv = [(cross_kv[i, 0], cross_kv[i, 1]) for i in range(cross_kv.shape[0])]
@@ -317,7 +317,7 @@ class GR00TN15(nn.Module):
         def velocity(x_in: Tensor) -> Tensor:
             return head.velocity(kv, attention_mask, state_feat, x_in, bucket, embodiment_ids)
 
-        return flow.euler_step(velocity, x, tau, 1.0 / steps, noise, hard_actions, hard_mask)
+        return flow.static_step(velocity, x, tau, 1.0 / steps, noise, prefix)
 
 
 class GrootStatic:
@@ -328,7 +328,8 @@ class GrootStatic:
               DiT's cross-attention keys/values go into one cache allocated once per bucket;
     compiled  context_static (SigLIP, Eagle LM, VL adapter, cross-attention keys/values) and
               step_static (one Euler step through the DiT), each once per bucket;
-    chunking  none and hard; guided batches are refused here (the policy runs them eagerly).
+    chunking  none, hard, and guided with the velocity held constant; guidance with the Jacobian
+              is refused here (the policy runs it eagerly).
     A batch with a longer prompt or more images does not fit (`fits`); the policy runs it eagerly.
     """
 
@@ -388,18 +389,18 @@ class GrootStatic:
         prefix: rtc.BatchPrefix | None = None,
     ) -> tuple[Tensor, Tensor]:
         """As GR00TN15.sample, the images given per row."""
-        if prefix is not None and prefix.guided:
-            raise ValueError("guided real-time chunking runs eagerly (GR00TN15.sample)")
+        if prefix is not None and prefix.needs_backward:
+            raise ValueError("guided real-time chunking with the Jacobian runs eagerly (GR00TN15.sample)")
         if not self.fits(input_ids.shape[1], max(p.shape[0] for p in pixels)):
             raise ValueError("the batch exceeds the static prompt length or images per row")
         steps = steps or self.model.cfg.num_inference_timesteps
         dtype = self.model.action_head.future_tokens.dtype
         with torch.inference_mode():
             noise = noise.to(dtype)
-            hard_actions, hard_mask = rtc.BatchPrefix.hard_inputs(prefix, noise)  # bf16 on CUDA too
+            chunking = rtc.BatchPrefix.static_inputs(prefix, noise)  # bf16 on CUDA too
             ids = static.pad_columns(input_ids, self.prompt_len)
             mask = static.pad_columns(attention_mask, self.prompt_len, False)
-            rows = (ids, mask, state.to(dtype), embodiment_ids, noise, hard_actions, hard_mask)
+            rows = (ids, mask, state.to(dtype), embodiment_ids, noise, *chunking)
 
             def run(bucket: int, start: int, stop: int, piece: list[Tensor]) -> tuple[Tensor, Tensor]:
                 images = list(pixels[start:stop])
@@ -415,14 +416,15 @@ class GrootStatic:
 
     def _run(self, bucket: int, steps: int, pixels: Tensor, piece: list[Tensor]) -> tuple[Tensor, Tensor]:
         """One bucket: pixels (bucket * images_per_row, 3, S, S); piece = the padded rows (ids, mask,
-        state, embodiment_ids, noise, hard_actions, hard_mask)."""
-        ids, mask, state, embodiment_ids, noise, hard_actions, hard_mask = piece
+        state, embodiment_ids, noise, then the StaticPrefix's four)."""
+        ids, mask, state, embodiment_ids, noise = piece[:5]
+        chunking = rtc.StaticPrefix(*piece[5:])
         cache = self.cache(bucket)
         static.begin_call(self.device)
         self._context(cache, pixels, ids, mask)
 
         def step(x: Tensor, tau: Tensor, time_bucket: Tensor) -> tuple[Tensor, Tensor]:
-            args = (cache, mask, state, embodiment_ids, x, tau, time_bucket, noise, hard_actions, hard_mask)
+            args = (cache, mask, state, embodiment_ids, x, tau, time_bucket, noise, chunking)
             return self._step(*args, steps)
 
-        return static.denoise(step, self.times(bucket, steps, noise.dtype), noise, hard_actions, hard_mask)
+        return static.denoise(step, self.times(bucket, steps, noise.dtype), noise, chunking)

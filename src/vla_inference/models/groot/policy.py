@@ -41,8 +41,8 @@ Model outputs -> actions (finish, CPU):
 Batching: samples of different embodiments share a batch (the category-specific layers pick
 weights per sample), so batch_key is None. Each sample draws its noise from its own seed.
 VLA_COMPILE: batches run through model.GrootStatic (prompt padded to the longest template +
-STATIC_INSTRUCTION_TOKENS, compiled per batch bucket on the first forward); guided real-time
-chunking and longer prompts run eagerly.
+STATIC_INSTRUCTION_TOKENS, compiled per batch bucket on the first forward); real-time chunking
+guided with the Jacobian and longer prompts run eagerly.
 Precision: bfloat16 on CUDA, float32 on CPU (VLA_DTYPE overrides).
 """
 
@@ -300,19 +300,19 @@ class GrootPolicy(base.VLAModel):
         prefix = rtc.BatchPrefix.stack(
             [s.rtc for s in samples], cfg.action_horizon, cfg.action_dim, torch.device(dev)
         )
-        guided = prefix is not None and prefix.guided
+        backward = prefix is not None and prefix.needs_backward
         runner = self._static
         views = max(int(x.pixels.shape[0]) for x in inputs)
-        if runner is not None and not guided and runner.fits(length, views):
+        if runner is not None and not backward and runner.fits(length, views):
             rows = [x.pixels.to(dev) for x in inputs]
             batch = (ids.to(dev), mask.to(dev), state.to(dev), emb_ids.to(dev), noise.to(dev))
             with self._lock:
                 if not self._static_warm:
                     self._warm_up(runner, rows, batch, steps)
                 actions, velocity = runner.sample(rows, *batch, steps=steps, prefix=prefix)
-        else:  # eager: guided real-time chunking, or a prompt longer than the compiled length
-            # Guidance differentiates through the DiT: plain no_grad then, not inference mode.
-            grad_mode = torch.no_grad() if guided else torch.inference_mode()
+        else:  # eager: guidance with the Jacobian, or a prompt longer than the compiled length
+            # Guidance with the Jacobian differentiates through the DiT: no_grad then, not inference mode.
+            grad_mode = torch.no_grad() if backward else torch.inference_mode()
             with self._lock, grad_mode:
                 actions, velocity = model.sample(
                     pixels.to(dev),

@@ -464,13 +464,13 @@ class Pi0Model(nn.Module):
         tau: Tensor,
         t: Tensor,
         noise: Tensor,
-        hard_actions: Tensor,
-        hard_mask: Tensor,
+        prefix: rtc.StaticPrefix,
         steps: int,
     ) -> tuple[Tensor, Tensor]:
-        """One Euler step of sample_actions (flow.euler_step) against the cached prefix, hard
-        real-time chunking on the rows of hard_mask (none: all False). tau (B,) = step / steps,
-        t = 1 - tau as the network sees it. Returns (x after the step, velocity toward the data)."""
+        """One Euler step of sample_actions (flow.static_step) against the cached prefix, with the
+        batch's hard and constant-velocity guided real-time chunking (none: zeros). tau (B,) =
+        step / steps, t = 1 - tau as the network sees it. Returns (x after the step, velocity
+        toward the data)."""
         cache = KVCache(cache_k, cache_v)
         flow_mask = self.flow_mask(noise)
 
@@ -478,7 +478,7 @@ class Pi0Model(nn.Module):
             v = -self.denoise_step(cache, context, state, x_in, t)
             return v if flow_mask is None else v * flow_mask
 
-        return flow.euler_step(toward_data, x, tau, 1.0 / steps, noise, hard_actions, hard_mask)
+        return flow.static_step(toward_data, x, tau, 1.0 / steps, noise, prefix)
 
     def flow_mask(self, like: Tensor) -> Tensor | None:
         """(A,) 1 for the dims the flow runs in, 0 for the padding (None: every dim)."""
@@ -557,8 +557,9 @@ class Pi0Static:
     compiled  prefix_static (towers, projector, VLM prefill into the cache) and step_static (one
               Euler step through the action expert), each once per bucket; a call replays them
               (CUDA graphs on a GPU) with the 10 steps' times as tensor arguments;
-    chunking  none and hard; guided batches are refused here (the policy runs them eagerly: the
-              guidance differentiates through the expert at every step).
+    chunking  none, hard, and guided with the velocity held constant; guidance with the Jacobian
+              is refused here (the policy runs it eagerly: it differentiates through the expert
+              at every step).
     Equal to sample_actions up to float rounding (the masked padding changes no valid value).
     """
 
@@ -613,8 +614,10 @@ class Pi0Static:
         prefix: rtc.BatchPrefix | None = None,
     ) -> tuple[Tensor, Tensor]:
         """As Pi0Model.sample_actions (tokens may be trimmed: they are padded to max_token_len)."""
-        if prefix is not None and prefix.guided:
-            raise ValueError("guided real-time chunking runs eagerly (Pi0Model.sample_actions)")
+        if prefix is not None and prefix.needs_backward:
+            raise ValueError(
+                "guided real-time chunking with the Jacobian runs eagerly (Pi0Model.sample_actions)"
+            )
         cfg = self.model.cfg
         steps = num_steps or cfg.num_steps
         with torch.inference_mode():
@@ -622,10 +625,10 @@ class Pi0Static:
             flow_mask = self.model.flow_mask(noise)
             if flow_mask is not None:
                 noise = noise * flow_mask
-            hard_actions, hard_mask = rtc.BatchPrefix.hard_inputs(prefix, noise)
+            chunking = rtc.BatchPrefix.static_inputs(prefix, noise)
             tokens = static.pad_columns(tokens, cfg.max_token_len)
             token_masks = static.pad_columns(token_masks, cfg.max_token_len, False)
-            rows = (images, image_masks, tokens, token_masks, state, noise, hard_actions, hard_mask)
+            rows = (images, image_masks, tokens, token_masks, state, noise, *chunking)
             actions, velocities = static.run_in_pieces(
                 rows, lambda bucket, start, stop, piece: self._run(bucket, steps, piece)
             )
@@ -633,18 +636,17 @@ class Pi0Static:
 
     def _run(self, bucket: int, steps: int, piece: list[Tensor]) -> tuple[Tensor, Tensor]:
         """One bucket: piece = the padded rows (images, image_masks, tokens, token_masks, state, noise,
-        hard_actions, hard_mask)."""
-        images, image_masks, tokens, token_masks, state, noise, hard_actions, hard_mask = piece
+        then the StaticPrefix's four)."""
+        images, image_masks, tokens, token_masks, state, noise = piece[:6]
+        chunking = rtc.StaticPrefix(*piece[6:])
         cache = self.cache(bucket)
         static.begin_call(self.device)
         context = self._prefix(cache.k, cache.v, images, image_masks, tokens, token_masks, self.slots)
 
         def step(x: Tensor, tau: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-            return self._step(
-                cache.k, cache.v, context, state, x, tau, t, noise, hard_actions, hard_mask, steps
-            )
+            return self._step(cache.k, cache.v, context, state, x, tau, t, noise, chunking, steps)
 
-        return static.denoise(step, self.times(bucket, steps, noise.dtype), noise, hard_actions, hard_mask)
+        return static.denoise(step, self.times(bucket, steps, noise.dtype), noise, chunking)
 
 
 def build(cfg: Pi0Config, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Pi0Model:

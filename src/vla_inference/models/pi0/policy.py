@@ -25,7 +25,8 @@ Embodiments are the checkpoint's norm-stats asset ids (VLA_NORM_STATS_KEY keeps 
 
 VLA_COMPILE: batches run through model.Pi0Static (static shapes per batch bucket, compiled; the
 first forward, the engine's warm-up, compiles every bucket up to VLA_BATCH_SIZE). Batches with a
-guided real-time-chunking row run eagerly (the guidance differentiates through the expert).
+real-time-chunking row guided with the Jacobian run eagerly (it differentiates through the expert);
+guidance with the velocity held constant (VLA_RTC_GUIDANCE_JACOBIAN=false) runs compiled.
 """
 
 from __future__ import annotations
@@ -372,15 +373,15 @@ class Pi0Policy(base.VLAModel):
         noise = torch.stack([self.noise(s.seed) for s in samples]).to(device)
         cfg = self.config
         prefix = rtc.BatchPrefix.stack([s.rtc for s in samples], cfg.action_horizon, cfg.action_dim, device)
-        guided = prefix is not None and prefix.guided
+        backward = prefix is not None and prefix.needs_backward
         batch = (images, image_masks, tokens, token_masks, state, noise)
-        if self._static is not None and not guided:  # guided batches run eagerly (below)
+        if self._static is not None and not backward:  # guidance with the Jacobian runs eagerly
             if not self._static_warm:
                 self._warm_up(self._static, batch)
             actions, velocity = self._static.sample_actions(*batch, num_steps=self._num_steps, prefix=prefix)
         else:
-            # Guidance differentiates through the action expert: plain no_grad then, not inference mode.
-            with torch.no_grad() if guided else torch.inference_mode():
+            # The Jacobian differentiates through the action expert: no_grad then, not inference mode.
+            with torch.no_grad() if backward else torch.inference_mode():
                 actions, velocity = model.sample_actions(*batch, num_steps=self._num_steps, prefix=prefix)
         actions_np = actions.float().cpu().numpy()
         velocity_np = velocity.float().cpu().numpy()
