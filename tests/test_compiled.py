@@ -32,6 +32,8 @@ from tests.conftest import RunningServer
 from tests.helpers.groot_checkpoints import write_tiny_groot_checkpoint
 from tests.helpers.openvla_checkpoints import write_tiny_openvla_checkpoint
 from tests.helpers.pi0_checkpoints import write_tiny_openpi_checkpoint
+from vla_inference.api.v1 import vla_inference_pb2 as pb
+from vla_inference.client import make_observation
 from vla_inference.config import Settings
 from vla_inference.models import rtc
 from vla_inference.models.base import Observation
@@ -418,18 +420,33 @@ def test_pi0_server_with_compile(
     server_factory: Callable[..., RunningServer], caplog: pytest.LogCaptureFixture
 ) -> None:
     """VLA_COMPILE=1 through the real server (random demo model): the warm-up compiles the
-    buckets, Predict answers what the eager server answers."""
-    answers = []
+    buckets, Predict answers what the eager server answers, also for a guided real-time-chunking
+    request with the velocity held constant (which runs compiled)."""
+    answers, guided = [], []
+    image = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    previous = np.random.default_rng(1).normal(size=(10, 7)).astype(np.float32)
+    observation = make_observation(image, [0.1] * 7, "pick up the cup", seed=7)
+    observation.rtc.CopyFrom(
+        pb.RealTimeChunking(method=pb.RTC_METHOD_GUIDED, executed_actions=2, delay_actions=3)
+    )
+    observation.rtc.previous_actions.extend(pb.Action(joint_commands=row.tolist()) for row in previous)
     for compile_model in (False, True):
         with caplog.at_level(logging.INFO, logger="vla_inference.models.common.static"):
-            running = server_factory(compile=compile_model, batch_size=2, warmup_batches=1)
+            running = server_factory(
+                compile=compile_model, batch_size=2, warmup_batches=1, rtc_guidance_jacobian=False
+            )
         assert ("compiled for batch buckets 1, 2" in caplog.text) == compile_model
         with running.client() as client:
-            image = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
             chunk = client.predict(image, [0.1] * 7, "pick up the cup", seed=7)
+            with torch.compiler.set_stance("fail_on_recompile" if compile_model else "default"):
+                rtc_chunk = client.predict_observation(observation)
+        assert rtc_chunk.rtc.method == pb.RTC_METHOD_GUIDED
         answers.append(np.array([a.joint_commands for a in chunk.actions]))
+        guided.append(np.array([a.joint_commands for a in rtc_chunk.actions]))
         running.stop()
     np.testing.assert_allclose(answers[1], answers[0], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(guided[1], guided[0], atol=1e-4, rtol=0)
+    assert np.abs(guided[0] - answers[0]).max() > 1e-3
 
 
 def test_groot_policy_with_compile(tmp_path: Path) -> None:
