@@ -168,9 +168,11 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
         done: Completed,
         arrival: float,
         skipped: list[str] | None = None,
+        total: float | None = None,
     ) -> pb.ActionChunk:
-        """Count a success and build its ActionChunk."""
-        total = time.monotonic() - arrival
+        """Count a success and build its ActionChunk (`total`: seconds since arrival, default now)."""
+        if total is None:
+            total = time.monotonic() - arrival
         self._record(engine, "OK", prepared.sample.embodiment, total)
         return codec.action_chunk(
             request,
@@ -284,9 +286,9 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
                 observation = codec.require_observation(request)
                 deadline = arrival + self.settings.timeout_ms / 1000
                 prepared, done = await self._run(engine, observation, deadline, session)
-                session.memory.remember(
-                    observation.request_id, done.prediction.model_actions, time.monotonic() - arrival
-                )
+                # The latency the delay estimate uses is the total_ms the answer reports.
+                latency = time.monotonic() - arrival
+                session.memory.remember(observation.request_id, done.prediction.model_actions, latency)
         except asyncio.CancelledError:
             self._record(engine, "CANCELLED")
             raise
@@ -302,7 +304,9 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
                 model_name=engine.model_info.name,
                 error=pb.StreamError(code=failure.status.value[0], message=failure.message),
             )
-        return self._answer(engine, observation, prepared, done, arrival, engine.take_skipped(session))
+        return self._answer(
+            engine, observation, prepared, done, arrival, engine.take_skipped(session), latency
+        )
 
     async def GetModelInfo(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         try:
