@@ -154,7 +154,8 @@ class BatchPrefix:
     @staticmethod
     def static_inputs(prefix: BatchPrefix | None, noise: Tensor) -> StaticPrefix:
         """The prefix for a static sampler, in the noise's dtype: the batch's, or zeros without one
-        (one dtype and shape either way, so a compiled graph serves both)."""
+        (one dtype and shape either way, so a compiled graph serves both). A batch with a row guided
+        with the Jacobian is refused (ValueError): it needs the eager sampler."""
         B, H = noise.shape[:2]
         if prefix is None:
             zeros = noise.new_zeros(B, H)

@@ -389,8 +389,6 @@ class GrootStatic:
         prefix: rtc.BatchPrefix | None = None,
     ) -> tuple[Tensor, Tensor]:
         """As GR00TN15.sample, the images given per row."""
-        if prefix is not None and prefix.needs_backward:
-            raise ValueError("guided real-time chunking with the Jacobian runs eagerly (GR00TN15.sample)")
         if not self.fits(input_ids.shape[1], max(p.shape[0] for p in pixels)):
             raise ValueError("the batch exceeds the static prompt length or images per row")
         steps = steps or self.model.cfg.num_inference_timesteps

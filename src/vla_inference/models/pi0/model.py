@@ -614,10 +614,6 @@ class Pi0Static:
         prefix: rtc.BatchPrefix | None = None,
     ) -> tuple[Tensor, Tensor]:
         """As Pi0Model.sample_actions (tokens may be trimmed: they are padded to max_token_len)."""
-        if prefix is not None and prefix.needs_backward:
-            raise ValueError(
-                "guided real-time chunking with the Jacobian runs eagerly (Pi0Model.sample_actions)"
-            )
         cfg = self.model.cfg
         steps = num_steps or cfg.num_steps
         with torch.inference_mode():
