@@ -86,6 +86,25 @@ def test_an_episode_replays_from_its_seed(demo_dir: Path) -> None:
     assert not np.allclose(other[18:21], arrays["state"][0][18:21])  # another seed, another goal
 
 
+def test_the_smooth_expert_limits_each_step_and_still_succeeds() -> None:
+    def motion(max_step: float) -> tuple[np.ndarray, bool]:
+        with mt.MetaWorldEpisode("push-v3", image_size=32, expert_max_step=max_step) as episode:
+            episode.reset(1000)
+            actions = []
+            while not episode.done:
+                actions.append(episode.expert_action())
+                episode.step(actions[-1])
+            return np.linalg.norm(np.diff(np.stack(actions)[:, :3], axis=0), axis=1), episode.success
+
+    raw, raw_success = motion(0.0)
+    smooth, smooth_success = motion(mt.SMOOTH_EXPERT_MAX_STEP)
+    assert raw.max() > 1.0 and raw_success  # MetaWorld's expert reverses its command in one step
+    assert smooth.max() <= mt.SMOOTH_EXPERT_MAX_STEP + 1e-6 and smooth_success
+    np.testing.assert_allclose(
+        mt.limit_step(np.zeros(3), np.array([3.0, 4.0, 0.0]), 0.5), [0.3, 0.4, 0.0], atol=1e-12
+    )
+
+
 def test_dataset_uses_the_servers_preprocessing(demo_dir: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
     data = DemoDataset(demo_dir, CFG, tokenizer)
     batch = data.batch(np.array([0, 3]))
@@ -160,6 +179,35 @@ def test_export_is_a_checkpoint_the_server_loads(
     assert list(info.action_layouts[mt.EMBODIMENT].names) == list(mt.ACTION_LAYOUT)
 
 
+def test_fine_tuning_starts_from_an_export_and_keeps_its_normalisation(
+    demo_dir: Path, tokenizer, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    from vla_inference.models.pi0 import checkpoint as ckpt
+
+    data = DemoDataset(demo_dir, CFG, tokenizer)
+    base = train.TrainState(CFG, seed=0, lr=1e-3, weight_decay=0.0)
+    base.step = 7
+    path = train.export(base, data, tmp_path / "base", CFG)
+    init = ckpt.load(path)
+    stats = train.init_stats(init)
+    stats["actions"]["mean"] = [m + 0.5 for m in stats["actions"]["mean"]]  # not the data's own
+    tuned_data = DemoDataset(demo_dir, CFG, tokenizer, stats=stats)
+    assert tuned_data.stats == stats and tuned_data.action_norm.normalize(data.actions).tolist() == (
+        tuned_data.normalized_actions.tolist()
+    )
+    assert not np.allclose(tuned_data.normalized_actions, data.normalized_actions)
+    tuned = train.TrainState(CFG, seed=1, lr=1e-3, weight_decay=0.0)
+    tuned.start_from(init)
+    for name, value in base.ema.items():
+        torch.testing.assert_close(tuned.model.state_dict()[name], value, rtol=0, atol=0)
+        torch.testing.assert_close(tuned.ema[name], value, rtol=0, atol=0)
+    out = train.export(tuned, tuned_data, tmp_path / "tuned", CFG, init)
+    about = json.loads((out / "config.json").read_text())["vla_inference"]
+    assert [stage["steps"] for stage in about["training"]] == [7, 0] and "fine-tuned" in about["description"]
+    written = json.loads((out / "assets" / mt.EMBODIMENT / "norm_stats.json").read_text())["norm_stats"]
+    assert written["actions"]["mean"] == stats["actions"]["mean"]
+
+
 # ---- the simulated robot against a server ---------------------------------------------------
 
 
@@ -211,7 +259,7 @@ def test_realtime_mode_switches_chunks_after_the_delay(default_server) -> None: 
     assert result.actions[0][:3] == [0.0, 0.0, 0.0] and result.actions[1][:3] == [0.0, 0.0, 0.0]
 
 
-@pytest.mark.parametrize(("task", "steps"), [("reach-v3", 43), ("drawer-close-v3", 78)])
+@pytest.mark.parametrize(("task", "steps"), [("reach-v3", 44), ("drawer-close-v3", 84)])
 def test_the_default_policy_closes_the_loop(default_server, task: str, steps: int) -> None:  # type: ignore[no-untyped-def]
     """Closed-loop smoke: the shipped policy solves two held-out episodes (seed 1000) in lockstep.
 

@@ -1,13 +1,14 @@
 """Expert demonstrations: MetaWorld's scripted experts rolled out and stored for training.
 
-    python -m vla_inference.sim.demos --out data/metaworld-mt10 --episodes 100
+    python -m vla_inference.sim.demos --out data/metaworld-mt10 --episodes 100 [--smooth]
 
 On-disk format (version 1), one directory:
 
     manifest.json      {"format": "vla-inference-metaworld-demos", "version": 1, "image_size": S,
                         "state_layout": [...21 names], "action_layout": [...4 names],
-                        "chunk_tail": K, "episodes": [{"file", "task", "seed", "instruction",
-                        "steps", "success", "noise_std"}, ...]}
+                        "chunk_tail": K, "expert_max_step": M (0: the experts as they ship),
+                        "episodes": [{"file", "task", "seed", "instruction", "steps", "success",
+                        "noise_std"}, ...]}
     <task>/<seed>.npz  one episode, plain arrays only (np.load(allow_pickle=False)):
         jpeg          uint8 (total bytes,)   the camera frames, JPEG (quality 90) back to back
         jpeg_offsets  int64 (T + 1,)         frame t is jpeg[jpeg_offsets[t]:jpeg_offsets[t + 1]]
@@ -75,7 +76,7 @@ def record_episode(
     while not episode.done:
         frames.append(encode_jpeg(episode.render(), quality=JPEG_QUALITY))
         states.append(episode.state)
-        action = np.clip(episode.expert_action(), -1.0, 1.0)
+        action = episode.expert_action()
         applied = action.copy()
         if noise_std > 0:
             applied[:3] = np.clip(applied[:3] + rng.normal(0.0, noise_std, 3), -1.0, 1.0)
@@ -85,7 +86,7 @@ def record_episode(
     if not episode.success:
         return None
     for _ in range(chunk_tail):  # the chunk tail: what the expert does next, without frames
-        action = np.clip(episode.expert_action(), -1.0, 1.0)
+        action = episode.expert_action()
         actions.append(action)
         episode.env.step(action.astype(np.float64))
     offsets = np.cumsum([0] + [len(f) for f in frames]).astype(np.int64)
@@ -99,7 +100,14 @@ def record_episode(
 
 
 def _record_task(
-    task_name: str, out: str, episodes: int, seed_start: int, image_size: int, max_steps: int, chunk_tail: int
+    task_name: str,
+    out: str,
+    episodes: int,
+    seed_start: int,
+    image_size: int,
+    max_steps: int,
+    chunk_tail: int,
+    expert_max_step: float,
 ) -> list[EpisodeRecord]:
     """All episodes of one task (runs in a worker process). Seeds whose expert fails are skipped
     and replaced by the next seed, so each task gets `episodes` successful demonstrations."""
@@ -108,7 +116,9 @@ def _record_task(
     folder.mkdir(parents=True, exist_ok=True)
     records: list[EpisodeRecord] = []
     seed = seed_start
-    with mt.MetaWorldEpisode(task.name, image_size=image_size, max_steps=max_steps) as episode:
+    with mt.MetaWorldEpisode(
+        task.name, image_size=image_size, max_steps=max_steps, expert_max_step=expert_max_step
+    ) as episode:
         while len(records) < episodes:
             if seed not in mt.TRAIN_SEEDS:
                 raise ValueError(f"{task.name}: ran out of training seeds at {seed}")
@@ -135,11 +145,12 @@ def record(
     image_size: int = mt.DEFAULT_IMAGE_SIZE,
     max_steps: int = mt.DEFAULT_MAX_STEPS,
     chunk_tail: int = 16,
+    expert_max_step: float = 0.0,
     processes: int = 2,
 ) -> dict[str, object]:
     """Record demonstrations for every task into `out`; returns the manifest (also written)."""
     out.mkdir(parents=True, exist_ok=True)
-    args = (str(out), episodes, seed_start, image_size, max_steps, chunk_tail)
+    args = (str(out), episodes, seed_start, image_size, max_steps, chunk_tail, expert_max_step)
     records: list[EpisodeRecord] = []
     with concurrent.futures.ProcessPoolExecutor(processes) as pool:
         futures = {name: pool.submit(_record_task, name, *args) for name in task_names}
@@ -154,6 +165,7 @@ def record(
         "jpeg_quality": JPEG_QUALITY,
         "max_steps": max_steps,
         "chunk_tail": chunk_tail,
+        "expert_max_step": expert_max_step,
         "state_layout": list(mt.STATE_LAYOUT),
         "action_layout": list(mt.ACTION_LAYOUT),
         "episodes": [asdict(r) for r in records],
@@ -181,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--episodes", type=int, default=100, help="successful episodes per task")
     parser.add_argument("--seed-start", type=int, default=0, help="first seed (training seeds: 0-999)")
     parser.add_argument("--image-size", type=int, default=mt.DEFAULT_IMAGE_SIZE)
+    parser.add_argument(
+        "--smooth",
+        action="store_true",
+        help=f"rate-limit the expert's xyz command to {mt.SMOOTH_EXPERT_MAX_STEP} per step (the default "
+        "policy's second training stage); without it, MetaWorld's experts as they ship",
+    )
     parser.add_argument("--processes", type=int, default=2)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
@@ -192,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         args.episodes,
         seed_start=args.seed_start,
         image_size=args.image_size,
+        expert_max_step=mt.SMOOTH_EXPERT_MAX_STEP if args.smooth else 0.0,
         processes=args.processes,
     )
     episodes = manifest["episodes"]

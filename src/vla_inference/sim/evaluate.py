@@ -45,12 +45,15 @@ RTC_METHODS = ("none", "hard", "guided")
 RTC_EXECUTE_STEPS = 8
 
 
-def expert_baseline(task_names: Sequence[str], seeds: Sequence[int], max_steps: int) -> dict[str, Any]:
-    """The scripted expert on the same seeds (no rendering, no server)."""
+def expert_baseline(
+    task_names: Sequence[str], seeds: Sequence[int], max_steps: int, expert_max_step: float = 0.0
+) -> dict[str, Any]:
+    """The scripted expert on the same seeds (no rendering, no server); rate-limited with
+    `expert_max_step` (the smooth demonstrator)."""
     per_task: dict[str, Any] = {}
     all_steps: list[int] = []
     for name in task_names:
-        with mt.MetaWorldEpisode(name, max_steps=max_steps) as episode:
+        with mt.MetaWorldEpisode(name, max_steps=max_steps, expert_max_step=expert_max_step) as episode:
             steps = []
             for seed in seeds:
                 episode.reset(seed)
@@ -147,7 +150,9 @@ def run(args: argparse.Namespace, target: str, names: tuple[str, ...]) -> None:
     model = _model(target)
     runs: dict[str, Any] = {}
     if args.part == "policy":
-        runs["expert"] = expert_baseline(names, range(args.seed, args.seed + args.episodes), args.max_steps)
+        seeds = range(args.seed, args.seed + args.episodes)
+        runs["expert"] = expert_baseline(names, seeds, args.max_steps)
+        runs["smooth_expert"] = expert_baseline(names, seeds, args.max_steps, mt.SMOOTH_EXPERT_MAX_STEP)
     for label, cfg in configurations(args, target, names):
         runs[label] = robot.report(cfg, robot.run(cfg), model)
         log.info("%s:\n%s", label, robot.format_table(runs[label]))
@@ -169,6 +174,7 @@ def _num(value: Any, digits: int = 1) -> str:
 
 def _policy_section(runs: dict[str, Any]) -> list[str]:
     policy, wrong, expert = runs["policy"], runs["wrong_instruction"], runs["expert"]
+    smooth = runs.get("smooth_expert", {"tasks": {}, "overall": {}})
     cfg, model = policy["config"], policy["model"]
     lines = [
         "## Policy quality (lockstep)",
@@ -181,10 +187,13 @@ def _policy_section(runs: dict[str, Any]) -> list[str]:
         + ", ".join(
             f"{a.removesuffix('-v3')} -> {b.removesuffix('-v3')}" for a, b in mt.CONFUSED_WITH.items()
         ),
+        f"- Experts: MetaWorld's scripted experts as they ship, and rate-limited to "
+        f"{mt.SMOOTH_EXPERT_MAX_STEP} per step (the smooth demonstrator of the policy's second "
+        "training stage), on the same seeds without the server",
         "",
-        "| task | expert | policy | wrong instruction | policy steps | expert steps | "
+        "| task | expert | smooth expert | policy | wrong instruction | policy steps | smooth expert steps | "
         "latency p50 / p99 ms | boundary jump p99 | within-chunk jump p99 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in [*policy["tasks"], "overall"]:
 
@@ -192,11 +201,13 @@ def _policy_section(runs: dict[str, Any]) -> list[str]:
             return dict(run["overall"] if name == "overall" else run["tasks"][name])
 
         p, w, e = pick(policy), pick(wrong), pick(expert)
+        se = smooth["overall"] if name == "overall" else smooth["tasks"].get(name, {})
         label = "**overall**" if name == "overall" else name
         lines.append(
-            f"| {label} | {_pct(e['success_rate'])} | {_pct(p['success_rate'])} | "
+            f"| {label} | {_pct(e['success_rate'])} | {_pct(se.get('success_rate'))} | "
+            f"{_pct(p['success_rate'])} | "
             f"{_pct(w['success_rate'])} | {_num(p['mean_steps_to_success'])} | "
-            f"{_num(e['mean_steps_to_success'])} | "
+            f"{_num(se.get('mean_steps_to_success'))} | "
             f"{_num(p['latency_p50_ms'])} / {_num(p['latency_p99_ms'])} | "
             f"{_num(p['boundary_jump_p99'], 3)} | {_num(p['within_chunk_jump_p99'], 3)} |"
         )
@@ -280,9 +291,10 @@ def render(json_dir: Path) -> str:
         "# Closed-loop evaluation",
         "",
         "The embedded default policy (`make run` with nothing set: pi0 trained on MetaWorld MT10 expert",
-        "demonstrations) driving the simulated robot, `vla-inference sim`: MetaWorld through the public gRPC",
-        "API (StreamControl), camera frame + 21-number state (hand, gripper, object and goal coordinates) +",
-        "instruction in, 4-dim end-effector actions out. Reports: `docs/evaluation/*.json`.",
+        "demonstrations, then fine-tuned on rate-limited ones) driving the simulated robot,",
+        "`vla-inference sim`: MetaWorld through the public gRPC API (StreamControl), camera frame +",
+        "21-number state (hand, gripper, object and goal coordinates) + instruction in, 4-dim",
+        "end-effector actions out. Reports: `docs/evaluation/*.json`.",
         "",
     ]
     reports = {

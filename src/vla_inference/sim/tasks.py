@@ -36,6 +36,11 @@ EMBODIMENT = "metaworld_sawyer"
 CAMERA = "corner"
 DEFAULT_IMAGE_SIZE = 96
 DEFAULT_MAX_STEPS = 300
+# The demonstrator of the embedded default: MetaWorld's scripted expert with its end-effector
+# command rate-limited to this much change per step (Euclidean, over delta x, y, z). The scripted
+# experts are bang-bang-like (their commands saturate and reverse in one step); a robot's
+# commands are smooth, and real-time chunking's smoothing shows only on a smooth policy.
+SMOOTH_EXPERT_MAX_STEP = 0.25
 
 # Seed ranges: demonstrations are recorded from TRAIN_SEEDS; evaluation starts at 1000.
 TRAIN_SEEDS = range(0, 1000)
@@ -145,12 +150,25 @@ def observation_to_state(obs: np.ndarray) -> np.ndarray:
     return np.concatenate([obs[:18], obs[36:39]]).astype(np.float32)
 
 
+def limit_step(previous: np.ndarray, target: np.ndarray, max_step: float) -> np.ndarray:
+    """`target`, moved back toward `previous` so that it is at most `max_step` away (Euclidean)."""
+    delta = target - previous
+    norm = float(np.linalg.norm(delta))
+    return target if norm <= max_step else previous + delta * (max_step / norm)
+
+
 class MetaWorldEpisode:
     """One MetaWorld environment for one task, reseeded per episode, with a cheap camera."""
 
     def __init__(
-        self, task_name: str, image_size: int = DEFAULT_IMAGE_SIZE, max_steps: int = DEFAULT_MAX_STEPS
+        self,
+        task_name: str,
+        image_size: int = DEFAULT_IMAGE_SIZE,
+        max_steps: int = DEFAULT_MAX_STEPS,
+        expert_max_step: float = 0.0,
     ):
+        """`expert_max_step` > 0 rate-limits `expert_action`'s motion (see SMOOTH_EXPERT_MAX_STEP);
+        0 is MetaWorld's expert as it is."""
         os.environ.setdefault("MUJOCO_GL", "egl")
         import metaworld  # noqa: F401  (registers the environments)
         import mujoco
@@ -170,6 +188,8 @@ class MetaWorldEpisode:
         self.env: Any = env
         expert_class: Any = ENV_POLICY_MAP[self.task.name]  # typed as the abstract base Policy
         self.expert = expert_class()
+        self.expert_max_step = expert_max_step
+        self._expert_last: np.ndarray | None = None
         env.model.vis.quality.offsamples = 0
         self._renderer = mujoco.Renderer(env.model, image_size, image_size)
         self._mujoco = mujoco
@@ -183,6 +203,7 @@ class MetaWorldEpisode:
         self.obs, _ = self.env.reset()
         self.steps = 0
         self.success = False
+        self._expert_last = None
         return self.state
 
     @property
@@ -190,7 +211,13 @@ class MetaWorldEpisode:
         return observation_to_state(self.obs)
 
     def expert_action(self) -> np.ndarray:
-        return np.asarray(self.expert.get_action(self.obs), np.float32)
+        """The scripted expert's next action, clipped to [-1, 1]; with `expert_max_step`, its xyz
+        part moves at most that far (Euclidean) from the expert's previous action."""
+        action = np.clip(np.asarray(self.expert.get_action(self.obs), np.float32), -1.0, 1.0)
+        if self.expert_max_step > 0 and self._expert_last is not None:
+            action[:3] = limit_step(self._expert_last[:3], action[:3], self.expert_max_step)
+        self._expert_last = action
+        return action.copy()
 
     def step(self, action: np.ndarray) -> bool:
         """Apply one 4-dim action; returns True once the task has succeeded in this episode."""

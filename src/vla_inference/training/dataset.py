@@ -4,7 +4,7 @@ A sample is one step t of one episode: the camera frame and robot state before s
 episode's instruction, and the chunk of the expert's next H actions. Images, prompts and state
 go through the policy's own preprocessing functions (models/pi0/policy.py), so training and
 serving cannot drift apart. Normalisation statistics (openpi's norm_stats: mean, std, q01, q99)
-come from the data.
+come from the data, or from the checkpoint a fine-tuning run starts from.
 """
 
 from __future__ import annotations
@@ -46,7 +46,11 @@ def norm_stats(values: np.ndarray) -> dict[str, list[float]]:
 class DemoDataset:
     """All episodes of a demonstration directory in memory (frames stay JPEG until batched)."""
 
-    def __init__(self, folder: Path, cfg: Pi0Config, tokenizer: Any) -> None:
+    def __init__(
+        self, folder: Path, cfg: Pi0Config, tokenizer: Any, stats: dict[str, Any] | None = None
+    ) -> None:
+        """`stats` ({"state": ..., "actions": ...} in openpi's norm_stats layout) replaces the data's
+        own statistics: a fine-tuned model keeps the normalisation it was trained with."""
         manifest = demos.read_manifest(folder)
         self.cfg = cfg
         self.manifest = manifest
@@ -74,7 +78,7 @@ class DemoDataset:
             action_row += len(arrays["action"])
         self.state = np.concatenate(states)
         self.actions = np.concatenate(actions)
-        self.stats = {"state": norm_stats(self.state), "actions": norm_stats(self.actions)}
+        self.stats = stats or {"state": norm_stats(self.state), "actions": norm_stats(self.actions)}
         self.state_norm = ckpt.Normalizer("zscore", _stats(self.stats["state"]))
         self.action_norm = ckpt.Normalizer("zscore", _stats(self.stats["actions"]))
         self.normalized_state = self.state_norm.normalize(self.state)

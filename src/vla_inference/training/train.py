@@ -3,7 +3,11 @@
     python -m vla_inference.training.train --data data/metaworld-mt10 --run runs/metaworld \\
         --export src/vla_inference/models/pi0/assets/metaworld
 
-(`make train-default` records the demonstrations first when they are missing, then runs this.)
+`--init CHECKPOINT` starts from an exported checkpoint's weights and normalisation statistics
+instead of random weights (fine-tuning). `make train-default` runs two stages: 7000 steps on
+MetaWorld's scripted experts as they ship, then 2500 steps from that export on demonstrations whose
+expert commands are rate-limited (smooth; see sim/tasks.py SMOOTH_EXPERT_MAX_STEP). It records
+the demonstrations first when they are missing.
 
 The network is the server's own (models/pi0/model.py, NAMED_CONFIGS["pi0_metaworld"]) and the
 loss is its `flow_matching_loss`. Everything is seeded: the same command on the same data gives
@@ -35,6 +39,7 @@ import numpy as np
 import torch
 
 from vla_inference.models.common.init import init_random_weights
+from vla_inference.models.common.weights import load_weights, read_json
 from vla_inference.models.pi0 import checkpoint as ckpt
 from vla_inference.models.pi0.demo import tokenizer_bytes
 from vla_inference.models.pi0.model import NAMED_CONFIGS, Pi0Config, Pi0Model, build, sample_flow_time
@@ -66,6 +71,22 @@ class TrainState:
         self.generator = torch.Generator().manual_seed(seed)
         self.rng = np.random.default_rng(seed)
         self.step = 0
+
+    def start_from(self, checkpoint: ckpt.Checkpoint) -> None:
+        """Weights (and EMA) from an exported checkpoint of the same configuration."""
+        if checkpoint.config != self.model.cfg:
+            raise SystemExit(f"{checkpoint.path}: {checkpoint.describe()} is not the {CONFIG_NAME} model")
+        loaded = load_weights(
+            build(checkpoint.config, device="meta"),
+            checkpoint.weight_files,
+            checkpoint.names,
+            device="cpu",
+            dtype=torch.float32,
+            where=str(checkpoint.path),
+            what=checkpoint.describe(),
+        )
+        self.model.load_state_dict(loaded.state_dict())
+        self.ema = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def update_ema(self, decay: float) -> None:
         with torch.no_grad():
@@ -135,31 +156,56 @@ def train_step(state: TrainState, data: DemoDataset, batch_size: int) -> float:
     return loss.item()
 
 
-def describe(data: DemoDataset) -> dict[str, Any]:
+def describe(data: DemoDataset, init: ckpt.Checkpoint | None, steps: int) -> dict[str, Any]:
     """What the exported checkpoint says about itself (config.json "vla_inference" section)."""
     episodes = data.manifest["episodes"]
     assert isinstance(episodes, list)
     seeds = sorted({int(e["seed"]) for e in episodes})
+    max_step = float(data.manifest.get("expert_max_step", 0.0))  # type: ignore[arg-type]
+    demonstrators = "MetaWorld's scripted experts" + (
+        f" with their xyz command rate-limited to {max_step} per step" if max_step else ""
+    )
+    stages: list[Any] = []
+    if init is not None:
+        stages = read_json(init.path / "config.json").get("vla_inference", {}).get("training", [])
+        stages = stages if isinstance(stages, list) else [stages]
+    stages.append(
+        {
+            "demonstrators": demonstrators,
+            "tasks": sorted({str(e["task"]) for e in episodes}),
+            "episodes": len(episodes),
+            "samples": len(data),
+            "seeds": f"{seeds[0]}-{seeds[-1]} (evaluation uses {mt.EVAL_SEEDS.start} and up)",
+            "steps": steps,
+        }
+    )
     return {
         "description": (
-            "pi0 trained by behaviour cloning (flow matching) on scripted-expert demonstrations of "
-            "MetaWorld MT10 in simulation; a simulated Sawyer arm, not a real-robot policy. It sees "
+            "pi0 trained by behaviour cloning (flow matching) on MetaWorld MT10 demonstrations by "
+            + ", then fine-tuned on demonstrations by ".join(
+                f"{stage.get('demonstrators', 'scripted experts')} ({stage.get('steps', '?')} steps)"
+                for stage in stages
+            )
+            + "; a simulated Sawyer arm, not a real-robot policy. It sees "
             "the corner camera (96 px), the instruction and a 21-number state that includes the "
             "simulator's object and goal coordinates. Actions: end-effector delta xyz + gripper "
             "effort in [-1, 1], MetaWorld's action space."
         ),
         "embodiments": {mt.EMBODIMENT: {"state": list(mt.STATE_LAYOUT), "actions": list(mt.ACTION_LAYOUT)}},
         "cameras": ["base"],
-        "training": {
-            "tasks": sorted({str(e["task"]) for e in episodes}),
-            "episodes": len(episodes),
-            "samples": len(data),
-            "seeds": f"{seeds[0]}-{seeds[-1]} (evaluation uses {mt.EVAL_SEEDS.start} and up)",
-        },
+        "training": stages,
     }
 
 
-def export(state: TrainState, data: DemoDataset, out: Path, cfg: Pi0Config) -> Path:
+def init_stats(init: ckpt.Checkpoint) -> dict[str, Any]:
+    """The normalisation statistics an exported checkpoint was trained with (openpi layout)."""
+    stats = json.loads((init.path / "assets" / mt.EMBODIMENT / "norm_stats.json").read_text())
+    return dict(stats["norm_stats"])
+
+
+def export(
+    state: TrainState, data: DemoDataset, out: Path, cfg: Pi0Config, init: ckpt.Checkpoint | None = None
+) -> Path:
     """Write the EMA weights as an openpi-format checkpoint."""
     ckpt.write_openpi(
         out,
@@ -167,7 +213,7 @@ def export(state: TrainState, data: DemoDataset, out: Path, cfg: Pi0Config) -> P
         state.ema,
         {mt.EMBODIMENT: data.stats},
         tokenizer=tokenizer_bytes(),
-        extra_config={"vla_inference": describe(data)},
+        extra_config={"vla_inference": describe(data, init, state.step)},
         expert_lm_head=False,
     )
     return out
@@ -178,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, required=True, help="demonstrations (sim.demos output)")
     parser.add_argument("--run", type=Path, required=True, help="run directory (resumable state)")
     parser.add_argument("--export", type=Path, required=True, help="where to write the checkpoint")
+    parser.add_argument("--init", type=Path, help="fine-tune: start from this exported checkpoint")
     parser.add_argument("--steps", type=int, default=7_000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -196,13 +243,17 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = NAMED_CONFIGS[CONFIG_NAME]
     tokenizer = sentencepiece.SentencePieceProcessor(model_proto=tokenizer_bytes())
-    data = DemoDataset(args.data, cfg, tokenizer)
+    init = ckpt.load(args.init) if args.init else None
+    data = DemoDataset(args.data, cfg, tokenizer, stats=init_stats(init) if init else None)
     log.info("%d samples from %d episodes", len(data), data.episode_count)
     args.run.mkdir(parents=True, exist_ok=True)
     state = TrainState(cfg, args.seed, args.lr, args.weight_decay)
     if (args.run / "state.json").is_file():
         state.load(args.run)
         log.info("resumed at step %d", state.step)
+    elif init is not None:
+        state.start_from(init)
+        log.info("starting from %s", init.path)
     state.model.train()
     started, losses = time.monotonic(), []
     while state.step < args.steps:
@@ -216,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("step %d loss %.4f (%.1f steps/s)", state.step, float(np.mean(losses[-100:])), rate)
         if state.step % args.save_every == 0 or state.step == args.steps:
             state.save(args.run)
-    export(state, data, args.export, cfg)
+    export(state, data, args.export, cfg, init)
     digest = hashlib.sha256((args.export / "model.safetensors").read_bytes()).hexdigest()
     log.info("exported %s; weights sha256 %s (models/pi0/demo.py METAWORLD_SHA256)", args.export, digest)
     return 0

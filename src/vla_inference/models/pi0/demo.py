@@ -35,7 +35,7 @@ TOKENIZER_ASSET = Path(__file__).resolve().parent / "assets" / "demo_tokenizer.m
 METAWORLD_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "metaworld"
 # sha256 of METAWORLD_CHECKPOINT/model.safetensors: the weights docs/evaluation.md measured
 # (ModelInfo.model_version is its first 12 digits). `make train-default` prints the new one.
-METAWORLD_SHA256 = "02e52ebddf8191294129cbea7a16746717fdeb4ec397cde996dad7ecc26fe3ea"
+METAWORLD_SHA256 = "4bc6881a797c083b2f4321884a6d8a89c56adc89b7df2cf6e6a8617ba1e29fed"
 _RECIPE_VERSION = 2  # 2: shared model modules (fused ViT qkv, new random draw order)
 
 
