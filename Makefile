@@ -92,18 +92,18 @@ $(DEMOS)/manifest.json: | $(SIM_STAMP)
 $(SMOOTH_DEMOS)/manifest.json: | $(SIM_STAMP)
 	MUJOCO_GL=egl $(BIN)/python -m vla_inference.sim.demos --out $(SMOOTH_DEMOS) --episodes $(DEMO_EPISODES) --smooth
 
-demos: $(DEMOS)/manifest.json $(SMOOTH_DEMOS)/manifest.json ## Record MetaWorld MT10 expert demonstrations into data/: as shipped, and rate-limited (about 2 x 12 min)
+demos: $(DEMOS)/manifest.json $(SMOOTH_DEMOS)/manifest.json ## Record MetaWorld MT10 expert demonstrations into data/: as shipped, and rate-limited (about 30 min)
 
 # Two stages: 7000 steps on the experts as they ship, then 2500 steps from that export on the smooth
 # (rate-limited) experts' demonstrations, keeping stage 1's normalisation. Both resume where they stopped.
-train-default: install proto sim-install demos ## Retrain the embedded default policy (about 70 + 25 min on 2 cores after the demos; resumable)
+train-default: install proto sim-install demos ## Retrain the embedded default policy (about 70 + 16 min on 2 cores after the demos; resumable)
 	$(BIN)/python -m vla_inference.training.train --data $(DEMOS) --run runs/metaworld \
 		--export runs/metaworld/export
 	$(BIN)/python -m vla_inference.training.train --data $(SMOOTH_DEMOS) --run runs/metaworld-smooth \
 		--init runs/metaworld/export --steps 2500 --lr 3e-4 --warmup 100 \
 		--export src/vla_inference/models/pi0/assets/metaworld
 
-eval: install proto sim-install ## Closed-loop success of the default policy and two baselines -> docs/evaluation.md (~20 min)
+eval: install proto sim-install ## Closed-loop success of the default policy and its baselines (both experts, a wrong instruction) -> docs/evaluation.md (~20 min)
 	MUJOCO_GL=egl $(BIN)/python -m vla_inference.sim.evaluate policy
 
 eval-rtc: install proto sim-install ## Real-time chunking matrix in the simulated robot -> docs/evaluation.md (~40 min)
