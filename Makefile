@@ -92,7 +92,7 @@ $(DEMOS)/manifest.json: | $(SIM_STAMP)
 $(SMOOTH_DEMOS)/manifest.json: | $(SIM_STAMP)
 	MUJOCO_GL=egl $(BIN)/python -m vla_inference.sim.demos --out $(SMOOTH_DEMOS) --episodes $(DEMO_EPISODES) --smooth
 
-demos: $(DEMOS)/manifest.json $(SMOOTH_DEMOS)/manifest.json ## Record MetaWorld MT10 expert demonstrations into data/: as shipped, and rate-limited (about 30 min)
+demos: $(DEMOS)/manifest.json $(SMOOTH_DEMOS)/manifest.json ## Record MetaWorld MT10 expert demonstrations into data/: as shipped, and rate-limited (about 35 min)
 
 # Two stages: 7000 steps on the experts as they ship, then 2500 steps from that export on the smooth
 # (rate-limited) experts' demonstrations, keeping stage 1's normalisation. Both resume where they stopped.
