@@ -173,8 +173,9 @@ def _num(value: Any, digits: int = 1) -> str:
 
 
 def _policy_section(runs: dict[str, Any]) -> list[str]:
-    policy, wrong, expert = runs["policy"], runs["wrong_instruction"], runs["expert"]
-    smooth = runs.get("smooth_expert", {"tasks": {}, "overall": {}})
+    policy, wrong, expert, smooth = (
+        runs[k] for k in ("policy", "wrong_instruction", "expert", "smooth_expert")
+    )
     cfg, model = policy["config"], policy["model"]
     lines = [
         "## Policy quality (lockstep)",
@@ -200,14 +201,13 @@ def _policy_section(runs: dict[str, Any]) -> list[str]:
         def pick(run: dict[str, Any], name: str = name) -> dict[str, Any]:
             return dict(run["overall"] if name == "overall" else run["tasks"][name])
 
-        p, w, e = pick(policy), pick(wrong), pick(expert)
-        se = smooth["overall"] if name == "overall" else smooth["tasks"].get(name, {})
+        p, w, e, se = pick(policy), pick(wrong), pick(expert), pick(smooth)
         label = "**overall**" if name == "overall" else name
         lines.append(
-            f"| {label} | {_pct(e['success_rate'])} | {_pct(se.get('success_rate'))} | "
+            f"| {label} | {_pct(e['success_rate'])} | {_pct(se['success_rate'])} | "
             f"{_pct(p['success_rate'])} | "
             f"{_pct(w['success_rate'])} | {_num(p['mean_steps_to_success'])} | "
-            f"{_num(se.get('mean_steps_to_success'))} | "
+            f"{_num(se['mean_steps_to_success'])} | "
             f"{_num(p['latency_p50_ms'])} / {_num(p['latency_p99_ms'])} | "
             f"{_num(p['boundary_jump_p99'], 3)} | {_num(p['within_chunk_jump_p99'], 3)} |"
         )
