@@ -136,6 +136,8 @@ class ModelDescription:
     # (width, height) every camera frame is resized to first, when that is one size for all: a JPEG
     # at least twice as large may then be decoded at reduced scale (preprocessing/images.py).
     decode_size: tuple[int, int] | None = None
+    # The model reads the instruction: an empty one is refused unless VLA_ALLOW_EMPTY_INSTRUCTION.
+    takes_language: bool = True
 
 
 @dataclass
@@ -190,6 +192,11 @@ class VLAModel(abc.ABC):
     @abc.abstractmethod
     def finish(self, raw: Any, sample: PreparedSample) -> ActionPrediction:
         """Turn one raw output into actions in the robot's units."""
+
+    def warm_up(self, max_batch: int) -> None:
+        """Prepare for batches of up to `max_batch` rows before the first request (VLA_COMPILE:
+        compile and capture every batch bucket). The engine calls it once, on the model thread,
+        after `load` and before health turns SERVING. Default: nothing to do."""
 
     def normalize_actions(self, actions: np.ndarray, embodiment: str) -> np.ndarray:
         """Actions in the robot's units (N, action_dim) -> the model's own units (N, model width).
