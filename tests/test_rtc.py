@@ -18,7 +18,7 @@ from vla_inference.config import Settings
 from vla_inference.models import rtc
 from vla_inference.models.base import Observation
 from vla_inference.models.common.init import init_random_weights
-from vla_inference.models.pi0.model import NAMED_CONFIGS, build
+from vla_inference.models.pi0.model import SIZES, Pi0Batch, build
 from vla_inference.models.pi0.policy import Pi0Policy
 
 IMAGE = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
@@ -69,17 +69,17 @@ def test_build_prefix_aligns_the_previous_chunk() -> None:
 
 
 def _tiny(seed: int = 0):  # type: ignore[no-untyped-def]
-    cfg = NAMED_CONFIGS["pi0_dummy"]
+    cfg = SIZES["pi0_dummy"]
     model = build(cfg, dtype=torch.float64).eval()
     init_random_weights(model, seed)
     g = torch.Generator().manual_seed(seed)
     B, n, s = 2, len(cfg.image_slots), cfg.vision.image_size
-    inputs = (
-        (torch.rand(B, n, 3, s, s, generator=g) * 2 - 1).double(),
-        torch.tensor([[True, False, False], [True, True, False]]),
-        torch.randint(0, cfg.vocab_size, (B, 6), generator=g),
-        torch.ones(B, 6, dtype=torch.bool),
-        torch.randn(B, cfg.action_dim, generator=g, dtype=torch.float64),
+    inputs = Pi0Batch(
+        images=(torch.rand(B, n, 3, s, s, generator=g) * 2 - 1).double(),
+        image_masks=torch.tensor([[True, False, False], [True, True, False]]),
+        tokens=torch.randint(0, cfg.vocab_size, (B, 6), generator=g),
+        token_masks=torch.ones(B, 6, dtype=torch.bool),
+        state=torch.randn(B, cfg.action_dim, generator=g, dtype=torch.float64),
     )
     noise = torch.randn(B, cfg.action_horizon, cfg.action_dim, generator=g, dtype=torch.float64)
     previous = torch.randn(B, cfg.action_horizon, cfg.action_dim, generator=g, dtype=torch.float64)
@@ -88,7 +88,7 @@ def _tiny(seed: int = 0):  # type: ignore[no-untyped-def]
 
 def _guided_prefix(  # type: ignore[no-untyped-def]
     cfg, previous: torch.Tensor, delays: list[int], beta: float, jacobian: tuple[bool, ...] = (True, True)
-) -> rtc.BatchPrefix:
+) -> rtc.Chunking:
     H = cfg.action_horizon
     prefixes = [
         rtc.build_prefix(
@@ -102,11 +102,9 @@ def _guided_prefix(  # type: ignore[no-untyped-def]
         )
         for i, d in enumerate(delays)
     ]
-    batch = rtc.BatchPrefix.stack(prefixes, H, cfg.action_dim, torch.device("cpu"))
+    batch = rtc.Chunking.stack(prefixes, H, cfg.action_dim, torch.device("cpu"))
     assert batch is not None
-    batch.actions, batch.guide_weights = batch.actions.double(), batch.guide_weights.double()
-    batch.max_guidance = batch.max_guidance.double()
-    return batch
+    return batch.like(previous)
 
 
 def test_guided_steps_equal_an_independent_vjp_in_float64() -> None:
@@ -118,17 +116,17 @@ def test_guided_steps_equal_an_independent_vjp_in_float64() -> None:
     cfg, model, inputs, noise, previous = _tiny()
     prefix = _guided_prefix(cfg, previous, [3, 5], beta=5.0)
     with torch.no_grad():
-        ours, _ = model.sample_actions(*inputs, noise, num_steps=2, prefix=prefix)
+        ours, _ = model.sample(inputs, noise, 2, prefix)
 
     x, t, dt = noise.clone(), torch.ones(2, dtype=torch.float64), -0.5
     Y, W = prefix.actions, prefix.guide_weights[:, :, None]
     for _ in range(2):
 
         def estimate(x_in: torch.Tensor, t: torch.Tensor = t) -> torch.Tensor:  # A1 = x - t v (openpi time)
-            return x_in - t[:, None, None] * model.velocity_full(*inputs, x_in, t)
+            return x_in - t[:, None, None] * model.velocity_full(inputs, x_in, t)
 
         _, g = torch.autograd.functional.vjp(estimate, x, v=((Y - estimate(x)) * W).detach())
-        v = model.velocity_full(*inputs, x, t).detach()
+        v = model.velocity_full(inputs, x, t).detach()
         tau = 1 - t
         c = torch.where(tau > 0, (1 - tau) / tau, torch.full_like(tau, math.inf))
         weight = torch.clamp(c * (tau**2 + (1 - tau) ** 2) / (1 - tau) ** 2, max=5.0)
@@ -136,7 +134,7 @@ def test_guided_steps_equal_an_independent_vjp_in_float64() -> None:
         t = t + dt
     torch.testing.assert_close(ours, x, atol=2e-5, rtol=0, check_dtype=False)  # the sampler's x is float32
     with torch.no_grad():
-        plain, _ = model.sample_actions(*inputs, noise, num_steps=2)
+        plain, _ = model.sample(inputs, noise, 2)
     assert (ours - plain).abs().max() > 1e-2  # the guidance did something
 
 
@@ -148,13 +146,13 @@ def test_constant_velocity_guidance_is_the_weighted_error_without_a_backward_pas
     constant = _guided_prefix(cfg, previous, [3, 5], beta=5.0, jacobian=(False, False))
     assert constant.guided and not constant.needs_backward
     with torch.inference_mode():
-        ours, _ = model.sample_actions(*inputs, noise, num_steps=2, prefix=constant)
+        ours, _ = model.sample(inputs, noise, 2, constant)
 
     x, t, dt = noise.clone(), torch.ones(2, dtype=torch.float64), -0.5
     Y, W = constant.actions, constant.guide_weights[:, :, None]
     with torch.no_grad():
         for _ in range(2):
-            v = model.velocity_full(*inputs, x, t)  # openpi time: toward the noise
+            v = model.velocity_full(inputs, x, t)  # openpi time: toward the noise
             err = (Y - (x - t[:, None, None] * v)) * W
             tau = 1 - t
             c = torch.where(tau > 0, (1 - tau) / tau, torch.full_like(tau, math.inf))
@@ -164,14 +162,12 @@ def test_constant_velocity_guidance_is_the_weighted_error_without_a_backward_pas
     torch.testing.assert_close(ours, x, atol=2e-5, rtol=0, check_dtype=False)
 
     with torch.no_grad():
-        authors, _ = model.sample_actions(
-            *inputs, noise, num_steps=2, prefix=_guided_prefix(cfg, previous, [3, 5], 5.0)
-        )
-        mixed, _ = model.sample_actions(
-            *inputs,
+        authors, _ = model.sample(inputs, noise, 2, _guided_prefix(cfg, previous, [3, 5], 5.0))
+        mixed, _ = model.sample(
+            inputs,
             noise,
-            num_steps=2,
-            prefix=_guided_prefix(cfg, previous, [3, 5], 5.0, jacobian=(False, True)),
+            2,
+            _guided_prefix(cfg, previous, [3, 5], 5.0, jacobian=(False, True)),
         )
     assert (authors[0] - ours[0]).abs().max() > 1e-3  # the Jacobian matters on this network
     torch.testing.assert_close(mixed[0], ours[0], atol=1e-9, rtol=0)
@@ -181,10 +177,8 @@ def test_constant_velocity_guidance_is_the_weighted_error_without_a_backward_pas
 def test_zero_guidance_leaves_the_sampler_unchanged() -> None:
     cfg, model, inputs, noise, previous = _tiny(1)
     with torch.no_grad():
-        plain, _ = model.sample_actions(*inputs, noise, num_steps=3)
-        guided, _ = model.sample_actions(
-            *inputs, noise, num_steps=3, prefix=_guided_prefix(cfg, previous, [2, 2], 0.0)
-        )
+        plain, _ = model.sample(inputs, noise, 3)
+        guided, _ = model.sample(inputs, noise, 3, _guided_prefix(cfg, previous, [2, 2], 0.0))
     torch.testing.assert_close(guided, plain, atol=1e-12, rtol=0)
 
 
@@ -192,8 +186,8 @@ def test_guidance_pulls_the_overlap_toward_the_previous_chunk() -> None:
     cfg, model, inputs, noise, previous = _tiny(2)
     prefix = _guided_prefix(cfg, previous, [4, 4], beta=5.0)
     with torch.no_grad():
-        plain, _ = model.sample_actions(*inputs, noise, num_steps=10)
-        guided, _ = model.sample_actions(*inputs, noise, num_steps=10, prefix=prefix)
+        plain, _ = model.sample(inputs, noise, 10)
+        guided, _ = model.sample(inputs, noise, 10, prefix)
     frozen = slice(0, 4)
     before = (plain[:, frozen] - previous[:, frozen]).abs().mean()
     after = (guided[:, frozen] - previous[:, frozen]).abs().mean()

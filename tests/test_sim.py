@@ -15,13 +15,13 @@ import torch
 
 from vla_inference.cli import main as cli_main
 from vla_inference.models.pi0.demo import tokenizer_bytes
-from vla_inference.models.pi0.model import NAMED_CONFIGS
+from vla_inference.models.pi0.model import SIZES, Pi0Batch
 from vla_inference.sim import demos, robot
 from vla_inference.sim import tasks as mt
 from vla_inference.training import train
 from vla_inference.training.dataset import DemoDataset
 
-CFG = NAMED_CONFIGS["pi0_metaworld"]
+CFG = SIZES["pi0_metaworld"]
 REPORT_KEYS = {
     "success_rate",
     "episodes",
@@ -129,12 +129,16 @@ def test_training_loss_falls_on_a_fixed_batch(demo_dir: Path, tokenizer) -> None
     generator = torch.Generator().manual_seed(1)
     noise = torch.randn(batch.actions.shape, generator=generator)
     t = torch.rand(8, generator=generator)
-    inputs = [torch.from_numpy(x) for x in (batch.images, batch.image_masks, batch.tokens, batch.token_masks)]
+    inputs = Pi0Batch(
+        images=torch.from_numpy(batch.images),
+        image_masks=torch.from_numpy(batch.image_masks),
+        tokens=torch.from_numpy(batch.tokens),
+        token_masks=torch.from_numpy(batch.token_masks),
+        state=torch.from_numpy(batch.state),
+    )
 
     def loss() -> torch.Tensor:
-        return state.model.flow_matching_loss(
-            *inputs, torch.from_numpy(batch.state), torch.from_numpy(batch.actions), noise, t
-        ).mean()
+        return state.model.flow_matching_loss(inputs, torch.from_numpy(batch.actions), noise, t).mean()
 
     first = loss().item()
     for _ in range(25):
@@ -192,8 +196,9 @@ def test_fine_tuning_starts_from_an_export_and_keeps_its_normalisation(
     stats = train.init_stats(init)
     stats["actions"]["mean"] = [m + 0.5 for m in stats["actions"]["mean"]]  # not the data's own
     tuned_data = DemoDataset(demo_dir, CFG, tokenizer, stats=stats)
-    assert tuned_data.stats == stats and tuned_data.action_norm.normalize(data.actions).tolist() == (
-        tuned_data.normalized_actions.tolist()
+    assert tuned_data.stats == stats
+    np.testing.assert_allclose(
+        tuned_data.action_norm.normalize(data.actions), tuned_data.normalized_actions, rtol=1e-6
     )
     assert not np.allclose(tuned_data.normalized_actions, data.normalized_actions)
     tuned = train.TrainState(CFG, seed=1, lr=1e-3, weight_decay=0.0)

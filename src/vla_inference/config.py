@@ -69,6 +69,11 @@ class Settings(BaseSettings):
         description="Static-shape compiled model path: torch.compile per batch bucket 1/2/4/8, CUDA "
         "graphs on a GPU; compiles at warm-up (see README)",
     )
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = Field(
+        "inductor",
+        description="torch.compile backend of VLA_COMPILE: inductor (serving), aot_eager (the same graph "
+        "capture without code generation: fast to compile, for tests), eager",
+    )
     torch_threads: int = Field(
         0, ge=0, le=512, description="CPU threads for torch; 0 = torch's default (all cores)"
     )

@@ -82,6 +82,7 @@ class ModelSettings:
     pi05_prompt_state: str = "unpadded"  # VLA_PI05_PROMPT_STATE: pi0.5 prompt state, padded or not
     compile: bool = False  # VLA_COMPILE: the static-shape compiled path (models/common/static.py)
     batch_size: int = 1  # VLA_BATCH_SIZE: the compiled path warms the buckets up to it
+    compile_backend: str = "inductor"  # VLA_COMPILE_BACKEND (models/common/static.py)
 
     @classmethod
     def of(cls, settings: Any) -> ModelSettings:
@@ -193,7 +194,7 @@ class VLAModel(abc.ABC):
     def finish(self, raw: Any, sample: PreparedSample) -> ActionPrediction:
         """Turn one raw output into actions in the robot's units."""
 
-    def warm_up(self, max_batch: int) -> None:
+    def warm_up(self, max_batch: int) -> None:  # noqa: B027 (an optional hook)
         """Prepare for batches of up to `max_batch` rows before the first request (VLA_COMPILE:
         compile and capture every batch bucket). The engine calls it once, on the model thread,
         after `load` and before health turns SERVING. Default: nothing to do."""
