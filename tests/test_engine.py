@@ -73,7 +73,7 @@ def test_concurrent_clients_each_get_their_own_answer_in_shared_batches(server_f
     assert max(model.batches) <= 8
     assert max(r[2].timing.batch_size for r in results) > 1
     text = scrape(running)
-    assert 'vla_inference_requests_total{model="toy/embedded-random",status="OK"} 48.0' in text
+    assert '{model="toy/embedded-random",protocol="grpc",status="OK"} 48.0' in text
 
 
 def test_incompatible_requests_never_share_a_batch(server_factory):

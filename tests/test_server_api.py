@@ -257,9 +257,11 @@ def test_metrics_scrape_has_every_metric_live(toy):
     exported = {k: v for k, v in exported.items() if k.startswith("vla_") and not k.endswith("_created")}
     assert exported == METRICS
     # the `model` label is a short stable id (family / checkpoint), not the display name
-    assert 'vla_inference_requests_total{model="toy/embedded-random",status="OK"} 1.0' in text
-    assert 'vla_inference_requests_total{model="toy/embedded-random",status="INVALID_ARGUMENT"} 1.0' in text
-    assert 'vla_inference_latency_seconds_count{embodiment="arm7",model="toy/embedded-random"} 1.0' in text
+    requests = 'vla_inference_requests_total{model="toy/embedded-random",protocol="grpc",status='
+    assert requests + '"OK"} 1.0' in text
+    assert requests + '"INVALID_ARGUMENT"} 1.0' in text
+    latency = '{embodiment="arm7",model="toy/embedded-random",protocol="grpc"}'
+    assert f"vla_inference_latency_seconds_count{latency} 1.0" in text
     assert (
         'vla_model_info{device="cpu",dtype="float32",family="toy",id="toy/embedded-random",'
         'name="toy-policy",version="1"} 1.0' in text
@@ -278,3 +280,4 @@ def test_empty_request_types(toy):
     stub = pb_grpc.VLAInferenceStub(channel)
     assert stub.GetModelInfo(empty_pb2.Empty(), timeout=5).model_name == "toy-policy"
     channel.close()
+
