@@ -8,6 +8,7 @@ match each layout. Expected actions come from the same model in-process with the
 
 from __future__ import annotations
 
+import logging
 import pickle
 import re
 import ssl
@@ -518,3 +519,26 @@ def test_the_endpoint_is_off_unless_asked(server_factory):
     assert running.server.openpi is None and running.server.openpi_port == 0
     assert make_settings().openpi_port is None
 
+
+def test_a_missing_prompt_is_refused_like_grpc_unless_allowed(server_factory, checkpoints, caplog):
+    strict = server_factory(model_path=str(checkpoints["libero"]), openpi_port=0)
+    without = {k: v for k, v in libero_obs(0).items() if k != "prompt"}
+    for obs in (without, libero_obs(0, prompt=""), libero_obs(0, prompt="  ")):
+        with pytest.raises(
+            RuntimeError,
+            match=r"INVALID_ARGUMENT: invalid observation: prompt: the model needs a language instruction",
+        ):
+            policy(strict).infer(obs)
+    assert 'protocol="openpi",status="INVALID_ARGUMENT"} 3.0' in scrape(strict)
+
+    caplog.set_level(logging.WARNING, logger="vla_inference.engine")
+    lenient = server_factory(
+        model_path=str(checkpoints["libero"]), openpi_port=0, allow_empty_instruction=True
+    )
+    first = policy(lenient)
+    assert first.infer(without)["actions"].shape == (16, 7)
+    assert first.infer(libero_obs(1, prompt=""))["actions"].shape == (16, 7)
+    assert policy(lenient).infer(without)["actions"].shape == (16, 7)
+    warnings = [r.getMessage() for r in caplog.records if "without a language instruction" in r.getMessage()]
+    assert len(warnings) == 2, warnings  # once per connection
+    assert all("(prompt)" in w and "once per openpi connection" in w for w in warnings)
