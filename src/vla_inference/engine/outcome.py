@@ -57,6 +57,7 @@ ENGINE_STATUS: dict[type[errors.EngineError], str] = {
     errors.Skipped: SKIPPED,
 }
 
+
 def classify(exc: BaseException) -> Outcome:
     """The status and message for a request that raised `exc`; unexpected errors are logged here."""
     if isinstance(exc, InvalidObservation):
