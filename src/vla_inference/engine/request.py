@@ -8,6 +8,11 @@ Every transport serves a request the same way (engine/scheduler.py, `InferenceEn
 transport's fields, image decoding, layout mapping). The engine runs it in the preprocessing pool,
 then the instruction rule, `model.prepare` and the real-time chunking prefix, queues the sample on
 the model thread and returns the Answer, or raises `Failed` (engine/outcome.py).
+
+A transport adds only what is its own: the decode step, the deadline, its protocol label, and how
+an Answer or an Outcome goes on its wire. One whose message carries several samples (GR00T's
+ZeroMQ `get_action` with a batch axis) submits each sample with its own decode step and gathers
+the answers: each sample is then batched, counted and answered like any other request.
 """
 
 from __future__ import annotations
