@@ -294,10 +294,8 @@ def test_cli_takes_several_targets_and_health_probes_one_replica(server_factory,
     refusing.server.state.phase = ServerState.DRAINING  # refuses calls; health still SERVING
     targets = f"{refusing.target},{serving.target}"
     for _ in range(4):  # whichever replica a fresh client starts with, the call is answered
-        assert (
-            cli.main(["predict", "--target", targets, "--image", str(image), "--joints", "0,0,0,0,0,0,0"])
-            == 0
-        )
+        joints = ["--joints", "0,0,0,0,0,0,0", "--instruction", "pick up the cup"]
+        assert cli.main(["predict", "--target", targets, "--image", str(image), *joints]) == 0
         assert json.loads(capsys.readouterr().out)["model"] == "serving"
     assert cli.main(["info", "--target", targets]) == 0
     assert json.loads(capsys.readouterr().out)["modelName"] == "serving"

@@ -201,7 +201,8 @@ def test_health_and_reflection_stay_open_and_denials_are_counted(token_server):
         assert _predict_code(anonymous) == grpc.StatusCode.UNAUTHENTICATED
         assert _predict_code(anonymous) == grpc.StatusCode.UNAUTHENTICATED
     text = urllib.request.urlopen(token_server.metrics_url, timeout=5).read().decode()
-    assert 'vla_inference_requests_total{model="toy/embedded-random",status="UNAUTHENTICATED"} 2.0' in text
+    counted = '{model="toy/embedded-random",protocol="grpc",status="UNAUTHENTICATED"}'
+    assert f"vla_inference_requests_total{counted} 2.0" in text
     assert 'status="OK"' not in text  # a refused request never reached the servicer
     channel.close()
 
@@ -271,7 +272,7 @@ def test_cli_against_mutual_tls_and_token_server(server_factory, pki, tmp_path, 
         "--client-key",
         str(pki.client.key),
     ]
-    joints = ["--joints", ",".join(map(str, JOINTS))]
+    joints = ["--joints", ",".join(map(str, JOINTS)), "--instruction", "pick up the cup"]
     assert cli.main(["predict", *tls, *joints, "--image", str(image), "--token-file", str(token_file)]) == 0
     assert len(json.loads(capsys.readouterr().out)["actions"]) == 8
     assert cli.main(["info", *tls, "--token", TOKEN_A]) == 0

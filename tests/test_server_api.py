@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import urllib.request
 
 import grpc
@@ -257,9 +258,11 @@ def test_metrics_scrape_has_every_metric_live(toy):
     exported = {k: v for k, v in exported.items() if k.startswith("vla_") and not k.endswith("_created")}
     assert exported == METRICS
     # the `model` label is a short stable id (family / checkpoint), not the display name
-    assert 'vla_inference_requests_total{model="toy/embedded-random",status="OK"} 1.0' in text
-    assert 'vla_inference_requests_total{model="toy/embedded-random",status="INVALID_ARGUMENT"} 1.0' in text
-    assert 'vla_inference_latency_seconds_count{embodiment="arm7",model="toy/embedded-random"} 1.0' in text
+    requests = 'vla_inference_requests_total{model="toy/embedded-random",protocol="grpc",status='
+    assert requests + '"OK"} 1.0' in text
+    assert requests + '"INVALID_ARGUMENT"} 1.0' in text
+    latency = '{embodiment="arm7",model="toy/embedded-random",protocol="grpc"}'
+    assert f"vla_inference_latency_seconds_count{latency} 1.0" in text
     assert (
         'vla_model_info{device="cpu",dtype="float32",family="toy",id="toy/embedded-random",'
         'name="toy-policy",version="1"} 1.0' in text
@@ -278,3 +281,37 @@ def test_empty_request_types(toy):
     stub = pb_grpc.VLAInferenceStub(channel)
     assert stub.GetModelInfo(empty_pb2.Empty(), timeout=5).model_name == "toy-policy"
     channel.close()
+
+
+def test_a_missing_instruction_is_invalid_argument_unless_allowed(server_factory, caplog):
+    strict = server_factory(ToyPolicy)
+    with strict.client() as client:
+        for text in ("", "   "):
+            error = _bad(client, language_instruction=text)
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert error.details().startswith(
+                "invalid observation: language_instruction: the model needs a language instruction"
+            )
+            assert "VLA_ALLOW_EMPTY_INSTRUCTION=true" in error.details()
+        with client.control() as session:
+            inline = session.act(make_observation(IMAGE, JOINTS, "", request_id="s-1"))
+        assert inline.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert "language_instruction: the model needs a language instruction" in inline.error.message
+    assert "" not in strict.server.model.seen_instructions
+
+    caplog.set_level(logging.WARNING, logger="vla_inference.engine")
+    lenient = server_factory(ToyPolicy, allow_empty_instruction=True)
+    with lenient.client() as client:
+        for _ in range(2):
+            assert len(client.predict(IMAGE, JOINTS, "").actions) == 8
+        for stream in range(2):
+            with client.control() as session:
+                for step in range(2):
+                    chunk = session.act(make_observation(IMAGE, JOINTS, " ", request_id=f"{stream}-{step}"))
+                    assert not chunk.HasField("error") and len(chunk.actions) == 8
+    assert lenient.server.model.seen_instructions.count("") == 2  # as sent: nothing invented
+    assert lenient.server.model.seen_instructions.count(" ") == 4
+    warnings = [r.getMessage() for r in caplog.records if "without a language instruction" in r.getMessage()]
+    # once for unary calls (per process), once per stream
+    assert len(warnings) == 3, warnings
+    assert sum("once per stream" in w for w in warnings) == 2

@@ -117,7 +117,7 @@ class Settings(BaseSettings):
         "LeRobot's variant, no backward pass)",
     )
 
-    # --- openpi-compatible websocket endpoint (transport/openpi.py) ----------------------------
+    # --- openpi-compatible websocket endpoint (transport/openpi/) ------------------------------
     openpi_port: int | None = Field(
         None,
         ge=0,
@@ -143,6 +143,11 @@ class Settings(BaseSettings):
     max_cameras: int = Field(4, ge=1, le=16, description="Most camera frames per observation")
     max_joints: int = Field(128, ge=1, le=4096, description="Most joint values per observation")
     max_instruction_chars: int = Field(1000, ge=1, le=100000, description="Longest language instruction")
+    allow_empty_instruction: bool = Field(
+        False,
+        description="Accept a missing or blank language instruction (the model then sees an empty prompt); "
+        "default: INVALID_ARGUMENT naming language_instruction",
+    )
     max_stream_rate_hz: float = Field(
         200.0, ge=0, le=100000, description="Most observations per second per stream; 0 = unlimited"
     )

@@ -1,9 +1,10 @@
 """Conversion between protobuf messages and the domain types of models/base.py.
 
-Cheap structural checks of the message (sizes, counts, the instruction length, camera names)
-happen here with messages that name the proto field; what a model needs of an observation (joint
-counts, finite values, its cameras) the model checks once, in prepare (models/base.py). Image
-decoding happens here too but is called from the worker pool.
+`decode` is the gRPC transport's decode step (engine/request.py), run in the engine's
+preprocessing pool: cheap structural checks of the message (sizes, counts, the instruction length,
+camera names) with messages that name the proto field, then image decoding and the real-time
+chunking request. What a model needs of an observation (joint counts, finite values, its cameras)
+the model checks once, in prepare (models/base.py); an empty instruction the engine refuses.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 
 from vla_inference.api.v1 import vla_inference_pb2 as pb
 from vla_inference.config import Settings
-from vla_inference.engine import Completed
+from vla_inference.engine import Answer, Decoded
 from vla_inference.engine.realtime import Applied, RtcRequest, default_method
 from vla_inference.models.base import InvalidObservation, ModelDescription, Observation, canonical_camera
 from vla_inference.preprocessing.images import JPEG, PNG, RAW_RGB, ImageError, decode_image
@@ -71,8 +72,15 @@ def require_observation(request: pb.Observation | MalformedMessage) -> pb.Observ
     return request
 
 
+def decode(request: pb.Observation | MalformedMessage, settings: Settings, info: ModelDescription) -> Decoded:
+    """The gRPC decode step: the checks, the images and the real-time chunking request."""
+    observation = require_observation(request)
+    check_envelope(observation, settings, info)
+    return Decoded(observation_from_proto(observation, settings, info), rtc_request(observation, info))
+
+
 def check_envelope(request: pb.Observation, settings: Settings, info: ModelDescription) -> None:
-    """Checks that need no decoding: run on the event loop before any work is queued."""
+    """Checks that need no decoding, before the images are decoded."""
     if len(request.request_id) > MAX_REQUEST_ID_CHARS:
         raise InvalidObservation("request_id", f"at most {MAX_REQUEST_ID_CHARS} characters")
     if len(request.language_instruction) > settings.max_instruction_chars:
@@ -133,7 +141,7 @@ def _encoding(value: int, field: str) -> str:
 def observation_from_proto(
     request: pb.Observation, settings: Settings, info: ModelDescription
 ) -> Observation:
-    """Decode images and copy fields; CPU work, called in the worker pool."""
+    """Decode images and copy fields (CPU work)."""
     images = {}
     at_least = info.decode_size if settings.jpeg_scaled_decode else None
     for name, encoded in _encoded_images(request, info).items():
@@ -168,7 +176,7 @@ MAX_PREVIOUS_ACTIONS = 4096
 
 
 def rtc_request(request: pb.Observation, info: ModelDescription) -> RtcRequest | None:
-    """Observation.rtc checked and decoded (None when unset). Cheap: runs on the event loop."""
+    """Observation.rtc checked and decoded (None when unset)."""
     if not request.HasField("rtc"):
         return None
     r = request.rtc
@@ -221,37 +229,31 @@ def rtc_applied(applied: Applied) -> pb.RtcApplied:
 
 
 def action_chunk(
-    request: pb.Observation,
-    done: Completed,
-    model_name: str,
-    *,
-    decode_s: float,
-    preprocess_s: float,
-    total_s: float,
-    skipped: list[str] | None = None,
-    rtc: Applied | None = None,
+    request: pb.Observation | MalformedMessage, answer: Answer, model_name: str
 ) -> pb.ActionChunk:
-    """Build the answer for one request."""
-    actions = np.asarray(done.prediction.actions, dtype=np.float32)
-    total_ms = total_s * 1000
+    """Build the answer for one request (only a well-formed one has an answer; the type admits
+    MalformedMessage, which echoes the same fields, for the transport's convenience)."""
+    actions = np.asarray(answer.prediction.actions, dtype=np.float32)
+    t = answer.timing
+    total_ms = t.total_s * 1000
     return pb.ActionChunk(
-        rtc=rtc_applied(rtc) if rtc is not None else None,
+        rtc=rtc_applied(answer.rtc) if answer.rtc is not None else None,
         actions=[pb.Action(joint_commands=row) for row in actions.tolist()],
         inference_time_ms=total_ms,
-        confidence=float(done.prediction.confidence),
+        confidence=float(answer.prediction.confidence),
         request_id=request.request_id,
         observation_timestamp=request.timestamp,
         model_name=model_name,
         timing=pb.TimingBreakdown(
-            decode_ms=decode_s * 1000,
-            preprocess_ms=preprocess_s * 1000,
-            queue_ms=done.queue_s * 1000,
-            model_ms=done.model_s * 1000,
-            postprocess_ms=done.postprocess_s * 1000,
+            decode_ms=t.decode_s * 1000,
+            preprocess_ms=t.preprocess_s * 1000,
+            queue_ms=t.queue_s * 1000,
+            model_ms=t.model_s * 1000,
+            postprocess_ms=t.postprocess_s * 1000,
             total_ms=total_ms,
-            batch_size=done.batch_size,
+            batch_size=t.batch_size,
         ),
-        skipped_request_ids=skipped or [],
+        skipped_request_ids=list(answer.skipped),
     )
 
 

@@ -27,8 +27,9 @@ from vla_inference.models.base import VLAModel
 from vla_inference.models.registry import create_model
 from vla_inference.telemetry.gpu import GpuMonitor
 from vla_inference.telemetry.metrics import Metrics
-from vla_inference.transport import codec, security
+from vla_inference.transport import codec, security, servicer
 from vla_inference.transport.openpi import OpenpiEndpoint
+from vla_inference.transport.openpi import endpoint as openpi
 from vla_inference.transport.servicer import ServerState, VLAInferenceServicer
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,9 @@ class VLAServer:
         """Open the port (health NOT_SERVING), load and warm the model, then turn SERVING."""
         server = grpc.aio.server(
             options=grpc_options(self.settings),
-            interceptors=security.interceptors(self.settings, lambda: self.metrics.count("UNAUTHENTICATED")),
+            interceptors=security.interceptors(
+                self.settings, lambda: self.metrics.count("UNAUTHENTICATED", servicer.PROTOCOL)
+            ),
         )
         _add_service(VLAInferenceServicer(self.settings, self.state, lambda: self.engine, self.gpu), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -146,7 +149,7 @@ class VLAServer:
                 self.settings,
                 lambda: self.engine,
                 lambda: self.state.phase == ServerState.SERVING,
-                on_denied=lambda: self.metrics.count("UNAUTHENTICATED"),
+                on_denied=lambda: self.metrics.count("UNAUTHENTICATED", openpi.PROTOCOL),
             )
             self.openpi_port = await self.openpi.start()
             self.metrics.bind_openpi_connections(lambda: float(self.openpi.connections if self.openpi else 0))
