@@ -262,7 +262,7 @@ def _finish_known(policy: Pi0Policy, embodiment: str) -> tuple[np.ndarray, np.nd
     raw = Pi0Raw(raw_actions, np.zeros_like(raw_actions), 0.1)
     sample = PreparedSample(inputs=None, embodiment=embodiment, seed=0)
     pred = policy.finish(raw, sample)
-    assert pred.confidence == 1.0  # zero final velocity -> fully settled
+    assert pred.confidence == pytest.approx(1.0, abs=1e-6)  # zero final velocity -> fully settled
     return raw_actions, pred.actions
 
 

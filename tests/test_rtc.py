@@ -38,7 +38,9 @@ def test_prefix_weights_match_the_reference_values() -> None:
     expected = [1, 1, 1, 1, 0.6766, 0.4335, 0.2563, 0.1335, 0.0550, 0.0128] + [0] * 40
     np.testing.assert_allclose(rtc.prefix_weights(4, 10, 50, "exp"), expected, atol=5e-5)
     np.testing.assert_array_equal(rtc.prefix_weights(3, 6, 8, "zeros"), [1, 1, 1, 0, 0, 0, 0, 0])
-    assert rtc.prefix_weights(9, 6, 10).tolist()[:6] == [1] * 6  # start is clamped to end
+    clamped = rtc.prefix_weights(9, 6, 10)  # start is clamped to end
+    np.testing.assert_allclose(clamped[:6], [1] * 6, rtol=0, atol=1e-12)
+    assert clamped.max() <= 1.0  # clipped: never above 1, whatever SIMD kernel numpy picks
 
 
 @pytest.mark.parametrize(
@@ -62,7 +64,8 @@ def test_build_prefix_aligns_the_previous_chunk() -> None:
     assert not prefix.actions[6:].any()
     np.testing.assert_allclose(prefix.weights, rtc.prefix_weights(2, 6, 8))
     hard = rtc.build_prefix(previous, executed=4, delay=9, horizon=8, method="hard", max_guidance=5.0)
-    assert hard.delay == 6 and hard.weights.tolist() == [1] * 6 + [0] * 2 and hard.max_guidance == 0
+    assert hard.delay == 6 and hard.max_guidance == 0
+    np.testing.assert_allclose(hard.weights, [1] * 6 + [0] * 2, rtol=0, atol=1e-12)
 
 
 # ---- the sampler ------------------------------------------------------------------------------
