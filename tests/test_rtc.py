@@ -13,7 +13,7 @@ import torch
 
 from tests.helpers.pi0_checkpoints import write_tiny_openpi_checkpoint
 from vla_inference.api.v1 import vla_inference_pb2 as pb
-from vla_inference.client import make_observation
+from vla_inference.client import VLAError, make_observation
 from vla_inference.config import Settings
 from vla_inference.models import rtc
 from vla_inference.models.base import Observation
@@ -350,9 +350,9 @@ def test_guided_rows_follow_the_jacobian_setting(server_factory) -> None:  # typ
 def test_bad_rtc_fields_are_invalid_argument(server_factory, fields, field_name) -> None:  # type: ignore[no-untyped-def]
     running = server_factory()
     obs = _observation("x", 1, _rtc(**fields))
-    with running.client() as client, pytest.raises(grpc.RpcError) as err:
+    with running.client() as client, pytest.raises(VLAError) as err:
         client.predict_observation(obs)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field_name in err.value.details()
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and field_name in err.value.message
     with running.client() as client:
         assert len(client.predict_observation(_observation("y", 1)).actions) > 0  # still serving
 
@@ -378,10 +378,10 @@ def test_openvla_refuses_real_time_chunking(server_factory, tmp_path: Path) -> N
         dims = info.state_dims[info.default_embodiment]
         obs = make_observation(IMAGE, [0.0] * dims, "pick up the cup", seed=1)
         obs.rtc.CopyFrom(_rtc(method=pb.RTC_METHOD_GUIDED, executed_actions=1))
-        with pytest.raises(grpc.RpcError) as err:
+        with pytest.raises(VLAError) as err:
             client.predict_observation(obs)
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "one action at a time" in err.value.details()
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "one action at a time" in err.value.message
         obs.rtc.method = pb.RTC_METHOD_UNSPECIFIED  # the server default does not apply to OpenVLA
         assert client.predict_observation(obs).rtc.method == pb.RTC_METHOD_NONE
 

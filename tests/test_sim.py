@@ -323,10 +323,10 @@ def test_the_shipped_default_policy(default_server) -> None:  # type: ignore[no-
     assert list(info.camera_names) == ["base"]  # trained with the corner camera only
     import grpc
 
+    from vla_inference.client import VLAError
+
     frame = np.zeros((96, 96, 3), np.uint8)
-    with default_server.client() as client, pytest.raises(grpc.RpcError) as err:
+    with default_server.client() as client, pytest.raises(VLAError) as err:
         client.predict(frame, [0.0] * mt.STATE_DIM, "open the drawer", cameras={"wrist": frame})
-    assert (
-        err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        and "this model uses: base" in err.value.details()
-    )
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and err.value.field == "cameras[0].name"
+    assert "this model uses: base" in err.value.message
