@@ -91,7 +91,7 @@ bench-replicas: install proto ## 16 robots against 1, 2, 3 replicas (client-side
 	$(BIN)/python -m bench.replicas $(BENCH_ARGS)
 
 clean: ## Remove the virtual environment, generated code and caches
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache runs ts-demo
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache runs ts-demo vla-inference-client-*.tgz
 	rm -f $(PROTO_DIR)/*_pb2*.py $(PROTO_DIR)/*_pb2*.pyi
 	rm -rf $(TS_DIR)/node_modules $(TS_DIR)/dist $(TS_DIR)/proto $(TS_DIR)/src/generated
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
