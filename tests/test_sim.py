@@ -279,6 +279,7 @@ def test_sim_command_writes_the_report_video_and_plot(default_server, tmp_path: 
     out = tmp_path / "report.json"
     argv = ["sim", "--target", default_server.target, "--tasks", "reach,drawer-close", "--episodes", "2"]
     argv += ["--max-steps", "8", "--json", str(out), "--video-dir", str(tmp_path / "video")]
+    argv += ["--video-episodes", "2", "--wait-s", "5"]
     assert cli_main(argv) == 0
     report = json.loads(out.read_text())
     assert set(report["tasks"]) == {"reach-v3", "drawer-close-v3"}
@@ -291,8 +292,29 @@ def test_sim_command_writes_the_report_video_and_plot(default_server, tmp_path: 
 
     with Image.open(tmp_path / "video" / "reach-v3-seed1000.gif") as gif:
         assert gif.n_frames == 2  # one frame per request: 8 steps, 4 per chunk
+        assert gif.size == (96 * 3, 96 * 3 + 16)  # enlarged 3x, with the caption band under it
     with Image.open(tmp_path / "video" / "drawer-close-v3-seed1000-actions.png") as plot:
         assert plot.size[0] > 100
+    written = sorted(p.name for p in (tmp_path / "video").iterdir())
+    assert len(written) == 8 and "drawer-close-v3-seed1001.gif" in written  # 2 episodes x 2 tasks x 2 files
+
+
+def test_the_action_plot_names_each_value_in_full_with_a_scale(tmp_path: Path) -> None:
+    from PIL import Image, ImageDraw
+
+    from vla_inference.sim import media
+
+    assert media._ticks(-1.0, 1.5) == [-1.0, 1.5, 0.0] and media._ticks(0.5, 2.0) == [0.5, 2.0]
+    names = ("a", "b", "c", "a_very_long_name")
+    actions = [[0.1 * t, -0.2, 1.4, -1.0] for t in range(12)]
+    path = media.plot_actions(actions, [0, 4, 8], tmp_path / "plot.png", names=names)
+    with Image.open(path) as plot:
+        dark = np.asarray(plot.convert("L")) < 128
+    width = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength
+    # The last panel's label (rows 400-520, left of its tick numbers) is drawn in full: the old plot
+    # cut labels at 10 characters ("a_very_lon").
+    label_band = dark[400:520, : int(10 + width(names[3]) + 5)]
+    assert np.flatnonzero(label_band.any(axis=0)).max() > 10 + width(names[3][:10]) + 3
 
 
 def test_sim_refuses_a_model_that_is_not_a_metaworld_policy(server_factory, capsys) -> None:  # type: ignore[no-untyped-def]

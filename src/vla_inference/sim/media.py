@@ -86,7 +86,7 @@ def plot_actions(
         for tick in _ticks(lo, hi):
             y = y_at(tick)
             draw.line((x0 - 4, y, x0, y), fill="black")
-            text = f"{tick:g}"
+            text = f"{tick:.3g}"
             draw.text((x0 - 6 - probe.textlength(text), y - 6), text, fill="black")
         points = [(x_at(t), y_at(float(v))) for t, v in enumerate(data[:, d])]
         if len(points) > 1:
