@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests.support.toy_model import EMBODIMENTS, ToyPolicy, expected_actions
-from vla_inference.client import AsyncVLAClient, make_observation
+from vla_inference.client import AsyncVLAClient, VLAError, make_observation
 from vla_inference.models.base import Observation
 
 RNG = np.random.default_rng(0)
@@ -118,8 +118,8 @@ def test_full_queue_refuses_at_once_with_resource_exhausted(server_factory):
             try:
                 client.predict(image(i), joints(i), "x")
                 return "OK", time.monotonic() - t0
-            except grpc.RpcError as exc:
-                return exc.code().name, time.monotonic() - t0
+            except VLAError as exc:
+                return exc.code.name, time.monotonic() - t0
 
     with ThreadPoolExecutor(6) as pool:
         outcomes = list(pool.map(call, range(6)))
@@ -136,9 +136,9 @@ def test_expired_requests_never_reach_the_model(server_factory):
     with ThreadPoolExecutor(2) as pool:
         blocker = pool.submit(lambda: running.client().predict(image(0), joints(0), "blocker"))
         time.sleep(0.1)
-        with running.client() as client, pytest.raises(grpc.RpcError) as info:
+        with running.client() as client, pytest.raises(VLAError) as info:
             client.predict(image(1), joints(1), "late one", timeout=0.15)
-        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
         blocker.result(10)
     time.sleep(0.2)
     assert "late one" not in model.seen_instructions
@@ -307,8 +307,8 @@ def test_exception_fails_only_its_own_request(server_factory):
             try:
                 client.predict(image(i), joints(i), instruction)
                 return "OK"
-            except grpc.RpcError as exc:
-                return exc.code().name
+            except VLAError as exc:
+                return exc.code.name
 
     with ThreadPoolExecutor(8) as pool:
         outcomes = list(pool.map(call, range(8)))
@@ -341,9 +341,9 @@ def test_hung_worker_turns_health_not_serving_and_deadlines_cut_it(server_factor
     channel = grpc.insecure_channel(running.target)
     health = health_pb2_grpc.HealthStub(channel)
     with running.client() as client:
-        with pytest.raises(grpc.RpcError) as info:
+        with pytest.raises(VLAError) as info:
             client.predict(image(0), joints(0), "hang", timeout=0.5)
-        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
         time.sleep(0.5)
         reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -366,8 +366,8 @@ def test_drain_answers_accepted_requests_and_refuses_new_ones(server_factory):
             try:
                 client.predict(image(i), joints(i), "x", timeout=10)
                 outcome = "OK"
-            except grpc.RpcError as exc:
-                outcome = exc.code().name
+            except VLAError as exc:
+                outcome = exc.code.name
         with lock:
             results.append(outcome)
 

@@ -48,7 +48,7 @@ def test_min_max_does_not_clip_and_zeroes_a_constant_dimension() -> None:
     # 2 * (5 - 0) / 2 - 1 = 4;  2 * (0.5 + 1) / 2 - 1 = 0.5;  min == max -> 0 (upstream Normalizer)
     np.testing.assert_allclose(norm.normalize(np.array([5.0, 0.5, 7.0])), [4.0, 0.5, 0.0])
     # -3 -> 2 * (-3) / 2 - 1 = -4
-    assert norm.normalize(np.array([-3.0, 0, 0]))[0] == -4.0
+    assert norm.normalize(np.array([-3.0, 0, 0]))[0] == pytest.approx(-4.0, abs=1e-12)
 
 
 def test_min_max_inverse_does_not_clip() -> None:
@@ -56,7 +56,7 @@ def test_min_max_inverse_does_not_clip() -> None:
     # (4 + 1) / 2 * 2 + 0 = 5;  (0.5 + 1) / 2 * 2 - 1 = 0.5;  (3 + 1) / 2 * 0 + 2 = 2
     np.testing.assert_allclose(norm.unnormalize(np.array([4.0, 0.5, 3.0])), [5.0, 0.5, 2.0])
     # -1.5 -> (-0.5) / 2 * 2 + 0 = -0.5, below min: not clipped
-    assert norm.unnormalize(np.array([-1.5, 0, 0]))[0] == -0.5
+    assert norm.unnormalize(np.array([-1.5, 0, 0]))[0] == pytest.approx(-0.5, abs=1e-12)
 
 
 def test_q99_clips_and_passes_a_constant_dimension_through() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import urllib.request
 
@@ -14,7 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tests.support.toy_model import ToyPolicy
 from vla_inference.api.v1 import vla_inference_pb2 as pb
-from vla_inference.client import make_observation
+from vla_inference.client import AsyncVLAClient, VLAClient, VLAError, chunk_error, make_observation
 from vla_inference.preprocessing.images import encode_jpeg
 
 IMAGE = (np.arange(64 * 48 * 3) % 251).astype(np.uint8).reshape(48, 64, 3)
@@ -100,7 +101,7 @@ def _bad(client, **changes):
             observation.cameras.extend(value)
         else:
             setattr(observation, key, value)
-    with pytest.raises(grpc.RpcError) as info:
+    with pytest.raises(VLAError) as info:
         client.predict_observation(observation)
     return info.value
 
@@ -109,10 +110,11 @@ def _bad(client, **changes):
     ("changes", "field", "words"),
     [
         ({"camera_image": b""}, "camera_image", "no image"),
-        ({"camera_image": b"not a jpeg at all"}, "camera_image", "JPEG"),
-        ({"camera_image": encode_jpeg(IMAGE)[:200]}, "camera_image", "JPEG"),
-        ({"joints": [float("nan")] * 7}, "joint_positions", "finite"),
-        ({"joints": [float("inf")] * 7}, "joint_positions", "finite"),
+        ({"camera_image": b"not a jpeg at all"}, "camera_image", "not a decodable JPEG"),
+        ({"camera_image": encode_jpeg(IMAGE)[:200]}, "camera_image", "not a decodable JPEG"),
+        ({"joints": [float("nan")] * 7}, "joint_positions", "value 0 is nan: every value must be finite"),
+        ({"joints": [0.0, 1.0, 2.0, float("inf"), float("nan"), 0, 0]}, "joint_positions", "value 3 is inf"),
+        ({"velocities": [0.0] * 6 + [float("-inf")]}, "joint_velocities", "value 6 is -inf"),
         ({"joints": [0.0] * 3}, "joint_positions", "expected 7"),
         ({"velocities": [0.0] * 2}, "joint_velocities", "expected 0 or 7"),
         ({"embodiment_tag": "unitree_h1"}, "embodiment_tag", "arm7, arm6"),
@@ -138,18 +140,52 @@ def _bad(client, **changes):
 def test_bad_input_is_invalid_argument_naming_the_field(toy, changes, field, words):
     with toy.client() as client:
         error = _bad(client, **changes)
-        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert field in error.details() and words in error.details()
-        assert "Traceback" not in error.details()
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT and error.field == field
+        assert words in error.message and str(error) == f"INVALID_ARGUMENT: {error.message}"
+        assert "Traceback" not in error.message
+        assert "tjDecompress" not in error.message and "()" not in error.message  # no libjpeg internals
+        assert isinstance(error.__cause__, grpc.RpcError)  # gRPC's own error stays reachable
+        assert error.__cause__.code() == error.code
         assert len(client.predict(IMAGE, JOINTS, "still serving").actions) == 5
+
+
+def test_errors_are_vla_errors_on_async_calls_and_streams(toy):
+    """One exception type everywhere: async unary calls, streams, control sessions; a refused stream
+    observation is an inline error that chunk_error turns into the same type."""
+    bad = make_observation(IMAGE, [0.0] * 3, "x")
+    with toy.client() as client, client.control() as session:
+        answer = session.act(bad)
+        assert len(answer.actions) == 0
+        inline = chunk_error(answer)
+        assert inline is not None and inline.field == "joint_positions" and "expected 7" in inline.message
+        assert chunk_error(session.act(make_observation(IMAGE, JOINTS, "ok"))) is None
+    nowhere = "127.0.0.1:1"  # nothing listens: every call fails UNAVAILABLE, at once
+    with VLAClient(nowhere, timeout=5) as client, pytest.raises(VLAError) as info:
+        list(client.stream(iter([make_observation(IMAGE, JOINTS, "ok")])))
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE and isinstance(info.value.__cause__, grpc.RpcError)
+
+    async def scenario() -> tuple[VLAError, VLAError]:
+        async with AsyncVLAClient(toy.target) as client:
+            with pytest.raises(VLAError) as unary:
+                await client.predict(IMAGE, JOINTS, "x", embodiment="nope")
+        async with AsyncVLAClient(nowhere, timeout=5) as client:
+            stream = client.stream()
+            with pytest.raises(VLAError) as streamed:
+                await stream.write(make_observation(IMAGE, JOINTS, "ok"))
+                await stream.read()
+            return unary.value, streamed.value
+
+    unary, streamed = asyncio.run(scenario())
+    assert unary.code == grpc.StatusCode.INVALID_ARGUMENT and unary.field == "embodiment_tag"
+    assert streamed.code == grpc.StatusCode.UNAVAILABLE
 
 
 def test_image_over_pixel_cap_is_refused(server_factory):
     running = server_factory(ToyPolicy, max_image_pixels=32 * 32)
     with running.client() as client:
         error = _bad(client)
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "over the limit" in error.details() and "VLA_MAX_IMAGE_PIXELS" in error.details()
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT and error.field == "camera_image"
+    assert "over the limit" in error.message and "VLA_MAX_IMAGE_PIXELS" in error.message
 
 
 def test_message_size_limit_applies(server_factory):
@@ -160,18 +196,40 @@ def test_message_size_limit_applies(server_factory):
     observation.camera_image_encoding = pb.IMAGE_ENCODING_RAW_RGB
     observation.camera_image_width = observation.camera_image_height = 1024
     with running.client(max_message_mb=8) as client:
-        with pytest.raises(grpc.RpcError) as info:
+        with pytest.raises(VLAError) as info:
             client.predict_observation(observation)
-        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert len(client.predict(IMAGE, JOINTS, "x").actions) == 8
+
+
+def test_client_refuses_an_image_over_the_message_limit_before_sending(toy):
+    """gRPC's own refusal says "Sent message larger than max"; the client names the field and the setting."""
+    big = np.random.default_rng(0).integers(0, 255, (1024, 1024, 3), dtype=np.uint8)
+    observation = make_observation(None, JOINTS, "x", cameras={"wrist": big})
+    observation.camera_image = encode_jpeg(IMAGE)
+    before = toy.server.engine.in_flight
+    with toy.client(max_message_mb=1) as client:
+        for send in (
+            lambda: client.predict_observation(observation),
+            lambda: list(client.stream(iter([observation]))),
+            lambda: client.control().act(observation),
+        ):
+            with pytest.raises(VLAError) as info:
+                send()
+            error = info.value
+            assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and error.field == "cameras[0]"
+            assert "VLA_MAX_MESSAGE_SIZE_MB" in error.message and "1 MiB" in error.message
+            assert error.__cause__ is None  # refused here: nothing was sent
+        assert len(client.predict(IMAGE, JOINTS, "small").actions) == 5
+    assert toy.server.engine.in_flight == before
 
 
 def test_model_failure_is_internal_without_traceback(toy):
     with toy.client() as client:
         error = _bad(client, language_instruction="fail")
-        assert error.code() == grpc.StatusCode.INTERNAL
-        assert "see server log" in error.details()
-        assert "Traceback" not in error.details() and "simulated" not in error.details()
+        assert error.code == grpc.StatusCode.INTERNAL and error.field is None
+        assert "see server log" in error.message
+        assert "Traceback" not in error.message and "simulated" not in error.message
         assert client.health().ready
 
 
@@ -212,9 +270,9 @@ def test_health_not_serving_while_loading(server_factory):
     reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
     assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
     with running.client() as client:
-        with pytest.raises(grpc.RpcError) as info:
+        with pytest.raises(VLAError) as info:
             client.predict(IMAGE, JOINTS, "x")
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE
         assert client.health().state == "LOADING"
     gate.set()
     for _ in range(300):
@@ -288,11 +346,11 @@ def test_a_missing_instruction_is_invalid_argument_unless_allowed(server_factory
     with strict.client() as client:
         for text in ("", "   "):
             error = _bad(client, language_instruction=text)
-            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert error.details().startswith(
+            assert error.code == grpc.StatusCode.INVALID_ARGUMENT and error.field == "language_instruction"
+            assert error.message.startswith(
                 "invalid observation: language_instruction: the model needs a language instruction"
             )
-            assert "VLA_ALLOW_EMPTY_INSTRUCTION=true" in error.details()
+            assert "VLA_ALLOW_EMPTY_INSTRUCTION=true" in error.message
         with client.control() as session:
             inline = session.act(make_observation(IMAGE, JOINTS, "", request_id="s-1"))
         assert inline.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]

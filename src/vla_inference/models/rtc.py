@@ -62,7 +62,9 @@ def prefix_weights(start: int, end: int, total: int, schedule: str = "exp") -> n
     elif schedule in ("linear", "exp"):
         w = np.clip((start - 1 - i) / (end - start + 1) + 1, 0.0, 1.0)
         if schedule == "exp":
-            w = w * np.expm1(w) / (math.e - 1)
+            # w (e^w - 1) / (e - 1) is 1 at w = 1 in exact arithmetic; numpy's SIMD expm1 can round
+            # it to 1 + 2e-16 (AVX-512), so clip: a weight never exceeds 1.
+            w = np.clip(w * np.expm1(w) / (math.e - 1), 0.0, 1.0)
     else:
         raise ValueError(f"unknown schedule {schedule!r}")
     return np.where(i >= end, 0.0, w)

@@ -9,6 +9,7 @@ the model checks once, in prepare (models/base.py); an empty instruction the eng
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,6 +93,8 @@ def check_envelope(request: pb.Observation, settings: Settings, info: ModelDescr
     joints = len(request.joint_positions)
     if joints > settings.max_joints or len(request.joint_velocities) > settings.max_joints:
         raise InvalidObservation("joint_positions", f"at most {settings.max_joints} values")
+    for field in ("joint_positions", "joint_velocities"):
+        check_finite(field, getattr(request, field))
     cameras = len(request.cameras) + (1 if request.camera_image else 0)
     if cameras > settings.max_cameras:
         raise InvalidObservation(
@@ -100,6 +103,17 @@ def check_envelope(request: pb.Observation, settings: Settings, info: ModelDescr
     if cameras == 0:
         raise InvalidObservation(
             "camera_image", "no image: send camera_image or at least one entry in cameras"
+        )
+
+
+def check_finite(field: str, values: Sequence[float]) -> None:
+    """NaN or inf in a list of numbers: refused naming the first bad index."""
+    array = np.asarray(values, dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(array))
+    if bad.size:
+        index = int(bad[0])
+        raise InvalidObservation(
+            field, f"value {index} is {array[index]}: every value must be finite (no NaN or inf)"
         )
 
 
