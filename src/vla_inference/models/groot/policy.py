@@ -10,7 +10,7 @@ Observation -> model inputs (prepare, CPU), as NVIDIA's Gr00tPolicy with the cho
   * data config (data_configs.py, VLA_GROOT_DATA_CONFIG): names the state / action / video keys
     served and their order, and how each key is transformed. joint_positions = the config's
     state keys' values concatenated in its order (ModelInfo.state_layouts names each value);
-    each key is rotated / normalised / sin-cos encoded as upstream (normalize.py), then the
+    each key is rotated (rotations.py) / normalised / sin-cos encoded as upstream, then the
     whole is zero-padded to max_state_dim (64) as upstream's GR00TTransform does.
     joint_velocities are checked but unused (N1.5 has no velocity input).
   * cameras: the config's video keys in its order, one frame each, named in the server's camera
