@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import urllib.request
 
@@ -16,6 +17,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tests.support.toy_model import ToyPolicy
 from vla_inference.api.v1 import vla_inference_pb2 as pb
 from vla_inference.client import AsyncVLAClient, VLAClient, VLAError, chunk_error, make_observation
+from vla_inference.config import Settings
+from vla_inference.models.base import Observation, PreparedSample
 from vla_inference.preprocessing.images import encode_jpeg
 
 IMAGE = (np.arange(64 * 48 * 3) % 251).astype(np.uint8).reshape(48, 64, 3)
@@ -97,8 +100,8 @@ def _bad(client, **changes):
             observation.joint_positions.extend(value)
         elif key == "velocities":
             observation.joint_velocities.extend(value)
-        elif key == "cameras":
-            observation.cameras.extend(value)
+        elif key in ("cameras", "history"):
+            getattr(observation, key).extend(value)
         else:
             setattr(observation, key, value)
     with pytest.raises(VLAError) as info:
@@ -373,3 +376,45 @@ def test_a_missing_instruction_is_invalid_argument_unless_allowed(server_factory
     # once for unary calls (per process), once per stream
     assert len(warnings) == 3, warnings
     assert sum("once per stream" in w for w in warnings) == 2
+
+
+class HistoryToy(ToyPolicy):
+    """A toy that reads the frame and the state 3 steps earlier (as GR00T N1.7's DROID embodiment
+    reads video [-15, 0])."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.past: list[tuple[dict[int, tuple[str, ...]], dict[int, list[float]]]] = []
+
+    def load(self, checkpoint_path: str | None, device: str) -> None:
+        super().load(checkpoint_path, device)
+        assert self._info is not None
+        self._info = dataclasses.replace(
+            self._info, image_history={"arm7": (-3,)}, state_history={"arm7": (-3,)}
+        )
+
+    def prepare(self, observation: Observation) -> PreparedSample:
+        self.past.append(
+            (
+                {k: tuple(sorted(v)) for k, v in observation.past_images.items()},
+                {k: v.tolist() for k, v in observation.past_joint_positions.items()},
+            )
+        )
+        return super().prepare(observation)
+
+
+def test_history_reaches_a_model_that_reads_one_and_is_refused_by_others(server_factory, toy) -> None:
+    server = server_factory(HistoryToy)
+    with server.client() as client:
+        info = client.info()
+        assert list(info.image_history["arm7"].offsets) == [-3]
+        assert list(info.state_history["arm7"].offsets) == [-3]
+        observation = make_observation(IMAGE, JOINTS, "do it", seed=1)
+        past = observation.history.add(offset=-3, joint_positions=[0.5] * 7)
+        past.cameras.append(pb.CameraImage(name="base", data=encode_jpeg(IMAGE)))
+        client.predict_observation(observation)
+    assert server.server.model.past[-1] == ({-3: ("base",)}, {-3: [0.5] * 7})
+    with toy.client() as plain:
+        error = _bad(plain, history=[pb.PastStep(offset=-3)])
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT and error.field == "history"
+    assert "reads no history" in error.message

@@ -55,6 +55,11 @@ class Observation:
     embodiment: str = ""  # "" = the model's default embodiment
     joint_velocities: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (J,) or (0,)
     seed: int | None = None  # None = a fresh random seed (sample_seed)
+    # Earlier steps, for models that read a history (ModelDescription.image_history /
+    # state_history): offset (< 0, control steps) -> camera -> (H, W, 3) uint8 RGB, and offset ->
+    # (J,) joint positions.
+    past_images: Mapping[int, Mapping[str, np.ndarray]] = field(default_factory=dict)
+    past_joint_positions: Mapping[int, np.ndarray] = field(default_factory=dict)
 
 
 def sample_seed(observation: Observation) -> int:
@@ -139,6 +144,10 @@ class ModelDescription:
     decode_size: tuple[int, int] | None = None
     # The model reads the instruction: an empty one is refused unless VLA_ALLOW_EMPTY_INSTRUCTION.
     takes_language: bool = True
+    # embodiment -> the earlier steps (offsets < 0) whose frames / joint positions the model reads
+    # besides the current ones (Observation.past_images / past_joint_positions); absent: none.
+    image_history: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    state_history: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 @dataclass

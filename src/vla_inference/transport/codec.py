@@ -104,6 +104,31 @@ def check_envelope(request: pb.Observation, settings: Settings, info: ModelDescr
         raise InvalidObservation(
             "camera_image", "no image: send camera_image or at least one entry in cameras"
         )
+    check_history(request, settings, info)
+
+
+MAX_HISTORY_STEPS = 32
+
+
+def check_history(request: pb.Observation, settings: Settings, info: ModelDescription) -> None:
+    """Observation.history: only for a model that reads one; offsets negative and distinct."""
+    if not request.history:
+        return
+    if not (info.image_history or info.state_history):
+        raise InvalidObservation("history", f"{info.family} reads no history; send the current step only")
+    if len(request.history) > MAX_HISTORY_STEPS:
+        raise InvalidObservation("history", f"at most {MAX_HISTORY_STEPS} earlier steps")
+    seen: set[int] = set()
+    for index, step in enumerate(request.history):
+        field = f"history[{index}]"
+        if step.offset >= 0 or step.offset in seen:
+            raise InvalidObservation(f"{field}.offset", "must be negative (steps earlier) and distinct")
+        seen.add(step.offset)
+        if len(step.cameras) > settings.max_cameras or len(step.joint_positions) > settings.max_joints:
+            raise InvalidObservation(
+                field, f"at most {settings.max_cameras} cameras and {settings.max_joints} values"
+            )
+        check_finite(f"{field}.joint_positions", step.joint_positions)
 
 
 def check_finite(field: str, values: Sequence[float]) -> None:
@@ -127,12 +152,22 @@ def _encoded_images(request: pb.Observation, info: ModelDescription) -> dict[str
             request.camera_image_width,
             request.camera_image_height,
         )
-    for index, camera in enumerate(request.cameras):
-        field = f"cameras[{index}]"
+    images.update(_named_images(request.cameras, "cameras", info, taken=set(images)))
+    return images
+
+
+def _named_images(
+    cameras: Sequence[pb.CameraImage], where: str, info: ModelDescription, taken: set[str] | None = None
+) -> dict[str, _EncodedImage]:
+    """Repeated CameraImage (Observation.cameras, PastStep.cameras) by canonical name, checked."""
+    images: dict[str, _EncodedImage] = {}
+    taken = set(taken or ())
+    for index, camera in enumerate(cameras):
+        field = f"{where}[{index}]"
         name = canonical_camera(camera.name)
         if not name:
             raise InvalidObservation(f"{field}.name", "camera name is empty")
-        if name in images:
+        if name in images or name in taken:
             raise InvalidObservation(f"{field}.name", f"camera {name!r} is given twice")
         if name not in info.camera_names:
             raise InvalidObservation(
@@ -156,20 +191,17 @@ def observation_from_proto(
     request: pb.Observation, settings: Settings, info: ModelDescription
 ) -> Observation:
     """Decode images and copy fields (CPU work)."""
-    images = {}
-    at_least = info.decode_size if settings.jpeg_scaled_decode else None
-    for name, encoded in _encoded_images(request, info).items():
-        try:
-            images[name] = decode_image(
-                encoded.data,
-                encoded.encoding,
-                width=encoded.width,
-                height=encoded.height,
-                max_pixels=settings.max_image_pixels,
-                at_least=at_least,
-            )
-        except ImageError as exc:
-            raise InvalidObservation(encoded.field, str(exc)) from None
+    images = _decode_all(_encoded_images(request, info), settings, info)
+    past_images = {
+        step.offset: _decode_all(_named_images(step.cameras, f"history[{i}].cameras", info), settings, info)
+        for i, step in enumerate(request.history)
+        if step.cameras
+    }
+    past_joints = {
+        step.offset: np.asarray(step.joint_positions, dtype=np.float32)
+        for step in request.history
+        if step.joint_positions
+    }
     return Observation(
         images=images,
         joint_positions=np.asarray(request.joint_positions, dtype=np.float32),
@@ -177,7 +209,29 @@ def observation_from_proto(
         instruction=request.language_instruction,
         embodiment=request.embodiment_tag,
         seed=request.seed if request.HasField("seed") else None,  # None: the model draws one
+        past_images=past_images,
+        past_joint_positions=past_joints,
     )
+
+
+def _decode_all(
+    encoded: dict[str, _EncodedImage], settings: Settings, info: ModelDescription
+) -> dict[str, np.ndarray]:
+    images = {}
+    at_least = info.decode_size if settings.jpeg_scaled_decode else None
+    for name, item in encoded.items():
+        try:
+            images[name] = decode_image(
+                item.data,
+                item.encoding,
+                width=item.width,
+                height=item.height,
+                max_pixels=settings.max_image_pixels,
+                at_least=at_least,
+            )
+        except ImageError as exc:
+            raise InvalidObservation(item.field, str(exc)) from None
+    return images
 
 
 _RTC_METHODS: dict[int, str] = {
@@ -295,4 +349,6 @@ def model_info_message(info: ModelDescription, settings: Settings) -> pb.ModelIn
         action_layouts={k: pb.Layout(names=list(v)) for k, v in info.action_layouts.items()},
         rtc_methods=list(info.rtc_methods),
         rtc_default_method=default_method(info.rtc_methods, settings),
+        image_history={k: pb.Offsets(offsets=list(v)) for k, v in info.image_history.items() if v},
+        state_history={k: pb.Offsets(offsets=list(v)) for k, v in info.state_history.items() if v},
     )
