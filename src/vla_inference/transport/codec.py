@@ -9,6 +9,7 @@ the model checks once, in prepare (models/base.py); an empty instruction the eng
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -133,13 +134,12 @@ def check_history(request: pb.Observation, settings: Settings, info: ModelDescri
 
 def check_finite(field: str, values: Sequence[float]) -> None:
     """NaN or inf in a list of numbers: refused naming the first bad index."""
-    array = np.asarray(values, dtype=np.float64)
-    bad = np.flatnonzero(~np.isfinite(array))
-    if bad.size:
-        index = int(bad[0])
-        raise InvalidObservation(
-            field, f"value {index} is {array[index]}: every value must be finite (no NaN or inf)"
-        )
+    # A plain loop: a robot's few joint values are checked faster than numpy can be set up.
+    for index, value in enumerate(values):
+        if not math.isfinite(value):
+            raise InvalidObservation(
+                field, f"value {index} is {value}: every value must be finite (no NaN or inf)"
+            )
 
 
 def _encoded_images(request: pb.Observation, info: ModelDescription) -> dict[str, _EncodedImage]:
@@ -301,12 +301,10 @@ def action_chunk(
 ) -> pb.ActionChunk:
     """Build the answer for one request (only a well-formed one has an answer; the type admits
     MalformedMessage, which echoes the same fields, for the transport's convenience)."""
-    actions = np.asarray(answer.prediction.actions, dtype=np.float32)
     t = answer.timing
     total_ms = t.total_s * 1000
-    return pb.ActionChunk(
+    chunk = pb.ActionChunk(
         rtc=rtc_applied(answer.rtc) if answer.rtc is not None else None,
-        actions=[pb.Action(joint_commands=row) for row in actions.tolist()],
         inference_time_ms=total_ms,
         confidence=float(answer.prediction.confidence),
         request_id=request.request_id,
@@ -323,6 +321,10 @@ def action_chunk(
         ),
         skipped_request_ids=list(answer.skipped),
     )
+    actions = chunk.actions
+    for row in np.asarray(answer.prediction.actions, dtype=np.float32).tolist():
+        actions.add().joint_commands.extend(row)
+    return chunk
 
 
 def model_info_message(info: ModelDescription, settings: Settings) -> pb.ModelInfo:

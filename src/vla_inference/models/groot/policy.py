@@ -49,6 +49,7 @@ Precision: bfloat16 on CUDA, float32 on CPU (VLA_DTYPE overrides).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -158,6 +159,7 @@ class GrootPolicy(FlowPolicy[GrootLoaded, GrootBatch]):
             state_dims={tag: e.state_dim for tag, e in embodiments.items()},
             camera_names=tuple(cameras),
             image_size=(cfg.image_size, cfg.image_size),
+            decode_size=decode_size(embodiments.values(), cfg.image_size),
             device=str(self.device),
             dtype=str(self.dtype).removeprefix("torch."),
             confidence_definition=flow.CONFIDENCE_DEFINITION,
@@ -292,6 +294,20 @@ class GrootPolicy(FlowPolicy[GrootLoaded, GrootBatch]):
     def normalize_actions(self, actions: np.ndarray, embodiment: str) -> np.ndarray:
         emb = self.loaded.embodiments[embodiment]
         return pad_to(emb.encode_actions(actions), self.config.action_dim)
+
+
+def decode_size(embodiments: Iterable[Embodiment], image_size: int) -> tuple[int, int]:
+    """The least (width, height) any camera frame is decoded at (preprocessing/images.py decodes a
+    JPEG at least twice as large at reduced scale, never below it): the largest first resize of any
+    camera of any embodiment, i.e. its metadata resolution, or for a camera without one the model's
+    image size before the centre crop (video.py)."""
+    width = height = 0
+    for emb in embodiments:
+        before_crop = math.ceil(image_size / (emb.crop_scale or 1.0))
+        for camera in emb.cameras:
+            w, h = camera.resolution or (before_crop, before_crop)
+            width, height = max(width, w), max(height, h)
+    return width or image_size, height or image_size
 
 
 def camera_map(emb: Embodiment) -> CameraMap:
