@@ -22,6 +22,11 @@ For each family: pi0 (1 and 3 cameras), pi0.5, OpenVLA 7B, GR00T N1.5 —
     JPEG, using a thin bench adapter (SyntheticPolicy) around the same network: the families'
     own Policy classes load only from checkpoint files, so tokenisation is synthetic here (a fixed
     prompt of typical length) while decode, resize, batching and the forward pass are real.
+  - with --scheduling (issue 28): after the families, the server's scheduling phases
+    (bench/scheduling.py) against the real network on the GPU (`bench.serve --gpu-family`,
+    --scheduling-family, in its own process) and against the simulated device whose T1 and K come
+    from that family's measured floor (T1 = batch-1 p50, K = (batch-B p50 - T1) / (B - 1)), and the
+    CPU per request; results under `scheduling` in the JSON.
 A family whose model code is not importable is recorded as skipped with the reason; a failure
 in one family does not stop the others. Results: JSON at --out (default $OUT/gpu-bench.json, or
 bench/results/gpu-<stamp>.json).
@@ -471,6 +476,63 @@ def end_to_end(family: Family, requests: int, budget_s: float, warmup_batches: i
         thread.join(timeout=10)
 
 
+def serving_policy(name: str, settings: Any, tiny: bool = False) -> Any:
+    """The family `name` (a prefix of its name) built at real size on the GPU (tiny: its tiny
+    configuration, on the CPU), as a VLAModel for `bench.serve --gpu-family`."""
+    fam = next((f for f in families(tiny) if f.name.lower().startswith(name.lower())), None)
+    if fam is None:
+        raise SystemExit(f"no bench/gpu.py family named {name!r}")
+    device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
+    fam.build(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return _synthetic_policy(fam, settings)
+
+
+def measured_device(row: dict[str, Any], batch: int) -> Any:
+    """The simulated device that stands for a family's measured floor: T1 = batch-1 p50, K from the
+    batch-B p50 (the compiled figures when there are both), or None when they are missing."""
+    from bench.serve import DeviceTime
+
+    compiled = row.get("compiled", {})
+    source = compiled if compiled.get("latency_b1", {}).get("n") and compiled.get(f"batch{batch}") else row
+    b1 = source.get("latency_b1", {}).get("p50_ms")
+    bn = source.get(f"batch{batch}", {}).get("p50_ms")
+    if not b1 or not bn or batch < 2:
+        return None
+    return DeviceTime(round(b1, 3), round(max(0.0, (bn - b1) / (batch - 1)), 3))
+
+
+def scheduling_figures(row: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Issue 28's phases on this host: the real network served on the GPU, the simulated device with
+    its measured T1 / K, and the CPU per request (the embedded default model's server path)."""
+    import tempfile
+
+    from bench import scheduling
+    from bench.common import Target
+
+    device = measured_device(row, args.batch)
+    if device is None:
+        return {"skipped": f"no batch-1 and batch-{args.batch} figures for {row.get('name')}"}
+    plan = scheduling.Plan(quick=True, device=device)
+    logs = Path(tempfile.mkdtemp(prefix="vla-gpu-sched-"))
+    default = Target("pi0-metaworld (embedded default)", "pi0")
+    serve = ["-m", "bench.serve", "--gpu-family", row["name"], *(["--tiny"] if args.tiny else [])]
+    out: dict[str, Any] = {"family": row["name"], "device_from_floor": str(device), "logs": str(logs)}
+    for key, run in (
+        ("real_model", lambda: scheduling.device_phases(default, plan, logs, serve)),
+        ("simulated_device", lambda: scheduling.device_phases(default, plan, logs)),
+        ("cpu", lambda: scheduling.cpu_phases(default, plan, logs)),
+    ):
+        try:
+            out[key] = run()
+        except Exception as exc:
+            traceback.print_exc()
+            out[key] = {"skipped": f"failed: {type(exc).__name__}: {exc}"}
+    out["goals"] = scheduling.goal_rows(out)
+    if isinstance(out.get("real_model"), dict) and "fleet" in out["real_model"]:
+        out["goals_real_model"] = scheduling.goal_rows({"simulated_device": out["real_model"]})
+    return out
+
+
 def e2e_unavailable() -> str:
     """'' when the server stack imports, else why not."""
     for module in ("grpc", "vla_inference.transport.server", "vla_inference.client", "simplejpeg"):
@@ -650,6 +712,12 @@ def main(argv: list[str] | None = None) -> int:
         "--compile-min-s", type=float, default=150.0, help="skip compiling with less budget left than this"
     )
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--scheduling", action="store_true", help="then issue 28's scheduling phases (bench/scheduling.py)"
+    )
+    parser.add_argument(
+        "--scheduling-family", default="pi0 (1 camera)", help="the family served for --scheduling"
+    )
     args = parser.parse_args(argv)
 
     started = time.monotonic()
@@ -711,10 +779,37 @@ def main(argv: list[str] | None = None) -> int:
         result["families"].append(row)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(result, indent=2) + "\n")  # partial results survive a timeout
+    if args.scheduling:
+        row = next((r for r in result["families"] if r.get("name") == args.scheduling_family), None)
+        if row is None or "skipped" in row:
+            result["scheduling"] = {"skipped": f"{args.scheduling_family!r} was not measured (see --only)"}
+        else:
+            print(f"[gpu-bench] scheduling phases: {args.scheduling_family}", flush=True)
+            result["scheduling"] = scheduling_figures(row, args)
     result["duration_s"] = round(time.monotonic() - started, 1)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2) + "\n")
     print(_table(result))
+    if isinstance(result.get("scheduling"), dict) and "goals" in result["scheduling"]:
+        from bench.scheduling import markdown as scheduling_markdown
+
+        sched = result["scheduling"]
+        if "goals_real_model" in sched:
+            print(
+                f"The real network ({sched['family']}) on this device, efficiency against its measured floor:"
+            )
+            print(
+                scheduling_markdown(
+                    {"simulated_device": sched["real_model"], "goals": sched["goals_real_model"]}
+                )
+            )
+        print(
+            f"The simulated device with the measured T1,K = {sched['device_from_floor']} ms, "
+            "and CPU per request:"
+        )
+        print(
+            scheduling_markdown({k: v for k, v in sched.items() if k in ("simulated_device", "cpu", "goals")})
+        )
     print(f"results: {out_path}")
     return 0
 

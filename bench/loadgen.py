@@ -114,6 +114,15 @@ def _p50(values: list[float]) -> float | None:
     return round(float(np.percentile(values, 50)), 3) if values else None
 
 
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of process `pid` so far (all its threads; /proc), None where unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def load_average() -> float | None:
     """The 1-minute load average (the cores are shared: a phase that starts above nproc was contended)."""
     try:
@@ -208,12 +217,19 @@ def overhead_breakdown(result: UnaryResult, floor_s: float | None) -> dict[str, 
 
 
 async def stream(
-    target: str, request: pb.Observation, *, period_s: float, steps: int, tail_s: float
+    target: str,
+    request: pb.Observation,
+    *,
+    period_s: float,
+    steps: int,
+    tail_s: float,
+    keep_latencies: bool = False,
 ) -> dict[str, Any]:
     """One StreamControl session sending an observation every period_s, `steps` times.
 
     Latency per step = answer received - observation sent. A deadline is met when the answer
     for that observation arrives within one control period; skipped and failed steps miss it.
+    keep_latencies: the answered steps' latencies (s) in `_latencies_s`, for pooling several streams.
     """
     load_1m = load_average()
     sent: dict[str, float] = {}
@@ -250,7 +266,7 @@ async def stream(
             if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise
     met = sum(1 for v in latency.values() if v <= period_s)
-    return {
+    row = {
         "loadavg_1m_at_start": load_1m,
         "rate_hz": round(1 / period_s, 3),
         "period_ms": round(period_s * 1000, 3),
@@ -262,6 +278,9 @@ async def stream(
         "deadlines_met": met,
         "deadline_met_fraction": round(met / steps, 4) if steps else 0.0,
     }
+    if keep_latencies:
+        row["_latencies_s"] = list(latency.values())
+    return row
 
 
 @dataclass
@@ -305,12 +324,15 @@ async def fleet(
     window_s: float,
     metadata: tuple[tuple[str, str], ...] = (),
     keep_latencies: bool = False,
+    cpu_pid: int | None = None,
 ) -> dict[str, Any]:
     """`clients` closed-loop robots (one channel each) for window_s seconds.
 
     Steady-state window: from the moment every robot has had its first answer to the end of the
     window; throughput = answers completed inside it / its length, latency = those answers.
     Calls still open at the end are cancelled and not counted.
+    cpu_pid: the server's process; adds its CPU time (user + system) per answer over the steady
+    window (`server_cpu_ms_per_request`).
     """
     if not 1 <= clients <= MAX_CLIENTS:
         raise ValueError(f"clients must be 1..{MAX_CLIENTS}")
@@ -337,11 +359,23 @@ async def fleet(
                 lambda: stub.Predict(msg, timeout=CALL_TIMEOUT_S, metadata=metadata), t_end, server_timing
             )
 
+    cpu: list[tuple[float, float | None]] = []  # (time, server CPU s) at the steady window's ends
+
+    async def probe_cpu(pid: int) -> None:
+        while len(first) < clients and time.perf_counter() < t_end:
+            await asyncio.sleep(0.005)
+        cpu.append((time.perf_counter(), process_cpu_s(pid)))
+        await asyncio.sleep(max(0.0, t_end - 0.05 - time.perf_counter()))
+        cpu.append((time.perf_counter(), process_cpu_s(pid)))
+
     tasks = [asyncio.create_task(robot(i)) for i in range(clients)]
+    probe = asyncio.create_task(probe_cpu(cpu_pid)) if cpu_pid is not None else None
     await asyncio.wait(tasks, timeout=window_s)
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    if probe is not None:
+        await probe
     steady_from = max(first) if len(first) == clients else t_start
     inside = [(t, lat) for t, lat in done if steady_from <= t <= t_end]
     span = t_end - steady_from
@@ -366,4 +400,9 @@ async def fleet(
     }
     if keep_latencies:
         row["_latencies_s"] = [lat for _, lat in inside]
+    if len(cpu) == 2 and cpu[0][1] is not None and cpu[1][1] is not None:
+        (t0, c0), (t1, c1) = cpu
+        answers = sum(1 for t, _ in done if t0 <= t <= t1)
+        row["server_cpu_ms_per_request"] = round((c1 - c0) / answers * 1000, 4) if answers else None
+        row["server_cpu_cores"] = round((c1 - c0) / (t1 - t0), 3) if t1 > t0 else None
     return row
