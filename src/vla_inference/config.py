@@ -109,7 +109,13 @@ class Settings(BaseSettings):
         "0.0.0.0; see SECURITY.md first)",
     )
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 = any free port")
-    max_workers: int = Field(4, ge=1, le=64, description="Threads for image decoding and preprocessing")
+    max_workers: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Threads for image decoding and preprocessing (at most one per core the server may "
+        "run on)",
+    )
     max_message_size_mb: int = Field(
         16,
         ge=1,
@@ -123,8 +129,10 @@ class Settings(BaseSettings):
         ge=0,
         le=1000,
         description="Wait for a batch to fill, counted from the oldest queued request's arrival or the "
-        "model coming free, whichever is later; stretched up to 5x while admitted requests are still being "
-        "decoded, so a closed-loop fleet does not split into alternating half batches",
+        "model coming free, whichever is later. Skipped when every request of the recent fleet (the most in "
+        "flight at once) is queued; stretched up to 5x while admitted requests are still being decoded, or, "
+        "for a closed-loop fleet that comes back within the forward pass's measured fixed cost, until the "
+        "whole fleet is queued (at most that cost), so that it does not split into alternating part batches",
     )
     max_queue_size: int = Field(
         64, ge=1, le=100000, description="Requests admitted at once; more get RESOURCE_EXHAUSTED at once"

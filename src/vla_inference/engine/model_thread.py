@@ -1,23 +1,31 @@
 """The model thread: the queue of prepared samples, batch formation and the forward pass.
 
 One thread owns the model. A preprocessing thread puts each prepared sample straight into this
-queue (`put`, thread-safe), so a request crosses threads only three times: event loop ->
-preprocessing pool -> model thread -> event loop (one callback per batch). The thread coalesces
-compatible samples (equal batch_key) into batches of up to VLA_BATCH_SIZE, waiting at most
-VLA_BATCH_TIMEOUT_MS; the fill window opens when the oldest sample was queued or when the model
-came free, whichever is later, and stretches (up to PREPROCESS_WAIT_FACTOR windows) while
-admitted requests are still being preprocessed, so that a closed-loop fleet answered by one pass
-joins the next one instead of splitting into alternating half batches.
+queue (`prepared`, thread-safe), so a request crosses threads only three times: event loop ->
+preprocessing pool -> model thread -> event loop (the postprocessing thread's one callback per
+batch; the hand-off between the two model-side threads is once per batch too). The thread coalesces
+compatible samples (equal batch_key) into batches of up to VLA_BATCH_SIZE; how long a batch waits
+to fill is batching.py's (the configured VLA_BATCH_TIMEOUT_MS window, opened when the oldest sample
+was queued or when the model came free, whichever is later; skipped when every request expected
+is queued; stretched for a closed-loop fleet that comes back within the forward pass's fixed part).
+A producer wakes the thread only when that can end its wait (the queue reached the target, nothing
+is left in preprocessing, or the thread was idle), not for every sample.
+
+The forward pass is pipelined with its postprocessing: as soon as `forward` returns, the model
+thread forms and starts the next batch, while the postprocessing thread runs `finish` for each
+sample of the last one and hands the answers to the event loop (one callback per batch, batches in
+order). On an accelerator the next batch's forward pass thus overlaps the CPU work of the last.
 
 Expired and cancelled samples are dropped before they reach the model. A stream's samples are
 queued as its StreamSession decides (engine/session.py: newest wins; the losers are answered
 Skipped), and every sample that leaves the queue is reported to its session (`dequeued`). A failing
 batch is retried so that only the failing samples fail: out of memory halves it, any other error
-retries sample by sample. Futures belong to the event loop: this thread only ever answers them
+retries sample by sample. Futures belong to the event loop: these threads only ever answer them
 through call_soon_threadsafe.
 
 `step()` forms and runs one batch on the caller's thread from what is queued now, without the
-batching window: tests drive an unstarted ModelThread by hand with it.
+batching window and with its postprocessing inline: tests drive an unstarted ModelThread by hand
+with it.
 """
 
 from __future__ import annotations
@@ -26,18 +34,19 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
+import queue
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
 from vla_inference.config import Settings
+from vla_inference.engine.batching import Batching
 from vla_inference.engine.errors import (
     DeadlineExceeded,
     Draining,
-    EngineError,
     ModelFailure,
     ResourceExhausted,
     Skipped,
@@ -47,7 +56,6 @@ from vla_inference.models.base import ActionPrediction, PreparedSample, VLAModel
 from vla_inference.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
-PREPROCESS_WAIT_FACTOR = 5
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,17 @@ def _set_result(future: asyncio.Future[Any], value: Any) -> None:
         future.set_result(value)
 
 
+@dataclass(frozen=True)
+class _Ran:
+    """A batch whose forward pass ended: what the postprocessing step needs."""
+
+    batch: list[WorkItem]
+    raws: list[Any]  # one per item: the raw output, or the EngineError it failed with
+    ok: list[bool]
+    model_s: float
+    started: float
+
+
 def _is_out_of_memory(exc: BaseException) -> bool:
     # Only look at torch when a model already imported it: importing it here, on the model thread
     # at the first failure, would stall the worker for seconds.
@@ -111,21 +130,32 @@ def _release_device_memory() -> None:
 class ModelThread:
     """The thread that owns the model (see the module docstring)."""
 
-    def __init__(self, model: VLAModel, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        model: VLAModel,
+        settings: Settings,
+        metrics: Metrics,
+        fleet: Callable[[], int | None] = lambda: None,
+    ) -> None:
+        """fleet: the most requests recently in flight at once (None: unknown), for batching.py."""
         self.model = model
         self.settings = settings
         self.metrics = metrics
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
         self._queue: collections.deque[WorkItem] = collections.deque()
         self._calls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = (
             collections.deque()
         )
+        self.batching = Batching(settings.batch_size, settings.batch_timeout_ms / 1000, fleet)
         self._preparing = 0  # requests handed to preprocessing and not yet queued
-        self._executing = 0
+        self._executing = 0  # on the model, or being postprocessed
+        self._wake_at: int | None = None  # producers notify once this many are queued (None: busy)
         self._stopped = False
         self._forward_started: float | None = None
         self._model_free_since = 0.0
+        self._ran: queue.SimpleQueue[_Ran | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
+        self._post = threading.Thread(target=self._postprocess, name="postprocess", daemon=True)
 
     # --- state (read from the loop; a racy read of a counter is fine for gauges and heuristics) ---
     @property
@@ -142,6 +172,7 @@ class ModelThread:
 
     # --- from other threads -------------------------------------------------------------------------
     def start(self) -> None:
+        self._post.start()
         self._thread.start()
 
     def call(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
@@ -158,12 +189,15 @@ class ModelThread:
             self._preparing += 1
 
     def prepared(self, item: WorkItem | None) -> None:
-        """Preprocessing ended: queue the item (None: it failed, nothing to queue)."""
+        """Preprocessing ended: queue the item (None: it failed, nothing to queue). The model
+        thread is woken only when this can end its wait."""
         with self._cond:
             self._preparing -= 1
             if item is not None:
                 self._put(item)
-            self._cond.notify()
+            wake_at = self._wake_at
+            if wake_at is not None and (len(self._queue) >= wake_at or self._preparing == 0):
+                self._cond.notify()
 
     def stop(self) -> None:
         """Stop after the batch in progress; queued requests are answered Draining."""
@@ -195,6 +229,7 @@ class ModelThread:
                 stale.fail(Skipped("replaced by a newer observation"))
         item.queued_at = now
         self._queue.append(item)
+        self.batching.arrived(now)
 
     def _prune(self) -> None:
         """Drop answered, cancelled and expired items."""
@@ -212,7 +247,6 @@ class ModelThread:
     def _next_batch(self) -> list[WorkItem] | None:
         """Wait for work and form one batch (None when stopped). Called with the lock held."""
         max_batch = self.settings.batch_size
-        delay = self.settings.batch_timeout_ms / 1000
         while True:
             if self._stopped:
                 return None
@@ -220,26 +254,33 @@ class ModelThread:
                 return []
             self._prune()
             if not self._queue:
-                self._cond.wait()
+                self._wait(1, None)
                 continue
             first = self._queue[0]
             key = first.sample.batch_key if first.sample is not None else None
-            opened = max(first.queued_at, self._model_free_since)
-            window_end = opened + delay
-            stretch_end = opened + delay * PREPROCESS_WAIT_FACTOR
-
-            while max_batch > 1 and len(self._compatible(key)) < max_batch and not self._stopped:
-                end = stretch_end if self._preparing > 0 else window_end
-                remaining = end - time.monotonic()
-                if remaining <= 0 or not first.live:
+            plan = self.batching.plan(max(first.queued_at, self._model_free_since))
+            while max_batch > 1 and not self._stopped:
+                queued = len(self._compatible(key))
+                if queued >= max_batch or not first.live:
                     break
-                self._cond.wait(remaining)
+                end = plan.end(queued, self._preparing, self.batching.last_arrival)
+                if end is None or end <= time.monotonic():
+                    break
+                self._wait(min(plan.target, max_batch), end - time.monotonic())
                 self._prune()
             if self._stopped:
                 return None
             if not first.live:
                 continue
+            self._wake_at = None
             return self._take(key, max_batch)
+
+    def _wait(self, wake_at: int, timeout: float | None) -> None:
+        """Sleep until a producer queues `wake_at` samples (or preprocessing empties), a call or a
+        stop arrives, or `timeout` passes."""
+        self._wake_at = wake_at
+        self._cond.wait(timeout)
+        self._wake_at = None
 
     def _take(self, key: Any, max_batch: int) -> list[WorkItem]:
         """Move up to max_batch compatible items from the queue into the batch being executed."""
@@ -248,7 +289,7 @@ class ModelThread:
         self._queue = collections.deque(i for i in self._queue if id(i) not in taken)
         for item in batch:
             _dequeued(item)
-        self._executing = len(batch)
+        self._executing += len(batch)
         return batch
 
     def _compatible(self, key: Any) -> list[WorkItem]:
@@ -270,65 +311,78 @@ class ModelThread:
                 batch = self._take(key, self.settings.batch_size)
         _run_calls(calls)
         if batch:
-            self._execute(batch)
+            self._finish(self._execute(batch))
         return len(batch)
 
     # --- the thread ---------------------------------------------------------------------------------
     def _run(self) -> None:
-        while True:
-            with self._cond:
-                batch = self._next_batch()
-                calls, self._calls = list(self._calls), collections.deque()
-            if batch is None:
-                return
-            _run_calls(calls)
-            if batch:
-                self._execute(batch)
-
-    def _execute(self, batch: list[WorkItem]) -> None:
-        started = time.monotonic()
         try:
-            outcomes, model_s = self._run_batch([item.sample for item in batch if item.sample is not None])
-        except Exception as exc:  # _run_batch catches model errors; this is a bug in it
+            while True:
+                with self._cond:
+                    batch = self._next_batch()
+                    calls, self._calls = list(self._calls), collections.deque()
+                if batch is None:
+                    return
+                _run_calls(calls)
+                if batch:
+                    self._ran.put(self._execute(batch))
+        finally:
+            self._ran.put(None)  # the postprocessing thread ends after the batches before it
+
+    def _postprocess(self) -> None:
+        while (ran := self._ran.get()) is not None:
+            self._finish(ran)
+
+    def _execute(self, batch: list[WorkItem]) -> _Ran:
+        """The batch's forward pass, isolating failures; the model is free when this returns."""
+        started = time.monotonic()
+        samples = [item.sample for item in batch if item.sample is not None]
+        self._forward_started = started
+        try:
+            raws, ok = self._forward_isolating(samples)
+        except Exception as exc:  # _forward_isolating catches model errors; this is a bug in it
             log.exception("model worker failed")
-            outcomes, model_s = [(ModelFailure(f"model failed: {type(exc).__name__}"), 0.0)] * len(batch), 0.0
+            raws, ok = (
+                [ModelFailure(f"model failed: {type(exc).__name__}")] * len(batch),
+                [False] * len(batch),
+            )
+        finally:
+            model_s = time.monotonic() - started
+            self._forward_started = None
         with self._cond:
-            self._executing = 0
             self._model_free_since = time.monotonic()
+            if all(ok):
+                self.batching.device.observe(len(batch), model_s)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.model_time.observe(model_s)
-        answers: list[tuple[asyncio.Future[Completed], Completed | BaseException]] = []
-        for item, (outcome, post_s) in zip(batch, outcomes, strict=True):
-            self.metrics.queue_time.observe(started - item.queued_at)
-            if isinstance(outcome, BaseException):
-                answers.append((item.future, outcome))
-            else:
-                queue_s = started - item.queued_at
-                answers.append((item.future, Completed(outcome, queue_s, model_s, post_s, len(batch))))
-        batch[0].loop.call_soon_threadsafe(_deliver, answers)
+        return _Ran(batch, raws, ok, model_s, started)
 
-    def _run_batch(
-        self, samples: Sequence[PreparedSample]
-    ) -> tuple[list[tuple[ActionPrediction | EngineError, float]], float]:
-        """Forward + finish for one batch, isolating failures."""
-        self._forward_started = time.monotonic()
-        try:
-            raws, ok = self._forward_isolating(list(samples))
-        finally:
-            model_s = time.monotonic() - self._forward_started
-            self._forward_started = None
-        outcomes: list[tuple[ActionPrediction | EngineError, float]] = []
-        for raw, sample, good in zip(raws, samples, ok, strict=True):
+    def _finish(self, ran: _Ran) -> None:
+        """Postprocess each sample of a batch that ran and answer the batch (one loop callback)."""
+        answers: list[tuple[asyncio.Future[Completed], Completed | BaseException]] = []
+        size = len(ran.batch)
+        for item, raw, good in zip(ran.batch, ran.raws, ran.ok, strict=True):
+            queue_s = ran.started - item.queued_at
+            self.metrics.queue_time.observe(queue_s)
             if not good:
-                outcomes.append((raw, 0.0))
+                answers.append((item.future, raw))
                 continue
             t0 = time.monotonic()
             try:
-                outcomes.append((self.model.finish(raw, sample), time.monotonic() - t0))
+                prediction = self.model.finish(raw, cast(PreparedSample, item.sample))
             except Exception:
                 log.exception("postprocessing failed")
-                outcomes.append((ModelFailure("model postprocessing failed; see server log"), 0.0))
-        return outcomes, model_s
+                answers.append((item.future, ModelFailure("model postprocessing failed; see server log")))
+                continue
+            answers.append(
+                (item.future, Completed(prediction, queue_s, ran.model_s, time.monotonic() - t0, size))
+            )
+        with self._cond:
+            self._executing -= size
+        try:
+            ran.batch[0].loop.call_soon_threadsafe(_deliver, answers)
+        except RuntimeError:  # the event loop closed (the server stopped): nobody is waiting
+            log.debug("answers of a batch of %d dropped: the event loop is closed", size)
 
     def _forward_isolating(self, samples: list[PreparedSample]) -> tuple[list[Any], list[bool]]:
         """Forward the batch; on failure split it so only the failing samples fail.

@@ -27,12 +27,14 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 from vla_inference.config import Settings
 from vla_inference.engine import realtime
+from vla_inference.engine.batching import RecentPeak
 from vla_inference.engine.errors import DeadlineExceeded, Draining, QueueFull, Skipped
 from vla_inference.engine.model_thread import Completed, ModelThread, WorkItem
 from vla_inference.engine.outcome import Failed, Outcome, Outcomes
@@ -54,6 +56,17 @@ EMPTY_INSTRUCTION = (
     "the model needs a language instruction (the task, e.g. 'pick up the red cup'); send one, or set "
     "VLA_ALLOW_EMPTY_INSTRUCTION=true to serve observations without one"
 )
+
+
+def preprocessing_threads(max_workers: int) -> int:
+    """VLA_MAX_WORKERS, but at most one thread per core this process may run on: decoding and
+    preprocessing are CPU work, and threads beyond the cores only take turns at the GIL and the
+    caches (measured on 2 cores: 4 threads cost about 0.05 ms more CPU per request than 2)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(max_workers, cores))
 
 
 @dataclass
@@ -83,9 +96,10 @@ class InferenceEngine:
         self.settings = settings
         self.metrics = metrics
         self.outcomes = Outcomes(metrics)
-        self.model_thread = ModelThread(model, settings, metrics)
+        self._fleet = RecentPeak()  # the most requests in flight at once, lately (batching.py)
+        self.model_thread = ModelThread(model, settings, metrics, fleet=self._fleet.read)
         self._pool = pool or concurrent.futures.ThreadPoolExecutor(
-            settings.max_workers, thread_name_prefix="preprocess"
+            preprocessing_threads(settings.max_workers), thread_name_prefix="preprocess"
         )
         self._notices = Notices("process")  # warnings logged once for unary requests
         self._started = False
@@ -267,6 +281,7 @@ class InferenceEngine:
                 f"{self.settings.max_queue_size}); retry shortly"
             )
         self._in_flight += 1
+        self._fleet.note(self._in_flight)
         try:
             yield
         finally:
