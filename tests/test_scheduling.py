@@ -18,6 +18,7 @@ from tests.conftest import make_settings
 from tests.support.toy_model import ToyPolicy
 from vla_inference.engine import Decoded, InferenceEngine
 from vla_inference.engine.batching import GO, MEASURING, WAIT, Batching, DeviceTimes, FillPlan, RecentPeak
+from vla_inference.engine.pool import PreprocessPool
 from vla_inference.engine.scheduler import preprocessing_threads
 from vla_inference.models.base import Observation
 from vla_inference.telemetry.metrics import Metrics
@@ -255,11 +256,60 @@ def test_a_slow_decode_does_not_hold_the_others_batch():
     with_engine(scenario, batch_size=8, batch_timeout_ms=20, max_workers=4)
 
 
-def test_preprocessing_threads_never_outnumber_the_cores():
+def test_the_primary_preprocessing_thread_does_the_work_in_order():
+    pool = PreprocessPool(3, spare_after_s=30.0)
+    try:
+        ran: list[tuple[int, str]] = []
+        futures = [
+            pool.submit(lambda i=i: ran.append((i, threading.current_thread().name))) for i in range(20)
+        ]
+        for future in futures:
+            future.result(10)
+        assert [i for i, _ in ran] == list(range(20))
+        assert {name for _, name in ran} == {"preprocess_0"}  # no spare stepped in
+    finally:
+        pool.shutdown()
+
+
+def test_a_spare_preprocessing_thread_steps_in_behind_a_slow_job():
+    pool = PreprocessPool(2, spare_after_s=0.02)
+    release = threading.Event()
+    try:
+        slow = pool.submit(release.wait, 20)
+        quick = pool.submit(lambda: threading.current_thread().name)
+        assert quick.result(10) == "preprocess_1"  # while the primary is still in the slow job
+        assert not slow.done()
+        release.set()
+        assert slow.result(10) is True
+    finally:
+        release.set()
+        pool.shutdown()
+
+
+def test_a_preprocessing_pool_shut_down_refuses_and_cancels():
+    pool = PreprocessPool(1, spare_after_s=30.0)
+    release, started = threading.Event(), threading.Event()
+
+    def job() -> bool:
+        started.set()
+        return release.wait(20)
+
+    running = pool.submit(job)
+    assert started.wait(10)
+    queued = pool.submit(lambda: 1)
+    pool.shutdown(wait=False, cancel_futures=True)
+    assert queued.cancelled()
+    with pytest.raises(RuntimeError):
+        pool.submit(lambda: 2)
+    release.set()
+    assert running.result(10) is True
+
+
+def test_preprocessing_threads_leave_a_core_to_the_event_loop():
     import os
 
     cores = len(os.sched_getaffinity(0))
-    assert preprocessing_threads(64) == cores
+    assert preprocessing_threads(64) == max(2, cores - 1)
     assert preprocessing_threads(1) == 1
 
 

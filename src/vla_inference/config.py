@@ -113,8 +113,9 @@ class Settings(BaseSettings):
         4,
         ge=1,
         le=64,
-        description="Threads for image decoding and preprocessing (at most one per core the server may "
-        "run on)",
+        description="Threads for image decoding and preprocessing: one does the work, the others step in "
+        "behind a slow decode (at most one per core the server may run on besides the event loop's, at "
+        "least 2 unless set to 1)",
     )
     max_message_size_mb: int = Field(
         16,

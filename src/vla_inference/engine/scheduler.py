@@ -38,6 +38,7 @@ from vla_inference.engine.batching import RecentPeak
 from vla_inference.engine.errors import DeadlineExceeded, Draining, QueueFull, Skipped
 from vla_inference.engine.model_thread import Completed, ModelThread, WorkItem
 from vla_inference.engine.outcome import Failed, Outcome, Outcomes
+from vla_inference.engine.pool import PreprocessPool
 from vla_inference.engine.realtime import Applied
 from vla_inference.engine.request import Answer, Decode, Decoded, Notices, Timing
 from vla_inference.engine.session import StreamSession
@@ -59,14 +60,16 @@ EMPTY_INSTRUCTION = (
 
 
 def preprocessing_threads(max_workers: int) -> int:
-    """VLA_MAX_WORKERS, but at most one thread per core this process may run on: decoding and
-    preprocessing are CPU work, and threads beyond the cores only take turns at the GIL and the
-    caches (measured on 2 cores: 4 threads cost about 0.05 ms more CPU per request than 2)."""
+    """VLA_MAX_WORKERS, but no more threads than the cores this process may run on leave beside
+    the one the event loop (gRPC) needs, and at least two (a primary and a spare, engine/pool.py)
+    unless VLA_MAX_WORKERS asks for one: decoding and preprocessing are CPU work, and threads
+    beyond the cores only take turns at the GIL and the caches (measured on 2 cores with the
+    forward pass stubbed: 4 threads of a ThreadPoolExecutor cost 0.1 ms more CPU per request than 2)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
         cores = os.cpu_count() or 1
-    return max(1, min(max_workers, cores))
+    return min(max_workers, max(2, cores - 1))
 
 
 @dataclass
@@ -98,9 +101,7 @@ class InferenceEngine:
         self.outcomes = Outcomes(metrics)
         self._fleet = RecentPeak()  # the most requests in flight at once, lately (batching.py)
         self.model_thread = ModelThread(model, settings, metrics, fleet=self._fleet.read)
-        self._pool = pool or concurrent.futures.ThreadPoolExecutor(
-            preprocessing_threads(settings.max_workers), thread_name_prefix="preprocess"
-        )
+        self._pool = pool or PreprocessPool(preprocessing_threads(settings.max_workers))
         self._notices = Notices("process")  # warnings logged once for unary requests
         self._started = False
         self._in_flight = 0
