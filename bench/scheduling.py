@@ -563,16 +563,15 @@ def main(argv: list[str] | None = None) -> int:
         result.update(run_phases(target, plan, args.out_dir / f"{stamp}-logs", parts))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    text = f"# Scheduling and CPU per request {stamp}\n\n`{result['command']}`, load average at start " + (
-        " / ".join(f"{x:.2f}" for x in result["machine"].get("loadavg_at_start", []))
-        + "\n\n"
-        + markdown(result)
+    load = " / ".join(f"{x:.2f}" for x in result["machine"].get("loadavg_at_start", []))
+    text = (
+        f"# Scheduling and CPU per request {stamp}\n\n`{result['command']}`, load average at start {load}\n\n"
     )
-    (args.out_dir / f"scheduling-{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out_dir / f"scheduling-{stamp}.md").write_text(text)
-    print()
-    print(text)
-    print(f"results: {args.out_dir / f'scheduling-{stamp}.json'}")
+    text += markdown(result)
+    base = args.out_dir / f"scheduling-{stamp}"
+    for suffix, content in ((".json", json.dumps(result, indent=2) + "\n"), (".md", text)):
+        base.with_suffix(suffix).write_text(content)
+    print(f"\n{text}\nresults: {base}.json and .md")
     return 0
 
 
