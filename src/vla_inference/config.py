@@ -105,8 +105,8 @@ class Settings(BaseSettings):
     # --- serving ---------------------------------------------------------------------------
     host: str = Field(
         "127.0.0.1",
-        description="Bind address of gRPC and the openpi endpoint (the Docker image and Helm chart set "
-        "0.0.0.0; see SECURITY.md first)",
+        description="Bind address of gRPC, the openpi and the GR00T endpoints (the Docker image and Helm "
+        "chart set 0.0.0.0; see SECURITY.md first)",
     )
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 = any free port")
     max_workers: int = Field(4, ge=1, le=64, description="Threads for image decoding and preprocessing")
@@ -181,6 +181,22 @@ class Settings(BaseSettings):
         "", description="Embodiment for openpi observations (they name none); empty = the model's default"
     )
 
+    # --- GR00T's ZeroMQ inference-service endpoint (transport/groot_zmq/) -----------------------
+    groot_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Port of the endpoint speaking Isaac-GR00T's ZeroMQ inference-service protocol on "
+        "VLA_HOST (docs/clients.md; NVIDIA's PolicyClient / RobotInferenceClient); empty = off, 0 = any "
+        "free port",
+    )
+    groot_embodiment: str = Field(
+        "",
+        description="Embodiment of the GR00T endpoint's observations and modality config (upstream's "
+        "--embodiment-tag); empty = per observation, the first embodiment (the model's default first) "
+        "whose state keys it carries",
+    )
+
     # --- input limits ----------------------------------------------------------------------
     jpeg_scaled_decode: bool = Field(
         True,
@@ -222,7 +238,8 @@ class Settings(BaseSettings):
         repr=False,
         description="Comma-separated bearer tokens (16+ characters); every RPC but the standard health "
         "service and reflection then needs `authorization: Bearer <token>`, the openpi endpoint "
-        "`Authorization: Api-Key <token>`; none = no token check",
+        "`Authorization: Api-Key <token>`, the GR00T endpoint `api_token` in each request; none = no "
+        "token check",
     )
     auth_token_file: str = Field(
         "", description="File of bearer tokens, one per line (# comments); adds to VLA_AUTH_TOKENS"
@@ -255,9 +272,9 @@ class Settings(BaseSettings):
         parse_setting(value)
         return value.strip()
 
-    @field_validator("openpi_port", mode="before")
+    @field_validator("openpi_port", "groot_port", mode="before")
     @classmethod
-    def _openpi_port_off(cls, value: Any) -> Any:
+    def _endpoint_port_off(cls, value: Any) -> Any:
         if isinstance(value, str) and value.strip().lower() in ("", "off", "none"):
             return None
         return value
@@ -267,6 +284,15 @@ class Settings(BaseSettings):
     def _openpi_port_free(cls, value: int | None, info: ValidationInfo) -> int | None:
         if value and value == info.data.get("grpc_port"):
             raise ValueError("a port other than VLA_GRPC_PORT (or empty to turn the endpoint off)")
+        return value
+
+    @field_validator("groot_port")
+    @classmethod
+    def _groot_port_free(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and value in (info.data.get("grpc_port"), info.data.get("openpi_port")):
+            raise ValueError(
+                "a port other than VLA_GRPC_PORT and VLA_OPENPI_PORT (or empty to turn the endpoint off)"
+            )
         return value
 
     @field_validator("device")
@@ -427,7 +453,7 @@ def _allowed(field: str, error: Any) -> str:
 
 def describe(settings: Settings) -> list[tuple[str, str, str]]:
     """(variable, effective value, description) for `vla-inference config`: every setting but the
-    optional ones left unset (an openpi port of None: the endpoint is off); secrets masked."""
+    optional ones left unset (an openpi or GR00T port of None: the endpoint is off); secrets masked."""
     rows = []
     for name, info in Settings.model_fields.items():
         value = getattr(settings, name)
@@ -462,6 +488,7 @@ SECTIONS: dict[str, str] = {
     "host": "Serving",
     "rtc_method": "Real-time chunking",
     "openpi_port": "openpi endpoint",
+    "groot_port": "GR00T ZeroMQ endpoint",
     "jpeg_scaled_decode": "Input limits",
     "tls_cert_file": "Security (SECURITY.md)",
     "metrics_enabled": "Metrics",

@@ -148,6 +148,10 @@ class ModelDescription:
     # besides the current ones (Observation.past_images / past_joint_positions); absent: none.
     image_history: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     state_history: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    # embodiment -> {server camera name: the checkpoint's own name of that camera} in the model's
+    # camera order (GR00T's video keys, e.g. {"base": "ego_view"}): what a transport speaking the
+    # checkpoint's own format (transport/groot_zmq) calls each camera; absent: the server's names.
+    camera_keys: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
 
 @dataclass
