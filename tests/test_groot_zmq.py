@@ -779,8 +779,8 @@ def test_several_clients_at_once_get_their_own_answers_and_batch_with_grpc(groot
 
 
 def test_the_family_as_on_main_and_draining(ckpt: Path):
-    """GrootPolicy without ModelInfo.camera_keys: the modality config names the server's cameras
-    (the video keys are still taken, the family knows them); while draining every request gets
+    """The GR00T family as served: ModelInfo.camera_keys names each embodiment's own video keys, so the
+    modality config lists NVIDIA's (gr1: video.ego_view); while draining every request gets
     UNAVAILABLE; stop closes the endpoint."""
     settings = make_settings(model_type="groot", model_path=str(ckpt), groot_port=0, warmup_batches=0)
     running = start_server(settings)
@@ -789,7 +789,8 @@ def test_the_family_as_on_main_and_draining(ckpt: Path):
         video = layouts.modality_entries(
             layouts.vocabulary(running.server.model.model_info, "gr1"), n15=True
         )["video"]
-        assert video == ([0], ["video.base", "video.left_wrist"])
+        assert video == ([0], ["video.ego_view"])
+        assert running.server.model.model_info.camera_keys["gr1"] == {"base": "ego_view"}
         assert c.call("get_action", gr1_flat_n15(4))["action.right_hand"].shape == (HORIZON, 1)
         running.server.state.phase = ServerState.DRAINING
         assert c.call("ping", with_data=False)["error"].startswith("UNAVAILABLE: ")

@@ -165,6 +165,9 @@ class GrootPolicy(FlowPolicy[GrootLoaded, GrootBatch]):
             state_layouts={tag: e.state_names() for tag, e in embodiments.items()},
             action_layouts={tag: e.action_names() for tag, e in embodiments.items()},
             rtc_methods=rtc.FLOW_METHODS,
+            camera_keys={
+                tag: {role: _short(key) for role, key in camera_roles(e)} for tag, e in embodiments.items()
+            },
         )
         return GrootLoaded(
             network=network,
