@@ -236,3 +236,19 @@ def test_prompt_newline_and_padding(tokenizer: tuple[object, int]) -> None:
     assert a.shape == (12,) and a.dtype == np.int64 and not ma[-1] and a[-1] == pad_id
     long, mask = ckpt.tokenize_prompt(tok, pad_id, "grasp the green bottle; open the gripper slowly " * 3, 12)
     assert mask.all() and long.shape == (12,)
+
+
+def test_helper_writes_lerobots_format(tmp_path: Path, vlm_dir: Path) -> None:
+    """The helper's files against the ones LeRobot 0.4.4 saved itself (tests/fixtures/smolvla):
+    the same config.json fields and values, the same processor pipelines (but for the backbone path)."""
+    fixture = Path(__file__).parent / "fixtures" / "smolvla" / "checkpoint"
+    path = write_tiny_checkpoint(tmp_path / "ckpt", vlm_dir, num_vlm_layers=2)
+    ours, theirs = (json.loads((p / "config.json").read_text()) for p in (path, fixture))
+    assert set(ours) == set(theirs)
+    assert {k: v for k, v in ours.items() if k != "vlm_model_name"} == {
+        k: v for k, v in theirs.items() if k != "vlm_model_name"
+    }
+    for name in (ckpt.PREPROCESSOR, ckpt.POSTPROCESSOR):
+        mine = (path / name).read_text().replace(str(vlm_dir), "VLM")
+        lerobot = (fixture / name).read_text().replace(theirs["vlm_model_name"], "VLM")
+        assert json.loads(mine) == json.loads(lerobot)
