@@ -1,5 +1,6 @@
 """The block-causal attention rule of the prefix-LM families (big_vision's make_attn_mask, used by
-openpi's pi0 and LeRobot's pi0 / SmolVLA): one rule, so every family masks the same way.
+openpi's pi0 and LeRobot's pi0 / SmolVLA): one rule, so every family masks the same way; and which
+image slots a batch fills (a slot empty in every row is left out of the prefix).
 
     ar   (B, T) int: 1 where a token starts a new block (earlier blocks cannot see it), else 0
     pad  (B, T) bool: True for real tokens, False for padding
@@ -21,3 +22,9 @@ def block_causal_mask(ar: Tensor, pad: Tensor) -> Tensor:
     c = torch.cumsum(ar, dim=1)
     mask = (c[:, None, :] <= c[:, :, None]) & pad[:, None, :] & pad[:, :, None]
     return mask | torch.eye(ar.shape[1], dtype=torch.bool, device=ar.device)
+
+
+def present_slots(image_masks: Tensor) -> tuple[int, ...]:
+    """The image slots masked in at least one row (B, N) -> their indices (one host sync): a slot
+    absent from the whole batch contributes no prefix tokens (an exact shortcut)."""
+    return tuple(i for i, there in enumerate(image_masks.any(dim=0).tolist()) if there)
