@@ -20,6 +20,7 @@ from tests.helpers.smolvla_checkpoints import (
     write_tiny_vlm_dir,
 )
 from vla_inference.models.base import ModelLoadError
+from vla_inference.models.common import lerobot as lr
 from vla_inference.models.common.init import init_random_weights
 from vla_inference.models.common.weights import load_weights
 from vla_inference.models.smolvla import checkpoint as ckpt
@@ -86,22 +87,25 @@ def test_statistics_found_by_registry_name(tmp_path: Path, vlm_dir: Path) -> Non
     expected = tiny_stats(6, 5)
     state, action = c.stats(ckpt.STATE), c.stats(ckpt.ACTION)
     assert state is not None and action is not None
-    np.testing.assert_array_equal(state["mean"], np.float32(expected["observation.state"]["mean"]))
-    np.testing.assert_array_equal(action["std"], np.float32(expected["action"]["std"]))
+    np.testing.assert_array_equal(state.mean, np.float32(expected["observation.state"]["mean"]))
+    np.testing.assert_array_equal(action.std, np.float32(expected["action"]["std"]))
     assert c.unnormalizer is not None and c.unnormalizer.source.endswith("unnormalizer_processor.safetensors")
     assert c.normalizer is not None and c.normalizer.eps == 1e-8
     assert c.normalizer.norm_map["STATE"] == "MEAN_STD"
     assert c.missing_stats() == [] and c.dataset_keys() == []
+    assert c.mode(ckpt.STATE) == c.mode(ckpt.ACTION) == "mean_std"
 
 
 def test_legacy_buffers(tmp_path: Path, vlm_dir: Path) -> None:
     path = write_tiny_checkpoint(tmp_path / "ckpt", vlm_dir, seed=2, legacy_stats=True)
-    assert not (path / ckpt.PREPROCESSOR).exists()
+    assert not (path / lr.PREPROCESSOR).exists()
     c = ckpt.load(path, tokenizer_path=str(vlm_dir))
     state, action = c.stats(ckpt.STATE), c.stats(ckpt.ACTION)
     assert state is not None and action is not None
-    np.testing.assert_array_equal(state["std"], np.float32(tiny_stats(6, 5)["observation.state"]["std"]))
-    np.testing.assert_array_equal(action["mean"], np.float32(tiny_stats(6, 5)["action"]["mean"]))
+    np.testing.assert_array_equal(state.std, np.float32(tiny_stats(6, 5)["observation.state"]["std"]))
+    np.testing.assert_array_equal(action.mean, np.float32(tiny_stats(6, 5)["action"]["mean"]))
+    assert c.normalizer is not None and "normalize_* buffers" in c.normalizer.source
+    assert c.unnormalizer is not None and set(c.unnormalizer.stats) == {ckpt.ACTION}
     model = load_model(c)  # the buffers are skipped as weights
     assert torch.equal(
         model.state_dict()["state_proj.weight"], expected_state(vlm_dir, seed=2)["state_proj.weight"]
@@ -118,7 +122,7 @@ def test_dataset_keyed_statistics_are_detected(tmp_path: Path, vlm_dir: Path) ->
     assert c.missing_stats("so100-blue") == []
     blue, plain = c.stats(ckpt.ACTION, "so100-blue"), tiny_stats(6, 5)["action"]["mean"]
     assert blue is not None
-    np.testing.assert_allclose(blue["mean"], np.float32(plain) + 1)
+    np.testing.assert_allclose(blue.mean, np.float32(plain) + 1)
     assert c.missing_stats("nope") == [ckpt.STATE, ckpt.ACTION]
 
 
@@ -131,7 +135,7 @@ def test_no_statistics_at_all(tmp_path: Path, vlm_dir: Path) -> None:
 def test_missing_state_file_is_named(tmp_path: Path, vlm_dir: Path) -> None:
     path = write_tiny_checkpoint(tmp_path / "ckpt", vlm_dir)
     (path / "policy_postprocessor_step_0_unnormalizer_processor.safetensors").unlink()
-    with pytest.raises(ModelLoadError, match="missing policy_postprocessor_step_0_unnormalizer_processor"):
+    with pytest.raises(ModelLoadError, match="names policy_postprocessor_step_0_unnormalizer_processor"):
         ckpt.load(path, tokenizer_path=str(vlm_dir))
 
 
@@ -248,7 +252,7 @@ def test_helper_writes_lerobots_format(tmp_path: Path, vlm_dir: Path) -> None:
     assert {k: v for k, v in ours.items() if k != "vlm_model_name"} == {
         k: v for k, v in theirs.items() if k != "vlm_model_name"
     }
-    for name in (ckpt.PREPROCESSOR, ckpt.POSTPROCESSOR):
+    for name in (lr.PREPROCESSOR, lr.POSTPROCESSOR):
         mine = (path / name).read_text().replace(str(vlm_dir), "VLM")
         lerobot = (fixture / name).read_text().replace(theirs["vlm_model_name"], "VLM")
         assert json.loads(mine) == json.loads(lerobot)

@@ -16,30 +16,30 @@ its fine-tunes), read offline from one directory:
                                 "normalize_targets.buffer_*", "unnormalize_outputs.buffer_*"
     <dir>/policy_preprocessor.json + policy_preprocessor_step_<i>_normalizer_processor.safetensors
     <dir>/policy_postprocessor.json + policy_postprocessor_step_<i>_unnormalizer_processor.safetensors
-                                the step index varies between releases: a step is found by its
-                                registry name; its state file holds "<feature>.<stat>" float32
-                                tensors ("observation.state.mean", "action.std", ...) or, in the
-                                migrated multi-dataset base checkpoint, "<dataset>.buffer.<feature>.<stat>"
+                                read by models/common/lerobot.py (steps found by registry name;
+                                "<feature>.<stat>" tensors or, in the migrated multi-dataset base
+                                checkpoint, "<dataset>.buffer.<feature>.<stat>"; older checkpoints'
+                                normalize_* buffers in model.safetensors)
 
 The backbone's sizes come from a SmolVLM config.json (beside the tokenizer, or in the directory
-`vlm_model_name` names when it exists here) or, without one, from the named size that
-`vlm_model_name` stands for (SIZES[...].aliases). The tokenizer is SmolVLM2's tokenizer.json with
-tokenizer_config.json / special_tokens_map.json beside it (for the padding token), in the
-checkpoint directory, in the `vlm_model_name` directory, or at VLA_TOKENIZER_PATH; nothing is
-downloaded. Only JSON and safetensors are read.
+`vlm_model_name` names when it exists here: a path, or that name inside the checkpoint directory)
+or, without one, from the named size that `vlm_model_name` stands for (KNOWN_BACKBONES). The
+tokenizer is SmolVLM2's tokenizer.json with tokenizer_config.json / special_tokens_map.json beside
+it (for the padding token), in the checkpoint directory, in the `vlm_model_name` directory, or at
+VLA_TOKENIZER_PATH; nothing is downloaded. Only JSON and safetensors are read.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from vla_inference.models.base import ModelLoadError
+from vla_inference.models.common import lerobot as lr
 from vla_inference.models.common import vit
 from vla_inference.models.common.tokenizers import find_tokenizer
 from vla_inference.models.common.transformer import DecoderConfig
@@ -47,12 +47,12 @@ from vla_inference.models.common.vit import ViTConfig
 from vla_inference.models.common.weights import (
     NameMap,
     Source,
-    TensorEntry,
     find_weight_files,
     read_json,
     read_layout,
 )
 from vla_inference.models.smolvla.model import SIZES, SmolVLAConfig, expert_config, smolvlm_text
+from vla_inference.preprocessing import normalize as nz
 
 TYPE = "smolvla"
 PREFIX = "model."
@@ -64,16 +64,12 @@ EXPERT = PREFIX + "vlm_with_expert.lm_expert."
 EMBED_KEY = TEXT + "embed_tokens.weight"
 LM_HEAD = VLM + "lm_head.weight"  # SmolVLM's LM head: saved, never used by the policy
 COMPILED = "_orig_mod."
-LEGACY_GROUPS = ("normalize_inputs.", "normalize_targets.", "unnormalize_outputs.")
+LEGACY_GROUPS = tuple(f"{group}." for group in (*lr.LEGACY_PRE, *lr.LEGACY_POST))
 
-PREPROCESSOR = "policy_preprocessor.json"
-POSTPROCESSOR = "policy_postprocessor.json"
-NORMALIZER = "normalizer_processor"
-UNNORMALIZER = "unnormalizer_processor"
 TOKENIZER_STEP = "tokenizer_processor"
 STATE = "observation.state"
 ACTION = "action"
-STAT_NAMES = ("mean", "std", "min", "max", "q01", "q99", "q10", "q50", "q90", "count")
+FEATURE_TYPES = {STATE: "STATE", ACTION: "ACTION"}  # the features normalised, by config feature type
 
 TOKENIZER_FILE = "tokenizer.json"
 SPECIAL_TOKEN_FILES = ("tokenizer_config.json", "special_tokens_map.json")
@@ -271,6 +267,11 @@ class Features:
     action_dim: int
     empty_cameras: int
     normalization: Mapping[str, str]  # {"STATE": "MEAN_STD", "ACTION": ..., "VISUAL": ...}
+    n_action_steps: int = 0  # actions LeRobot executes per chunk (0: not said)
+    # the values' names when a feature lists them ("names", as LeRobot datasets' info.json write
+    # them; LeRobot's own config.json does not): empty when not said
+    state_names: tuple[str, ...] = ()
+    action_names: tuple[str, ...] = ()
 
 
 def read_features(config: Mapping[str, Any], where: Path) -> Features:
@@ -308,137 +309,20 @@ def read_features(config: Mapping[str, Any], where: Path) -> Features:
         action_dim=action_dim,
         empty_cameras=max(0, _int(config, "empty_cameras", where, 0)),
         normalization={str(k): str(v) for k, v in normalization.items()},
+        n_action_steps=max(0, _int(config, "n_action_steps", where, 0)),
+        state_names=_names(inputs[STATE], state_dim),
+        action_names=_names(outputs[ACTION], action_dim),
     )
 
 
-# --------------------------------------------------------------------------------------------
-# Normaliser statistics
-# --------------------------------------------------------------------------------------------
-
-Stats = dict[str, np.ndarray]  # stat name ("mean", "std", ...) -> float32 vector
-
-
-@dataclass(frozen=True)
-class NormStats:
-    """The statistics of one LeRobot normaliser step (or of a legacy checkpoint's buffers), as data.
-
-    features   "<feature>" -> stats, from keys "<feature>.<stat>"
-    datasets   "<dataset>" -> "<feature>" -> stats, from keys "<dataset>.buffer.<feature>.<stat>"
-               (the migrated multi-dataset base checkpoint: LeRobot finds none of them under the
-               plain feature name and silently skips normalisation)
-    """
-
-    source: str  # the file (and step) they were read from
-    eps: float = 1e-8
-    norm_map: Mapping[str, str] = field(default_factory=dict)
-    features: Mapping[str, Stats] = field(default_factory=dict)
-    datasets: Mapping[str, Mapping[str, Stats]] = field(default_factory=dict)
-
-    def stats_for(self, feature: str, dataset: str = "") -> Stats | None:
-        """The feature's statistics: the plain ones, or `dataset`'s when one is chosen."""
-        if dataset:
-            return self.datasets.get(dataset, {}).get(feature)
-        return self.features.get(feature)
-
-
-def _split_key(key: str, features: Iterable[str]) -> tuple[str, str, str] | None:
-    """ "<prefix><feature>.<stat>" -> (dataset, feature, stat), dataset "" for plain keys."""
-    head, _, stat = key.rpartition(".")
-    if not head:
-        return None
-    for feature in sorted(features, key=len, reverse=True):
-        if head == feature:
-            return "", feature, stat
-        if head.endswith("." + feature):
-            dataset = head[: -len(feature) - 1]
-            return dataset.removesuffix(".buffer"), feature, stat
-    return "", head, stat
-
-
-def group_stats(
-    tensors: Mapping[str, np.ndarray],
-    features: Iterable[str],
-    source: str,
-    eps: float,
-    norm_map: Mapping[str, str],
-) -> NormStats:
-    plain: dict[str, Stats] = {}
-    datasets: dict[str, dict[str, Stats]] = {}
-    for key, value in tensors.items():
-        split = _split_key(key, features)
-        if split is None:
-            continue
-        dataset, feature, stat = split
-        target = datasets.setdefault(dataset, {}) if dataset else plain
-        target.setdefault(feature, {})[stat] = np.asarray(value, dtype=np.float32).reshape(-1)
-    return NormStats(source, eps, dict(norm_map), plain, datasets)
-
-
-def _read_tensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
-    try:
-        return dict(load_file(str(path)))
-    except Exception as exc:  # safetensors raises its own error types
-        raise ModelLoadError(f"cannot read {path}: {exc}") from None
-
-
-def find_step(processor: Mapping[str, Any], registry_name: str) -> dict[str, Any] | None:
-    """A processor pipeline's step by its registry name (its index varies between releases)."""
-    for step in processor.get("steps", []) or []:
-        if isinstance(step, dict) and step.get("registry_name") == registry_name:
-            return step
-    return None
-
-
-def read_normalizer(
-    path: Path, file_name: str, registry_name: str, features: Iterable[str]
-) -> NormStats | None:
-    """The statistics of the `registry_name` step of `path / file_name`; None without the file or
-    the step. ModelLoadError when the step names a state file that is not there."""
-    pipeline_file = path / file_name
-    if not pipeline_file.is_file():
-        return None
-    step = find_step(read_json(pipeline_file), registry_name)
-    if step is None:
-        return None
-    config = step.get("config") or {}
-    eps = config.get("eps", 1e-8)
-    norm_map = config.get("norm_map") or {}
-    state_file = step.get("state_file")
-    if not state_file:
-        return NormStats(f"{pipeline_file}:{registry_name}", float(eps), norm_map)
-    if "/" in str(state_file) or "\\" in str(state_file):
-        raise ModelLoadError(f"{pipeline_file}: state_file {state_file!r} must be a file name in {path}")
-    stats_path = path / str(state_file)
-    if not stats_path.is_file():
-        raise ModelLoadError(
-            f"missing {state_file} in {path}: {file_name}'s {registry_name} step names it (LeRobot saves "
-            "it beside the pipeline file)"
-        )
-    return group_stats(_read_tensors(stats_path), features, str(stats_path), float(eps), norm_map)
-
-
-def read_legacy_stats(layout: Mapping[str, TensorEntry], norm_map: Mapping[str, str]) -> NormStats | None:
-    """Statistics kept in model.safetensors by checkpoints from before LeRobot's processor
-    pipelines: "normalize_inputs.buffer_observation_state.mean", "unnormalize_outputs.buffer_action.std"."""
-    keys = [k for k in layout if canonical(k).startswith(LEGACY_GROUPS)]
-    if not keys:
-        return None
-    from safetensors import safe_open
-
-    tensors: dict[str, np.ndarray] = {}
-    for key in keys:
-        group, _, rest = canonical(key).partition(".")
-        match = re.fullmatch(r"buffer_(.+)\.([A-Za-z0-9_]+)", rest)
-        if match is None:
-            continue
-        feature = match.group(1).replace("_", ".")
-        if group == "normalize_inputs" or f"{feature}.{match.group(2)}" not in tensors:
-            with safe_open(str(layout[key].file), framework="numpy") as handle:
-                tensors[f"{feature}.{match.group(2)}"] = handle.get_tensor(key)
-    source = str(next(iter(layout.values())).file) + " (normalize_* buffers)"
-    return group_stats(tensors, (STATE, ACTION), source, 1e-8, norm_map)
+def _names(feature: Mapping[str, Any], size: int) -> tuple[str, ...]:
+    """A feature's "names" when it lists one string per value (flat, or LeRobot's {"motors": [...]})."""
+    names = feature.get("names")
+    if isinstance(names, dict) and len(names) == 1:
+        names = next(iter(names.values()))
+    if isinstance(names, list) and len(names) == size and all(isinstance(n, str) for n in names):
+        return tuple(names)
+    return ()
 
 
 # --------------------------------------------------------------------------------------------
@@ -534,9 +418,7 @@ def tokenizer_spec(
 ) -> TokenizerSpec:
     """Where the tokenizer is and how LeRobot's tokenizer step calls it (from the preprocessor's
     tokenizer_processor step when there is one, else config.json)."""
-    step = None
-    if (path / PREPROCESSOR).is_file():
-        step = find_step(read_json(path / PREPROCESSOR), TOKENIZER_STEP)
+    step = lr.find_step(path, lr.PREPROCESSOR, TOKENIZER_STEP)
     step_config = (step or {}).get("config") or {}
     max_length = step_config.get("max_length", config.get("tokenizer_max_length", 48))
     padding = step_config.get("padding", config.get("pad_language_to", "longest"))
@@ -566,8 +448,8 @@ class Checkpoint:
     weight_files: list[Path]
     names: NameMap
     tokenizer: TokenizerSpec
-    normalizer: NormStats | None  # the preprocessor's (state and action statistics)
-    unnormalizer: NormStats | None  # the postprocessor's (action statistics)
+    normalizer: lr.NormalizerStep | None  # the preprocessor's (state and action statistics)
+    unnormalizer: lr.NormalizerStep | None  # the postprocessor's (action statistics)
     backbone: str  # where the backbone's sizes came from
 
     def describe(self) -> str:
@@ -579,34 +461,85 @@ class Checkpoint:
             f"cameras {', '.join(self.features.cameras)})"
         )
 
-    def stats(self, feature: str, dataset: str = "") -> Stats | None:
-        """A feature's statistics as LeRobot applies them: actions from the postprocessor's
-        unnormaliser (else the preprocessor's), the state from the preprocessor's."""
+    def stats(self, feature: str, dataset: str = "") -> nz.Stats | None:
+        """A feature's statistics as LeRobot applies them (`dataset`'s when one is chosen):
+        actions from the postprocessor's unnormaliser (else the preprocessor's), the state from
+        the preprocessor's."""
         order = (self.unnormalizer, self.normalizer) if feature == ACTION else (self.normalizer,)
-        for norm in order:
-            if norm is not None and (found := norm.stats_for(feature, dataset)) is not None:
+        for step in order:
+            if step is not None and (found := step.for_dataset(dataset).stats.get(feature)) is not None:
                 return found
         return None
 
     def dataset_keys(self) -> list[str]:
         """The dataset keys the statistics are stored under (empty for a fine-tuned checkpoint)."""
         keys: set[str] = set()
-        for norm in (self.normalizer, self.unnormalizer):
-            if norm is not None:
-                keys.update(norm.datasets)
+        for step in (self.normalizer, self.unnormalizer):
+            if step is not None:
+                keys.update(step.datasets)
         return sorted(keys)
 
+    def mode(self, feature: str) -> str:
+        """The normalisation mode (preprocessing/normalize.py) of STATE or ACTION."""
+        step = self.unnormalizer if feature == ACTION and self.unnormalizer else self.normalizer
+        mapping = {"normalization_mapping": self.features.normalization}
+        return lr.mode(mapping, step, FEATURE_TYPES[feature], "MEAN_STD", self.path / "config.json")
+
     def missing_stats(self, dataset: str = "") -> list[str]:
-        """The features (STATE, ACTION) normalised with MEAN_STD / MIN_MAX / QUANTILES that have no
-        statistics for `dataset` ("" = the plain ones): LeRobot would silently skip them."""
-        needs = {"MEAN_STD": ("mean", "std"), "MIN_MAX": ("min", "max"), "QUANTILES": ("q01", "q99")}
+        """The features (STATE, ACTION) whose mode needs statistics that `dataset` ("" = the plain
+        ones) lacks: LeRobot would silently skip their normalisation."""
         missing = []
-        for feature, group in ((STATE, "STATE"), (ACTION, "ACTION")):
-            mode = self.features.normalization.get(group, "MEAN_STD")
-            stats = self.stats(feature, dataset)
-            if mode in needs and (stats is None or any(s not in stats for s in needs[mode])):
+        for feature in FEATURE_TYPES:
+            stats = self.stats(feature, dataset) or nz.Stats()
+            if any(getattr(stats, name) is None for name in nz.NEEDED[self.mode(feature)]):
                 missing.append(feature)
         return missing
+
+    def normalizers(self, dataset: str = "") -> tuple[nz.Normalizer, nz.Normalizer]:
+        """(state, action) Normalizers with the plain statistics, or `dataset`'s (VLA_NORM_STATS_KEY).
+
+        ModelLoadError, never normalised actions in silence, when a feature's mode needs statistics
+        that are not there: naming them, and the dataset keys to choose from when the checkpoint
+        keeps its statistics per dataset (the migrated lerobot/smolvla_base)."""
+        keys = self.dataset_keys()
+        if dataset and dataset not in keys:
+            have = f"its dataset keys: {', '.join(keys)}" if keys else "it keeps no statistics per dataset"
+            raise ModelLoadError(
+                f"VLA_NORM_STATS_KEY={dataset!r} names no statistics in {self.path} ({have})"
+            )
+        missing = self.missing_stats(dataset)
+        if missing and keys:
+            raise ModelLoadError(
+                f"{self.path}: no statistics for {' and '.join(missing)} under their own names: this "
+                f"checkpoint keeps them per training dataset ({', '.join(keys)}), as the migrated "
+                "lerobot/smolvla_base does; set VLA_NORM_STATS_KEY to the dataset whose statistics to "
+                "serve with (LeRobot itself would return normalised actions without a word)"
+            )
+        if missing:
+            raise ModelLoadError(
+                f"{self.path}: no statistics for {' and '.join(missing)}, which config.json's "
+                "normalization_mapping normalises: LeRobot saves them in "
+                "policy_preprocessor_step_<i>_normalizer_processor.safetensors and "
+                "policy_postprocessor_step_<i>_unnormalizer_processor.safetensors beside config.json "
+                "(older checkpoints: normalize_* buffers in model.safetensors); without them the server "
+                "would return normalised actions"
+            )
+        made = []
+        for feature, size in ((STATE, self.features.state_dim), (ACTION, self.features.action_dim)):
+            normalizer = self.normalizer_for(feature, dataset)
+            if normalizer.size not in (0, size):
+                raise ModelLoadError(
+                    f"{self.path}: {feature} has {size} values but its statistics {normalizer.size}"
+                )
+            made.append(normalizer)
+        return made[0], made[1]
+
+    def normalizer_for(self, feature: str, dataset: str = "") -> nz.Normalizer:
+        """The feature's Normalizer (LeRobot's convention, float32) with `dataset`'s statistics."""
+        step = self.unnormalizer if feature == ACTION and self.unnormalizer else self.normalizer
+        eps = step.eps if step is not None else nz.DEFAULT_EPS[nz.LEROBOT]
+        stats = self.stats(feature, dataset)
+        return lr.normalizer(self.mode(feature), stats, eps, f"{self.path} {feature}")
 
 
 def backbone_for(
@@ -615,9 +548,11 @@ def backbone_for(
     """The backbone's sizes and the local directory `vlm_model_name` names (if it exists here).
 
     Looked up in order: a SmolVLM config.json beside VLA_TOKENIZER_PATH's tokenizer, in the
-    `vlm_model_name` directory, then the named size `vlm_model_name` is an alias of."""
+    `vlm_model_name` directory (a path, or a directory of that name inside the checkpoint
+    directory, e.g. <dir>/HuggingFaceTB/SmolVLM2-500M-Video-Instruct/), then the named size
+    `vlm_model_name` stands for (KNOWN_BACKBONES)."""
     name = str(config.get("vlm_model_name", "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"))
-    vlm_dir = Path(name).expanduser() if Path(name).expanduser().is_dir() else None
+    vlm_dir = next((d for d in (Path(name).expanduser(), path / name) if d.is_dir()), None)
     candidates = []
     if tokenizer_setting:
         given = Path(tokenizer_setting).expanduser()
@@ -655,11 +590,10 @@ def load(path: Path, *, tokenizer_path: str = "") -> Checkpoint:
     canon = {canonical(k) for k in layout}
     embed_key = EMBED_KEY if EMBED_KEY in canon or LM_HEAD not in canon else LM_HEAD
     names = lerobot_names(layout, embed_key)
-    feature_names = (STATE, ACTION, *features.cameras)
-    normalizer = read_normalizer(path, PREPROCESSOR, NORMALIZER, feature_names)
-    unnormalizer = read_normalizer(path, POSTPROCESSOR, UNNORMALIZER, feature_names)
+    normalizer = lr.read_step(path, lr.PREPROCESSOR, lr.NORMALIZER)
+    unnormalizer = lr.read_step(path, lr.POSTPROCESSOR, lr.UNNORMALIZER)
     if normalizer is None and unnormalizer is None:
-        normalizer = read_legacy_stats(layout, features.normalization)
+        normalizer, unnormalizer = lr.read_legacy(layout)
     return Checkpoint(
         path=path,
         config=cfg,
