@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from tests.helpers.reference import copy_from_reference, randomise
 from tests.helpers.smolvla_checkpoints import policy_config, tiny_model_config, write_tiny_vlm_dir
 from vla_inference.models.smolvla import checkpoint as ckpt
-from vla_inference.models.smolvla.model import PrefixInputs, SmolVLAConfig, SmolVLAModel, build, network_time
+from vla_inference.models.smolvla.model import SmolVLABatch, SmolVLAConfig, SmolVLAModel, build, network_time
 
 HEADS = {
     "state_proj": ("vlm", "in"),
@@ -124,7 +124,7 @@ def finish(layer: nn.Module, x: Tensor, att: Tensor) -> Tensor:
 
 
 def reference_velocity(
-    ref: Reference, cfg: SmolVLAConfig, inputs: PrefixInputs, x_t: Tensor, t: Tensor
+    ref: Reference, cfg: SmolVLAConfig, inputs: SmolVLABatch, x_t: Tensor, t: Tensor
 ) -> Tensor:
     images, image_masks, tokens, token_masks, state = inputs
     vlm, text, expert = ref.vlm.model, ref.vlm.model.text_model, ref.lm_expert
@@ -167,7 +167,7 @@ def reference_velocity(
     return ref.action_out_proj(expert.norm(xs))
 
 
-def reference_flow(ref: Reference, cfg: SmolVLAConfig, inputs: PrefixInputs, noise: Tensor) -> Tensor:
+def reference_flow(ref: Reference, cfg: SmolVLAConfig, inputs: SmolVLABatch, noise: Tensor) -> Tensor:
     x, dt = noise, -1.0 / 10
     for step in range(10):
         t = torch.full((noise.shape[0],), 1.0 + step * dt, dtype=torch.float32)
@@ -194,7 +194,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[SmolVLAModel, Refere
     return ours, ref, cfg
 
 
-def batch_inputs(cfg: SmolVLAConfig, seed: int) -> PrefixInputs:
+def batch_inputs(cfg: SmolVLAConfig, seed: int) -> SmolVLABatch:
     g = torch.Generator().manual_seed(seed)
     B, N, S, T = 2, 3, cfg.vision.image_size, cfg.tokenizer_max_length
     images = torch.rand(B, N, 3, S, S, generator=g) * 2 - 1
@@ -202,7 +202,7 @@ def batch_inputs(cfg: SmolVLAConfig, seed: int) -> PrefixInputs:
     tokens = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
     token_masks = torch.arange(T)[None] < torch.tensor([[5], [T]])
     state = torch.randn(B, cfg.max_state_dim, generator=g)
-    return PrefixInputs(images, image_masks, tokens, token_masks, state)
+    return SmolVLABatch(images, image_masks, tokens, token_masks, state)
 
 
 # ---- tests -------------------------------------------------------------------------------------
@@ -267,7 +267,7 @@ def test_flow_matches_the_reference(pair: tuple[SmolVLAModel, Reference, SmolVLA
     noise = torch.randn(2, cfg.chunk_size, cfg.max_action_dim, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         expected = reference_flow(ref, cfg, inputs, noise)
-        actions, velocity = ours.sample_actions(inputs, noise)
+        actions, velocity = ours.sample(inputs, noise, 10)
     assert (actions - expected).abs().max().item() < 1e-5
     assert (actions - noise).abs().max().item() > 0.1  # the flow moved
     assert velocity.shape == actions.shape
@@ -316,8 +316,8 @@ def test_filler_cameras_change_nothing(pair: tuple[SmolVLAModel, Reference, Smol
     other = inputs._replace(images=inputs.images.clone())
     other.images[:, 2] = 0.3
     with torch.no_grad():
-        a, _ = ours.sample_actions(inputs, noise)
-        b, _ = ours.sample_actions(other, noise)
+        a, _ = ours.sample(inputs, noise, 10)
+        b, _ = ours.sample(other, noise, 10)
         embs, pad, ar = ours.embed_prefix(inputs, slots=(0, 1, 2))  # kept as masked padding
         cache = ours.prefill(embs, pad, ar)
         context = ours.suffix_context(pad)
@@ -354,6 +354,6 @@ def test_tiny_named_size_runs() -> None:
     model = build(cfg)
     inputs = batch_inputs(cfg, 9)
     with torch.no_grad():
-        actions, _ = model.sample_actions(inputs, torch.randn(2, cfg.chunk_size, cfg.max_action_dim))
+        actions, _ = model.sample(inputs, torch.randn(2, cfg.chunk_size, cfg.max_action_dim), 10)
     assert actions.shape == (2, cfg.chunk_size, cfg.max_action_dim)
     assert torch.isfinite(actions).all()

@@ -33,6 +33,10 @@ One forward:
               x_t: `denoise_step` reads the cache and writes nothing (guided real-time chunking
               differentiates through it; the compiled runner replays it).
 
+Sampling is one prefix (`prefix`: the prefix into a preallocated KV cache, and the context every
+step shares) and one Euler step (`euler_step`, through models/common/flow.py): `sample` runs them
+eagerly, static.py (VLA_COMPILE) compiles the same two functions with static shapes.
+
 Conventions taken from the reference (file references in /work/notes/smolvla.md):
 - image tokens are multiplied by sqrt(W) as a tensor of the embedding's dtype, language tokens by
   sqrt(W) as a Python float; the state token (Linear(A -> W)) is not scaled;
@@ -43,7 +47,9 @@ Conventions taken from the reference (file references in /work/notes/smolvla.md)
 - time embedding: sin/cos of t * 2π / period, periods geometric in [4e-3, 4], [sin, cos] order,
   in float64; concatenated to the action embedding, then Linear(2 We -> We), SiLU, Linear;
 - flow matching: t = 1 noise, t = 0 the action chunk, v_t = noise - actions; 10 Euler steps with
-  t = 1.0 + step * (-1 / steps) in Python doubles (LeRobot after #2600), x <- x + dt v.
+  t = 1.0 + step * (-1 / steps) in Python doubles (LeRobot after #2600), x <- x + dt v. The shared
+  sampler runs tau = step / steps toward the data with the velocity -v_t: its update
+  x + (1 / steps)(-v_t) is bit-identical to the reference's x + (-1 / steps) v_t.
 
 Exact shortcuts (they change no real token's value): an image slot masked out in every sample of
 the batch (a missing camera, LeRobot's `empty_cameras` fillers) is left out of the prefix, since
@@ -53,6 +59,7 @@ keys/values; padding tokens attend to themselves only (models/common/masks.py).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 from typing import NamedTuple, cast
@@ -63,7 +70,7 @@ from torch import Tensor, nn
 
 from vla_inference.models import rtc
 from vla_inference.models.common import flow
-from vla_inference.models.common.masks import block_causal_mask
+from vla_inference.models.common.masks import block_causal_mask, present_slots
 from vla_inference.models.common.transformer import (
     Decoder,
     DecoderConfig,
@@ -184,14 +191,14 @@ SIZES: dict[str, SmolVLAConfig] = {
 # --------------------------------------------------------------------------------------------
 
 
-class PrefixInputs(NamedTuple):
-    """What the prefix is made of (a batch)."""
+class SmolVLABatch(NamedTuple):
+    """A batch's inputs to the sampler (policy.collate), every tensor with the rows first."""
 
-    images: Tensor  # (B, N, 3, S, S) in [-1, 1]
+    images: Tensor  # (B, N, 3, S, S) in [-1, 1], the model's dtype
     image_masks: Tensor  # (B, N) bool: False = a missing camera (its tokens are padding)
     tokens: Tensor  # (B, T) int64, right-padded
     token_masks: Tensor  # (B, T) bool
-    state: Tensor  # (B, A) normalised, zero-padded
+    state: Tensor  # (B, A) float32, normalised, zero-padded
 
 
 class SuffixContext(NamedTuple):
@@ -286,15 +293,16 @@ class SmolVLAModel(nn.Module):
         return x * torch.tensor(x.shape[-1] ** 0.5, dtype=x.dtype, device=x.device)
 
     def embed_prefix(
-        self, inputs: PrefixInputs, slots: tuple[int, ...] | None = None
+        self, batch: SmolVLABatch, slots: tuple[int, ...] | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """-> embeddings (B, P, W), pad (B, P) bool, ar (B, P) int (1 at the state token only).
 
-        P = N' * I + T + 1 with N' the slots present in at least one sample (one host sync), or
-        exactly the given `slots` (static shapes: a slot masked in a row is masked padding)."""
-        images, image_masks, tokens, token_masks, state = inputs
+        P = N' * I + T + 1 with N' the slots present in at least one sample (`present_slots`, one
+        host sync), or exactly the given `slots` (static shapes: a slot masked in a row is masked
+        padding)."""
+        images, image_masks, tokens, token_masks, state = batch
         if slots is None:
-            slots = tuple(i for i, there in enumerate(image_masks.any(dim=0).tolist()) if there)
+            slots = present_slots(image_masks)
         B, dtype = tokens.shape[0], self.dtype
         embs, pads = [], []
         if slots:
@@ -347,13 +355,6 @@ class SmolVLAModel(nn.Module):
         self_mask = torch.cat([prefix, causal], dim=2)[:, None]
         return SuffixContext(self_mask, prefix[:, None], self_cos, self_sin, cross_cos, cross_sin)
 
-    def encode(
-        self, inputs: PrefixInputs, cache: KVCache | None = None, slots: tuple[int, ...] | None = None
-    ) -> tuple[KVCache, SuffixContext]:
-        """The prefix, once per chunk: its KV cache and the context every step shares."""
-        embs, pad, ar = self.embed_prefix(inputs, slots)
-        return self.prefill(embs, pad, ar, cache), self.suffix_context(pad)
-
     # ---- one denoising step ----------------------------------------------------------------
 
     def embed_suffix(self, x_t: Tensor, t: Tensor) -> Tensor:
@@ -385,34 +386,86 @@ class SmolVLAModel(nn.Module):
         out = self.expert.norm(x)
         return cast(Tensor, self.action_out_proj(out)).to(x_t.dtype)
 
-    # ---- sampling --------------------------------------------------------------------------
+    # ---- sampling: one prefix and one Euler step, run eagerly here and compiled in static.py ----
 
-    def sample_actions(
+    def prefix(self, batch: SmolVLABatch, cache: KVCache, slots: tuple[int, ...]) -> SuffixContext:
+        """The prefix of the batch (images of `slots`, prompt, state) into `cache`; the context
+        every Euler step shares. No host synchronisation: static.py compiles it once per bucket."""
+        embs, pad, ar = self.embed_prefix(batch, slots)
+        self.prefill(embs, pad, ar, cache)
+        return self.suffix_context(pad)
+
+    def euler_step(
         self,
-        inputs: PrefixInputs,
+        cache: KVCache,
+        context: SuffixContext,
+        batch: SmolVLABatch,
+        x: Tensor,
+        time: flow.StepTime,
         noise: Tensor,
-        num_steps: int | None = None,
-        prefix: rtc.BatchPrefix | None = None,
+        chunking: rtc.Chunking | None,
+        dt: float,
+        differentiate: bool = False,
     ) -> tuple[Tensor, Tensor]:
-        """Euler integration from noise (t = 1) to actions (t = 0) with the shared sampler
-        (models/common/flow.py, which runs tau = 1 - t toward the data with velocity -v_t: the
-        update x + (1/steps)(-v_t) is bit-identical to the reference's x + (-1/steps) v_t).
+        """One Euler step of the flow (models/common/flow.py), x (B, H, A) toward the data at
+        time.tau, the network at LeRobot's time time.t, with the batch's real-time chunking.
+        Returns (x after the step, the velocity toward the data). The state is in the prefix:
+        `batch` is not read here."""
 
-        noise (B, H, A). `prefix` asks for real-time chunking on some rows; a guided batch must
-        run with gradients allowed (no_grad around this call is fine, inference_mode is not).
-        Returns actions (B, H, A) float32 in normalised units and the last step's velocity toward
-        the data (B, H, A)."""
-        steps = num_steps or self.cfg.num_steps
-        cache, context = self.encode(inputs)
-        batch = noise.shape[0]
+        def toward_data(x_in: Tensor) -> Tensor:
+            return -self.denoise_step(cache, context, x_in, time.t)
 
-        def toward_data(x: Tensor, step: int) -> Tensor:
-            t = torch.full((batch,), network_time(step, steps), dtype=torch.float32, device=x.device)
-            return -self.denoise_step(cache, context, x, t)
+        return flow.euler_step(toward_data, x, time.tau, dt, noise, chunking, differentiate)
 
-        return flow.euler(
-            toward_data, noise.to(torch.promote_types(noise.dtype, torch.float32)), steps, prefix
-        )
+    def times(self, batch: int, steps: int, dtype: torch.dtype, device: torch.device) -> list[flow.StepTime]:
+        """(tau, t) (batch,) per step: tau = step / steps in `dtype`, t = `network_time` in float32."""
+        full = functools.partial(torch.full, (batch,), device=device)
+        return [
+            flow.StepTime(full(i / steps, dtype=dtype), full(network_time(i, steps), dtype=torch.float32))
+            for i in range(steps)
+        ]
+
+    def initial_noise(self, noise: Tensor) -> Tensor:
+        """The noise the flow starts from, at least float32."""
+        return noise.to(torch.promote_types(noise.dtype, torch.float32))
+
+    def prefix_length(self, slots: tuple[int, ...], tokens: int) -> int:
+        """P: the prefix tokens of `slots` image slots, `tokens` prompt tokens and the state."""
+        return self.cfg.prefix_len(len(slots), tokens)
+
+    def encode(
+        self, batch: SmolVLABatch, slots: tuple[int, ...] | None = None
+    ) -> tuple[KVCache, SuffixContext]:
+        """The eager prefix: a KV cache allocated for the batch's prefix (the `slots` given, else
+        those present in some row: one host sync), filled by `prefix`, and the steps' context."""
+        slots = present_slots(batch.image_masks) if slots is None else slots
+        B, T = batch.tokens.shape
+        vlm = self.cfg.vlm
+        length, like = self.prefix_length(slots, T), self.action_in_proj.weight
+        cache = KVCache.allocate(vlm.depth, B, vlm.num_kv_heads, length, vlm.head_dim, like)
+        return cache, self.prefix(batch, cache, slots)
+
+    def sample(
+        self, batch: SmolVLABatch, noise: Tensor, steps: int, chunking: rtc.Chunking | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Euler integration from noise (t = 1) to actions (t = 0), eagerly (dynamic shapes: the
+        image slots present in the batch, the prompt as long as the batch's).
+
+        noise (B, H, A). `chunking` asks for real-time chunking on some rows (models/rtc.py); a
+        batch guided with the Jacobian must run with gradients allowed (torch.no_grad, not
+        inference_mode). Returns actions (B, H, A) float32 in normalised units and the last step's
+        velocity toward the data."""
+        cache, context = self.encode(batch)
+        B = noise.shape[0]
+        noise = self.initial_noise(noise)
+        differentiate = chunking is not None and chunking.needs_backward
+
+        def step(x: Tensor, time: flow.StepTime) -> tuple[Tensor, Tensor]:
+            return self.euler_step(
+                cache, context, batch, x, time, noise, chunking, 1.0 / steps, differentiate
+            )
+
+        return flow.integrate(step, self.times(B, steps, noise.dtype, noise.device), noise, chunking)
 
 
 def _heads(x: Tensor, head_dim: int) -> Tensor:
