@@ -5,7 +5,8 @@ as LeRobot's save_pretrained wrote it, the tiny SmolVLM backbone directory it wa
 reference.npz with LeRobot's inputs and outputs for two observations (two cameras + a filler; one
 camera + a filler, with a prompt long enough to be truncated): the processed images, the normalised
 state, the prompt token ids, the noise, the normalised actions (fp32, 10 Euler steps) and the
-un-normalised actions of its postprocessor.
+un-normalised actions of its postprocessor. Checked for the network alone and for the whole
+served path (SmolVLAPolicy: prepare, forward, finish).
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vla_inference.config import Settings
+from vla_inference.models.base import Observation
 from vla_inference.models.common.weights import load_weights
 from vla_inference.models.smolvla import checkpoint as ckpt
-from vla_inference.models.smolvla.model import PrefixInputs, SmolVLAModel, build
+from vla_inference.models.smolvla.model import SmolVLABatch, SmolVLAModel, build
+from vla_inference.models.smolvla.policy import SmolVLAPolicy
 
 FIXTURE = Path(__file__).parent / "fixtures" / "smolvla"
 CASES = {"two_cameras": ("camera1", "camera2"), "one_camera": ("camera1",)}
@@ -56,13 +60,13 @@ def resize_with_pad(image: np.ndarray, size: int) -> torch.Tensor:
     return F.pad(img, (size - rw, 0, size - rh, 0), value=0.0)[0] * 2.0 - 1.0
 
 
-def inputs_for(label: str, ref: dict[str, np.ndarray], c: ckpt.Checkpoint) -> PrefixInputs:
+def inputs_for(label: str, ref: dict[str, np.ndarray], c: ckpt.Checkpoint) -> SmolVLABatch:
     size = c.config.vision.image_size
     images = [resize_with_pad(ref[f"{label}.image.{cam}"], size) for cam in CASES[label]]
     masks = ref[f"{label}.image_masks"][0]
     images += [-torch.ones(3, size, size)] * (len(masks) - len(images))  # LeRobot's filler images
     state = F.pad(torch.from_numpy(ref[f"{label}.normalized_state"]), (0, c.config.max_state_dim - 6))
-    return PrefixInputs(
+    return SmolVLABatch(
         torch.stack(images)[None],
         torch.from_numpy(masks)[None],
         torch.from_numpy(ref[f"{label}.tokens"]),
@@ -101,9 +105,8 @@ def test_normalised_state_identical(
     stats = c.stats(ckpt.STATE)
     assert stats is not None and c.normalizer is not None
     state = torch.from_numpy(reference[f"{label}.state"])
-    normalised = (state - torch.from_numpy(stats["mean"])) / (
-        torch.from_numpy(stats["std"]) + c.normalizer.eps
-    )
+    mean, std = (torch.from_numpy(v).float() for v in (stats.mean, stats.std))
+    normalised = (state - mean) / (std + c.normalizer.eps)
     assert normalised.numpy().tolist() == reference[f"{label}.normalized_state"][0].tolist()
 
 
@@ -126,8 +129,8 @@ def test_normalised_actions_match(
 ) -> None:
     c, model = loaded
     with torch.no_grad():
-        actions, _ = model.sample_actions(
-            inputs_for(label, reference, c), torch.from_numpy(reference[f"{label}.noise"])
+        actions, _ = model.sample(
+            inputs_for(label, reference, c), torch.from_numpy(reference[f"{label}.noise"]), 10
         )
     expected = reference[f"{label}.normalized_actions"]
     assert np.abs(expected).max() > 1.0
@@ -143,5 +146,59 @@ def test_unnormalised_actions_match(
     stats = c.stats(ckpt.ACTION)
     assert stats is not None
     normalised = torch.from_numpy(reference[f"{label}.normalized_actions"][..., : c.features.action_dim])
-    actions = normalised * torch.from_numpy(stats["std"]) + torch.from_numpy(stats["mean"])
+    mean, std = (torch.from_numpy(v).float() for v in (stats.mean, stats.std))
+    actions = normalised * std + mean
     assert np.abs(actions.numpy() - reference[f"{label}.actions"]).max() < 1e-6
+
+
+# ---- the whole policy path: Observation -> prepare -> forward -> finish --------------------------
+
+
+@pytest.fixture(scope="module")
+def policy() -> SmolVLAPolicy:
+    torch.set_num_threads(1)
+    served = SmolVLAPolicy(Settings(chunk_size=50, tokenizer_path=str(FIXTURE / "vlm")))
+    served.load(str(FIXTURE / "checkpoint"), "cpu")
+    return served
+
+
+def observation(label: str, ref: dict[str, np.ndarray]) -> Observation:
+    """The fixture's raw observation as a robot sends it: HWC uint8 images under the checkpoint's
+    camera names, the raw state, the task; seed 11 draws the fixture's noise."""
+    images = {cam: ref[f"{label}.image.{cam}"].transpose(1, 2, 0) for cam in CASES[label]}
+    return Observation(images, ref[f"{label}.state"], str(ref[f"{label}.task"]), seed=11)
+
+
+@pytest.mark.parametrize("label", list(CASES))
+def test_policy_prepares_lerobots_inputs(
+    policy: SmolVLAPolicy, reference: dict[str, np.ndarray], label: str
+) -> None:
+    """prepare: the prompt ids, the normalised state and the processed images are LeRobot's,
+    bit for bit; the sample's noise (seed 11) is the fixture's."""
+    sample = policy.prepare(observation(label, reference))
+    inputs = sample.inputs
+    assert inputs.tokens.tolist() == reference[f"{label}.tokens"][0].tolist()
+    assert inputs.token_mask.tolist() == reference[f"{label}.token_mask"][0].tolist()
+    assert inputs.state[:6].tolist() == reference[f"{label}.normalized_state"][0].tolist()
+    assert not inputs.state[6:].any() and inputs.state.shape == (32,)
+    assert torch.equal(policy.noise(sample.seed), torch.from_numpy(reference[f"{label}.noise"][0]))
+    masks = reference[f"{label}.image_masks"][0]  # LeRobot's: present cameras, then the filler
+    assert inputs.image_masks.tolist() == masks[: len(inputs.image_masks)].tolist()
+    if label == "two_cameras":
+        assert np.array_equal(inputs.images, reference["two_cameras.prepared_images"][0][:2])
+
+
+@pytest.mark.parametrize("label", list(CASES))
+def test_policy_actions_match_lerobot(
+    policy: SmolVLAPolicy, reference: dict[str, np.ndarray], label: str
+) -> None:
+    """Observation -> actions through the served path (prepare, collate, the shared Euler sampler,
+    the unnormaliser): LeRobot's normalised actions within 1e-5, its robot actions too."""
+    sample = policy.prepare(observation(label, reference))
+    (raw,) = policy.forward([sample])
+    prediction = policy.finish(raw, sample)
+    expected = reference[f"{label}.normalized_actions"][0]
+    assert np.abs(expected).max() > 1.0
+    assert np.abs(raw.actions - expected).max() < 1e-5
+    assert prediction.actions.shape == (6, 5)
+    assert np.abs(prediction.actions - reference[f"{label}.actions"][0]).max() < 1e-5

@@ -6,6 +6,8 @@ directory (its config.json and tokenizer files), for tests.
     write_tiny_checkpoint(path, vlm_dir, ...)     config.json (type smolvla), model.safetensors,
                                                   policy_preprocessor.json / policy_postprocessor.json
                                                   with their normaliser .safetensors
+    write_tiny_smolvla(path)                      both in one directory (the backbone in
+                                                  <path>/smolvlm/): VLA_MODEL_PATH alone serves it
 
 The layout is what LeRobot 0.4.4's save_pretrained writes (checked against a checkpoint LeRobot
 saved itself: tests/fixtures/smolvla/). The tokenizer is a byte-level BPE trained on a few
@@ -159,8 +161,10 @@ def policy_config(
     empty_cameras: int = 1,
     chunk_size: int = 6,
     tokenizer_max_length: int = 12,
+    vlm_model_name: str | None = None,
 ) -> dict[str, Any]:
-    """config.json as LeRobot 0.4.4 writes it for a smolvla policy (the fields it saves)."""
+    """config.json as LeRobot 0.4.4 writes it for a smolvla policy (the fields it saves);
+    `vlm_model_name` defaults to the backbone directory's path."""
     inputs = {"observation.state": _feature("STATE", [state_dim])}
     inputs |= {name: _feature("VISUAL", [3, 48, 80]) for name in cameras}
     inputs |= {
@@ -205,7 +209,7 @@ def policy_config(
         "scheduler_warmup_steps": 1000,
         "scheduler_decay_steps": 30000,
         "scheduler_decay_lr": 2.5e-06,
-        "vlm_model_name": str(vlm_dir),
+        "vlm_model_name": str(vlm_dir) if vlm_model_name is None else vlm_model_name,
         "load_vlm_weights": False,
         "add_image_special_tokens": False,
         "attention_mode": "cross_attn",
@@ -355,3 +359,15 @@ def observation_arrays(seed: int, state_dim: int = 6) -> dict[str, np.ndarray]:
         "observation.images.camera2": rng.random((3, 48, 80), dtype=np.float32),
         "observation.state": rng.normal(size=state_dim).astype(np.float32),
     }
+
+
+BACKBONE_DIR = "smolvlm"  # write_tiny_smolvla's backbone, named relative to the checkpoint
+
+
+def write_tiny_smolvla(path: Path, seed: int = 0, **changes: Any) -> Path:
+    """A self-contained tiny SmolVLA checkpoint: LeRobot's files, and the tiny backbone (its
+    config.json and tokenizer) in <path>/smolvlm/, which config.json's vlm_model_name names relative
+    to the checkpoint directory; so VLA_MODEL_PATH alone serves it (`make run`, the benchmarks)."""
+    path = Path(path)
+    vlm_dir = write_tiny_vlm_dir(path / BACKBONE_DIR)
+    return write_tiny_checkpoint(path, vlm_dir, seed, vlm_model_name=BACKBONE_DIR, **changes)
