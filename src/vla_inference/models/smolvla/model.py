@@ -456,16 +456,7 @@ class SmolVLAModel(nn.Module):
         inference_mode). Returns actions (B, H, A) float32 in normalised units and the last step's
         velocity toward the data."""
         cache, context = self.encode(batch)
-        B = noise.shape[0]
-        noise = self.initial_noise(noise)
-        differentiate = chunking is not None and chunking.needs_backward
-
-        def step(x: Tensor, time: flow.StepTime) -> tuple[Tensor, Tensor]:
-            return self.euler_step(
-                cache, context, batch, x, time, noise, chunking, 1.0 / steps, differentiate
-            )
-
-        return flow.integrate(step, self.times(B, steps, noise.dtype, noise.device), noise, chunking)
+        return flow.integrate_network(self, cache, context, batch, self.initial_noise(noise), steps, chunking)
 
 
 def _heads(x: Tensor, head_dim: int) -> Tensor:
