@@ -22,7 +22,6 @@ from tests.helpers.smolvla_checkpoints import (
 from vla_inference.models.base import ModelLoadError
 from vla_inference.models.common import lerobot as lr
 from vla_inference.models.common.init import init_random_weights
-from vla_inference.models.common.weights import load_weights
 from vla_inference.models.smolvla import checkpoint as ckpt
 from vla_inference.models.smolvla.model import SmolVLAConfig, build
 
@@ -33,10 +32,7 @@ def vlm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def load_model(c: ckpt.Checkpoint) -> torch.nn.Module:
-    model = build(c.config, device="meta")
-    return load_weights(
-        model, c.weight_files, c.names, device="cpu", dtype=torch.float32, where=str(c.path), what="SmolVLA"
-    )
+    return c.load_network("cpu", torch.float32)
 
 
 def expected_state(vlm_dir: Path, seed: int = 0, **changes: object) -> dict[str, torch.Tensor]:

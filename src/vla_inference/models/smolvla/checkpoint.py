@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from vla_inference.models.base import ModelLoadError
 from vla_inference.models.common import lerobot as lr
@@ -48,10 +49,18 @@ from vla_inference.models.common.weights import (
     NameMap,
     Source,
     find_weight_files,
+    load_weights,
     read_json,
     read_layout,
 )
-from vla_inference.models.smolvla.model import SIZES, SmolVLAConfig, expert_config, smolvlm_text
+from vla_inference.models.smolvla.model import (
+    SIZES,
+    SmolVLAConfig,
+    SmolVLAModel,
+    build,
+    expert_config,
+    smolvlm_text,
+)
 from vla_inference.preprocessing import normalize as nz
 
 TYPE = "smolvla"
@@ -460,6 +469,15 @@ class Checkpoint:
             f"state {self.features.state_dim}, action {self.features.action_dim}, "
             f"cameras {', '.join(self.features.cameras)})"
         )
+
+    def load_network(self, device: str | torch.device, dtype: torch.dtype) -> SmolVLAModel:
+        """The network built on `meta` and streamed from the weight files (common/weights.py):
+        one error listing every missing, unexpected or mis-shaped tensor."""
+        meta, where = build(self.config, device="meta"), str(self.path / "model.safetensors")
+        files, names, what = self.weight_files, self.names, self.describe()
+        model = load_weights(meta, files, names, device=device, dtype=dtype, where=where, what=what)
+        assert isinstance(model, SmolVLAModel)
+        return model
 
     def stats(self, feature: str, dataset: str = "") -> nz.Stats | None:
         """A feature's statistics as LeRobot applies them (`dataset`'s when one is chosen):

@@ -44,10 +44,9 @@ import torch.nn.functional as F
 
 from vla_inference.models import base, rtc
 from vla_inference.models.common import flow
-from vla_inference.models.common.weights import load_weights
 from vla_inference.models.policy import FlowPolicy, Loaded
 from vla_inference.models.smolvla import checkpoint as ckpt
-from vla_inference.models.smolvla.model import SmolVLABatch, SmolVLAConfig, SmolVLAModel, build
+from vla_inference.models.smolvla.model import SmolVLABatch, SmolVLAConfig, SmolVLAModel
 from vla_inference.models.smolvla.static import SmolVLAStatic
 from vla_inference.preprocessing.steps import ActionOutput, CameraMap, CameraSlot, StateInput, camera_roles
 
@@ -119,16 +118,7 @@ class SmolVLAPolicy(FlowPolicy[SmolVLALoaded, SmolVLABatch]):
                 f"has {features.action_dim} values"
             )
         tokenizer, pad_id = ckpt.load_tokenizer(loaded.tokenizer, cfg.vocab_size)
-        network = load_weights(
-            build(cfg, device="meta"),
-            loaded.weight_files,
-            loaded.names,
-            device=self.device,
-            dtype=self.dtype,
-            where=str(where / "model.safetensors"),
-            what=loaded.describe(),
-        )
-        assert isinstance(network, SmolVLAModel)
+        network = loaded.load_network(self.device, self.dtype)
         shorts = [camera_name(feature) for feature in features.cameras]
         roles = camera_roles(shorts)
         cameras = CameraMap(
