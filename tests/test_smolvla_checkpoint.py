@@ -252,3 +252,58 @@ def test_helper_writes_lerobots_format(tmp_path: Path, vlm_dir: Path) -> None:
         mine = (path / name).read_text().replace(str(vlm_dir), "VLM")
         lerobot = (fixture / name).read_text().replace(theirs["vlm_model_name"], "VLM")
         assert json.loads(mine) == json.loads(lerobot)
+
+
+def test_a_smolvlm_config_saved_by_transformers_reads_as_the_named_size(tmp_path: Path) -> None:
+    """SmolVLM2-500M's sizes made by transformers and saved by it read as our named size, also
+    when the nested configs leave out what equals transformers' defaults (save_pretrained's
+    difference-only form: SmolVLM2's vision config then has no layer count nor MLP width)."""
+    base = SmolVLAConfig.named("smolvla_base")
+    vlm, vision = base.vlm, base.vision
+    made = transformers.SmolVLMConfig(
+        vision_config={
+            "hidden_size": vision.width,
+            "intermediate_size": vision.mlp_dim,
+            "num_hidden_layers": vision.depth,
+            "num_attention_heads": vision.num_heads,
+            "patch_size": vision.patch_size,
+            "image_size": vision.image_size,
+        },
+        text_config={
+            "model_type": "llama",
+            "hidden_size": vlm.width,
+            "intermediate_size": vlm.mlp_dim,
+            "num_hidden_layers": 32,
+            "num_attention_heads": vlm.num_heads,
+            "num_key_value_heads": vlm.num_kv_heads,
+            "head_dim": vlm.head_dim,
+            "rms_norm_eps": 1e-5,
+            "vocab_size": base.vocab_size,
+            "rope_theta": 100000,
+        },
+        scale_factor=4,
+    )
+    made.save_pretrained(tmp_path / "full")
+    vision_defaults = transformers.SmolVLMVisionConfig()
+    text_defaults = transformers.SmolVLMConfig().text_config
+    assert {k: getattr(vision_defaults, k) for k in ckpt.VISION_DEFAULTS} == ckpt.VISION_DEFAULTS
+    assert {k: getattr(text_defaults, k) for k in ckpt.TEXT_DEFAULTS} == ckpt.TEXT_DEFAULTS
+    full = json.loads((tmp_path / "full" / "config.json").read_text())
+    diff = json.loads(json.dumps(full))
+    for key, defaults in (("vision_config", vision_defaults), ("text_config", text_defaults)):
+        diff[key] = {k: v for k, v in full[key].items() if getattr(defaults, k, None) != v}
+    assert (
+        "num_hidden_layers" not in diff["vision_config"] and "intermediate_size" not in diff["vision_config"]
+    )
+    (tmp_path / "diff").mkdir()
+    (tmp_path / "diff" / "config.json").write_text(json.dumps(diff))
+    named = ckpt.named_backbone("HuggingFaceTB/SmolVLM2-500M-Video-Instruct")
+    assert named is not None
+    for form in ("full", "diff"):
+        backbone = ckpt.read_backbone(tmp_path / form / "config.json")
+        assert (backbone.vision, backbone.text, backbone.vocab_size, backbone.scale_factor) == (
+            named.vision,
+            named.text,
+            named.vocab_size,
+            named.scale_factor,
+        )

@@ -151,18 +151,45 @@ def _int(config: Mapping[str, Any], key: str, where: Path, default: int | None =
     return value
 
 
+# transformers' defaults of SmolVLMConfig()'s sub-configs (its vision config; the Llama text config
+# it makes). save_pretrained writes a config.json as the difference from these (a nested key equal
+# to its default is left out), so a missing key means this value.
+VISION_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 1152,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 16,
+    "patch_size": 32,
+    "image_size": 224,
+    "layer_norm_eps": 1e-6,
+    "hidden_act": "gelu_pytorch_tanh",
+}
+TEXT_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "rms_norm_eps": 1e-5,
+    "vocab_size": 32000,
+    "hidden_act": "silu",
+}
+SCALE_FACTOR_DEFAULT = 2
+
+
 def read_backbone(path: Path) -> Backbone:
-    """A SmolVLM config.json (model_type smolvlm / idefics3) -> its sizes."""
+    """A SmolVLM config.json (model_type smolvlm / idefics3) -> its sizes; keys it leaves out take
+    transformers' defaults (VISION_DEFAULTS, TEXT_DEFAULTS), as transformers reads it."""
     config = read_json(path)
     if config.get("model_type") not in ("smolvlm", "idefics3"):
         raise ModelLoadError(f"{path}: model_type={config.get('model_type')!r} is not a SmolVLM config")
     text, vision = config.get("text_config"), config.get("vision_config")
     if not isinstance(text, dict) or not isinstance(vision, dict):
         raise ModelLoadError(f"{path}: needs text_config and vision_config objects")
-    act = vision.get("hidden_act", "gelu_pytorch_tanh")
-    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
-        raise ModelLoadError(f"{path}: vision_config.hidden_act={act!r} is not supported")
-    if text.get("hidden_act", "silu") != "silu" or text.get("attention_bias") or text.get("mlp_bias"):
+    vocab = text.get("vocab_size", config.get("vocab_size", TEXT_DEFAULTS["vocab_size"]))
+    vision, text = VISION_DEFAULTS | vision, TEXT_DEFAULTS | text | {"vocab_size": vocab}
+    if vision["hidden_act"] not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise ModelLoadError(f"{path}: vision_config.hidden_act={vision['hidden_act']!r} is not supported")
+    if text["hidden_act"] != "silu" or text.get("attention_bias") or text.get("mlp_bias"):
         raise ModelLoadError(f"{path}: only a SiLU text model without biases is supported")
     width, heads = _int(text, "hidden_size", path), _int(text, "num_attention_heads", path)
     head_dim = text.get("head_dim") or width // heads
@@ -174,7 +201,7 @@ def read_backbone(path: Path) -> Backbone:
             mlp_dim=_int(vision, "intermediate_size", path),
             patch_size=_int(vision, "patch_size", path),
             image_size=_int(vision, "image_size", path),
-            norm_eps=float(vision.get("layer_norm_eps", 1e-6)),
+            norm_eps=float(vision["layer_norm_eps"]),
         ),
         text=smolvlm_text(
             width,
@@ -183,10 +210,10 @@ def read_backbone(path: Path) -> Backbone:
             heads=heads,
             kv_heads=_int(text, "num_key_value_heads", path, heads),
             head_dim=int(head_dim),
-            eps=float(text.get("rms_norm_eps", 1e-5)),
+            eps=float(text["rms_norm_eps"]),
         ),
-        vocab_size=_int(text, "vocab_size", path, _int(config, "vocab_size", path, 0)),
-        scale_factor=_int(config, "scale_factor", path, 2),
+        vocab_size=_int(text, "vocab_size", path),
+        scale_factor=_int(config, "scale_factor", path, SCALE_FACTOR_DEFAULT),
         source=str(path),
     )
 
