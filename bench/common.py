@@ -59,7 +59,9 @@ def _importable(module: str, name: str) -> str:
     return ""
 
 
-def default_targets(workdir: Path, families: Sequence[str] = ("pi0", "openvla", "groot")) -> list[Target]:
+def default_targets(
+    workdir: Path, families: Sequence[str] = ("pi0", "openvla", "groot", "smolvla")
+) -> list[Target]:
     """The embedded default model, then tiny configurations of each other backend that has landed."""
     targets: list[Target] = []
     if "pi0" in families:
@@ -77,6 +79,12 @@ def default_targets(workdir: Path, families: Sequence[str] = ("pi0", "openvla", 
             "GrootPolicy",
             "groot_checkpoints",
             "write_tiny_groot_checkpoint",
+        ),
+        "smolvla": (
+            "vla_inference.models.smolvla.policy",
+            "SmolVLAPolicy",
+            "smolvla_checkpoints",
+            "write_tiny_smolvla",  # self-contained: the tiny backbone and tokenizer inside it
         ),
     }
     for family, (module, cls, helper, writer) in specs.items():

@@ -4,16 +4,16 @@ compiled (VLA_COMPILE's static-shape path).
     bench/gpu.sh            # on a GPU machine (bf16, real sizes); < 8 minutes on one H100/H200
     bench/gpu.sh --tiny     # anywhere, on CPU: the same code with tiny configurations
 
-For each family: pi0 (1 and 3 cameras), pi0.5, OpenVLA 7B, GR00T N1.5 —
+For each family: pi0 (1 and 3 cameras), pi0.5, OpenVLA 7B, GR00T N1.5, SmolVLA (1 and 3 cameras) —
   - the network built from the family's named configuration directly on the device (no
     checkpoint files, nothing downloaded), random weights, bf16 on CUDA (float32 on CPU),
   - model latency p50/p99 at batch 1 and throughput at batch 8 (the model's own inference entry
     point: pi0 / GR00T sample, OpenVLA generate), synchronised timing,
-  - compiled (families with a latency goal, --compile): the static-shape runner the policies use
-    under VLA_COMPILE (Pi0Static, OpenVLAStatic, GrootStatic; torch.compile fullgraph, CUDA
-    graphs via mode="reduce-overhead" on CUDA), its first-call time (compile + capture), latency
-    p50/p99 at batch 1 (bucket 1), the speed-up over eager, and its agreement with eager; with
-    --compile-batch also the batch bucket's throughput,
+  - compiled (families with a latency goal, and SmolVLA; --compile): the static-shape runner the
+    policies use under VLA_COMPILE (Pi0Static, OpenVLAStatic, GrootStatic, SmolVLAStatic;
+    torch.compile fullgraph, CUDA graphs via mode="reduce-overhead" on CUDA), its first-call time
+    (compile + capture), latency p50/p99 at batch 1 (bucket 1), the speed-up over eager, and its
+    agreement with eager; with --compile-batch also the batch bucket's throughput,
   - real-time chunking (pi0 families; --no-rtc skips it): batch-1 latency of hard, guided with the
     Jacobian (a backward pass per step) and guided with the velocity held constant, eager and
     compiled where the static path runs it, against the plain pass,
@@ -125,6 +125,7 @@ class Family:
     cameras: int = 1
 
     goal_ms: float | None = None  # batch-1 latency goal on one H100/H200 in bf16 (issue 15)
+    compile_always: bool = False  # measured compiled under --compile goals too (no goal of its own)
 
     # set by prepare()
     model: Any = None
@@ -338,11 +339,61 @@ class GrootFamily(Family):
         return actions.float().cpu().numpy()
 
 
+class SmolVLAFamily(Family):
+    def build(self, device: torch.device, dtype: torch.dtype) -> None:
+        mod = importlib.import_module(self.module)
+        self.cfg = mod.SmolVLAConfig.named(self.config_name)
+        self.model = _build(lambda: mod.SmolVLAModel(self.cfg), device, dtype)
+        self.device, self.dtype = device, dtype
+
+    def image_size(self) -> int:
+        return int(self.cfg.vision.image_size)
+
+    def build_static(self, backend: str) -> None:
+        # As SmolVLAPolicy: every camera slot of the checkpoint, the prompt padded to 48 tokens.
+        self.runner = _static_module(self.module).SmolVLAStatic(
+            self.model, slots=range(self.cameras), backend=backend
+        )
+
+    def sample_inputs(self, pixels: np.ndarray, seed: int) -> dict[str, Any]:
+        cfg = self.cfg
+        rng = np.random.default_rng(seed)
+        n = min(self.prompt_tokens, cfg.tokenizer_max_length)
+        return {
+            "images": np.stack([_normalise(pixels)] * self.cameras),
+            "tokens": rng.integers(3, cfg.vocab_size, n).astype(np.int64),
+            "state": np.zeros(cfg.max_state_dim, np.float32),
+            "noise": rng.standard_normal((cfg.chunk_size, cfg.max_action_dim)).astype(np.float32),
+        }
+
+    def run(self, samples: Sequence[dict[str, Any]], compiled: bool = False) -> np.ndarray:
+        dev = self.device
+        mod = importlib.import_module(self.module)
+
+        def stack(key: str, dtype: torch.dtype) -> torch.Tensor:
+            return torch.from_numpy(np.stack([s[key] for s in samples])).to(dev, dtype)
+
+        images, tokens = stack("images", self.dtype), stack("tokens", torch.long)
+        batch = mod.SmolVLABatch(
+            images=images,
+            image_masks=torch.ones(images.shape[:2], dtype=torch.bool, device=dev),
+            tokens=tokens,
+            token_masks=torch.ones_like(tokens, dtype=torch.bool),
+            state=stack("state", torch.float32),
+        )
+        sampler = self.runner if compiled else self.model
+        with torch.inference_mode():
+            actions, _ = sampler.sample(batch, stack("noise", torch.float32), self.cfg.num_steps)
+        return actions.float().cpu().numpy()
+
+
 def families(tiny: bool) -> list[Family]:
     """The families and their batch-1 goals (bf16, one H100/H200; issue 15): pi0 with 3 cameras
-    and 10 steps <= 20 ms, pi0.5 similar, OpenVLA 7B <= 60 ms per action, GR00T N1.5 <= 20 ms."""
+    and 10 steps <= 20 ms, pi0.5 similar, OpenVLA 7B <= 60 ms per action, GR00T N1.5 <= 20 ms.
+    SmolVLA (issue 24, no goal) with 1 and 3 cameras, eager and compiled."""
     pi0, pi05 = ("pi0_dummy", "pi05_dummy") if tiny else ("pi0", "pi05")
     pi0_mod = "vla_inference.models.pi0.model"
+    smol, smol_mod = ("tiny" if tiny else "smolvla_base"), "vla_inference.models.smolvla.model"
     return [
         Pi0Family("pi0 (1 camera)", pi0_mod, pi0, prompt_tokens=20, cameras=1),
         Pi0Family("pi0 (3 cameras)", pi0_mod, pi0, prompt_tokens=20, cameras=3, goal_ms=20),
@@ -352,6 +403,10 @@ def families(tiny: bool) -> list[Family]:
         ),
         GrootFamily(
             "GR00T N1.5", "vla_inference.models.groot.model", "tiny" if tiny else "n1.5-3b", 16, goal_ms=20
+        ),
+        SmolVLAFamily("SmolVLA (1 camera)", smol_mod, smol, prompt_tokens=20, cameras=1, compile_always=True),
+        SmolVLAFamily(
+            "SmolVLA (3 cameras)", smol_mod, smol, prompt_tokens=20, cameras=3, compile_always=True
         ),
     ]
 
@@ -580,7 +635,7 @@ def bench_family(
     out[f"batch{args.batch}"] = stats
     if cuda:
         out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-    if args.compile == "none" or (args.compile == "goals" and fam.goal_ms is None):
+    if args.compile == "none" or (args.compile == "goals" and fam.goal_ms is None and not fam.compile_always):
         out["compiled"] = {"skipped": f"--compile {args.compile}"}
     elif deadline - time.monotonic() < args.compile_min_s:
         out["compiled"] = {"skipped": f"less than {args.compile_min_s:.0f} s of the time budget left"}

@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--no-peer", action="store_true", help="skip the Ray Serve comparison")
     parser.add_argument("--quick", action="store_true", help="shorter phases (smoke test)")
-    parser.add_argument("--families", default="pi0,openvla,groot", help="comma list of model types")
+    parser.add_argument("--families", default="pi0,openvla,groot,smolvla", help="comma list of model types")
     parser.add_argument("--clients", default="1,2,4,8,16", help="fleet sizes")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--batch-timeout-ms", type=float, default=2.0)

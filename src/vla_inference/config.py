@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "VLA_"
 # The model families (VLA_MODEL_TYPE values); models/registry.py maps each to its class.
-MODEL_TYPES = ("pi0", "openvla", "groot")
+MODEL_TYPES = ("pi0", "openvla", "groot", "smolvla")
 
 
 class ConfigError(ValueError):
@@ -31,7 +31,8 @@ class Settings(BaseSettings):
 
     # --- model -----------------------------------------------------------------------------
     model_type: str = Field(
-        "pi0", description="Model family: pi0 (pi0 and pi0.5 checkpoints), openvla, groot (docs/models.md)"
+        "pi0",
+        description="Model family: pi0 (pi0 and pi0.5 checkpoints), openvla, groot, smolvla (docs/models.md)",
     )
     model_path: str = Field("", description="Checkpoint directory; empty serves the embedded model")
     embedded_model: Literal["metaworld", "random"] = Field(
@@ -65,7 +66,8 @@ class Settings(BaseSettings):
     norm_stats_key: str = Field(
         "",
         description="Which statistics (or OpenVLA unnorm_key) to use when a checkpoint has several and the "
-        "embodiment tag does not pick one",
+        "embodiment tag does not pick one; SmolVLA: the dataset key of a checkpoint that keeps its "
+        "statistics per training dataset (the base checkpoint), which is refused without one",
     )
     groot_data_config: str = Field(
         "",

@@ -40,6 +40,7 @@ FAMILIES: dict[str, Family] = {
     "pi0": Family("vla_inference.models.pi0.policy:Pi0Policy", kinds=("pi0", "pi05")),
     "openvla": Family("vla_inference.models.openvla.policy:OpenVLAPolicy", kinds=("openvla",)),
     "groot": Family("vla_inference.models.groot.policy:GrootPolicy", kinds=("gr00t_n1_5", "groot")),
+    "smolvla": Family("vla_inference.models.smolvla.policy:SmolVLAPolicy", kinds=("smolvla",)),
 }
 assert set(FAMILIES) == set(MODEL_TYPES), "config.MODEL_TYPES and the registry must agree"
 

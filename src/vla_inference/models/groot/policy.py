@@ -70,11 +70,11 @@ from vla_inference.models.groot.model import GR00TN15, STATIC_INSTRUCTION_TOKENS
 from vla_inference.models.groot.static import GrootStatic
 from vla_inference.models.groot.video import frame_to_pixels
 from vla_inference.models.policy import FlowPolicy, Loaded
+from vla_inference.preprocessing import steps
 from vla_inference.preprocessing.steps import CameraMap, CameraSlot, pad_to
 
 DEFAULT_INSTRUCTION = "Perform the default behavior."
 SYSTEM_PROMPT = "You are a helpful assistant."
-BASE_CAMERA = "base"
 log = logging.getLogger(__name__)
 
 
@@ -311,32 +311,12 @@ def _short(key: str) -> str:
     return key.removeprefix("video.")
 
 
-def _wrist_side(name: str) -> str | None:
-    """ "right_wrist" / "left_wrist" for a camera key naming a wrist or hand camera, else None."""
-    if "wrist" not in name and "hand" not in name:
-        return None
-    return "right_wrist" if "right" in name else "left_wrist"
-
-
 def camera_roles(emb: Embodiment) -> list[tuple[str, str]]:
-    """(server camera name, video key) per video key, in data config order.
-
-    The server's camera vocabulary is "base", "left_wrist", "right_wrist" (the transport maps
-    "wrist" to "left_wrist") plus free names. A key naming a wrist or hand camera becomes
-    "right_wrist" when it says right, else "left_wrist"; the first other key is "base"; any
-    other key (or a second one for a taken role) keeps its own lower-case name (e.g.
-    "exterior_image_2"). A frame may also be sent under the key's own name, with or without
-    "video.".
-    """
-    keys = [_short(key).lower() for key in emb.video_keys]
-    base = next((k for k in keys if _wrist_side(k) is None), None)
-    roles: list[tuple[str, str]] = []
-    for key, short in zip(emb.video_keys, keys, strict=True):
-        role = _wrist_side(short) or (BASE_CAMERA if short == base else short)
-        if role in (r for r, _ in roles):
-            role = short
-        roles.append((role, key))
-    return roles
+    """(server camera name, video key) per video key, in data config order: preprocessing/steps.py
+    `camera_roles` of the keys without "video.", lower-case (e.g. "ego_view" -> "base"). A frame
+    may also be sent under the key's own name, with or without "video."."""
+    roles = steps.camera_roles([_short(key).lower() for key in emb.video_keys])
+    return list(zip(roles, emb.video_keys, strict=True))
 
 
 def describe(embodiments: Iterable[Embodiment], lerobot: bool) -> str:
