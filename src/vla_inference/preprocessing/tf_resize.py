@@ -19,6 +19,7 @@ between floor and ceil, float32. Agreement with TensorFlow's own output: tests/f
 
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
@@ -56,9 +57,10 @@ def _lanczos3(x: np.ndarray) -> np.ndarray:
     return np.where(x > r, np.float32(0.0), value).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=32)
 def lanczos3_spans(in_size: int, out_size: int, antialias: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """TF ScaleAndTranslate's spans for one axis: starts (out,) int64 and weights (out, span) float32
-    (each row sums to 1 over its taps; taps past the image edge are zero)."""
+    (each row sums to 1 over its taps; taps past the image edge are zero). Cached per size: read-only."""
     scale = np.float32(out_size) / np.float32(in_size)
     inv_scale = np.float32(1.0 / float(scale))
     kernel_scale = max(inv_scale, np.float32(1.0)) if antialias else np.float32(1.0)
