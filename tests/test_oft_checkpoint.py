@@ -6,8 +6,11 @@ of tensors is refused; DDP's `module.` prefix is stripped; the safetensors hold 
 the source's sha256, and oft_config.json the chunk / images / normalisation. The loader never opens a .pt:
 a directory with only .pt files is refused with one line naming the command; FiLM and diffusion
 checkpoints are refused with one line; dimensions come from the tensors, statistics from
-dataset_statistics.json (replacing config.json's norm_stats, as upstream), and the loaded model holds the
-converted tensors.
+dataset_statistics.json (replacing config.json's norm_stats, as upstream), the chunk / images /
+normalisation from the VLA_OFT_* choices, then oft_config.json, then upstream's platform table; the loaded
+model holds the converted tensors. The command `vla-inference convert oft DIR` writes the files and says
+so, ends every mistake with one line (exit 1; usage 2), and refuses a live code-running pickle without
+running it or writing anything.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from safetensors import safe_open
 
 from tests.helpers.oft_checkpoints import DATASET, STEP, tiny_components, write_pt, write_tiny_oft_checkpoint
+from vla_inference.cli import main
 from vla_inference.models.base import ModelLoadError
 from vla_inference.models.openvla import oft_checkpoint as oc
 
@@ -62,7 +66,7 @@ def test_conversion_strips_ddp_and_keeps_every_tensor(tmp_path: Path) -> None:
     config = json.loads((path / oc.OFT_CONFIG_FILE).read_text())
     assert config["num_actions_chunk"] == 8 and config["num_images_in_input"] == 2
     assert (config["action_dim"], config["proprio_dim"], config["normalization"]) == (7, 8, "bounds_q99")
-    with pytest.raises(ModelLoadError, match="exists"):
+    with pytest.raises(ModelLoadError, match=r"already holds action_head--150000_checkpoint\.safetensors"):
         oc.convert_oft_checkpoint(path)
     assert oc.convert_oft_checkpoint(path, overwrite=True)[0].name.endswith(".safetensors")
 
@@ -152,9 +156,12 @@ def test_read_takes_dims_from_tensors_and_stats_from_dataset_statistics(tmp_path
     )
     assert list(info.actions) == [DATASET] == list(info.proprio)  # config.json's bridge_orig is replaced
     stats = json.loads((path / "dataset_statistics.json").read_text())[DATASET]
-    assert info.actions[DATASET].low.tolist() == stats["action"]["q01"]
-    assert info.actions[DATASET].mask.tolist() == [True] * 6 + [False]
-    assert info.proprio[DATASET].high.tolist() == stats["proprio"]["q99"] and info.proprio[DATASET].mask.all()
+    actions, proprio = info.actions[DATASET].stats, info.proprio[DATASET].stats
+    assert actions.q01 is not None and actions.q01.tolist() == stats["action"]["q01"]
+    assert actions.mask is not None and actions.mask.tolist() == [True] * 6 + [False]
+    assert proprio.q99 is not None and proprio.q99.tolist() == stats["proprio"]["q99"]
+    assert proprio.mask is None and proprio.min is None  # no mask: every dimension normalised
+    assert info.actions[DATASET].eps == oc.RANGE_EPS == 1e-8
     assert info.head_file.suffix == ".safetensors" and all(
         f.suffix == ".safetensors" for f in info.weight_files
     )
@@ -167,19 +174,28 @@ def test_read_takes_dims_from_tensors_and_stats_from_dataset_statistics(tmp_path
     )
     info = oc.read_oft_checkpoint(path)
     assert (info.config.chunk_size, info.config.num_images) == (4, 1)
-    assert info.actions[DATASET].low.tolist() == stats["action"]["min"]
+    low = info.actions[DATASET].stats.min
+    assert low is not None and low.tolist() == stats["action"]["min"]
+    # the VLA_OFT_* settings come first
+    chosen = oc.read_oft_checkpoint(path, oc.OFTChoices(chunk_size=6, normalization="bounds_q99")).config
+    assert (chosen.chunk_size, chosen.num_images) == (6, 1)
 
 
-def test_unknown_dims_need_the_sidecar(tmp_path: Path) -> None:
+def test_unknown_dims_need_a_setting_or_the_sidecar(tmp_path: Path) -> None:
     path = write_tiny_oft_checkpoint(tmp_path / "ck", proprio=False)
-    with pytest.raises(ModelLoadError, match="no upstream platform"):
-        oc.convert_oft_checkpoint(path)  # action 7 without proprio: no platform to take a chunk size from
-    oc.convert_oft_checkpoint(path, chunk_size=5, num_images=1, normalization="bounds_q99", overwrite=True)
-    info = oc.read_oft_checkpoint(path)
-    assert (info.config.chunk_size, info.config.proprio_dim, info.proprio) == (5, 0, {})
-    (path / oc.OFT_CONFIG_FILE).unlink()
-    with pytest.raises(ModelLoadError, match="match no upstream platform"):
+    oc.convert_oft_checkpoint(path)  # action 7 without proprio: no platform to take a chunk size from
+    config = json.loads((path / oc.OFT_CONFIG_FILE).read_text())
+    assert (config["action_dim"], config["proprio_dim"], config["num_actions_chunk"]) == (7, 0, None)
+    with pytest.raises(ModelLoadError, match=r"num_actions_chunk .*set VLA_OFT_CHUNK_SIZE or write it into"):
         oc.read_oft_checkpoint(path)
+    chosen = oc.OFTChoices(chunk_size=5, num_images=1, normalization="bounds_q99")
+    info = oc.read_oft_checkpoint(path, chosen)
+    assert (info.config.chunk_size, info.config.proprio_dim, info.proprio) == (5, 0, {})
+    config |= {"num_actions_chunk": 5, "num_images_in_input": 1, "normalization": "bounds_q99"}
+    (path / oc.OFT_CONFIG_FILE).write_text(json.dumps(config))
+    assert oc.read_oft_checkpoint(path).config.num_images == 1
+    with pytest.raises(ModelLoadError, match="1 to 3 images"):
+        oc.read_oft_checkpoint(path, oc.OFTChoices(num_images=4))
 
 
 def test_loaded_model_holds_the_converted_tensors(tmp_path: Path) -> None:
@@ -202,3 +218,74 @@ def test_a_head_of_the_wrong_width_is_refused(tmp_path: Path) -> None:
     oc.convert_oft_checkpoint(path)
     with pytest.raises(ModelLoadError, match="does not fit the language model's width 64"):
         oc.read_oft_checkpoint(path)
+
+
+# ---- the command: vla-inference convert oft DIR --------------------------------------------------
+
+
+def test_the_convert_command_writes_safetensors_and_names_what_it_wrote(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_tiny_oft_checkpoint(tmp_path / "ck")
+    assert main(["convert", "oft", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        f"wrote {path / f'action_head--{STEP}_checkpoint.safetensors'}",
+        f"wrote {path / f'proprio_projector--{STEP}_checkpoint.safetensors'}",
+        f"wrote {path / oc.OFT_CONFIG_FILE}",
+    ]
+    assert oc.read_oft_checkpoint(path).config.chunk_size == 8  # what the server reads
+    assert main(["convert", "oft", str(path)]) == 1  # kept unless --overwrite
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("vla-inference convert: ") and "--overwrite" in err
+    assert main(["convert", "oft", str(path), "--overwrite"]) == 0
+    capsys.readouterr()
+
+    bare = write_tiny_oft_checkpoint(tmp_path / "bare", proprio=False)
+    assert main(["convert", "oft", str(bare)]) == 0  # no platform: says which settings serving needs
+    err = capsys.readouterr().err
+    assert "VLA_OFT_CHUNK_SIZE, VLA_OFT_NUM_IMAGES, VLA_OFT_NORMALIZATION" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "words"),
+    [
+        (["convert", "oft", "{tmp}/missing"], 1, "does not exist"),
+        (["convert", "oft", "{tmp}"], 1, "no action_head--<step>_checkpoint.pt in"),
+        (["convert"], 2, "required: format"),
+        (["convert", "oft"], 2, "required: checkpoint_dir"),
+        (["convert", "gr00t", "{tmp}"], 2, "invalid choice: 'gr00t'"),
+    ],
+)
+def test_convert_mistakes_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], code: int, words: str
+) -> None:
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if code == 2:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+    else:
+        assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+    if code == 1:
+        assert err.count("\n") == 1
+
+
+def test_the_convert_command_refuses_a_pickle_that_runs_code(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "ck"
+    path.mkdir()
+    file = path / "action_head--1_checkpoint.pt"
+    torch.save({"module.model.fc2.weight": torch.zeros(7, 64), "evil": Payload()}, file)
+    EXECUTED.clear()
+    torch.load(file, weights_only=False)  # the payload is live: the full unpickler runs it
+    assert EXECUTED == ["ran"]
+    EXECUTED.clear()
+    assert main(["convert", "oft", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert EXECUTED == []  # the conversion never ran it
+    assert "refused by torch.load(weights_only=True)" in err and err.count("\n") == 1
+    assert sorted(p.name for p in path.iterdir()) == [file.name]  # nothing written

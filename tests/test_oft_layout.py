@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from tests.helpers.reference import checkpoint_shapes
-from tests.test_openvla_layout import _count, _expected
-from vla_inference.models.openvla.oft import OFTConfig, OpenVLAOFT
+from tests.test_openvla_layout import _count, _expected, reads_exactly
+from vla_inference.models.openvla.oft import OFTBatch, OFTConfig, OpenVLAOFT
 from vla_inference.models.openvla.oft_checkpoint import oft_names
 
 W, D, P = 4096, 7, 8
@@ -48,17 +47,8 @@ def test_libero_reads_the_published_layout() -> None:
     cfg = OFTConfig.named("libero")
     with torch.device("meta"):
         model = OpenVLAOFT(cfg)
-    names = oft_names(cfg)
-    ours = checkpoint_shapes(names, model)
-    expected = _expected() | _head() | _projector()
-    skipped = {k for k in expected if names.unused(k)}
+    skipped = reads_exactly(model, oft_names(cfg), _expected() | _head() | _projector())
     assert "language_model.lm_head.weight" in skipped
-    assert sorted(set(ours) - set(expected)) == []
-    assert sorted(set(expected) - set(ours) - skipped) == []
-    assert not skipped & set(ours)
-    assert {k: v for k, v in ours.items() if expected[k] != v} == {}
-    params = sum(p.numel() for p in model.parameters())
-    assert params == _count(expected) - _count({k: expected[k] for k in skipped})
     head = _count(_head())
     assert 151e6 < head < 152e6  # 28672 x 4096 fc1 dominates
     assert _count(_projector()) == 4096 * 8 + 4096 + 4096 * 4096 + 4096
@@ -72,3 +62,23 @@ def test_libero_sequence_layout() -> None:
     assert cfg.num_action_tokens == 56
     # "In: What action should the robot take to pick up the cup?\nOut:" is about 20 tokens after BOS
     assert cfg.sequence_len(20) == 514 + 20 + 56 + 1 <= cfg.vla.max_seq_len
+
+
+def test_libero_forward_on_meta_gives_a_chunk_per_robot() -> None:
+    """The whole real-size step (two images per robot through both towers, the proprio token, 56 zero
+    placeholders, the bidirectional Llama, the head) composes for a batch of robots with different
+    prompt lengths, without memory: shapes only."""
+    cfg = OFTConfig.named("libero")
+    with torch.device("meta"):
+        model = OpenVLAOFT(cfg)
+        pixels = torch.empty(3, 2, 6, 224, 224)
+        proprio = torch.empty(3, 8)
+    prompts = [torch.ones(n, dtype=torch.long) for n in (21, 30, 17)]
+    batch = OFTBatch(model.layout(pixels, prompts), proprio)
+    assert batch.prompts.text.shape == (3, 29)  # the longest prompt after BOS
+    with torch.inference_mode():
+        embeds, valid = model.embed_sequence(batch)
+        actions = model(batch)
+    assert embeds.shape == (3, cfg.sequence_len(29), 4096) == (3, 514 + 29 + 56 + 1, 4096)
+    assert valid.shape == embeds.shape[:2]
+    assert actions.shape == (3, 8, 7) and actions.dtype == torch.float32

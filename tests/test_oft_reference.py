@@ -12,8 +12,9 @@ test_openvla_reference.py).
 
 Proves: our batched forward (left padding inside the text, per-row RoPE positions, the mask over valid
 keys) gives every row of a mixed batch its single-robot reference answer; a batch equals its rows run
-one by one and with extra static padding; the head, projector and normalisation follow upstream's formulas;
-the forward traces in one graph (no host syncs).
+one by one and with extra static padding; the head, projector and the normalisers built from the dataset
+statistics (the shared `bounds` convention) follow upstream's formulas; the forward traces in one graph
+(no host syncs).
 """
 
 from __future__ import annotations
@@ -25,16 +26,11 @@ import torch.nn.functional as F
 import transformers
 
 from tests.helpers.openvla_checkpoints import init_weights
+from tests.test_openvla_reference import hf_llama_config
+from vla_inference.models.base import ModelLoadError
 from vla_inference.models.openvla.checkpoint import openvla_names
-from vla_inference.models.openvla.oft import (
-    Bounds,
-    OFTConfig,
-    OFTInputs,
-    OpenVLAOFT,
-    collate_prompts,
-    normalize_proprio,
-    unnormalize_actions,
-)
+from vla_inference.models.openvla.oft import OFTBatch, OFTConfig, OpenVLAOFT
+from vla_inference.models.openvla.oft_checkpoint import BOUNDS, BOUNDS_Q99, bounds_normalizer
 
 TINY = OFTConfig.named("tiny")
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -60,28 +56,17 @@ def _observations(batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _inputs(
-    pixels: torch.Tensor, proprio: torch.Tensor, prompts: list[torch.Tensor], text_len: int | None = None
-) -> OFTInputs:
-    bos, text, valid = collate_prompts(prompts, TINY.vla.pad_token_id, text_len)
-    return OFTInputs(pixels, proprio, bos, text, valid)
+    model: OpenVLAOFT,
+    pixels: torch.Tensor,
+    proprio: torch.Tensor,
+    prompts: list[torch.Tensor],
+    text_len: int | None = None,
+) -> OFTBatch:
+    return OFTBatch(model.layout(pixels, prompts, text_len), proprio)
 
 
 def _hf_llama(model: OpenVLAOFT) -> transformers.LlamaModel:
-    llm = TINY.vla.llm
-    hf = transformers.LlamaModel(
-        transformers.LlamaConfig(
-            vocab_size=TINY.vla.vocab_size,
-            hidden_size=llm.width,
-            intermediate_size=llm.mlp_dim,
-            num_hidden_layers=llm.depth,
-            num_attention_heads=llm.num_heads,
-            num_key_value_heads=llm.num_kv_heads,
-            rms_norm_eps=llm.norm_eps,
-            rope_theta=llm.rope_theta,
-            max_position_embeddings=TINY.vla.max_seq_len,
-            attn_implementation="eager",
-        )
-    ).eval()
+    hf = transformers.LlamaModel(hf_llama_config(TINY.vla)).eval()
     tensors = openvla_names(TINY.vla).to_checkpoint({k: v for k, v in model.state_dict().items()})
     prefix = "language_model.model."
     hf.load_state_dict(
@@ -138,8 +123,8 @@ def test_mixed_batch_matches_the_single_robot_reference() -> None:
     model = _model(seed=1)
     hf = _hf_llama(model)
     pixels, proprio = _observations(len(PROMPTS), seed=2)
-    inputs = _inputs(pixels, proprio, PROMPTS)
-    assert inputs.text_valid.sum(1).tolist() == [7, 2, 5]  # left padding differs per row
+    inputs = _inputs(model, pixels, proprio, PROMPTS)
+    assert inputs.prompts.text_valid.sum(1).tolist() == [7, 2, 5]  # left padding differs per row
     with torch.no_grad():
         hidden = model.action_hidden(inputs)
         actions = model(inputs)
@@ -156,10 +141,10 @@ def test_reference_is_bidirectional_and_sees_the_proprio() -> None:
     proprio token: a causal mask or a dropped proprio token would fail the reference comparison."""
     model = _model(seed=3)
     pixels, proprio = _observations(1, seed=4)
-    base = _inputs(pixels, proprio, PROMPTS[:1])
+    base = _inputs(model, pixels, proprio, PROMPTS[:1])
     with torch.no_grad():
         ref = model(base)
-        moved = model(_inputs(pixels, -proprio, PROMPTS[:1]))
+        moved = model(_inputs(model, pixels, -proprio, PROMPTS[:1]))
         model.llm.embed_tokens.weight[TINY.stop_token_id] += 1.0  # only the last column changes
         stop = model(base)
     assert (ref - moved).abs().max() > 1e-3
@@ -170,9 +155,11 @@ def test_mixed_batch_equals_single_rows_and_static_padding() -> None:
     model = _model(seed=5)
     pixels, proprio = _observations(len(PROMPTS), seed=6)
     with torch.no_grad():
-        batch = model(_inputs(pixels, proprio, PROMPTS))
-        padded = model(_inputs(pixels, proprio, PROMPTS, text_len=16))  # a static-shape runner's columns
-        rows = [model(_inputs(pixels[i : i + 1], proprio[i : i + 1], [p])) for i, p in enumerate(PROMPTS)]
+        batch = model(_inputs(model, pixels, proprio, PROMPTS))
+        padded = model(_inputs(model, pixels, proprio, PROMPTS, text_len=16))  # a static runner's columns
+        rows = [
+            model(_inputs(model, pixels[i : i + 1], proprio[i : i + 1], [p])) for i, p in enumerate(PROMPTS)
+        ]
     torch.testing.assert_close(batch, torch.cat(rows), **TOL)
     torch.testing.assert_close(padded, batch, **TOL)
 
@@ -180,10 +167,10 @@ def test_mixed_batch_equals_single_rows_and_static_padding() -> None:
 def test_embedding_layout_zero_placeholders_real_stop() -> None:
     model = _model(seed=7)
     pixels, proprio = _observations(2, seed=8)
-    inputs = _inputs(pixels, proprio, PROMPTS[:2])
+    inputs = _inputs(model, pixels, proprio, PROMPTS[:2])
     with torch.no_grad():
-        embeds, valid = model.embed(inputs)
-    n, Tp, Lt = TINY.num_action_tokens, TINY.prefix_len, inputs.text.shape[1]
+        embeds, valid = model.embed_sequence(inputs)
+    n, Tp, Lt = TINY.num_action_tokens, TINY.prefix_len, inputs.prompts.text.shape[1]
     assert Tp == 1 + 2 * 16 + 1 and embeds.shape == (2, TINY.sequence_len(Lt), TINY.width)
     assert torch.count_nonzero(embeds[:, -1 - n : -1]) == 0  # placeholders
     table = model.llm.embed_tokens.weight
@@ -217,38 +204,47 @@ def test_head_and_projector_follow_upstream_formulas() -> None:
     assert model.action_head.model.fc1.in_features == TINY.action_dim * TINY.width
 
 
-def test_normalisation_formulas() -> None:
-    bounds = Bounds(
-        low=np.array([-1.0, 0.0, 2.0]), high=np.array([1.0, 4.0, 2.0]), mask=np.array([True, True, False])
-    )
+def test_normalisers_follow_upstream_formulas() -> None:
+    """dataset_statistics.json entries -> the shared normaliser (bounds convention, eps 1e-8) computes
+    upstream's normalize_proprio and its un-normalisation (modeling_prismatic.py), q01/q99 and min/max."""
+    entry = {"q01": [-1.0, 0.0, 2.0], "q99": [1.0, 4.0, 2.0], "mask": [True, True, False]}
+    entry |= {"min": [-2.0, -1.0, 1.0], "max": [2.0, 5.0, 3.0]}
+    q99 = bounds_normalizer(entry, BOUNDS_Q99, 3, "test")
     # 2 (x - low) / (high - low + 1e-8) - 1, clipped everywhere (the unmasked 3rd dim too)
-    got = normalize_proprio(np.array([0.5, 5.0, 7.0]), bounds)
+    got = q99.normalize(np.array([0.5, 5.0, 7.0]))
     np.testing.assert_allclose(got, [3 / (2 + 1e-8) - 1, 1.0, 1.0], rtol=0, atol=1e-12)  # 0.5 - 0.75e-8
+    np.testing.assert_allclose(q99.normalize(np.array([0.0, 1.0, -0.25])), [0.0, -0.5, -0.25], atol=1e-8)
+    # 0.5 (a + 1) (high - low + 1e-8) + low where the mask holds, never clipped; the gripper passes through
+    actions = np.array([[0.0, 1.0, 0.3], [-1.0, 0.5, -1.7]])
+    expected = [[0.0 + 0.5e-8, 4.0 + 1e-8, 0.3], [-1.0, 3.0 + 0.75e-8, -1.7]]
+    np.testing.assert_allclose(q99.unnormalize(actions), expected, rtol=0, atol=1e-12)
+    minmax = bounds_normalizer(entry, BOUNDS, 3, "test")  # ALOHA's: min/max
     np.testing.assert_allclose(
-        normalize_proprio(np.array([0.0, 1.0, -0.25]), bounds), [0.0, -0.5, -0.25], atol=1e-8
+        minmax.unnormalize(np.array([0.0, 1.0, 0.3])), [0.5e-8, 5.0 + 1e-8, 0.3], rtol=0, atol=1e-12
     )
-    # 0.5 (a + 1) (high - low + 1e-8) + low where the mask holds; the gripper passes through
-    actions = np.array([[0.0, 1.0, 0.3], [-1.0, 0.5, -0.7]])
-    expected = [[0.0 + 0.5e-8, 4.0 + 1e-8, 0.3], [-1.0, 3.0 + 0.75e-8, -0.7]]
-    np.testing.assert_allclose(unnormalize_actions(actions, bounds), expected, rtol=0, atol=1e-12)
+    with pytest.raises(ModelLoadError, match="must have 4 values"):
+        bounds_normalizer(entry, BOUNDS_Q99, 4, "test")
+    with pytest.raises(ModelLoadError, match="needs min, max"):
+        bounds_normalizer({"q01": [0.0], "q99": [1.0]}, BOUNDS, 1, "test")
 
 
-def test_collate_pads_left_and_refuses_overflow() -> None:
-    bos, text, valid = collate_prompts([torch.tensor([1, 7, 8]), torch.tensor([1])], pad_id=99, text_len=3)
-    assert bos.tolist() == [[1], [1]]
-    assert text.tolist() == [[99, 7, 8], [99, 99, 99]] and valid.tolist() == [
-        [False, True, True],
-        [False] * 3,
-    ]
+def test_layout_pads_left_and_refuses_overflow() -> None:
+    model = _model(seed=13)
+    pixels = torch.zeros(2, TINY.num_images, 6, 28, 28)
+    batch = model.layout(pixels, [torch.tensor([1, 7, 8]), torch.tensor([1])], width=3)
+    assert batch.bos.tolist() == [[1], [1]]
+    pad = TINY.vla.pad_token_id
+    assert batch.text.tolist() == [[pad, 7, 8], [pad, pad, pad]]
+    assert batch.text_valid.tolist() == [[False, True, True], [False] * 3]
     with pytest.raises(ValueError, match="exceeds"):
-        collate_prompts([torch.tensor([1, 2, 3, 4])], pad_id=0, text_len=2)
+        model.layout(pixels[:1], [torch.tensor([1, 2, 3, 4])], width=2)
 
 
 def test_forward_traces_as_one_graph() -> None:
     """fullgraph=True fails on any graph break (a .item(), a data-dependent shape, a host sync)."""
     model = _model(seed=11)
     pixels, proprio = _observations(2, seed=12)
-    inputs = _inputs(pixels, proprio, PROMPTS[:2], text_len=8)
+    inputs = _inputs(model, pixels, proprio, PROMPTS[:2], text_len=8)
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(inputs), model(inputs), **TOL)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tests.helpers.openvla_checkpoints import init_weights, write_tiny_openvla_checkpoint
+from tests.helpers.openvla_checkpoints import init_weights, quantity_stats, write_tiny_openvla_checkpoint
 from vla_inference.models.openvla.oft import OFTConfig, OpenVLAOFT
 from vla_inference.models.openvla.oft_checkpoint import convert_oft_checkpoint
 
@@ -45,26 +45,10 @@ def pattern_image(h: int, w: int, seed: int = 0) -> np.ndarray:
 def oft_statistics(seed: int = 0, action_dim: int = 7, proprio_dim: int = 8) -> dict[str, Any]:
     """dataset_statistics.json as an OFT fine-tune writes it (one dataset; q01 < q99, min < q01)."""
     rng = np.random.default_rng(seed + 2000)
-
-    def block(dim: int, mask: bool) -> dict[str, Any]:
-        q01 = -rng.uniform(0.1, 2.0, dim)
-        q99 = rng.uniform(0.1, 2.0, dim)
-        out = {
-            "mean": ((q01 + q99) / 2).tolist(),
-            "std": ((q99 - q01) / 4).tolist(),
-            "max": (q99 * 1.2).tolist(),
-            "min": (q01 * 1.2).tolist(),
-            "q01": q01.tolist(),
-            "q99": q99.tolist(),
-        }
-        if mask:
-            out["mask"] = [True] * (dim - 1) + [False]
-        return out
-
     return {
         DATASET: {
-            "action": block(action_dim, mask=True),
-            "proprio": block(proprio_dim, mask=False),
+            "action": quantity_stats(rng, action_dim, 1.2, mask=True),
+            "proprio": quantity_stats(rng, proprio_dim, 1.2, mask=False),
             "num_transitions": 1000,
             "num_trajectories": 10,
         }

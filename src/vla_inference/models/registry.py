@@ -38,7 +38,11 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "pi0": Family("vla_inference.models.pi0.policy:Pi0Policy", kinds=("pi0", "pi05")),
-    "openvla": Family("vla_inference.models.openvla.policy:OpenVLAPolicy", kinds=("openvla",)),
+    "openvla": Family(
+        "vla_inference.models.openvla.policy:OpenVLAPolicy",
+        kinds=("openvla",),
+        detect="vla_inference.models.openvla.policy:variant_class",  # OpenVLA-OFT
+    ),
     "groot": Family("vla_inference.models.groot.policy:GrootPolicy", kinds=("gr00t_n1_5", "groot")),
 }
 assert set(FAMILIES) == set(MODEL_TYPES), "config.MODEL_TYPES and the registry must agree"

@@ -20,13 +20,16 @@ the command to run. Not supported, refused with one line: FiLM (`vision_backbone
 ALOHA) and the diffusion head (`noisy_action_projector--*`, `noise_predictor.*` tensors).
 
 Dimensions come from the tensors (D: the head's fc2 rows, P: the projector's fc1 columns, W: config.json),
-checked against the dataset statistics; the chunk size, image count and normalisation from oft_config.json,
-else from upstream's platform table matched by (D, P) (prismatic/vla/constants.py).
+checked against the dataset statistics. What no tensor says (the chunk size, the image count, the
+normalisation) comes, in this order, from the VLA_OFT_* settings (`OFTChoices`), oft_config.json, and
+upstream's platform table matched by (D, P) (prismatic/vla/constants.py). The normalisers are the shared
+preprocessing/normalize.py's `bounds` convention with OFT's eps 1e-8 (q01/q99, or min/max for `bounds`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import pickle
 import re
@@ -35,26 +38,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 
 from vla_inference.models.base import ModelLoadError
-from vla_inference.models.common.weights import (
-    NameMap,
-    Source,
-    TensorEntry,
-    load_weights,
-    read_json,
-    read_layout,
-)
+from vla_inference.models.common.weights import NameMap, Source, TensorEntry, read_json, read_layout
 from vla_inference.models.openvla.checkpoint import (
     STATISTICS_FILE,
     CheckpointInfo,
+    build_and_load,
     openvla_names,
     read_checkpoint,
 )
-from vla_inference.models.openvla.oft import Bounds, OFTConfig, OpenVLAOFT
+from vla_inference.models.openvla.oft import OFTConfig, OpenVLAOFT
+from vla_inference.preprocessing import normalize as nz
 
 HEAD = "action_head"
 PROPRIO = "proprio_projector"
@@ -65,6 +62,8 @@ CONVERT_COMMAND = "vla-inference convert oft {}"
 DDP_PREFIX = "module."
 BOUNDS_Q99 = "bounds_q99"
 BOUNDS = "bounds"
+NORMALIZATIONS = {BOUNDS_Q99: nz.QUANTILE, BOUNDS: nz.MIN_MAX}  # upstream's name -> the normaliser's mode
+RANGE_EPS = 1e-8  # upstream adds it to (high - low) when normalising proprio and un-normalising actions
 _COMPONENT = re.compile(r"^(?P<name>[a-z_]+)--(?P<step>[^/]+)_checkpoint\.(?P<ext>pt|safetensors)$")
 
 
@@ -84,6 +83,23 @@ PLATFORMS: dict[str, Platform] = {
     "aloha": Platform(25, 14, 14, 3, BOUNDS),  # ALOHA.md: --num_images_in_input 3
     "bridge": Platform(5, 7, 7, None, BOUNDS_Q99),
 }
+MAX_IMAGES = 3  # cameras the server can name: base, left_wrist, right_wrist
+# What no tensor says: (oft_config.json key, the setting that overrides it, the OFTChoices / Platform field)
+CHOSEN = (
+    ("num_actions_chunk", "VLA_OFT_CHUNK_SIZE", "chunk_size"),
+    ("num_images_in_input", "VLA_OFT_NUM_IMAGES", "num_images"),
+    ("normalization", "VLA_OFT_NORMALIZATION", "normalization"),
+)
+
+
+@dataclass(frozen=True)
+class OFTChoices:
+    """What no tensor says, as the operator chose it (VLA_OFT_CHUNK_SIZE, VLA_OFT_NUM_IMAGES,
+    VLA_OFT_NORMALIZATION); None = from oft_config.json, else upstream's platform table."""
+
+    chunk_size: int | None = None
+    num_images: int | None = None
+    normalization: str | None = None
 
 
 @dataclass(frozen=True)
@@ -91,8 +107,8 @@ class OFTCheckpointInfo:
     base: CheckpointInfo  # the merged OpenVLA part (config, image spec, safetensors shards)
     config: OFTConfig
     normalization: str  # bounds_q99 | bounds
-    actions: dict[str, Bounds]  # per dataset (the unnorm_key)
-    proprio: dict[str, Bounds]  # per dataset; empty without a proprio projector
+    actions: dict[str, nz.Normalizer]  # per dataset (the unnorm_key)
+    proprio: dict[str, nz.Normalizer]  # per dataset; empty without a proprio projector
     head_file: Path
     proprio_file: Path | None
 
@@ -134,21 +150,18 @@ def is_oft_checkpoint(path: str | Path) -> bool:
     return bool(files["pt"] or files["safetensors"])
 
 
+UNSUPPORTED = {
+    FILM: "uses FiLM (language-conditioned vision, OFT+ for ALOHA), which vla-inference does not implement",
+    DIFFUSION: "has a diffusion action head; only the L1 regression head is supported",
+}
+
+
 def _refuse_unsupported(path: Path) -> None:
-    film = component_files(path, FILM)
-    if film["pt"] or film["safetensors"]:
-        shown = (film["pt"] + film["safetensors"])[0].name
-        raise ModelLoadError(
-            f"{path / shown}: this OpenVLA-OFT checkpoint uses FiLM (language-conditioned vision, OFT+ for "
-            "ALOHA), which vla-inference does not implement"
-        )
-    diffusion = component_files(path, DIFFUSION)
-    if diffusion["pt"] or diffusion["safetensors"]:
-        shown = (diffusion["pt"] + diffusion["safetensors"])[0].name
-        raise ModelLoadError(
-            f"{path / shown}: this OpenVLA-OFT checkpoint has a diffusion action head; only the L1 "
-            "regression head is supported"
-        )
+    for name, why in UNSUPPORTED.items():
+        files = component_files(path, name)
+        if files["pt"] or files["safetensors"]:
+            shown = (files["pt"] + files["safetensors"])[0].name
+            raise ModelLoadError(f"{path / shown}: this OpenVLA-OFT checkpoint {why}")
 
 
 def _converted(path: Path, name: str, required: bool) -> Path | None:
@@ -232,43 +245,57 @@ def proprio_dim(file: Path, width: int) -> int:
     return in_dim
 
 
-def _bounds(entry: Any, normalization: str, dim: int, where: str) -> Bounds:
-    low_key, high_key = ("q01", "q99") if normalization == BOUNDS_Q99 else ("min", "max")
+def bounds_normalizer(entry: Any, normalization: str, dim: int, where: str) -> nz.Normalizer:
+    """One quantity's statistics (dataset_statistics.json's `action` or `proprio`) -> its normaliser:
+    q01/q99 (bounds_q99) or min/max (bounds), the mask when present, OFT's eps, clipped when normalising."""
+    mode = NORMALIZATIONS[normalization]
+    if not isinstance(entry, Mapping):
+        raise ModelLoadError(f"{where} is not an object of statistics")
     try:
-        low = np.asarray(entry[low_key], np.float64)
-        high = np.asarray(entry[high_key], np.float64)
-        mask = np.asarray(entry.get("mask", np.ones_like(low, dtype=bool)), bool)
-    except (KeyError, TypeError, ValueError, AttributeError):
-        raise ModelLoadError(f"{where} has no usable {low_key}/{high_key}") from None
-    if not (low.shape == high.shape == mask.shape == (dim,)):
-        raise ModelLoadError(f"{where}: {low_key}/{high_key}/mask must have {dim} values, got {low.shape[0]}")
-    if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
-        raise ModelLoadError(f"{where}: {low_key}/{high_key} must be finite")
-    return Bounds(low=low, high=high, mask=mask)
+        stats = nz.Stats.of({k: entry.get(k) for k in (*nz.NEEDED[mode], "mask")}, where)
+        normalizer = nz.Normalizer(mode, stats, nz.BOUNDS, eps=RANGE_EPS)
+    except nz.StatsError as exc:
+        raise ModelLoadError(str(exc)) from None
+    if stats.size != dim:
+        raise ModelLoadError(f"{where}: {'/'.join(stats.present())} must have {dim} values, got {stats.size}")
+    return normalizer
 
 
-def _sidecar(path: Path, action_dim: int, proprio: int) -> tuple[int, int, str]:
-    """(chunk size, number of images, normalisation): oft_config.json, else upstream's platform table."""
-    file = path / OFT_CONFIG_FILE
-    if file.is_file():
-        raw = read_json(file)
-        try:
-            chunk, images = int(raw["num_actions_chunk"]), int(raw["num_images_in_input"])
-            normalization = str(raw["normalization"])
-        except (KeyError, TypeError, ValueError):
-            raise ModelLoadError(
-                f"{file} needs num_actions_chunk, num_images_in_input and normalization"
-            ) from None
-        if normalization not in (BOUNDS_Q99, BOUNDS) or chunk < 1 or images < 1:
-            raise ModelLoadError(f"{file}: unsupported values {raw!r}")
-        return chunk, images, normalization
-    for platform in PLATFORMS.values():
-        if (platform.action_dim, platform.proprio_dim) == (action_dim, proprio) and platform.num_images:
-            return platform.chunk_size, platform.num_images, platform.normalization
-    raise ModelLoadError(
-        f"{path} has no {OFT_CONFIG_FILE} and its dimensions (action {action_dim}, proprio {proprio}) match "
-        f"no upstream platform; write it with `{CONVERT_COMMAND.format(path)}` and its chunk/image options"
+def _platform(action_dim: int | None, proprio: int) -> Platform | None:
+    """Upstream's platform whose (action, proprio) dims these are."""
+    return next(
+        (p for p in PLATFORMS.values() if (p.action_dim, p.proprio_dim) == (action_dim, proprio)), None
     )
+
+
+def _choices(path: Path, action_dim: int, proprio: int, chosen: OFTChoices) -> tuple[int, int, str]:
+    """(chunk size, number of images, normalisation): the settings, else oft_config.json, else upstream's
+    platform table; ModelLoadError naming the setting and the file for what none of them says."""
+    file = path / OFT_CONFIG_FILE
+    raw = read_json(file) if file.is_file() else {}
+    platform = _platform(action_dim, proprio)
+    values: dict[str, Any] = {}
+    for key, setting, attr in CHOSEN:
+        candidates = (getattr(chosen, attr), raw.get(key), getattr(platform, attr) if platform else None)
+        values[key] = next((v for v in candidates if v is not None), None)
+        if values[key] is None:
+            raise ModelLoadError(
+                f"{path}: the {key} of this checkpoint (action dim {action_dim}, proprio dim {proprio}: no "
+                f"upstream platform) is in no {OFT_CONFIG_FILE}; set {setting} or write it into {file}"
+            )
+    try:
+        chunk, images = int(values["num_actions_chunk"]), int(values["num_images_in_input"])
+    except (TypeError, ValueError):
+        raise ModelLoadError(
+            f"{file}: num_actions_chunk and num_images_in_input must be whole numbers"
+        ) from None
+    normalization = str(values["normalization"])
+    if normalization not in NORMALIZATIONS or chunk < 1 or not 1 <= images <= MAX_IMAGES:
+        raise ModelLoadError(
+            f"{path}: unsupported chunk {chunk} / images {images} / normalization {normalization!r} "
+            f"(chunk >= 1, 1 to {MAX_IMAGES} images, normalization {' or '.join(NORMALIZATIONS)})"
+        )
+    return chunk, images, normalization
 
 
 def _dataset_stats(path: Path, base: CheckpointInfo) -> dict[str, Any]:
@@ -279,7 +306,7 @@ def _dataset_stats(path: Path, base: CheckpointInfo) -> dict[str, Any]:
     return dict(base.raw_config.get("norm_stats") or {})
 
 
-def read_oft_checkpoint(path: str | Path) -> OFTCheckpointInfo:
+def read_oft_checkpoint(path: str | Path, chosen: OFTChoices = OFTChoices()) -> OFTCheckpointInfo:
     """Everything but the tensors (headers only); ModelLoadError with what is missing or unsupported."""
     path = Path(path)
     if not path.is_dir():
@@ -294,7 +321,7 @@ def read_oft_checkpoint(path: str | Path) -> OFTCheckpointInfo:
     width = base.config.llm.width
     action_dim, blocks = head_dims(head_file, width)
     p_dim = proprio_dim(proprio_file, width) if proprio_file is not None else 0
-    chunk, images, normalization = _sidecar(path, action_dim, p_dim)
+    chunk, images, normalization = _choices(path, action_dim, p_dim, chosen)
     cfg = OFTConfig(
         vla=base.config,
         chunk_size=chunk,
@@ -303,19 +330,19 @@ def read_oft_checkpoint(path: str | Path) -> OFTCheckpointInfo:
         num_images=images,
         head_blocks=blocks,
     )
-    actions: dict[str, Bounds] = {}
-    proprio: dict[str, Bounds] = {}
+    actions: dict[str, nz.Normalizer] = {}
+    proprio: dict[str, nz.Normalizer] = {}
     for name, entry in _dataset_stats(path, base).items():
         where = f"dataset statistics [{name!r}]"
         if not isinstance(entry, Mapping) or "action" not in entry:
             raise ModelLoadError(f"{where} has no action statistics")
-        actions[name] = _bounds(entry["action"], normalization, action_dim, where + ".action")
+        actions[name] = bounds_normalizer(entry["action"], normalization, action_dim, where + ".action")
         if p_dim:
             if "proprio" not in entry:
                 raise ModelLoadError(
                     f"{where} has no proprio statistics; the checkpoint has a proprio projector"
                 )
-            proprio[name] = _bounds(entry["proprio"], normalization, p_dim, where + ".proprio")
+            proprio[name] = bounds_normalizer(entry["proprio"], normalization, p_dim, where + ".proprio")
     return OFTCheckpointInfo(
         base=base,
         config=cfg,
@@ -328,38 +355,27 @@ def read_oft_checkpoint(path: str | Path) -> OFTCheckpointInfo:
 
 
 def load_oft_model(info: OFTCheckpointInfo, device: str | torch.device, dtype: torch.dtype) -> OpenVLAOFT:
-    """Build on `meta` and stream the merged shards, the head and the projector into it."""
-    with torch.device("meta"):
-        model = OpenVLAOFT(info.config)
-    loaded = load_weights(
-        model,
-        info.weight_files,
-        oft_names(info.config),
-        device=device,
-        dtype=dtype,
-        where=str(info.path),
-        what="OpenVLA-OFT",
+    """The OFT network with the merged shards, the head and the projector streamed into it."""
+    cfg = info.config
+    return build_and_load(
+        lambda: OpenVLAOFT(cfg), info.weight_files, oft_names(cfg), info.path, "OpenVLA-OFT", device, dtype
     )
-    assert isinstance(loaded, OpenVLAOFT)
-    return loaded
 
 
 # ---- conversion (offline; the only place a .pt file is opened) ---------------------------------
 
 
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with file.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def read_pt_state_dict(file: Path) -> dict[str, torch.Tensor]:
+def read_pt_state_dict(file: Path) -> tuple[dict[str, torch.Tensor], str]:
     """A `torch.save`d state dict through PyTorch's restricted unpickler (weights_only=True: tensors and
-    plain containers only, no code), DDP's `module.` prefix stripped. Anything else is refused."""
+    plain containers only, no code), DDP's `module.` prefix stripped, and the sha256 of the very bytes
+    unpickled (read once). Anything but a flat dict of tensors is refused."""
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        data = file.read_bytes()
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {file}: {exc.strerror or exc}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as exc:
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"{file}: refused by torch.load(weights_only=True): {reason}") from None
@@ -375,74 +391,59 @@ def read_pt_state_dict(file: Path) -> dict[str, torch.Tensor]:
         if name in out:
             raise ModelLoadError(f"{file}: {name!r} appears with and without the {DDP_PREFIX!r} prefix")
         out[name] = value.detach().contiguous().clone()  # own storage: safetensors refuses shared views
-    return out
+    return out, digest
 
 
-def convert_oft_checkpoint(
-    path: str | Path,
-    *,
-    chunk_size: int | None = None,
-    num_images: int | None = None,
-    normalization: str | None = None,
-    overwrite: bool = False,
-) -> list[Path]:
+def convert_oft_checkpoint(path: str | Path, *, overwrite: bool = False) -> list[Path]:
     """Convert the head and projector `.pt` files of `path` to safetensors beside them and write
-    oft_config.json; returns the written files. Values not given come from upstream's platform table
-    matched by the (action, proprio) dims; an existing output is kept unless `overwrite`."""
+    oft_config.json; returns the written files. The chunk size, image count and normalisation come from
+    upstream's platform table matched by the (action, proprio) dims, null where no platform matches
+    (the server then needs VLA_OFT_*); an existing output is kept unless `overwrite`."""
     path = Path(path)
     if not path.is_dir():
         raise ModelLoadError(f"OpenVLA-OFT checkpoint directory {path} does not exist")
     _refuse_unsupported(path)
-    written: list[Path] = []
-    sources: dict[str, str] = {}
-    dims: dict[str, int] = {}
+    todo: list[tuple[str, Path]] = []
     for name in (HEAD, PROPRIO):
         files = component_files(path, name)
         pickled = _one(path, files["pt"], name)
-        if pickled is None:
-            if name == HEAD and not files["safetensors"]:
-                raise ModelLoadError(
-                    f"no {HEAD}--<step>_checkpoint.pt in {path}: not an OpenVLA-OFT checkpoint"
-                )
-            continue
+        if pickled is not None:
+            todo.append((name, pickled))
+        elif name == HEAD:
+            converted = (
+                f" (only {files['safetensors'][0].name}: already converted)" if files["safetensors"] else ""
+            )
+            raise ModelLoadError(f"no {HEAD}--<step>_checkpoint.pt in {path}{converted}")
+    targets = [pickled.with_suffix(".safetensors") for _, pickled in todo] + [path / OFT_CONFIG_FILE]
+    existing = [t.name for t in targets if t.exists()]
+    if existing and not overwrite:
+        raise ModelLoadError(
+            f"{path} already holds {', '.join(existing)}; remove them or convert with --overwrite"
+        )
+    converted_files: dict[str, tuple[Path, dict[str, torch.Tensor], str]] = {}
+    for name, pickled in todo:  # read and check everything before writing anything
+        tensors, digest = read_pt_state_dict(pickled)
+        if name == HEAD and "model.fc2.weight" not in tensors:
+            raise ModelLoadError(f"{pickled}: no model.fc2.weight: not an L1 regression action head")
+        converted_files[name] = (pickled, tensors, digest)
+    head = converted_files[HEAD][1]
+    action_dim = int(head["model.fc2.weight"].shape[0])
+    projector = converted_files.get(PROPRIO)
+    proprio = int(projector[1]["fc1.weight"].shape[1]) if projector and "fc1.weight" in projector[1] else 0
+    written: list[Path] = []
+    for pickled, tensors, digest in converted_files.values():
         target = pickled.with_suffix(".safetensors")
-        if target.exists() and not overwrite:
-            raise ModelLoadError(f"{target} exists; remove it or convert with overwrite")
-        tensors = read_pt_state_dict(pickled)
-        if name == HEAD:
-            if "model.fc2.weight" not in tensors:
-                raise ModelLoadError(f"{pickled}: no model.fc2.weight: not an L1 regression action head")
-            dims["action_dim"] = int(tensors["model.fc2.weight"].shape[0])
-        elif "fc1.weight" in tensors:
-            dims["proprio_dim"] = int(tensors["fc1.weight"].shape[1])
-        digest = _sha256(pickled)
         save_file(
             tensors, str(target), metadata={"format": "pt", "converted_from": pickled.name, "sha256": digest}
         )
-        sources[pickled.name] = digest
         written.append(target)
-    if not written:
-        return written
-    action_dim, proprio = dims.get("action_dim"), dims.get("proprio_dim", 0)
-    platform = next(
-        (p for p in PLATFORMS.values() if (p.action_dim, p.proprio_dim) == (action_dim, proprio)), None
-    )
-    chunk = chunk_size or (platform.chunk_size if platform else None)
-    images = num_images or (platform.num_images if platform else None)
-    norm = normalization or (platform.normalization if platform else None)
-    if chunk is None or images is None or norm is None:
-        raise ModelLoadError(
-            f"{path}: action dim {action_dim} / proprio dim {proprio} match no upstream platform with known "
-            "chunk size, image count and normalisation; give them to the conversion"
-        )
+    platform = _platform(action_dim, proprio)  # None: the server needs VLA_OFT_* for what it would give
     config = {
         "format": "vla-inference openvla-oft",
-        "num_actions_chunk": chunk,
         "action_dim": action_dim,
         "proprio_dim": proprio,
-        "num_images_in_input": images,
-        "normalization": norm,
-        "converted_from": sources,
+        **{key: getattr(platform, attr) if platform else None for key, _, attr in CHOSEN},
+        "converted_from": {pickled.name: digest for pickled, _, digest in converted_files.values()},
     }
     (path / OFT_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     written.append(path / OFT_CONFIG_FILE)
