@@ -142,11 +142,14 @@ def crop_and_resize(
     left, right = np.floor(xs_c).astype(np.int64), np.ceil(xs_c).astype(np.int64)
     y_lerp = (ys_c - top.astype(np.float32))[:, None, None]
     x_lerp = (xs_c - left.astype(np.float32))[None, :, None]
-    top_left, top_right = pixels[top][:, left], pixels[top][:, right]
-    bottom_left, bottom_right = pixels[bottom][:, left], pixels[bottom][:, right]
-    upper = top_left + (top_right - top_left) * x_lerp
-    lower = bottom_left + (bottom_right - bottom_left) * x_lerp
+    top_rows, bottom_rows = pixels[top], pixels[bottom]  # (height, W, C) each: one gather per row set
+    top_left = np.take(top_rows, left, axis=1)
+    upper = top_left + (np.take(top_rows, right, axis=1) - top_left) * x_lerp
+    bottom_left = np.take(bottom_rows, left, axis=1)
+    lower = bottom_left + (np.take(bottom_rows, right, axis=1) - bottom_left) * x_lerp
     out = upper + (lower - upper) * y_lerp
+    if inside.all():  # the usual centre crop: nothing to extrapolate
+        return out
     return np.where(inside[:, :, None], out, np.float32(0.0)).astype(np.float32)
 
 
