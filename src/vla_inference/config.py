@@ -80,6 +80,30 @@ class Settings(BaseSettings):
         "after 0.4.4) or padded with zeros to the model's 32 dims (pi0.5 fine-tuned with LeRobot "
         "0.4.0-0.4.4)",
     )
+    openvla_variant: Literal["auto", "openvla", "oft"] = Field(
+        "auto",
+        description="openvla family: auto (OpenVLA-OFT when an action_head--*_checkpoint file lies beside "
+        "the merged weights, else OpenVLA), openvla, oft",
+    )
+    oft_chunk_size: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="OpenVLA-OFT: actions the model decodes per pass (upstream's NUM_ACTIONS_CHUNK); 0 = "
+        "oft_config.json's, else upstream's platform table by action / proprio dims (LIBERO 8)",
+    )
+    oft_num_images: int = Field(
+        0,
+        ge=0,
+        le=3,
+        description="OpenVLA-OFT: cameras the model sees (num_images_in_input: base, left_wrist, right_wrist "
+        "in that order); 0 = oft_config.json's, else upstream's table (LIBERO 2)",
+    )
+    oft_normalization: Literal["auto", "bounds_q99", "bounds"] = Field(
+        "auto",
+        description="OpenVLA-OFT: proprio / action normalisation, bounds_q99 (q01/q99) or bounds (min/max); "
+        "auto = oft_config.json's, else upstream's table",
+    )
     compile: bool = Field(
         False,
         description="Serve through the static-shape compiled model path: torch.compile per batch bucket "

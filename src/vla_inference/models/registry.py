@@ -38,7 +38,11 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "pi0": Family("vla_inference.models.pi0.policy:Pi0Policy", kinds=("pi0", "pi05")),
-    "openvla": Family("vla_inference.models.openvla.policy:OpenVLAPolicy", kinds=("openvla",)),
+    "openvla": Family(
+        "vla_inference.models.openvla.policy:OpenVLAPolicy",
+        kinds=("openvla",),
+        detect="vla_inference.models.openvla.policy:variant_class",  # OpenVLA-OFT
+    ),
     "groot": Family("vla_inference.models.groot.policy:GrootPolicy", kinds=("gr00t_n1_5", "groot")),
     "smolvla": Family("vla_inference.models.smolvla.policy:SmolVLAPolicy", kinds=("smolvla",)),
 }
