@@ -126,10 +126,10 @@ def test_load_reads_the_numbers_and_never_runs_the_code(
 def test_load_names_the_missing_file(tmp_path: Path, tokenizer: fast.FastTokenizer) -> None:
     directory = helpers.write_fast_tokenizer(tmp_path / "fast", tokenizer)
     (directory / fast.BPE_DIR / fast.BPE_FILE).unlink()
-    with pytest.raises(ModelLoadError, match="missing bpe_tokenizer/tokenizer.json in .*fast"):
+    with pytest.raises(ModelLoadError, match=r"missing bpe_tokenizer/tokenizer\.json in .*fast"):
         fast.FastTokenizer.load(directory)
     (directory / fast.CONFIG_FILE).unlink()
-    with pytest.raises(ModelLoadError, match="missing processor_config.json"):
+    with pytest.raises(ModelLoadError, match=r"missing processor_config\.json"):
         fast.FastTokenizer.load(directory)
 
 
