@@ -137,6 +137,8 @@ class FastTokenizer:
         action_dim: int | None = None,
         clean_up_spaces: bool = False,
     ) -> None:
+        bpe.no_padding()
+        bpe.no_truncation()
         self.bpe = bpe
         self.scale = float(scale)
         self.min_token = int(min_token)

@@ -57,6 +57,10 @@ class TextTokenizer:
     def __init__(
         self, tokenizer: Tokenizer, bos: str = "<bos>", eos: str = "<eos>", pad: str = "<pad>"
     ) -> None:
+        # transformers saves the padding / truncation of its last call into tokenizer.json (LeRobot's
+        # has Fixed(tokenizer_max_length) padding): encode plain text, pad here
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
         self.tokenizer = tokenizer
         ids = {name: tokenizer.token_to_id(tok) for name, tok in (("bos", bos), ("eos", eos), ("pad", pad))}
         missing = [name for name, value in ids.items() if value is None]
