@@ -206,6 +206,7 @@ def lerobot_config(
         "tags": None,
         "license": None,
         "pretrained_path": None,
+        "pretrained_revision": None,
         "paligemma_variant": "dummy",
         "action_expert_variant": "gemma_300m",
         "dtype": "float32",
