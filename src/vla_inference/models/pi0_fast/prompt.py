@@ -3,10 +3,10 @@ action tokens out. Pure functions over a text tokenizer read as data (`tokenizer
 
 Prompt (LeRobot processor_pi0_fast.py + TokenizerProcessorStep)::
 
-    "Task: {task}, State: {s_1} {s_2} ...;\\n"
+    "Task: {task}, State: {s_1} {s_2} ...;\\n"     pi0.5's text (pi0/policy.py `state_prompt`)
     task = instruction.strip() with "_" and "\\n" replaced by spaces (case kept)
-    s_i  = np.digitize(state_i, linspace(-1, 1, 257)[:-1]) - 1: the normalised, unpadded state in
-           256 bins (below -1 gives -1, from 1 - 2/256 up gives 255)
+    s_i  = the normalised, unpadded state in 256 bins (pi0/policy.py `discretize_state`: below -1
+           gives -1, from 1 - 2/256 up gives 255)
     ids  = [BOS] + tokens, right-padded with PAD to tokenizer_max_length (mask False)
 
 At decode time LeRobot appends a second BOS after the padded prompt, inside the bidirectional
@@ -24,8 +24,10 @@ it; zeros when "Action: " is missing; strict FAST decoding. Its checkpoints are 
 
 Where this differs from LeRobot on purpose: a prompt longer than tokenizer_max_length is refused
 (LeRobot truncates it silently, cutting the state); an answer without the "Action:" start (LeRobot:
-AssertionError), without "|" within the budget (LeRobot decodes whatever came) or with a token that
-is not a FAST token (LeRobot: zeros) raises FastDecodeError.
+AssertionError), without "|" within the budget (LeRobot decodes whatever came), with fewer DCT
+coefficients than the chunk needs (LeRobot pads with zeros), or with a token that is not a FAST
+token (LeRobot: zeros) raises FastDecodeError. More coefficients than the chunk needs are cut, as
+LeRobot does (the chunk's own are all there).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from tokenizers import Tokenizer
 
 from vla_inference.models.base import InvalidObservation, ModelLoadError
 from vla_inference.models.common.weights import read_json
+from vla_inference.models.pi0.policy import state_prompt
 from vla_inference.models.pi0_fast.fast_tokenizer import (
     FAST_SKIP_TOKENS,
     Decoded,
@@ -105,23 +108,12 @@ class TextTokenizer:
 # ---- the prompt ---------------------------------------------------------------------------------
 
 
-def discretize_state(state: np.ndarray) -> np.ndarray:
-    """The normalised state in 256 bins over [-1, 1] (openpi's rule, LeRobot's too), int64."""
-    return np.digitize(np.asarray(state, dtype=np.float64), bins=np.linspace(-1, 1, 256 + 1)[:-1]) - 1
-
-
-def prompt_text(task: str, normalized_state: np.ndarray) -> str:
-    cleaned = task.strip().replace("_", " ").replace("\n", " ")
-    state = " ".join(str(int(v)) for v in discretize_state(np.asarray(normalized_state).reshape(-1)))
-    return f"Task: {cleaned}, State: {state};\n"
-
-
 def tokenize_prompt(
     tokenizer: TextTokenizer, task: str, normalized_state: np.ndarray, max_length: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """LeRobot's prompt as (max_length,) int64 ids and bool mask: [BOS] + text, right-padded with PAD.
     A prompt longer than max_length is refused (InvalidObservation), not truncated."""
-    ids = [tokenizer.bos_id, *tokenizer.encode(prompt_text(task, normalized_state))]
+    ids = [tokenizer.bos_id, *tokenizer.encode(state_prompt(task, normalized_state))]
     if len(ids) > max_length:
         raise InvalidObservation(
             "language_instruction",
@@ -193,11 +185,16 @@ def detokenize(
     action_dim: int,
     skip: int = FAST_SKIP_TOKENS,
 ) -> Detokenized:
-    """One row's decoded ids (and their probabilities) -> actions, by LeRobot's rules (relaxed
-    decoding with `horizon` = its n_action_steps and `action_dim` = its action feature's size)."""
+    """One row's decoded ids (and their probabilities) -> actions (horizon, action_dim), by LeRobot's
+    rules, except that too few DCT coefficients are a FastDecodeError, not zeros."""
     found = action_tokens(ids, text, skip)
     decoded = fast.decode(found.fast, horizon, action_dim, relaxed=True)
+    if decoded.padded:
+        raise FastDecodeError(
+            f"the answer holds {decoded.coefficients} of the {horizon * action_dim} DCT coefficients a "
+            f"{horizon} x {action_dim} chunk needs ({found.fast.size} FAST tokens)"
+        )
     confidence = float("nan")
-    if probs is not None and found.positions.size:
+    if probs is not None:
         confidence = float(np.asarray(probs, dtype=np.float64)[found.positions].mean())
     return Detokenized(decoded.actions, confidence, decoded, int(found.fast.size))
