@@ -15,7 +15,7 @@ from tests.helpers import pi0_fast_checkpoints as helpers
 from vla_inference.models.base import ModelLoadError
 from vla_inference.models.pi0_fast import checkpoint as ckpt
 from vla_inference.models.pi0_fast.fast_tokenizer import FastTokenizer
-from vla_inference.models.pi0_fast.model import SIZES
+from vla_inference.models.pi0_fast.model import SIZES, Pi0FastBatch, Rules
 from vla_inference.models.pi0_fast.prompt import TextTokenizer, decode_prefix, tokenize_prompt
 
 
@@ -36,15 +36,17 @@ def test_loads_config_weights_tokenizers_and_stats(source: Path) -> None:
     assert (checkpoint.chunk_size, checkpoint.n_action_steps, checkpoint.max_decoding_steps) == (10, 10, 64)
     assert checkpoint.tokenizer_max_length == 48 and checkpoint.fast_skip_tokens == 128
     assert checkpoint.image_slots == ("base_0_rgb", "left_wrist_0_rgb")
-    assert checkpoint.normalization == {"STATE": "MEAN_STD", "ACTION": "MEAN_STD"}
+    assert checkpoint.norms is not None
     stats = helpers.tiny_stats(5, 3)
-    for feature in ("observation.state", "action"):
+    for normalizer, feature in zip(checkpoint.norms, ("observation.state", "action"), strict=True):
+        # LeRobot's MEAN_STD, in float32 (the shared normaliser's LeRobot convention), its eps
+        assert (normalizer.mode, normalizer.convention, normalizer.eps) == ("mean_std", "lerobot", 1e-8)
+        assert normalizer.precision is np.float32
         for name in ("mean", "std"):
-            np.testing.assert_allclose(checkpoint.stats[feature][name], stats[feature][name], rtol=1e-6)
-    assert checkpoint.eps == 1e-8
+            np.testing.assert_allclose(getattr(normalizer.stats, name), stats[feature][name], rtol=1e-6)
     model = ckpt.load_model(checkpoint, "cpu", torch.float32)
     tensors = load_file(str(source / "model.safetensors"))
-    assert torch.equal(model.text.embed_tokens.weight, tensors[ckpt.EMBED_KEY])
+    assert torch.equal(model.vlm.embed_tokens.weight, tensors[ckpt.EMBED_KEY])
     assert model.lm_head is not None and torch.equal(model.lm_head.weight, tensors[ckpt.LM_HEAD_KEY])
     assert torch.equal(
         model.vision.blocks[1].attn.qkv.weight[32:64],
@@ -60,14 +62,14 @@ def test_loads_config_weights_tokenizers_and_stats(source: Path) -> None:
         text, "pick up the red block", np.zeros(5), checkpoint.tokenizer_max_length
     )
     tokens, mask = decode_prefix(tokens, mask, text.bos_id)
-    inputs = {
-        "images": torch.zeros(1, 2, 3, 224, 224),
-        "image_masks": torch.tensor([[True, False]]),
-        "tokens": torch.from_numpy(tokens)[None],
-        "token_masks": torch.from_numpy(mask)[None],
-    }
-    with torch.no_grad():
-        out = model.generate(**inputs, budget=4, stop_token=text.token_id("|"))
+    batch = Pi0FastBatch(
+        torch.zeros(1, 2, 3, 224, 224),
+        torch.tensor([[True, False]]),
+        torch.from_numpy(tokens)[None],
+        torch.from_numpy(mask)[None],
+        torch.zeros(1, dtype=torch.long),
+    )
+    out = model.generate(batch, Rules(text.token_id("|"), text.pad_id), 4)
     assert out.tokens.shape == (1, 4) and bool((out.probs[0, : int(out.lengths[0])] > 0).all())
 
 
@@ -79,7 +81,7 @@ def test_a_file_with_one_embedding_is_tied(copy: Path) -> None:
     checkpoint = ckpt.load(copy)
     assert checkpoint.config.tied_lm_head
     model = ckpt.load_model(checkpoint, "cpu", torch.float32)
-    assert model.lm_head is None and torch.equal(model.text.embed_tokens.weight, head * 2)
+    assert model.lm_head is None and torch.equal(model.vlm.embed_tokens.weight, head * 2)
 
 
 def test_missing_tokenizers_name_the_file_and_the_setting(copy: Path, tmp_path: Path) -> None:

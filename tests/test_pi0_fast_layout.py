@@ -17,7 +17,8 @@ import transformers
 
 from tests.helpers.reference import checkpoint_shapes
 from vla_inference.models.pi0_fast import checkpoint as ckpt
-from vla_inference.models.pi0_fast.model import SIZES, Pi0FastConfig, build
+from vla_inference.models.pi0_fast.model import SIZES, Pi0FastBatch, Pi0FastConfig, Rules, build
+from vla_inference.models.pi0_fast.static import Pi0FastStatic
 
 
 def published_layout() -> dict[str, tuple[int, ...]]:
@@ -66,11 +67,33 @@ def test_parameter_counts() -> None:
     def count(module: torch.nn.Module | None) -> int:
         return 0 if module is None else sum(p.numel() for p in module.parameters())
 
-    assert 2.50e9 < count(model.text) < 2.52e9  # Gemma 2B with its 257152-token embedding
+    assert 2.50e9 < count(model.vlm) < 2.52e9  # Gemma 2B with its 257152-token embedding
     assert 0.40e9 < count(model.vision) + count(model.projector) < 0.42e9  # SigLIP So400m/14 + projector
     assert count(model.lm_head) == 257152 * 2048
-    tied = build(
-        Pi0FastConfig(SIZES["pi0fast_base"].vision, SIZES["pi0fast_base"].text, tied_lm_head=True), "meta"
-    )
+    tied = build(Pi0FastConfig.named("pi0fast_base", tied_lm_head=True), "meta")
     assert tied.lm_head is None and count(model) - count(tied) == 257152 * 2048
     assert 2.9e9 < count(tied) < 3.0e9  # PaliGemma 3B
+
+
+def test_real_size_decodes_on_meta() -> None:
+    """The published size through prefill and a sampled decode step on the meta device (shapes
+    only): LeRobot's 3 cameras and 200-token prompt + the decode BOS, a budget of 256 tokens, the
+    static runner's cache of a bucket of 8: 18 layers x 8 x 1 kv head x (969 + 255) x 256."""
+    model = build(SIZES["pi0fast_base"], device="meta", dtype=torch.bfloat16)
+    B, N, T = 2, 3, 201
+    meta = {"device": "meta"}
+    batch = Pi0FastBatch(
+        torch.empty(B, N, 3, 224, 224, dtype=torch.bfloat16, **meta),
+        torch.ones(B, N, dtype=torch.bool, **meta),
+        torch.zeros(B, T, dtype=torch.long, **meta),
+        torch.ones(B, T, dtype=torch.bool, **meta),
+        torch.zeros(B, dtype=torch.long, **meta),
+    )
+    assert model.prefix_length(N, T) == 3 * 256 + 201 == 969
+    cache = model.new_cache(B, 969 + 255)
+    rules = Rules(stop_token=235371, pad_token=0, temperature=0.7)
+    with torch.inference_mode():
+        state = model.decode_step(cache, model.prefill(batch, cache, rules), rules)
+    assert state.tokens.shape == (B, 256) and state.keys.shape == (B, 1224) and state.step.shape == (1,)
+    runner = Pi0FastStatic(model, slots=3, prompt_len=201, budget=256, compile=False)
+    assert runner.cache(8).k.shape == (18, 8, 1, 1224, 256)

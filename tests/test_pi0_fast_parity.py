@@ -6,7 +6,8 @@ The fixture holds that checkpoint without its model.safetensors (LeRobot's PaliG
 the recorded rule, the solved LM-head rows applied, and checked bit for bit against the digest of
 the file LeRobot wrote. Then, through our loader: the prompt ids are LeRobot's, the greedy tokens
 are LeRobot's up to each row's "|" (rows of different prompt lengths and stop points in one batch),
-their probabilities and the actions (normalised and un-normalised) within 1e-5.
+their probabilities and the actions (normalised and un-normalised) within 1e-5; then the same
+through the whole serving path (Pi0FastPolicy: prepare, forward, finish), alone and batched.
 """
 
 from __future__ import annotations
@@ -21,8 +22,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from vla_inference.config import Settings
+from vla_inference.models.base import Observation
 from vla_inference.models.pi0_fast import checkpoint as ckpt
 from vla_inference.models.pi0_fast.fast_tokenizer import FastTokenizer
+from vla_inference.models.pi0_fast.model import Pi0FastBatch, Rules
+from vla_inference.models.pi0_fast.policy import FastRaw, Pi0FastPolicy
 from vla_inference.models.pi0_fast.prompt import TextTokenizer, decode_prefix, detokenize, tokenize_prompt
 
 FIXTURE = Path(__file__).parent / "fixtures" / "pi0_fast"
@@ -56,6 +61,12 @@ def digest(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+def _images(record: dict) -> np.ndarray:
+    """The recorded frames (rows, cameras, 3, 224, 224) uint8: base_0_rgb, left_wrist_0_rgb."""
+    rng = np.random.default_rng(record["image_seed"])
+    return rng.integers(0, 256, size=(2, 2, 3, 224, 224), dtype=np.uint8)
+
+
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict[str, torch.Tensor]]:
     record = json.loads((FIXTURE / "record.json").read_text())
@@ -78,11 +89,9 @@ def test_matches_lerobot(recorded: tuple[Path, dict, dict[str, torch.Tensor]]) -
 
     # the prompt: state normalised with LeRobot's MEAN_STD in float32 (as its normalizer step does:
     # in float64 a value on a bin edge, 0.5 here, lands one bin off), 256 bins, BOS, right padding
-    state_stats = {
-        k: torch.tensor(v, dtype=torch.float32) for k, v in checkpoint.stats["observation.state"].items()
-    }
-    raw = torch.tensor(record["state"], dtype=torch.float32)
-    state = ((raw - state_stats["mean"]) / (state_stats["std"] + checkpoint.eps)).numpy()
+    assert checkpoint.norms is not None
+    state_norm, action_norm = checkpoint.norms
+    state = state_norm.normalize(np.asarray(record["state"], np.float32))
     prompts = [
         tokenize_prompt(text, task, row, checkpoint.tokenizer_max_length)
         for task, row in zip(record["tasks"], state, strict=True)
@@ -93,26 +102,22 @@ def test_matches_lerobot(recorded: tuple[Path, dict, dict[str, torch.Tensor]]) -
     np.testing.assert_array_equal(mask, expected["prompt_mask"].numpy())
 
     # LeRobot's images: uint8 / 255 in [0, 1], then * 2 - 1
-    rng = np.random.default_rng(record["image_seed"])
-    images = torch.from_numpy(rng.integers(0, 256, size=(2, 2, 3, 224, 224), dtype=np.uint8)).float() / 255.0
+    images = torch.from_numpy(_images(record)).float() / 255.0
     tokens, token_mask = decode_prefix(ids, mask, text.bos_id)
-    with torch.no_grad():
-        out = model.generate(
-            images * 2.0 - 1.0,
-            torch.ones(2, 2, dtype=torch.bool),
-            torch.from_numpy(tokens),
-            torch.from_numpy(token_mask),
-            budget=checkpoint.max_decoding_steps,
-            stop_token=text.token_id("|"),
-            pad_token=text.pad_id,
-        )
+    batch = Pi0FastBatch(
+        images * 2.0 - 1.0,
+        torch.ones(2, 2, dtype=torch.bool),
+        torch.from_numpy(tokens),
+        torch.from_numpy(token_mask),
+        torch.zeros(2, dtype=torch.long),
+    )
+    out = model.generate(batch, Rules(text.token_id("|"), text.pad_id), checkpoint.max_decoding_steps)
     lengths = expected["lengths"].tolist()
     assert out.lengths.tolist() == lengths and lengths[0] != lengths[1] and bool(out.stopped.all())
     for row, n in enumerate(lengths):
         assert out.tokens[row, :n].tolist() == expected["generated"][row, :n].tolist()
         torch.testing.assert_close(out.probs[row, :n], expected["probs"][row, :n], atol=1e-5, rtol=1e-5)
 
-    action_stats = checkpoint.stats["action"]
     for row, n in enumerate(lengths):
         result = detokenize(
             out.tokens[row, :n].numpy(),
@@ -124,11 +129,48 @@ def test_matches_lerobot(recorded: tuple[Path, dict, dict[str, torch.Tensor]]) -
             checkpoint.fast_skip_tokens,
         )
         np.testing.assert_allclose(result.actions, expected["actions"][row].numpy(), atol=1e-5, rtol=0)
-        unnormalised = (
-            result.actions * action_stats["std"] + action_stats["mean"]
-        )  # LeRobot's MEAN_STD inverse
-        np.testing.assert_allclose(
-            unnormalised, expected["actions_unnormalized"][row].numpy(), atol=1e-5, rtol=0
+        np.testing.assert_allclose(  # LeRobot's MEAN_STD inverse, float32
+            action_norm.unnormalize(result.actions),
+            expected["actions_unnormalized"][row].numpy(),
+            atol=1e-5,
+            rtol=0,
         )
         assert 0 < result.confidence <= 1
     assert not (checkpoint.action_tokenizer / "EXECUTED_REMOTE_CODE").exists()
+
+
+def test_the_policy_matches_lerobot(recorded: tuple[Path, dict, dict[str, torch.Tensor]]) -> None:
+    """Observations as a robot sends them (uint8 frames under the server's camera names, raw joints,
+    the tasks) through prepare -> forward -> finish: LeRobot's prompt ids, greedy tokens and actions,
+    for the batch of two and for each row alone."""
+    path, record, expected = recorded
+    policy = Pi0FastPolicy(Settings(model_path=str(path), chunk_size=50))
+    policy.load(str(path), "cpu")
+    assert policy.model_info.family == "pi0_fast" and policy.model_info.chunk_size == 10
+    frames = _images(record).transpose(0, 1, 3, 4, 2)  # (rows, cameras, H, W, 3)
+    observations = [
+        Observation(
+            {"base": frames[row, 0], "left_wrist": frames[row, 1]},
+            np.asarray(record["state"][row], np.float32),
+            task,
+            seed=row,
+        )
+        for row, task in enumerate(record["tasks"])
+    ]
+    samples = [policy.prepare(o) for o in observations]
+    for row, sample in enumerate(samples):
+        np.testing.assert_array_equal(sample.inputs.tokens[:-1], expected["prompt_ids"][row].numpy())
+    lengths = expected["lengths"].tolist()
+    for raws in (policy.forward(samples), [policy.forward([s])[0] for s in samples]):
+        for row, (raw, sample) in enumerate(zip(raws, samples, strict=True)):
+            assert isinstance(raw, FastRaw)
+            n = lengths[row]
+            assert raw.tokens.tolist() == expected["generated"][row, :n].tolist()
+            np.testing.assert_allclose(raw.actions, expected["actions"][row].numpy(), atol=1e-5, rtol=0)
+            prediction = policy.finish(raw, sample)
+            np.testing.assert_allclose(
+                prediction.actions, expected["actions_unnormalized"][row].numpy(), atol=1e-5, rtol=0
+            )
+            # the mean probability of the FAST tokens: after "Action", ":", "▁", before "|"
+            fast_probs = expected["probs"][row, 3 : n - 1].double()
+            assert prediction.confidence == pytest.approx(float(fast_probs.mean()), abs=1e-5)

@@ -16,6 +16,7 @@ import pytest
 
 from tests.helpers import pi0_fast_checkpoints as helpers
 from vla_inference.models.base import InvalidObservation, ModelLoadError
+from vla_inference.models.pi0.policy import discretize_state, state_prompt
 from vla_inference.models.pi0_fast import fast_tokenizer as fast
 from vla_inference.models.pi0_fast import prompt
 from vla_inference.models.pi0_fast.prompt import TextTokenizer
@@ -138,25 +139,28 @@ def test_load_names_the_missing_file(tmp_path: Path, tokenizer: fast.FastTokeniz
 
 def test_prompt_text_is_lerobots() -> None:
     state = np.array([-1.5, -1.0, 0.0, 0.999, 1.0])
-    text = prompt.prompt_text("  Pick_up the\nRed block ", state)
+    text = state_prompt("  Pick_up the\nRed block ", state)
     # case kept (openpi lower-cases), "_" and newlines become spaces, strip; 256 bins over [-1, 1]
     assert text == "Task: Pick up the Red block, State: -1 0 128 255 255;\n"
     bins = np.linspace(-1, 1, 257)[:-1]
     x = np.random.default_rng(0).uniform(-1, 1, 50)
-    np.testing.assert_array_equal(prompt.discretize_state(x), np.digitize(x, bins) - 1)
+    np.testing.assert_array_equal(discretize_state(x), np.digitize(x, bins) - 1)
+    # the bin edge LeRobot's float32 normaliser lands on (the parity fixture's 0.5): one bin up
+    # from the float64 value just below it
+    edge = np.float32(0.5)
+    assert discretize_state(np.array([edge]))[0] == 192
+    assert discretize_state(np.array([np.nextafter(0.5, 0.0)]))[0] == 191
 
 
 def test_tokenize_prompt_bos_and_right_padding(text: TextTokenizer) -> None:
     state = np.array([0.1, -0.2])
     ids, mask = prompt.tokenize_prompt(text, "pick up the red block", state, 40)
-    expected = [text.bos_id, *text.encode(prompt.prompt_text("pick up the red block", state))]
+    expected = [text.bos_id, *text.encode(state_prompt("pick up the red block", state))]
     assert ids.shape == mask.shape == (40,)
     assert ids[: len(expected)].tolist() == expected
     assert mask.tolist() == [True] * len(expected) + [False] * (40 - len(expected))
     assert set(ids[len(expected) :].tolist()) == {text.pad_id}
-    assert (
-        text.tokenizer.encode(prompt.prompt_text("pick up the red block", state)).ids == expected
-    )  # HF's BOS
+    assert text.tokenizer.encode(state_prompt("pick up the red block", state)).ids == expected  # HF's BOS
     with_bos, with_bos_mask = prompt.decode_prefix(ids[None], mask[None], text.bos_id)
     assert with_bos.shape == (1, 41) and with_bos[0, -1] == text.bos_id and with_bos_mask[0, -1]
     with pytest.raises(InvalidObservation, match="at most 20"):
@@ -198,3 +202,11 @@ def test_answers_without_an_action_are_errors(text: TextTokenizer, tokenizer: fa
     bad[4] = text.encode("red")[0]  # a text token where a FAST token belongs
     with pytest.raises(fast.FastDecodeError, match="outside the FAST vocabulary"):
         prompt.detokenize(bad, None, text, tokenizer, 10, 3)
+    # too few coefficients for the chunk: LeRobot pads them with zeros; here an error
+    with pytest.raises(fast.FastDecodeError, match=r"holds \d+ of the 30 DCT coefficients .* 10 x 3 chunk"):
+        prompt.detokenize(_answer(text, ids[:2]), None, text, tokenizer, 10, 3)
+    with pytest.raises(fast.FastDecodeError, match="holds 0 of the 30"):
+        prompt.detokenize(_answer(text, []), None, text, tokenizer, 10, 3)
+    # more than the chunk needs: cut, as LeRobot does (the chunk's own are all there)
+    cut = prompt.detokenize(_answer(text, ids), None, text, tokenizer, 5, 3)
+    assert cut.decoded.truncated == 15 and cut.actions.shape == (5, 3)

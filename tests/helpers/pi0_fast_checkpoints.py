@@ -10,12 +10,26 @@ write_fast_tokenizer(dir, ...)    processor_config.json + bpe_tokenizer/ + a pro
 write_tiny_checkpoint(dir, seed)  config.json, model.safetensors (LeRobot's names: embedding and
                                   LM head as two tensors, SigLIP's unused pooling head included),
                                   normalizer processor files, tokenizer/, action_tokenizer/
+answer_ids(...)                   an answer in text ids: "Action: " + a chunk's FAST tokens + "|"
+teach_answers(dir, cases)         rewrites the LM head's rows of the answers' ids so that greedy
+                                  decoding writes each case's answer for its observation
+
+A random network never writes "Action: ... |". `teach_answers` does what the parity recording did
+with LeRobot's hidden states (tests/fixtures/pi0_fast/README.md), here with our own network: the
+final hidden states at every answer position, teacher-forced through the prefix-LM, and the LM-head
+rows of the answers' ids solved by least squares for a logit margin over the other answers' ids.
+Hidden states do not depend on the LM head, so greedy decoding then writes exactly those answers
+(for those observations; other observations get whatever the random rows give).
+
+`python -m tests.helpers.pi0_fast_checkpoints DIR` writes a tiny checkpoint that answers one demo
+observation (DIR/demo/frame.png, state.json, instruction.txt): what `make run` serves by hand.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +37,16 @@ import numpy as np
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
+from torch import Tensor
 
+from tests.helpers.pi0_checkpoints import LEROBOT_OPTIMIZER_FIELDS, LEROBOT_PRETRAINED_FIELDS
+from vla_inference.models.base import Observation
 from vla_inference.models.common.init import init_random_weights
 from vla_inference.models.pi0_fast import checkpoint as ckpt
 from vla_inference.models.pi0_fast import fast_tokenizer as fast
-from vla_inference.models.pi0_fast.model import SIZES, Pi0FastConfig, build
+from vla_inference.models.pi0_fast.fast_tokenizer import FastTokenizer, fast_to_text_ids
+from vla_inference.models.pi0_fast.model import SIZES, Pi0FastBatch, Pi0FastConfig, Pi0FastModel, build
+from vla_inference.models.pi0_fast.prompt import ACTION_PREFIX, END_OF_ACTION, TextTokenizer
 
 TEXT_VOCAB = 1024
 SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")
@@ -186,7 +205,7 @@ def write_fast_tokenizer(directory: Path, tokenizer: fast.FastTokenizer) -> Path
 def lerobot_config(
     cfg: Pi0FastConfig, state_dim: int, action_dim: int, *, chunk: int = FAST_HORIZON, max_length: int = 48
 ) -> dict[str, Any]:
-    """config.json as LeRobot's PI0FastConfig saves it (its fields in its order), at test sizes."""
+    """config.json as LeRobot's PI0FastConfig saves it (its fields), at test sizes."""
     size = cfg.vision.image_size
     return {
         "type": "pi0_fast",
@@ -197,15 +216,8 @@ def lerobot_config(
             "observation.state": {"type": "STATE", "shape": [state_dim]},
         },
         "output_features": {"action": {"type": "ACTION", "shape": [action_dim]}},
-        "device": "cpu",
-        "use_amp": False,
+        **LEROBOT_PRETRAINED_FIELDS,
         "use_peft": False,
-        "push_to_hub": False,
-        "repo_id": None,
-        "private": None,
-        "tags": None,
-        "license": None,
-        "pretrained_path": None,
         "pretrained_revision": None,
         "paligemma_variant": "dummy",
         "action_expert_variant": "gemma_300m",
@@ -233,14 +245,7 @@ def lerobot_config(
         "gradient_checkpointing": False,
         "compile_model": False,
         "compile_mode": "max-autotune",
-        "optimizer_lr": 2.5e-05,
-        "optimizer_betas": [0.9, 0.95],
-        "optimizer_eps": 1e-08,
-        "optimizer_weight_decay": 0.01,
-        "optimizer_grad_clip_norm": 1.0,
-        "scheduler_warmup_steps": 1000,
-        "scheduler_decay_steps": 30000,
-        "scheduler_decay_lr": 2.5e-06,
+        **LEROBOT_OPTIMIZER_FIELDS,
     }
 
 
@@ -352,3 +357,112 @@ def write_tiny_checkpoint(
     write_text_tokenizer(path / ckpt.TEXT_TOKENIZER_DIR)
     write_fast_tokenizer(path / ckpt.ACTION_TOKENIZER_DIR, fast_tokenizer(fast_seed))
     return path
+
+
+# ---- answers the network writes ------------------------------------------------------------------
+
+
+def answer_ids(
+    text: TextTokenizer,
+    fast: FastTokenizer,
+    chunk: np.ndarray,
+    *,
+    start: bool = True,
+    end: bool = True,
+    keep: int | None = None,
+) -> list[int]:
+    """ "Action: " (`start`) + the chunk's FAST tokens (the first `keep`) + "|" (`end`), as text ids."""
+    tokens = fast_to_text_ids(np.asarray(fast.encode(chunk))[:keep], text.vocab_size).tolist()
+    prefix = text.encode(ACTION_PREFIX) if start else []
+    return [*prefix, *tokens, *([text.token_id(END_OF_ACTION)] if end else [])]
+
+
+def full_mask(prefix_valid: Tensor, answer: int) -> Tensor:
+    """The prefix-LM mask of [prefix | answer] without a cache: (B, 1, T, T) bool, T = P + answer;
+    the prefix bidirectional among its valid tokens, the answer causal; every token sees itself."""
+    B, P = prefix_valid.shape
+    T = P + answer
+    valid = torch.cat([prefix_valid, torch.ones(B, answer, dtype=torch.bool)], 1)
+    rule = (torch.arange(T) < P)[None, :] | torch.ones(T, T, dtype=torch.bool).tril()
+    return ((rule[None] & valid[:, None, :] & valid[:, :, None]) | torch.eye(T, dtype=torch.bool))[:, None]
+
+
+def teacher_forced(model: Pi0FastModel, batch: Pi0FastBatch, answer: Sequence[int]) -> Tensor:
+    """One row's final hidden states (n, W) that predict each of the n answer tokens: the last valid
+    prefix token's, then each answer token's but the last; one pass over [prefix | answer]."""
+    embs, pad = model.embed_prefix(batch)
+    fed = torch.tensor([list(answer[:-1])], dtype=torch.long)
+    embs = torch.cat([embs, model.embed_tokens(fed)], 1)
+    valid = torch.cat([pad, torch.ones_like(fed, dtype=torch.bool)], 1)
+    positions = torch.cumsum(valid.long(), 1) - 1
+    hidden = model.vlm(embs, positions, full_mask(pad, fed.shape[1]))[0]
+    last = int(torch.nonzero(pad[0]).max())
+    return torch.cat([hidden[last : last + 1], hidden[pad.shape[1] :]])
+
+
+def teach_answers(
+    path: Path, cases: Sequence[tuple[Observation, Sequence[int]]], margin: float = 12.0
+) -> Path:
+    """Rewrite the LM-head rows of every id the cases' answers use, so that greedy decoding of each
+    case's observation writes its answer (then the answer's last token decides: "|" stops)."""
+    from safetensors.torch import load_file, save_file
+
+    from vla_inference.config import Settings
+    from vla_inference.models.pi0_fast.policy import Pi0FastPolicy
+
+    policy = Pi0FastPolicy(Settings(model_path=str(path)))
+    policy.load(str(path), "cpu")
+    model = policy.loaded.network
+    hidden, targets = [], []
+    with torch.no_grad():
+        for observation, answer in cases:
+            batch = policy.collate([policy.prepare(observation)])
+            hidden.append(teacher_forced(model, batch, answer).double())
+            targets += list(answer)
+    h = torch.cat(hidden)  # (n, W)
+    ids = sorted(set(targets))
+    wanted = torch.full((len(targets), len(ids)), -margin, dtype=torch.float64)
+    wanted[torch.arange(len(targets)), torch.tensor([ids.index(t) for t in targets])] = margin
+    rows = torch.linalg.lstsq(h, wanted).solution.T  # (len(ids), W)
+    tensors = load_file(str(path / "model.safetensors"))
+    head = tensors[ckpt.LM_HEAD_KEY].clone()
+    head[torch.tensor(ids)] = rows.float()
+    tensors[ckpt.LM_HEAD_KEY] = head
+    save_file(tensors, str(path / "model.safetensors"))
+    return path
+
+
+DEMO_INSTRUCTION = "pick up the red block"
+
+
+def write_demo_checkpoint(path: Path) -> Path:
+    """A tiny checkpoint that answers one observation with a real chunk: path/demo/frame.png (a
+    96 x 128 frame), state.json (5 values), instruction.txt. Greedy decoding of that observation
+    writes "Action: " + the FAST tokens of a smooth 10 x 3 chunk + "|"; other observations get
+    whatever the random network writes (usually no action: a clear error)."""
+    from PIL import Image
+
+    write_tiny_checkpoint(path, seed=11)
+    demo = path / "demo"
+    demo.mkdir(exist_ok=True)
+    rng = np.random.default_rng(11)
+    frame = rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    Image.fromarray(frame).save(demo / "frame.png")
+    state = [0.3, -0.1, 0.5, 0.2, 1.0]
+    (demo / "state.json").write_text(json.dumps(state))
+    (demo / "instruction.txt").write_text(DEMO_INSTRUCTION + "\n")
+    text = TextTokenizer.load(path / ckpt.TEXT_TOKENIZER_DIR / "tokenizer.json")
+    tokenizer = fast.FastTokenizer.load(path / ckpt.ACTION_TOKENIZER_DIR)
+    chunk = synthetic_chunks(1, seed=5)[0]
+    observation = Observation({"base": frame}, np.asarray(state, np.float32), DEMO_INSTRUCTION)
+    return teach_answers(path, [(observation, answer_ids(text, tokenizer, chunk))])
+
+
+if __name__ == "__main__":
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else "pi0-fast-tiny")
+    write_demo_checkpoint(target)
+    print(f"wrote {target}: serve it with VLA_MODEL_PATH={target} make run; ask it with")
+    print(
+        f"  .venv/bin/vla-inference predict --image {target}/demo/frame.png "
+        f"--joints @{target}/demo/state.json --instruction '{DEMO_INSTRUCTION}'"
+    )
