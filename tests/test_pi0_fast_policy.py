@@ -27,7 +27,8 @@ from tests.conftest import RunningServer
 from tests.helpers import pi0_fast_checkpoints as helpers
 from vla_inference.client import AsyncVLAClient, VLAError
 from vla_inference.config import Settings
-from vla_inference.models.base import NoValidAction, Observation
+from vla_inference.models import registry
+from vla_inference.models.base import ModelLoadError, NoValidAction, Observation
 from vla_inference.models.pi0_fast.fast_tokenizer import FastTokenizer
 from vla_inference.models.pi0_fast.policy import CONFIDENCE_DEFINITION, FastRaw, Pi0FastPolicy, Undecodable
 from vla_inference.models.pi0_fast.prompt import TextTokenizer, decode_prefix, tokenize_prompt
@@ -95,6 +96,16 @@ def _fast_decoded(policy: Pi0FastPolicy, chunk: np.ndarray) -> np.ndarray:
 
 
 # ---- the policy's steps --------------------------------------------------------------------------
+
+
+def test_the_checkpoint_picks_the_pi0_fast_variant_of_the_pi0_family(
+    taught: tuple[Path, dict[str, Case]],
+) -> None:
+    path = str(taught[0])
+    assert registry.resolve(Settings(model_path=path)) == ("pi0", Pi0FastPolicy)
+    assert registry.resolve(Settings(model_type="pi0", model_path=path)) == ("pi0", Pi0FastPolicy)
+    with pytest.raises(ModelLoadError, match=r"'pi0_fast' checkpoint, served by VLA_MODEL_TYPE=pi0"):
+        registry.resolve(Settings(model_type="openvla", model_path=path))
 
 
 def test_model_info_and_prepare(policy: Pi0FastPolicy, taught: tuple[Path, dict[str, Case]]) -> None:
