@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU benchmark: pi0 (1 and 3 cameras), pi0.5, OpenVLA 7B, GR00T N1.5 at real size with random
+# GPU benchmark: pi0 (1 and 3 cameras), pi0.5, OpenVLA 7B, GR00T N1.5, pi0-FAST at real size with random
 # weights built on the GPU (bf16; nothing downloaded, no checkpoint files): model latency p50/p99
 # at batch 1, throughput at batch 8, peak GPU memory, and end-to-end Predict through the server;
 # eager and compiled (VLA_COMPILE's static-shape runners, CUDA graphs) side by side against the
@@ -7,6 +7,8 @@
 #
 #   bench/gpu.sh            on a GPU machine; finishes in under 8 minutes on one H100/H200
 #   bench/gpu.sh --tiny     tiny configurations on the CPU (checks the script anywhere)
+#   bench/gpu.sh --only pi0-FAST   one family (pi0-FAST: time to first token / first action, eager
+#                                  and compiled, batch 1 and 8)
 #
 # Results: $OUT/gpu-bench.json when OUT is set, else bench/results/gpu-<UTC stamp>.json.
 # Extra arguments go to `python -m bench.gpu` (see --help). PYTHON overrides the interpreter
