@@ -332,9 +332,11 @@ def decode(
 ) -> DecodeOutput:
     """The decode loop (eager and static alike): prefill, then a step per further token."""
     state = prefill(batch, cache)
-    tokens, probs = [state.token], [state.prob]
+    # Each token is copied out: a compiled step's outputs live in its CUDA graph's memory, which the
+    # next replay overwrites (the state fed back is read by that replay before it writes).
+    tokens, probs = [state.token.clone()], [state.prob.clone()]
     for column in columns[: len(columns) - 1]:
         state = step(cache, state, column)
-        tokens.append(state.token)
-        probs.append(state.prob)
-    return DecodeOutput(tokens=torch.stack(tokens, 1), probs=torch.stack(probs, 1))  # new tensors
+        tokens.append(state.token.clone())
+        probs.append(state.prob.clone())
+    return DecodeOutput(tokens=torch.stack(tokens, 1), probs=torch.stack(probs, 1))
