@@ -1,22 +1,19 @@
-# Multi-stage image for vla-inference. The same steps as `make install proto`, without dev tools.
+# Multi-stage image for vla-inference: the runtime of `make run` (no test or lint tools).
 #   docker build -t vla-inference .
 #   docker run --gpus all -p 50051:50051 -p 9090:9090 -e VLA_DEVICE=cuda \
 #     -v /models/pi0:/models/pi0:ro -e VLA_MODEL_PATH=/models/pi0 vla-inference
-# Without VLA_MODEL_PATH the embedded pi0 demo model is served (random weights, not a policy).
+# Without VLA_MODEL_PATH the embedded default is served (pi0 trained in MetaWorld simulation).
 
 FROM python:3.11-slim AS builder
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY src ./src
-# grpcio-tools only generates the protocol code; it does not reach the runtime image.
-RUN pip install grpcio-tools==1.85.1 \
- && python -m grpc_tools.protoc -Isrc --python_out=src --pyi_out=src --grpc_python_out=src \
-      src/vla_inference/api/v1/vla_inference.proto \
- && pip uninstall -y grpcio-tools \
- && pip install .
+# Building the package generates the gRPC code (setup.py); grpcio-tools is a build requirement only
+# and does not reach the runtime image.
+RUN pip install .
 
 FROM python:3.11-slim AS runtime
 RUN useradd --create-home --uid 10001 vla

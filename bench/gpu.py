@@ -8,7 +8,7 @@ For each family: pi0 (1 and 3 cameras), pi0.5, OpenVLA 7B, GR00T N1.5 —
   - the network built from the family's named configuration directly on the device (no
     checkpoint files, nothing downloaded), random weights, bf16 on CUDA (float32 on CPU),
   - model latency p50/p99 at batch 1 and throughput at batch 8 (the model's own inference entry
-    point: pi0 sample_actions, OpenVLA generate, GR00T sample), synchronised timing,
+    point: pi0 / GR00T sample, OpenVLA generate), synchronised timing,
   - compiled (families with a latency goal, --compile): the static-shape runner the policies use
     under VLA_COMPILE (Pi0Static, OpenVLAStatic, GrootStatic; torch.compile fullgraph, CUDA
     graphs via mode="reduce-overhead" on CUDA), its first-call time (compile + capture), latency
@@ -167,10 +167,15 @@ def _normalise(pixels: np.ndarray) -> np.ndarray:
     return (pixels.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)
 
 
+def _static_module(module: str) -> Any:
+    """A family's static-shape runners: models/<family>/static.py next to its model.py."""
+    return importlib.import_module(module.rsplit(".", 1)[0] + ".static")
+
+
 class Pi0Family(Family):
     def build(self, device: torch.device, dtype: torch.dtype) -> None:
         mod = importlib.import_module(self.module)
-        self.cfg = mod.NAMED_CONFIGS[self.config_name]
+        self.cfg = mod.Pi0Config.named(self.config_name)
         self.model = _build(lambda: mod.Pi0Model(self.cfg), device, dtype)
         self.device, self.dtype = device, dtype
 
@@ -178,10 +183,9 @@ class Pi0Family(Family):
         return int(self.cfg.vision.image_size)
 
     def build_static(self, backend: str) -> None:
-        mod = importlib.import_module(self.module)
         # The slots a deployment with this many cameras serves (eager drops absent slots too).
         slots = range(min(self.cameras, len(self.cfg.image_slots)))
-        self.runner = mod.Pi0Static(self.model, slots=slots, backend=backend)
+        self.runner = _static_module(self.module).Pi0Static(self.model, slots=slots, backend=backend)
 
     def sample_inputs(self, pixels: np.ndarray, seed: int) -> dict[str, Any]:
         cfg = self.cfg
@@ -207,25 +211,25 @@ class Pi0Family(Family):
     def run(
         self, samples: Sequence[dict[str, Any]], compiled: bool = False, prefix: Any = None
     ) -> np.ndarray:
-        """`prefix`: a models.rtc.BatchPrefix (real-time chunking rows), as the policy passes it."""
+        """`prefix`: a models.rtc.Chunking (real-time chunking rows), as the policy passes it."""
         dev = self.device
+        mod = importlib.import_module(self.module)
 
         def stack(key: str, dtype: torch.dtype) -> torch.Tensor:
             return torch.from_numpy(np.stack([s[key] for s in samples])).to(dev, dtype)
 
         tokens = stack("tokens", torch.long)
-        sample = self.runner.sample_actions if compiled else self.model.sample_actions
+        batch = mod.Pi0Batch(
+            images=stack("images", self.dtype),
+            image_masks=stack("masks", torch.bool),
+            tokens=tokens,
+            token_masks=torch.ones_like(tokens, dtype=torch.bool),
+            state=stack("state", torch.float32),
+        )
+        sampler = self.runner if compiled else self.model
         backward = prefix is not None and prefix.needs_backward  # the Jacobian: grad mode, no_grad
         with torch.no_grad() if backward else torch.inference_mode():
-            actions, _ = sample(
-                stack("images", self.dtype),
-                stack("masks", torch.bool),
-                tokens,
-                torch.ones_like(tokens, dtype=torch.bool),
-                stack("state", torch.float32),
-                stack("noise", torch.float32),
-                prefix=prefix,
-            )
+            actions, _ = sampler.sample(batch, stack("noise", torch.float32), self.cfg.num_steps, prefix)
         return actions.float().cpu().numpy()
 
     def rtc_prefixes(self, delay: int = 4) -> dict[str, Any]:
@@ -238,7 +242,7 @@ class Pi0Family(Family):
 
         def batch(method: str, jacobian: bool = True) -> Any:
             one = rtc.build_prefix(previous, H // 2, delay, H, method, 5.0, jacobian=jacobian)
-            return rtc.BatchPrefix.stack([one], H, A, self.device)
+            return rtc.Chunking.stack([one], H, A, self.device)
 
         return {
             "hard": batch("hard"),
@@ -283,7 +287,7 @@ class OpenVLAFamily(Family):
 class GrootFamily(Family):
     def build(self, device: torch.device, dtype: torch.dtype) -> None:
         mod = importlib.import_module(self.module)
-        self.cfg = mod.config_for(self.config_name)
+        self.cfg = mod.GrootConfig.named(self.config_name)
         self.model = _build(lambda: mod.GR00TN15(self.cfg), device, dtype)
         self.device, self.dtype = device, dtype
 
@@ -293,15 +297,17 @@ class GrootFamily(Family):
     def build_static(self, backend: str) -> None:
         mod = importlib.import_module(self.module)
         # As GrootPolicy: the prompt (here the synthetic one) + the instruction budget, to 16.
-        ids = self.cfg.num_image_tokens * self.cameras + self.prompt_tokens
+        ids = self.cfg.backbone.num_image_tokens * self.cameras + self.prompt_tokens
         length = -(-(ids + mod.STATIC_INSTRUCTION_TOKENS) // 16) * 16
-        self.runner = mod.GrootStatic(self.model, length, self.cameras, backend=backend)
+        self.runner = _static_module(self.module).GrootStatic(
+            self.model, length, self.cameras, backend=backend
+        )
 
     def sample_inputs(self, pixels: np.ndarray, seed: int) -> dict[str, Any]:
-        cfg = self.cfg
+        cfg, eagle = self.cfg, self.cfg.backbone
         rng = np.random.default_rng(seed)
-        text = rng.integers(3, min(cfg.vocab_size - 2, 150_000), self.prompt_tokens).astype(np.int64)
-        image_tokens = np.full(cfg.num_image_tokens * self.cameras, cfg.image_token_id, np.int64)
+        text = rng.integers(3, min(eagle.vocab_size - 2, 150_000), self.prompt_tokens).astype(np.int64)
+        image_tokens = np.full(eagle.num_image_tokens * self.cameras, eagle.image_token_id, np.int64)
         ids = np.concatenate([text[:2], image_tokens, text[2:]])
         return {
             "pixels": np.stack([_normalise(pixels)] * self.cameras),
@@ -316,20 +322,19 @@ class GrootFamily(Family):
         def stack(key: str, dtype: torch.dtype) -> torch.Tensor:
             return torch.from_numpy(np.stack([s[key] for s in samples])).to(dev, dtype)
 
+        mod = importlib.import_module(self.module)
         ids = stack("ids", torch.long)
-        rows = [torch.from_numpy(s["pixels"]).to(dev, self.dtype) for s in samples]
-        inputs = (
-            ids,
-            torch.ones_like(ids, dtype=torch.bool),
-            stack("state", torch.float32),
-            torch.zeros(len(samples), dtype=torch.long, device=dev),
-            stack("noise", torch.float32),
+        batch = mod.GrootBatch(
+            pixels=stack("pixels", self.dtype),  # (B, cameras, 3, S, S)
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids, dtype=torch.bool),
+            state=stack("state", torch.float32),
+            embodiment_ids=torch.zeros(len(samples), dtype=torch.long, device=dev),
         )
+        sampler = self.runner if compiled else self.model
+        steps = self.cfg.head.num_inference_timesteps
         with torch.inference_mode():
-            if compiled:
-                actions, _ = self.runner.sample(rows, *inputs)
-            else:
-                actions, _ = self.model.sample(torch.cat(rows), *inputs)
+            actions, _ = sampler.sample(batch, stack("noise", torch.float32), steps)
         return actions.float().cpu().numpy()
 
 

@@ -63,7 +63,7 @@ async def _make(settings: Settings, model: VLAModel | None) -> VLAServer:
 def make_settings(**overrides: Any) -> Settings:
     # One torch thread: tests check behaviour, not speed, and stay steady on a loaded 2-core machine.
     # The random-weight demo (7 joints, 7 action dims) unless a test asks for another model; the
-    # trained default is tested in test_default_policy.py.
+    # trained default is tested in test_sim.py (test_the_shipped_default_policy and the closed loop).
     base: dict[str, Any] = {
         "embedded_model": "random",
         "grpc_port": 0,

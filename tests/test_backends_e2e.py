@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
-from vla_inference.client import make_observation
+from vla_inference.client import VLAError, make_observation
 from vla_inference.models.registry import available_model_types
 
 RNG = np.random.default_rng(0)
@@ -78,10 +78,10 @@ def test_pi0_openpi_checkpoint(server_factory, tmp_path, variant):
     assert not info.demo and info.model_family == ("pi05" if variant == "pi05" else "pi0")
     assert info.action_dim == 6 and dict(info.state_dims) == {"demo": 8}
     assert len(chunk.actions[0].joint_commands) == 6
-    with running.client() as client, pytest.raises(grpc.RpcError) as error:
+    with running.client() as client, pytest.raises(VLAError) as error:
         client.predict(IMAGE, [0.1] * 7, "x")
-    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "expected 8" in error.value.details()
+    assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT and error.value.field == "joint_positions"
+    assert "expected 8" in error.value.message
 
 
 def test_pi0_lerobot_checkpoint(server_factory, tmp_path):
@@ -118,7 +118,7 @@ def test_groot_checkpoint_two_embodiments(server_factory, tmp_path):
         cameras = {"wrist": IMAGE} if tag == "new_embodiment" else None  # it has a wrist camera too
         _, chunk = _predict_and_stream(running, [0.05] * dims[tag], embodiment=tag, cameras=cameras)
         assert len(chunk.actions) == min(16, info.chunk_size)
-    with running.client() as client, pytest.raises(grpc.RpcError) as error:
+    with running.client() as client, pytest.raises(VLAError) as error:
         client.predict(IMAGE, [0.0] * dims["gr1"], "x", embodiment="unitree_h1")
-    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "gr1" in error.value.details() and "new_embodiment" in error.value.details()
+    assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "gr1" in error.value.message and "new_embodiment" in error.value.message

@@ -11,7 +11,8 @@ For pi0 / pi0.5, GR00T and OpenVLA:
   over-long prompts falling back to eager; the pi0 server serves with VLA_COMPILE=1.
 
 Compiles use the "aot_eager" backend (the same dynamo capture and AOT graph as inductor, no code
-generation): CPU inductor compiles take minutes on a small machine. One test compiles the
+generation; policies and servers get it as VLA_COMPILE_BACKEND, compile_backend in their settings):
+CPU inductor compiles take minutes on a small machine. One test compiles the
 smallest pi0 with inductor, the serving backend. Tolerances: float32 on the CPU, where the
 padded prefix changes only the summation order (observed ~1e-6 after 3-10 Euler steps).
 """
@@ -21,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -37,30 +38,39 @@ from vla_inference.client import make_observation
 from vla_inference.config import Settings
 from vla_inference.models import rtc
 from vla_inference.models.base import Observation
-from vla_inference.models.common import static
+from vla_inference.models.common import flow, static
 from vla_inference.models.common.init import init_random_weights
-from vla_inference.models.groot.model import GR00TN15, GrootStatic, config_for
+from vla_inference.models.groot.model import GR00TN15, GrootBatch, GrootConfig
 from vla_inference.models.groot.policy import GrootPolicy
-from vla_inference.models.openvla.model import STATIC_PROMPT_TOKENS, OpenVLA, OpenVLAConfig, OpenVLAStatic
+from vla_inference.models.groot.static import GrootStatic
+from vla_inference.models.openvla.model import STATIC_PROMPT_TOKENS, DecodeState, OpenVLA, OpenVLAConfig
 from vla_inference.models.openvla.policy import OpenVLAPolicy
-from vla_inference.models.pi0.model import NAMED_CONFIGS, Pi0Model, Pi0Static, build
+from vla_inference.models.openvla.static import OpenVLAStatic
+from vla_inference.models.pi0.model import SIZES, Pi0Batch, Pi0Model, build
 from vla_inference.models.pi0.policy import Pi0Policy
+from vla_inference.models.pi0.static import Pi0Static
 
 ATOL = 2e-5
 BF16_ATOL = 0.05  # bf16 keeps ~3 significant digits; actions are O(1)
 BACKEND = "aot_eager"
 
+Rows = TypeVar("Rows", Pi0Batch, GrootBatch)  # a sampler's batch
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)
-def _fresh_dynamo(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _fresh_dynamo() -> Iterator[None]:
     """Each test starts with no compiled code (so the recompile limit is never reached across
-    tests) and policies compile with BACKEND."""
+    tests)."""
     torch._dynamo.reset()
-    monkeypatch.setattr(static, "BACKEND", BACKEND)
     yield
     torch._dynamo.reset()
+
+
+def _rows(batch: Rows, n: int) -> Rows:
+    """The first n rows of a sampler's batch (a named tuple of tensors, rows first)."""
+    return type(batch)(*(t[:n] for t in batch))
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, atol: float) -> None:
@@ -90,8 +100,8 @@ def test_buckets_pieces_and_padding() -> None:
 # ---- pi0 / pi0.5 -------------------------------------------------------------------------------
 
 
-def _pi0(cfg_name: str, batch: int, seed: int = 0) -> tuple[Pi0Model, tuple[torch.Tensor, ...]]:
-    cfg = NAMED_CONFIGS[cfg_name]
+def _pi0(cfg_name: str, batch: int, seed: int = 0) -> tuple[Pi0Model, Pi0Batch, torch.Tensor]:
+    cfg = SIZES[cfg_name]
     model = build(cfg).eval()
     init_random_weights(model, seed)
     g = torch.Generator().manual_seed(seed)
@@ -102,23 +112,25 @@ def _pi0(cfg_name: str, batch: int, seed: int = 0) -> tuple[Pi0Model, tuple[torc
     token_masks = torch.arange(12)[None] < torch.tensor([5, 12, 8, 3] * 3)[:batch, None]
     state = torch.randn(batch, cfg.action_dim, generator=g)
     noise = torch.randn(batch, cfg.action_horizon, cfg.action_dim, generator=g)
-    return model, (images, image_masks, tokens, token_masks, state, noise)
+    return model, Pi0Batch(images, image_masks, tokens, token_masks, state), noise
 
 
-def _eager_pi0(model: Pi0Model, inputs: tuple[torch.Tensor, ...], steps: int, prefix: Any = None) -> Any:
+def _eager_pi0(
+    model: Pi0Model, batch: Pi0Batch, noise: torch.Tensor, steps: int, chunking: rtc.Chunking | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.inference_mode():
-        return model.sample_actions(*inputs, num_steps=steps, prefix=prefix)
+        return model.sample(batch, noise, steps, chunking)
 
 
 @pytest.mark.parametrize("batch", [3, 9])
 def test_pi0_static_shapes_equal_eager_without_a_compiler(batch: int) -> None:
     """Buckets (3 -> 4; 9 -> 8 + 1), the prompt padded to max_token_len and every slot in the
-    prefix change no valid value: the static path run eagerly equals sample_actions."""
-    model, inputs = _pi0("pi0_dummy", batch)
+    prefix change no valid value: the static path run eagerly equals Pi0Model.sample."""
+    model, inputs, noise = _pi0("pi0_dummy", batch)
     runner = Pi0Static(model, compile=False)
     assert runner.prefix_len == 3 * 64 + 48
-    expected, expected_v = _eager_pi0(model, inputs, steps=3)
-    actions, velocity = runner.sample_actions(*inputs, num_steps=3)
+    expected, expected_v = _eager_pi0(model, inputs, noise, steps=3)
+    actions, velocity = runner.sample(inputs, noise, 3)
     assert actions.shape == expected.shape
     np.testing.assert_allclose(actions, expected, atol=ATOL, rtol=0)
     np.testing.assert_allclose(velocity, expected_v, atol=ATOL, rtol=0)
@@ -127,13 +139,13 @@ def test_pi0_static_shapes_equal_eager_without_a_compiler(batch: int) -> None:
 
 @pytest.mark.parametrize("cfg_name", ["pi0_dummy", "pi05_dummy"])
 def test_pi0_compiled_equals_eager_and_does_not_recompile(cfg_name: str) -> None:
-    model, inputs = _pi0(cfg_name, 4)
+    model, inputs, noise = _pi0(cfg_name, 4)
     runner = Pi0Static(model, backend=BACKEND)
-    three = tuple(t[:3] for t in inputs)
-    expected, expected_v = _eager_pi0(model, three, steps=3)
+    three, noise3 = _rows(inputs, 3), noise[:3]
+    expected, expected_v = _eager_pi0(model, three, noise3, steps=3)
 
     before = _graphs()
-    actions, velocity = runner.sample_actions(*three, num_steps=3)  # bucket 4, one padding row
+    actions, velocity = runner.sample(three, noise3, 3)  # bucket 4, one padding row
     assert _graphs() - before == 2  # prefix + step: the 3 steps replay one graph
     np.testing.assert_allclose(actions, expected, atol=ATOL, rtol=0)
     np.testing.assert_allclose(velocity, expected_v, atol=ATOL, rtol=0)
@@ -141,17 +153,17 @@ def test_pi0_compiled_equals_eager_and_does_not_recompile(cfg_name: str) -> None
 
     compiled = _graphs()
     with torch.compiler.set_stance("fail_on_recompile"):
-        again, _ = runner.sample_actions(*three, num_steps=3)
-        four, _ = runner.sample_actions(*inputs, num_steps=3)  # the same bucket, other rows
+        again, _ = runner.sample(three, noise3, 3)
+        four, _ = runner.sample(inputs, noise, 3)  # the same bucket, other rows
     assert _graphs() == compiled
     torch.testing.assert_close(again, actions, rtol=0, atol=0)
-    np.testing.assert_allclose(four, _eager_pi0(model, inputs, steps=3)[0], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(four, _eager_pi0(model, inputs, noise, steps=3)[0], atol=ATOL, rtol=0)
 
     with pytest.raises(Exception, match="recompil"), torch.compiler.set_stance("fail_on_recompile"):
-        runner.sample_actions(*(t[:1] for t in inputs), num_steps=3)  # bucket 1: a new graph
+        runner.sample(_rows(inputs, 1), noise[:1], 3)  # bucket 1: a new graph
 
 
-def _mixed_prefix(previous: torch.Tensor) -> rtc.BatchPrefix:
+def _mixed_prefix(previous: torch.Tensor) -> rtc.Chunking:
     """Row 0 hard (d = 4), row 1 none, row 2 guided with the velocity held constant (d = 2)."""
     _, H, A = previous.shape
     prefixes = [
@@ -159,37 +171,37 @@ def _mixed_prefix(previous: torch.Tensor) -> rtc.BatchPrefix:
         None,
         rtc.build_prefix(previous[2].numpy(), 0, 2, H, "guided", 5.0, jacobian=False),
     ]
-    batch = rtc.BatchPrefix.stack(prefixes, H, A, torch.device("cpu"))
+    batch = rtc.Chunking.stack(prefixes, H, A, torch.device("cpu"))
     assert batch is not None and batch.hard and batch.guided and not batch.needs_backward
     return batch
 
 
 def test_pi0_chunking_is_compiled_guidance_with_the_jacobian_is_refused() -> None:
     """Hard and constant-velocity guided rows share the plain rows' graphs and equal eager."""
-    model, inputs = _pi0("pi0_dummy", 3)
+    model, inputs, noise = _pi0("pi0_dummy", 3)
     cfg = model.cfg
     previous = torch.randn(3, cfg.action_horizon, cfg.action_dim, generator=torch.Generator().manual_seed(5))
     runner = Pi0Static(model, backend=BACKEND)
-    plain, _ = runner.sample_actions(*inputs, num_steps=3)
+    plain, _ = runner.sample(inputs, noise, 3)
     compiled = _graphs()
     mixed = _mixed_prefix(previous)
     with torch.compiler.set_stance("fail_on_recompile"):
-        actions, _ = runner.sample_actions(*inputs, num_steps=3, prefix=mixed)
+        actions, _ = runner.sample(inputs, noise, 3, mixed)
     assert _graphs() == compiled
-    np.testing.assert_allclose(actions, _eager_pi0(model, inputs, 3, mixed)[0], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(actions, _eager_pi0(model, inputs, noise, 3, mixed)[0], atol=ATOL, rtol=0)
     torch.testing.assert_close(actions[0, :4], previous[0, :4])  # the committed rows, exactly
     torch.testing.assert_close(actions[1], plain[1])
     pulled = (actions[2, :2] - previous[2, :2]).abs().mean()
     assert pulled < 0.5 * (plain[2, :2] - previous[2, :2]).abs().mean()  # the guidance ran
 
-    guided = rtc.BatchPrefix.stack(
+    guided = rtc.Chunking.stack(
         [rtc.build_prefix(previous[0].numpy(), 0, 3, cfg.action_horizon, "guided", 5.0)],
         cfg.action_horizon,
         cfg.action_dim,
         torch.device("cpu"),
     )
     with pytest.raises(ValueError, match="Jacobian"):
-        Pi0Static(model, compile=False).sample_actions(*(t[:1] for t in inputs), num_steps=3, prefix=guided)
+        Pi0Static(model, compile=False).sample(_rows(inputs, 1), noise[:1], 3, guided)
 
 
 def _explain(fn: Callable[..., Any], *args: Any) -> Any:
@@ -199,47 +211,52 @@ def _explain(fn: Callable[..., Any], *args: Any) -> Any:
 
 def test_every_compiled_piece_is_one_graph() -> None:
     """torch._dynamo.explain over each family's compiled functions: one graph, no break."""
-    pi0, inputs = _pi0("pi05_dummy", 2)
+    pi0, inputs, noise = _pi0("pi05_dummy", 2)
     runner = Pi0Static(pi0, compile=False)
     cache = runner.cache(2)
-    images, image_masks, tokens, token_masks, state, noise = inputs
-    tokens, token_masks = static.pad_columns(tokens, 200), static.pad_columns(token_masks, 200, False)
-    explained = [
-        _explain(pi0.prefix_static, cache.k, cache.v, images, image_masks, tokens, token_masks, (0, 1, 2))
-    ]
-    with torch.inference_mode():
-        context = pi0.prefix_static(cache.k, cache.v, images, image_masks, tokens, token_masks, (0, 1, 2))
-    tau, t = torch.zeros(2), torch.ones(2)
-    chunking = rtc.BatchPrefix.static_inputs(None, noise)
-    explained.append(
-        _explain(pi0.step_static, cache.k, cache.v, context, state, noise, tau, t, noise, chunking, 10)
+    length = pi0.cfg.max_token_len
+    padded = inputs._replace(
+        tokens=static.pad_columns(inputs.tokens, length),
+        token_masks=static.pad_columns(inputs.token_masks, length, False),
     )
+    assert runner.slots == (0, 1, 2)
+    explained = [_explain(pi0.prefix, padded, cache, runner.slots)]
+    with torch.inference_mode():
+        context = pi0.prefix(padded, cache, runner.slots)
+    time = flow.StepTime(torch.zeros(2), torch.ones(2))  # tau, openpi's t = 1 - tau
+    chunking = rtc.Chunking.zeros(noise)
+    explained.append(_explain(pi0.euler_step, cache, context, padded, noise, time, noise, chunking, 0.1))
 
-    groot, (pixels, ids, mask, gstate, emb, gnoise) = _groot(2)
-    kv = GrootStatic(groot, 64, 2, compile=False).cache(2)
-    flat = torch.cat([*pixels, torch.zeros(4 - 3, *pixels[0].shape[1:])])
-    ids, mask = static.pad_columns(ids, 64), static.pad_columns(mask, 64, False)
-    explained.append(_explain(groot.context_static, kv, flat, ids, mask))
-    gchunking = rtc.BatchPrefix.static_inputs(None, gnoise)
-    bucket = torch.zeros(2, dtype=torch.long)
+    groot, gbatch, gnoise = _groot(2)
+    grunner = GrootStatic(groot, 64, 2, compile=False)
+    kv = grunner.cache(2)
+    assert gbatch.pixels.shape[1] == grunner.images_per_row  # row 0: one view and one zero image
+    gpadded = gbatch._replace(
+        input_ids=static.pad_columns(gbatch.input_ids, 64),
+        attention_mask=static.pad_columns(gbatch.attention_mask, 64, False),
+    )
+    explained.append(_explain(groot.prefix, gpadded, kv))
+    with torch.inference_mode():
+        state_features = groot.prefix(gpadded, kv)
+    gchunking = rtc.Chunking.zeros(gnoise)
+    gtime = flow.StepTime(torch.zeros(2), torch.zeros(2, dtype=torch.long))  # tau, the DiT's bucket
     explained.append(
-        _explain(groot.step_static, kv, mask, gstate, emb, gnoise, tau, bucket, gnoise, gchunking, 4)
+        _explain(groot.euler_step, kv, state_features, gpadded, gnoise, gtime, gnoise, gchunking, 0.25)
     )
 
     vla, (vpixels, _) = _openvla(2)
     vrunner = OpenVLAStatic(vla, 24, 7, compile=False)
     vcache = vrunner.cache(2)
-    bos, text, valid = (
-        torch.ones(2, 1, dtype=torch.long),
-        torch.full((2, 23), 5),
-        torch.ones(2, 23, dtype=torch.bool),
+    prompts = [torch.tensor([1, 5, 6]), torch.tensor([1, 7])]
+    vbatch = vla.layout(vpixels, prompts, width=23)
+    explained.append(_explain(vla.prefill, vbatch, vcache))
+    state = DecodeState(
+        torch.tensor([7, 9]),
+        torch.ones(2),
+        torch.ones(2, vrunner.length, dtype=torch.bool),
+        torch.tensor([30, 40]),
     )
-    explained.append(_explain(vla.prefill_static, vcache.k, vcache.v, vpixels, bos, text, valid))
-    key_valid = torch.ones(2, vrunner.length, dtype=torch.bool)
-    token, position = torch.tensor([7, 9]), torch.tensor([30, 40])
-    explained.append(
-        _explain(vla.decode_static, vcache.k, vcache.v, token, position, vrunner.columns()[0], key_valid)
-    )
+    explained.append(_explain(vla.decode_step, vcache, state, torch.tensor([vrunner.start])))
     for out in explained:
         assert out.graph_break_count == 0 and out.graph_count == 1, out.break_reasons
 
@@ -247,82 +264,95 @@ def test_every_compiled_piece_is_one_graph() -> None:
 @pytest.mark.slow
 def test_inductor_compiles_the_smallest_pi0() -> None:
     """The serving backend (inductor; no CUDA graphs on the CPU) on pi0_demo, bucket 1."""
-    model, inputs = _pi0("pi0_demo", 1)
+    model, inputs, noise = _pi0("pi0_demo", 1)
     runner = Pi0Static(model, backend="inductor")
-    expected, _ = _eager_pi0(model, inputs, steps=2)
-    actions, _ = runner.sample_actions(*inputs, num_steps=2)
+    expected, _ = _eager_pi0(model, inputs, noise, steps=2)
+    actions, _ = runner.sample(inputs, noise, 2)
     np.testing.assert_allclose(actions, expected, atol=1e-4, rtol=0)
     with torch.compiler.set_stance("fail_on_recompile"):
-        again, _ = runner.sample_actions(*inputs, num_steps=2)
+        again, _ = runner.sample(inputs, noise, 2)
     torch.testing.assert_close(again, actions, rtol=0, atol=0)
 
 
 # ---- GR00T -------------------------------------------------------------------------------------
 
 
-def _groot(batch: int, seed: int = 0) -> tuple[GR00TN15, tuple[Any, ...]]:
-    cfg = config_for("tiny")
+def _groot(batch: int, seed: int = 0) -> tuple[GR00TN15, GrootBatch, torch.Tensor]:
+    """Rows of 1, 2, 1, 2 camera views (pixels (B, 2, ...), zero images after a row's own) and
+    prompts of 30, 44, 37, 40 tokens (right-padded), each with its views' image ids."""
+    cfg = GrootConfig.named("tiny")
+    eagle, size = cfg.backbone, cfg.image_size
     model = GR00TN15(cfg).eval()
     init_random_weights(model, seed)
     g = torch.Generator().manual_seed(seed)
     views, lengths = [1, 2, 1, 2][:batch], [30, 44, 37, 40][:batch]
     ids = torch.zeros(batch, max(lengths), dtype=torch.long)
     mask = torch.zeros(batch, max(lengths), dtype=torch.bool)
-    pixels = []
+    pixels = torch.zeros(batch, max(views), 3, size, size)
     for row, (v, n) in enumerate(zip(views, lengths, strict=True)):
-        seq = torch.randint(0, cfg.vocab_size - 2, (n,), generator=g)
-        seq[3 : 3 + v * cfg.num_image_tokens] = cfg.image_token_id
+        seq = torch.randint(0, eagle.vocab_size - 2, (n,), generator=g)
+        seq[3 : 3 + v * eagle.num_image_tokens] = eagle.image_token_id
         ids[row, :n], mask[row, :n] = seq, True
-        pixels.append(torch.rand(v, 3, cfg.image_size, cfg.image_size, generator=g) * 2 - 1)
+        pixels[row, :v] = torch.rand(v, 3, size, size, generator=g) * 2 - 1
     state = torch.randn(batch, 1, cfg.max_state_dim, generator=g)
     emb = torch.tensor([0, 3, 1, 0][:batch])
     noise = torch.randn(batch, cfg.action_horizon, cfg.action_dim, generator=g)
-    return model, (pixels, ids, mask, state, emb, noise)
+    return model, GrootBatch(pixels, ids, mask, state, emb), noise
 
 
-def _eager_groot(model: GR00TN15, inputs: tuple[Any, ...], prefix: Any = None) -> Any:
-    pixels, *rest = inputs
+def _eager_groot(
+    model: GR00TN15, batch: GrootBatch, noise: torch.Tensor, chunking: rtc.Chunking | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.inference_mode():
-        return model.sample(torch.cat(pixels), *rest, 4, prefix)
+        return model.sample(batch, noise, 4, chunking)
 
 
 def test_groot_static_shapes_equal_eager_without_a_compiler() -> None:
-    model, inputs = _groot(3)
-    expected, expected_v = _eager_groot(model, inputs)
-    actions, velocity = GrootStatic(model, 64, 2, compile=False).sample(*inputs, steps=4)
+    """The bucket (3 -> 4), the prompt padded to 64 tokens and the images to 3 per row (one more
+    zero view than the batch has) change no valid value."""
+    model, inputs, noise = _groot(3)
+    expected, expected_v = _eager_groot(model, inputs, noise)
+    runner = GrootStatic(model, 64, 3, compile=False)
+    actions, velocity = runner.sample(inputs, noise, 4)
     np.testing.assert_allclose(actions, expected, atol=ATOL, rtol=0)
     np.testing.assert_allclose(velocity, expected_v, atol=ATOL, rtol=0)
+    assert sorted(runner._caches) == [4]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_groot_compiled_equals_eager_and_does_not_recompile(dtype: torch.dtype) -> None:
     """bf16 as on a GPU: the noise runs in bf16, and a real-time-chunking batch (hard and guided
     with the velocity held constant) reuses the graph."""
-    model, inputs = _groot(4)
+    model, inputs, noise = _groot(4)
     model.to(dtype)
     atol = ATOL if dtype == torch.float32 else BF16_ATOL
-    three = (inputs[0][:3], *(t[:3] for t in inputs[1:]))
+    three, noise3 = _rows(inputs, 3), noise[:3]
     cfg = model.cfg
     previous = torch.randn(3, cfg.action_horizon, cfg.action_dim, generator=torch.Generator().manual_seed(1))
     hard = _mixed_prefix(previous[[1, 0, 2]])  # row 0 hard, row 2 guided
     runner = GrootStatic(model, 64, 2, backend=BACKEND)
-    assert not runner.fits(65, 1) and not runner.fits(30, 3)
+    longer = three._replace(
+        input_ids=static.pad_columns(three.input_ids, 65),
+        attention_mask=static.pad_columns(three.attention_mask, 65, False),
+    )
+    more_views = three._replace(pixels=torch.cat([three.pixels, three.pixels[:, :1]], dim=1))
+    assert runner.fits(three) and not runner.fits(longer) and not runner.fits(more_views)
 
     before = _graphs()
-    actions, velocity = runner.sample(*three, steps=4)  # bucket 4: one padding row, 6 of 8 images
+    actions, velocity = runner.sample(three, noise3, 4)  # bucket 4: one padding row, 6 of 8 images
     assert _graphs() - before == 2
-    expected, expected_v = _eager_groot(model, three)
+    expected, expected_v = _eager_groot(model, three, noise3)
     _close(actions, expected, atol)
     _close(velocity, expected_v, atol)
 
     compiled = _graphs()
     with torch.compiler.set_stance("fail_on_recompile"):
-        with_hard, _ = runner.sample(*three, steps=4, prefix=hard)
-        four, _ = runner.sample(*inputs, steps=4)
+        with_hard, _ = runner.sample(three, noise3, 4, hard)
+        four, _ = runner.sample(inputs, noise, 4)
     assert _graphs() == compiled
-    _close(with_hard, _eager_groot(model, three, hard)[0], atol)
+    _close(with_hard, _eager_groot(model, three, noise3, hard)[0], atol)
     torch.testing.assert_close(with_hard[0, :4], previous[1, :4].to(dtype))
-    _close(four, _eager_groot(model, inputs)[0], atol)
+    _close(four, _eager_groot(model, inputs, noise)[0], atol)
 
 
 # ---- OpenVLA -----------------------------------------------------------------------------------
@@ -386,17 +416,20 @@ def test_pi0_policy_with_compile(tmp_path: Path, caplog: pytest.LogCaptureFixtur
     path = write_tiny_openpi_checkpoint(tmp_path / "ckpt", "pi0", seed=1)
     eager, compiled = (
         Pi0Policy(Settings(chunk_size=50)),
-        Pi0Policy(Settings(chunk_size=50, compile=True, batch_size=2)),
+        Pi0Policy(Settings(chunk_size=50, compile=True, batch_size=2, compile_backend=BACKEND)),
     )
     eager.load(str(path), "cpu")
     compiled.load(str(path), "cpu")
+    assert isinstance(compiled.static, Pi0Static) and eager.static is None
     samples = [compiled.prepare(o) for o in _pi0_observations(2)]
     with caplog.at_level(logging.INFO, logger="vla_inference.models.common.static"):
-        got = compiled.forward(samples)
+        compiled.warm_up(2)  # what the engine calls before SERVING
     assert "compiled for batch buckets 1, 2" in caplog.text
+    with torch.compiler.set_stance("fail_on_recompile"):  # warmed up: nothing left to compile
+        got = compiled.forward(samples)
     for raw, want in zip(got, eager.forward(samples), strict=True):
         np.testing.assert_allclose(raw.actions, want.actions, atol=ATOL, rtol=0)
-        np.testing.assert_allclose(raw.last_velocity, want.last_velocity, atol=ATOL, rtol=0)
+        assert raw.confidence == pytest.approx(want.confidence, abs=1e-6)
 
     # guided real-time chunking: eager on both (the same computation, the same numbers)
     cfg = compiled.config
@@ -433,7 +466,11 @@ def test_pi0_server_with_compile(
     for compile_model in (False, True):
         with caplog.at_level(logging.INFO, logger="vla_inference.models.common.static"):
             running = server_factory(
-                compile=compile_model, batch_size=2, warmup_batches=1, rtc_guidance_jacobian=False
+                compile=compile_model,
+                compile_backend=BACKEND,
+                batch_size=2,
+                warmup_batches=1,
+                rtc_guidance_jacobian=False,
             )
         assert ("compiled for batch buckets 1, 2" in caplog.text) == compile_model
         with running.client() as client:
@@ -449,11 +486,11 @@ def test_pi0_server_with_compile(
     assert np.abs(guided[0] - answers[0]).max() > 1e-3
 
 
-def test_groot_policy_with_compile(tmp_path: Path) -> None:
+def test_groot_policy_with_compile(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = write_tiny_groot_checkpoint(tmp_path / "groot", seed=1)
     eager, compiled = (
         GrootPolicy(Settings(model_type="groot")),
-        GrootPolicy(Settings(model_type="groot", compile=True, batch_size=2)),
+        GrootPolicy(Settings(model_type="groot", compile=True, batch_size=2, compile_backend=BACKEND)),
     )
     eager.load(str(path), "cpu")
     compiled.load(str(path), "cpu")
@@ -471,13 +508,20 @@ def test_groot_policy_with_compile(tmp_path: Path) -> None:
         ),
     ]
     samples = [compiled.prepare(o) for o in observations]
-    assert compiled._static is not None and compiled._static.images_per_row == 2
-    for raw, want in zip(compiled.forward(samples), eager.forward(samples), strict=True):
+    assert isinstance(compiled.static, GrootStatic) and compiled.static.images_per_row == 2
+    assert eager.static is None
+    with caplog.at_level(logging.INFO, logger="vla_inference.models.common.static"):
+        compiled.warm_up(2)  # what the engine calls before SERVING
+    assert "groot sampler compiled for batch buckets 1, 2" in caplog.text
+    with torch.compiler.set_stance("fail_on_recompile"):  # warmed up: nothing left to compile
+        got = compiled.forward(samples)
+    for raw, want in zip(got, eager.forward(samples), strict=True):
         np.testing.assert_allclose(raw.actions, want.actions, atol=ATOL, rtol=0)
+        assert raw.confidence == pytest.approx(want.confidence, abs=1e-6)
 
     long = Observation({"base": image()}, np.zeros(6, np.float32), "go " * 200, "gr1", seed=3)
     sample = compiled.prepare(long)
-    assert not compiled._static.fits(int(sample.inputs.input_ids.numel()), 1)
+    assert not compiled.static.fits(compiled.collate([sample]))
     with torch.compiler.set_stance("fail_on_recompile"):  # eager: nothing to compile
         np.testing.assert_allclose(
             compiled.forward([sample])[0].actions, eager.forward([sample])[0].actions, atol=ATOL, rtol=0
@@ -487,9 +531,12 @@ def test_groot_policy_with_compile(tmp_path: Path) -> None:
 def test_openvla_policy_with_compile(tmp_path: Path) -> None:
     path = write_tiny_openvla_checkpoint(tmp_path / "openvla", seed=0)
     eager = OpenVLAPolicy(Settings(model_type="openvla"))
-    compiled = OpenVLAPolicy(Settings(model_type="openvla", compile=True, batch_size=2))
+    compiled = OpenVLAPolicy(
+        Settings(model_type="openvla", compile=True, batch_size=2, compile_backend=BACKEND)
+    )
     eager.load(str(path), "cpu")
     compiled.load(str(path), "cpu")
+    compiled.warm_up(2)
     rng = np.random.default_rng(0)
     observations = [
         Observation(
@@ -498,14 +545,15 @@ def test_openvla_policy_with_compile(tmp_path: Path) -> None:
         for text in ("pick up the red cup", "put the spoon in the drawer")
     ]
     samples = [compiled.prepare(o) for o in observations]
-    got, want = compiled.forward(samples), eager.forward(samples)
-    for raw, expected in zip(got, want, strict=True):
-        np.testing.assert_array_equal(raw.tokens, expected.tokens)
-        np.testing.assert_allclose(raw.probs, expected.probs, rtol=1e-4)
+    with torch.compiler.set_stance("fail_on_recompile"):  # the warm-up compiled buckets 1 and 2
+        got = compiled.forward(samples)
+    for raw, expected in zip(got, eager.forward(samples), strict=True):
+        np.testing.assert_array_equal(raw.actions, expected.actions)  # the same greedy tokens
+        assert raw.confidence == pytest.approx(expected.confidence, rel=1e-4)
 
     long = compiled.prepare(
         Observation(observations[0].images, np.zeros(0, np.float32), "go to the left " * 30)
     )
     assert long.inputs.input_ids.numel() > STATIC_PROMPT_TOKENS  # decoded eagerly
     with torch.compiler.set_stance("fail_on_recompile"):
-        np.testing.assert_array_equal(compiled.forward([long])[0].tokens, eager.forward([long])[0].tokens)
+        np.testing.assert_array_equal(compiled.forward([long])[0].actions, eager.forward([long])[0].actions)

@@ -22,8 +22,8 @@ ORIGINAL_DEFAULTS = {
     "VLA_BATCH_SIZE": "1",
     "VLA_CHUNK_SIZE": "16",
     "VLA_TIMEOUT_MS": "5000",
-    "VLA_IMAGE_WIDTH": "224",
-    "VLA_IMAGE_HEIGHT": "224",
+    # The original design's VLA_IMAGE_WIDTH / VLA_IMAGE_HEIGHT (224) are gone: no model family read
+    # them; a model's input size comes from its checkpoint (see test_config_shows_the_model_input_size).
     "VLA_ACTION_DIM": "7",
     "VLA_GRPC_PORT": "50051",
     "VLA_MAX_WORKERS": "4",

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests.support.toy_model import EMBODIMENTS, ToyPolicy, expected_actions
-from vla_inference.client import AsyncVLAClient, make_observation
+from vla_inference.client import AsyncVLAClient, VLAError, make_observation
 from vla_inference.models.base import Observation
 
 RNG = np.random.default_rng(0)
@@ -41,6 +41,16 @@ def alone(model: ToyPolicy, i: int, embodiment: str = "arm7") -> np.ndarray:
 
 def scrape(running) -> str:
     return urllib.request.urlopen(running.metrics_url, timeout=5).read().decode()
+
+
+def batches_holding(model: ToyPolicy, instruction: str) -> list[int]:
+    """Sizes of the forward passes that held a request with `instruction`, in order."""
+    sizes, start = [], 0
+    for size in model.batches:
+        if instruction in model.seen_instructions[start : start + size]:
+            sizes.append(size)
+        start += size
+    return sizes
 
 
 def test_concurrent_clients_each_get_their_own_answer_in_shared_batches(server_factory):
@@ -73,7 +83,7 @@ def test_concurrent_clients_each_get_their_own_answer_in_shared_batches(server_f
     assert max(model.batches) <= 8
     assert max(r[2].timing.batch_size for r in results) > 1
     text = scrape(running)
-    assert 'vla_inference_requests_total{model="toy/embedded-random",status="OK"} 48.0' in text
+    assert '{model="toy/embedded-random",protocol="grpc",status="OK"} 48.0' in text
 
 
 def test_incompatible_requests_never_share_a_batch(server_factory):
@@ -84,7 +94,7 @@ def test_incompatible_requests_never_share_a_batch(server_factory):
             seen.append([s.embodiment for s in samples])
             return super().forward(samples)
 
-    running = server_factory(lambda s: Recording(s, batch_cost_s=0.02), batch_size=8, batch_timeout_ms=30)
+    running = server_factory(lambda s: Recording(s, batch_cost_s=0.05), batch_size=8, batch_timeout_ms=100)
 
     def call(i: int):
         embodiment = "arm6" if i % 2 else "arm7"
@@ -93,7 +103,10 @@ def test_incompatible_requests_never_share_a_batch(server_factory):
 
     with ThreadPoolExecutor(12) as pool:
         list(pool.map(call, range(24)))
+    assert sum(map(len, seen[1:])) == 24, seen  # seen[0]: the warm-up batch
     assert all(len(set(batch)) == 1 for batch in seen), seen
+    # ... and yet both kinds were batched: there was something to keep apart
+    assert {batch[0] for batch in seen if len(batch) > 1} == {"arm6", "arm7"}, seen
 
 
 def test_full_queue_refuses_at_once_with_resource_exhausted(server_factory):
@@ -105,8 +118,8 @@ def test_full_queue_refuses_at_once_with_resource_exhausted(server_factory):
             try:
                 client.predict(image(i), joints(i), "x")
                 return "OK", time.monotonic() - t0
-            except grpc.RpcError as exc:
-                return exc.code().name, time.monotonic() - t0
+            except VLAError as exc:
+                return exc.code.name, time.monotonic() - t0
 
     with ThreadPoolExecutor(6) as pool:
         outcomes = list(pool.map(call, range(6)))
@@ -123,12 +136,15 @@ def test_expired_requests_never_reach_the_model(server_factory):
     with ThreadPoolExecutor(2) as pool:
         blocker = pool.submit(lambda: running.client().predict(image(0), joints(0), "blocker"))
         time.sleep(0.1)
-        with running.client() as client, pytest.raises(grpc.RpcError) as info:
+        with running.client() as client, pytest.raises(VLAError) as info:
             client.predict(image(1), joints(1), "late one", timeout=0.15)
-        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
         blocker.result(10)
     time.sleep(0.2)
     assert "late one" not in model.seen_instructions
+    # the server did see it (it expired there, or the client's cancel at its deadline reached it)
+    text = scrape(running)
+    assert 'status="DEADLINE_EXCEEDED"' in text or 'status="CANCELLED"' in text
 
 
 def test_server_default_timeout_applies_when_client_sets_none(server_factory):
@@ -281,7 +297,9 @@ def test_warmup_runs_before_serving(server_factory):
 
 
 def test_exception_fails_only_its_own_request(server_factory):
-    running = server_factory(lambda s: ToyPolicy(s, batch_cost_s=0.05), batch_size=8, batch_timeout_ms=50)
+    # A long window: the batch closes as soon as all 8 are in, so "fail" has batch-mates to spare.
+    running = server_factory(lambda s: ToyPolicy(s, batch_cost_s=0.05), batch_size=8, batch_timeout_ms=300)
+    model = running.server.model
 
     def call(i: int):
         instruction = "fail" if i == 3 else f"ok {i}"
@@ -289,19 +307,20 @@ def test_exception_fails_only_its_own_request(server_factory):
             try:
                 client.predict(image(i), joints(i), instruction)
                 return "OK"
-            except grpc.RpcError as exc:
-                return exc.code().name
+            except VLAError as exc:
+                return exc.code.name
 
     with ThreadPoolExecutor(8) as pool:
         outcomes = list(pool.map(call, range(8)))
     assert outcomes[3] == "INTERNAL"
     assert outcomes.count("OK") == 7
+    failing = batches_holding(model, "fail")
+    assert failing[0] > 1 and failing[-1] == 1, model.batches  # shared a batch, then failed alone
 
 
 def test_out_of_memory_retries_smaller_batches(server_factory):
-    running = server_factory(lambda s: ToyPolicy(s, batch_cost_s=0.05), batch_size=8, batch_timeout_ms=50)
+    running = server_factory(lambda s: ToyPolicy(s, batch_cost_s=0.05), batch_size=8, batch_timeout_ms=300)
     model = running.server.model
-    model.batches.clear()
 
     def call(i: int):
         with running.client() as client:
@@ -309,7 +328,9 @@ def test_out_of_memory_retries_smaller_batches(server_factory):
 
     with ThreadPoolExecutor(6) as pool:
         assert all(pool.map(call, range(6)))  # every request answered, the OOM one too (alone)
-    assert max(model.batches) > 1 and 1 in model.batches
+    oom = batches_holding(model, "oom")
+    assert oom[0] > 1 and oom[-1] == 1, model.batches  # halved until it ran alone
+    assert oom == sorted(oom, reverse=True), oom
 
 
 def test_hung_worker_turns_health_not_serving_and_deadlines_cut_it(server_factory):
@@ -320,9 +341,9 @@ def test_hung_worker_turns_health_not_serving_and_deadlines_cut_it(server_factor
     channel = grpc.insecure_channel(running.target)
     health = health_pb2_grpc.HealthStub(channel)
     with running.client() as client:
-        with pytest.raises(grpc.RpcError) as info:
+        with pytest.raises(VLAError) as info:
             client.predict(image(0), joints(0), "hang", timeout=0.5)
-        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
         time.sleep(0.5)
         reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -345,8 +366,8 @@ def test_drain_answers_accepted_requests_and_refuses_new_ones(server_factory):
             try:
                 client.predict(image(i), joints(i), "x", timeout=10)
                 outcome = "OK"
-            except grpc.RpcError as exc:
-                outcome = exc.code().name
+            except VLAError as exc:
+                outcome = exc.code.name
         with lock:
             results.append(outcome)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 import numpy as np
 
 from tests.support.toy_model import SimulatedOutOfMemory, ToyPolicy
+from vla_inference.client import VLAError
 
 
 class AlwaysOom(ToyPolicy):
@@ -39,8 +39,8 @@ def test_single_sample_out_of_memory_is_resource_exhausted_for_it_alone(server_f
             try:
                 chunk = client.predict(image, [float(i)] * 7, "oom-always" if i == 2 else f"ok {i}", seed=i)
                 return "OK", chunk
-            except grpc.RpcError as exc:
-                return exc.code().name, exc.details()
+            except VLAError as exc:
+                return exc.code.name, exc.message
 
     with ThreadPoolExecutor(6) as pool:
         outcomes = list(pool.map(call, range(6)))

@@ -22,7 +22,9 @@ from safetensors.torch import load_file, save_file
 from tests.helpers.groot_checkpoints import EMBODIMENT_LAYOUTS, tiny_statistics, write_tiny_groot_checkpoint
 from vla_inference.config import Settings
 from vla_inference.models.base import InvalidObservation, ModelLoadError, Observation
-from vla_inference.models.groot.policy import GrootPolicy, GrootRaw, prompt_text
+from vla_inference.models.common import flow
+from vla_inference.models.groot.policy import GrootPolicy, prompt_text
+from vla_inference.models.policy import Raw
 from vla_inference.models.registry import model_class
 
 
@@ -162,7 +164,7 @@ def test_out_of_range_state_is_not_clipped(policy: GrootPolicy) -> None:
 def test_actions_decoded_with_each_embodiments_transforms(policy: GrootPolicy) -> None:
     horizon, dim = 16, 8
     grid = np.linspace(-1.2, 1.2, horizon * dim, dtype=np.float32).reshape(horizon, dim)
-    raw = GrootRaw(actions=grid, velocity=np.zeros_like(grid), dt=0.25)
+    raw = Raw(actions=grid, confidence=0.75)
     z = grid.astype(np.float64)  # no clipping: rows beyond [-1, 1] map beyond the statistics
 
     out = policy.finish(raw, policy.prepare(gr1_obs()))
@@ -172,7 +174,7 @@ def test_actions_decoded_with_each_embodiments_transforms(policy: GrootPolicy) -
         parts.append((z[:, start : start + width] + 1) / 2 * (st["max"] - st["min"]) + st["min"])
         start += width
     np.testing.assert_allclose(out.actions, np.concatenate(parts, axis=1), rtol=1e-6, atol=1e-5)
-    assert out.confidence == 1.0  # zero final velocity
+    assert out.confidence == 0.75 and out.model_actions is grid  # forward's confidence, passed on
 
     out = policy.finish(raw, policy.prepare(ne_obs()))
     sa, gr = _stats("new_embodiment", "action", "single_arm"), _stats("new_embodiment", "action", "gripper")
@@ -188,14 +190,26 @@ def test_actions_decoded_with_each_embodiments_transforms(policy: GrootPolicy) -
     # so 0 -> 11.07, +1 -> 12.47 (min_max would give 12.57) and, unclipped, 1.5 -> 13.17.
     for value, robot in ((0.0, 11.07), (1.0, 12.47), (1.5, 13.17)):
         rows = np.full((16, 8), value, np.float32)
-        flat = GrootRaw(actions=rows, velocity=np.zeros((16, 8), np.float32), dt=0.25)
+        flat = Raw(actions=rows, confidence=1.0)
         assert policy.finish(flat, policy.prepare(ne_obs())).actions[0, 5] == pytest.approx(robot, abs=1e-5)
 
 
 def test_confidence_definition(policy: GrootPolicy) -> None:
+    sample = policy.prepare(gr1_obs())
+    rows, dims = policy.model_info.chunk_size, policy.action_width(sample)
+    assert (rows, dims) == (16, 6)  # the returned steps, gr1's model action values (6 of 8)
     velocity = np.full((16, 8), 2.0, np.float32)  # every step moves 2 * 0.25 = 0.5
-    raw = GrootRaw(actions=np.zeros((16, 8), np.float32), velocity=velocity, dt=0.25)
-    assert policy.finish(raw, policy.prepare(gr1_obs())).confidence == pytest.approx(1 / 1.5)
+    velocity[:, 6:] = 100.0  # the padding past the embodiment's actions does not count
+    assert flow.confidence(velocity, 0.25, rows, dims) == pytest.approx(1 / 1.5)
+    assert flow.confidence(np.zeros((16, 8), np.float32), 0.25, rows, dims) == 1.0  # settled
+
+    # forward reports it for the last Euler step of the sampler it ran (4 steps: dt = 0.25)
+    noise = policy.noise(sample.seed)[None]
+    with torch.inference_mode():
+        _, last = policy.loaded.network.sample(policy.collate([sample]), noise, policy.num_steps())
+    expected = flow.confidence(last[0].numpy(), 1.0 / policy.num_steps(), rows, dims)
+    assert policy.num_steps() == 4
+    assert policy.forward([sample])[0].confidence == pytest.approx(expected, abs=1e-6)
 
 
 # --- batching and seeds ------------------------------------------------------------------------
@@ -377,7 +391,7 @@ def test_bfloat16_weights(ckpt_dir: Path, policy: GrootPolicy) -> None:
     p = GrootPolicy(_settings(dtype="bfloat16"))
     p.load(str(ckpt_dir), "cpu")
     assert p.model_info.dtype == "bfloat16"
-    assert next(p._require_model().parameters()).dtype == torch.bfloat16
+    assert next(p.loaded.network.parameters()).dtype == torch.bfloat16
     got = p.predict(gr1_obs()).actions
     assert np.all(np.isfinite(got))
     # Same network in lower precision: close to the float32 result in robot units.

@@ -25,8 +25,9 @@ from vla_inference.config import ConfigError, Settings
 from vla_inference.models.base import InvalidObservation, ModelLoadError, Observation
 from vla_inference.models.groot import data_configs as dc
 from vla_inference.models.groot.embodiments import build_embodiments
-from vla_inference.models.groot.model import config_for
-from vla_inference.models.groot.policy import GrootPolicy, GrootRaw
+from vla_inference.models.groot.model import GrootConfig
+from vla_inference.models.groot.policy import GrootPolicy
+from vla_inference.models.policy import Raw
 
 
 def _settings(**kw: object) -> Settings:
@@ -144,7 +145,7 @@ def test_other_configs_on_base_metadata() -> None:
 
 
 def test_base_model_shaped_checkpoint_loads_and_serves(tmp_path: Path) -> None:
-    sizes = config_for("tiny", max_state_dim=64, action_dim=32)
+    sizes = GrootConfig.named("tiny", max_state_dim=64, action_dim=32)
     path = write_tiny_groot_checkpoint(tmp_path / "base", metadata=base_model_metadata(), sizes=sizes)
     policy = GrootPolicy(_settings())
     policy.load(str(path), "cpu")
@@ -244,11 +245,11 @@ def test_oxe_droid_actions(droid: GrootPolicy) -> None:
     # model action: eef_position_delta (3, as is), eef_rotation_delta (axis_angle 3 -> the
     # metadata's euler_angles_rpy), gripper_position (binary); the 8th model value is padding
     row = np.array([0.25, -3.0, 7.5, 0.0, 0.0, math.pi / 3, 0.7, 0.9], np.float32)
-    raw = GrootRaw(actions=np.tile(row, (16, 1)), velocity=np.zeros((16, 8), np.float32), dt=0.25)
+    raw = Raw(actions=np.tile(row, (16, 1)), confidence=1.0)
     actions = droid.finish(raw, droid.prepare(_droid_obs())).actions
     np.testing.assert_allclose(actions[0], [0.25, -3.0, 7.5, 0.0, 0.0, math.pi / 3, 1.0], atol=1e-6)
     row[6] = 0.2
-    raw = GrootRaw(actions=np.tile(row, (16, 1)), velocity=np.zeros((16, 8), np.float32), dt=0.25)
+    raw = Raw(actions=np.tile(row, (16, 1)), confidence=1.0)
     assert droid.finish(raw, droid.prepare(_droid_obs())).actions[0, 6] == 0.0
     assert droid.model_info.action_layouts["oxe_droid"][3:6] == (
         "eef_rotation_delta.0",

@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import RunningServer
 from tests.helpers.groot_checkpoints import write_tiny_groot_checkpoint
+from vla_inference.client import VLAError
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +55,10 @@ def test_serves_two_embodiments(server_factory: Callable[..., RunningServer], ck
         assert len(ne_chunk.actions) == 8 and all(len(a.joint_commands) == 6 for a in ne_chunk.actions)
         assert 0.0 < gr1_chunk.confidence <= 1.0
 
-        with pytest.raises(grpc.RpcError) as err:
+        with pytest.raises(VLAError) as err:
             client.predict(_image(0), [0.0] * 6, "go", embodiment="unitree_h1")
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "gr1" in (err.value.details() or "")
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and err.value.field == "embodiment_tag"
+        assert "gr1" in err.value.message
 
 
 def test_instruction_limit_names_the_proto_field(
@@ -67,7 +68,7 @@ def test_instruction_limit_names_the_proto_field(
     running = server_factory(
         model_type="groot", model_path=str(ckpt), max_instruction_chars=10, warmup_batches=0
     )
-    with running.client() as client, pytest.raises(grpc.RpcError) as err:
+    with running.client() as client, pytest.raises(VLAError) as err:
         client.predict(_image(0), [0.0] * 6, "pick up the red cube", embodiment="gr1")
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "language_instruction" in (err.value.details() or "")
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.field == "language_instruction" and "language_instruction" in err.value.message

@@ -18,68 +18,81 @@ import numpy as np
 import pytest
 import torch
 
-from vla_inference.models.groot import normalize as nz
+from vla_inference.models.groot import rotations as rot
 from vla_inference.models.groot.embodiments import KeyTransform
 from vla_inference.models.groot.video import crop_box, frame_to_pixels, resize_float
+from vla_inference.preprocessing import normalize as nz
 
 
-def _stats(**values: list[float]) -> dict[str, np.ndarray]:
-    return {k: np.asarray(v, dtype=np.float64) for k, v in values.items()}
+def _normalizer(mode: str, **values: list[float]) -> nz.Normalizer:
+    """A data config's mode ("min_max", "q99", ...) as GR00T serves it: the shared Normalizer,
+    the mode mapped through rotations.MODES, GR00T's convention."""
+    stats = nz.Stats.of({k: np.asarray(v, dtype=np.float64) for k, v in values.items()})
+    return nz.Normalizer(rot.MODES[mode], stats, nz.GROOT)
 
 
 # --- normalisation -------------------------------------------------------------------------------
 
 
+def test_data_config_modes_map_to_the_shared_normalizer() -> None:
+    assert rot.MODES == {
+        "min_max": nz.MIN_MAX,
+        "q99": nz.QUANTILE,
+        "mean_std": nz.MEAN_STD,
+        "binary": nz.BINARY,
+    }
+
+
 def test_min_max_does_not_clip_and_zeroes_a_constant_dimension() -> None:
-    stats = _stats(min=[0.0, -1.0, 2.0], max=[2.0, 1.0, 2.0])
+    norm = _normalizer("min_max", min=[0.0, -1.0, 2.0], max=[2.0, 1.0, 2.0])
     # 2 * (5 - 0) / 2 - 1 = 4;  2 * (0.5 + 1) / 2 - 1 = 0.5;  min == max -> 0 (upstream Normalizer)
-    np.testing.assert_allclose(nz.normalize(np.array([5.0, 0.5, 7.0]), "min_max", stats), [4.0, 0.5, 0.0])
+    np.testing.assert_allclose(norm.normalize(np.array([5.0, 0.5, 7.0])), [4.0, 0.5, 0.0])
     # -3 -> 2 * (-3) / 2 - 1 = -4
-    assert nz.normalize(np.array([-3.0, 0, 0]), "min_max", stats)[0] == -4.0
+    assert norm.normalize(np.array([-3.0, 0, 0]))[0] == pytest.approx(-4.0, abs=1e-12)
 
 
 def test_min_max_inverse_does_not_clip() -> None:
-    stats = _stats(min=[0.0, -1.0, 2.0], max=[2.0, 1.0, 2.0])
+    norm = _normalizer("min_max", min=[0.0, -1.0, 2.0], max=[2.0, 1.0, 2.0])
     # (4 + 1) / 2 * 2 + 0 = 5;  (0.5 + 1) / 2 * 2 - 1 = 0.5;  (3 + 1) / 2 * 0 + 2 = 2
-    np.testing.assert_allclose(nz.unnormalize(np.array([4.0, 0.5, 3.0]), "min_max", stats), [5.0, 0.5, 2.0])
+    np.testing.assert_allclose(norm.unnormalize(np.array([4.0, 0.5, 3.0])), [5.0, 0.5, 2.0])
     # -1.5 -> (-0.5) / 2 * 2 + 0 = -0.5, below min: not clipped
-    assert nz.unnormalize(np.array([-1.5, 0, 0]), "min_max", stats)[0] == -0.5
+    assert norm.unnormalize(np.array([-1.5, 0, 0]))[0] == pytest.approx(-0.5, abs=1e-12)
 
 
 def test_q99_clips_and_passes_a_constant_dimension_through() -> None:
-    stats = _stats(q01=[0.0, -1.0, 3.0], q99=[2.0, 1.0, 3.0])
+    norm = _normalizer("q99", q01=[0.0, -1.0, 3.0], q99=[2.0, 1.0, 3.0])
     # 5 -> 4 -> clipped 1;  0.5 -> 0.5;  q01 == q99 -> x = 0.25 (then clipped: stays)
-    np.testing.assert_allclose(nz.normalize(np.array([5.0, 0.5, 0.25]), "q99", stats), [1.0, 0.5, 0.25])
+    np.testing.assert_allclose(norm.normalize(np.array([5.0, 0.5, 0.25])), [1.0, 0.5, 0.25])
     # -3 -> -4 -> -1;  0 -> 0;  pass-through 7 -> clipped to 1
-    np.testing.assert_allclose(nz.normalize(np.array([-3.0, 0.0, 7.0]), "q99", stats), [-1.0, 0.0, 1.0])
+    np.testing.assert_allclose(norm.normalize(np.array([-3.0, 0.0, 7.0])), [-1.0, 0.0, 1.0])
 
 
 def test_q99_inverse_does_not_clip() -> None:
-    stats = _stats(q01=[0.0], q99=[2.0])
+    norm = _normalizer("q99", q01=[0.0], q99=[2.0])
     # (1.5 + 1) / 2 * 2 + 0 = 2.5 (above q99); (-2 + 1) / 2 * 2 = -1
-    np.testing.assert_allclose(
-        nz.unnormalize(np.array([1.5, -2.0])[:, None], "q99", stats)[:, 0], [2.5, -1.0]
-    )
+    np.testing.assert_allclose(norm.unnormalize(np.array([1.5, -2.0])[:, None])[:, 0], [2.5, -1.0])
 
 
 def test_mean_std_and_zero_std() -> None:
-    stats = _stats(mean=[1.0, 0.5], std=[2.0, 0.0])
+    norm = _normalizer("mean_std", mean=[1.0, 0.5], std=[2.0, 0.0])
     # (5 - 1) / 2 = 2;  std == 0 -> x passes through: 3
-    np.testing.assert_allclose(nz.normalize(np.array([5.0, 3.0]), "mean_std", stats), [2.0, 3.0])
+    np.testing.assert_allclose(norm.normalize(np.array([5.0, 3.0])), [2.0, 3.0])
     # inverse: 2 * 2 + 1 = 5;  3 * 0 + 0.5 = 0.5 (upstream's inverse has no special case)
-    np.testing.assert_allclose(nz.unnormalize(np.array([2.0, 3.0]), "mean_std", stats), [5.0, 0.5])
+    np.testing.assert_allclose(norm.unnormalize(np.array([2.0, 3.0])), [5.0, 0.5])
 
 
 def test_binary_both_directions() -> None:
+    norm = _normalizer("binary")
     x = np.array([0.5, 0.51, -1.0, 2.0])
-    np.testing.assert_array_equal(nz.normalize(x, "binary", {}), [0.0, 1.0, 0.0, 1.0])
-    np.testing.assert_array_equal(nz.unnormalize(x, "binary", {}), [0.0, 1.0, 0.0, 1.0])
+    np.testing.assert_array_equal(norm.normalize(x), [0.0, 1.0, 0.0, 1.0])
+    np.testing.assert_array_equal(norm.unnormalize(x), [0.0, 1.0, 0.0, 1.0])
 
 
 def test_sin_cos_per_key() -> None:
-    out = nz.sin_cos(np.array([0.0, math.pi / 2, math.pi]))
+    sin_cos = nz.Normalizer(nz.SIN_COS)
+    out = sin_cos.normalize(np.array([0.0, math.pi / 2, math.pi]))
     np.testing.assert_allclose(out, [0.0, 1.0, 0.0, 1.0, 0.0, -1.0], atol=1e-12)
-    key = KeyTransform("left_arm", raw_dim=2, model_dim=4, sin_cos=True)
+    key = KeyTransform("left_arm", raw_dim=2, model_dim=4, normalizer=sin_cos)
     np.testing.assert_allclose(key.encode(np.array([math.pi / 6, 0.0])), [0.5, 0.0, math.sqrt(3) / 2, 1.0])
 
 
@@ -99,53 +112,53 @@ def test_quaternion_to_rotation_6d_by_hand() -> None:
     # 60 degrees about z: q = (cos 30, 0, 0, sin 30); R rows (c, -s, 0), (s, c, 0), (0, 0, 1)
     q = np.array([math.cos(math.pi / 6), 0.0, 0.0, math.sin(math.pi / 6)])
     np.testing.assert_allclose(
-        nz.convert_rotation(q, "quaternion", "rotation_6d"), [C, -S, 0, S, C, 0], atol=1e-12
+        rot.convert_rotation(q, "quaternion", "rotation_6d"), [C, -S, 0, S, C, 0], atol=1e-12
     )
     # Not unit length: upstream's formula divides by |q|^2, so 2q is the same rotation.
     np.testing.assert_allclose(
-        nz.convert_rotation(2 * q, "quaternion", "rotation_6d"), [C, -S, 0, S, C, 0], atol=1e-12
+        rot.convert_rotation(2 * q, "quaternion", "rotation_6d"), [C, -S, 0, S, C, 0], atol=1e-12
     )
 
 
 def test_euler_rpy_composes_x_then_y_then_z() -> None:
     # rpy = XYZ: R = Rx(r) Ry(p) Rz(y). Roll only: rows (1, 0, 0), (0, c, -s).
     np.testing.assert_allclose(
-        nz.convert_rotation(np.array([math.pi / 3, 0, 0]), "euler_angles_rpy", "rotation_6d"),
+        rot.convert_rotation(np.array([math.pi / 3, 0, 0]), "euler_angles_rpy", "rotation_6d"),
         [1, 0, 0, 0, C, -S],
         atol=1e-12,
     )
     # Rx(a) Ry(b): first row is (cos b, 0, sin b) whatever a; second (sin a sin b, cos a, -sin a cos b)
     a, b = 0.3, -0.7
-    m = nz.to_matrix(np.array([a, b, 0.0]), "euler_angles_rpy")
+    m = rot.to_matrix(np.array([a, b, 0.0]), "euler_angles_rpy")
     np.testing.assert_allclose(m[0], [math.cos(b), 0, math.sin(b)], atol=1e-12)
     np.testing.assert_allclose(m[1], [math.sin(a) * math.sin(b), math.cos(a), -math.sin(a) * math.cos(b)])
     # ypr = ZYX: yaw first: R = Rz(y) Ry(p) Rx(r); its [2][0] is -sin(p)
-    m = nz.to_matrix(np.array([0.2, b, 0.4]), "euler_angles_ypr")
+    m = rot.to_matrix(np.array([0.2, b, 0.4]), "euler_angles_ypr")
     assert m[2, 0] == pytest.approx(-math.sin(b))
 
 
 def test_axis_angle_by_hand() -> None:
     # (0, 0, pi/3): 60 degrees about z
     np.testing.assert_allclose(
-        nz.convert_rotation(np.array([0, 0, math.pi / 3]), "axis_angle", "rotation_6d"),
+        rot.convert_rotation(np.array([0, 0, math.pi / 3]), "axis_angle", "rotation_6d"),
         [C, -S, 0, S, C, 0],
         atol=1e-12,
     )
     # back: the rotation vector of 60 degrees about z; tiny angles stay finite
     np.testing.assert_allclose(
-        nz.convert_rotation(np.array([C, -S, 0, S, C, 0]), "rotation_6d", "axis_angle"),
+        rot.convert_rotation(np.array([C, -S, 0, S, C, 0]), "rotation_6d", "axis_angle"),
         [0, 0, math.pi / 3],
         atol=1e-12,
     )
-    np.testing.assert_allclose(nz.convert_rotation(np.zeros(3), "axis_angle", "axis_angle"), np.zeros(3))
+    np.testing.assert_allclose(rot.convert_rotation(np.zeros(3), "axis_angle", "axis_angle"), np.zeros(3))
 
 
 def test_matrix_to_quaternion_is_standardised() -> None:
     # 180 degrees about x: (0, 1, 0, 0); w >= 0 always (upstream standardises)
     m = np.diag([1.0, -1.0, -1.0])
-    np.testing.assert_allclose(nz.from_matrix(m, "quaternion"), [0, 1, 0, 0], atol=1e-12)
+    np.testing.assert_allclose(rot.from_matrix(m, "quaternion"), [0, 1, 0, 0], atol=1e-12)
     q = np.array([-0.5, 0.5, 0.5, 0.5])  # w < 0
-    np.testing.assert_allclose(nz.convert_rotation(q, "quaternion", "quaternion"), -q, atol=1e-12)
+    np.testing.assert_allclose(rot.convert_rotation(q, "quaternion", "quaternion"), -q, atol=1e-12)
 
 
 @pytest.mark.parametrize("rep", ["quaternion", "rotation_6d", "axis_angle", "matrix"] + [
@@ -155,13 +168,13 @@ def test_every_representation_round_trips(rep: str) -> None:
     rng = np.random.default_rng(0)
     q = rng.normal(size=(20, 4))
     q /= np.linalg.norm(q, axis=1, keepdims=True)
-    m = nz.to_matrix(q, "quaternion")
+    m = rot.to_matrix(q, "quaternion")
     np.testing.assert_allclose(
         np.einsum("nij,nkj->nik", m, m), np.broadcast_to(np.eye(3), m.shape), atol=1e-12
     )
-    again = nz.to_matrix(nz.from_matrix(m, rep), rep)
+    again = rot.to_matrix(rot.from_matrix(m, rep), rep)
     np.testing.assert_allclose(again, m, atol=1e-9)
-    assert nz.from_matrix(m, rep).shape == (20, nz.rotation_dim(rep))
+    assert rot.from_matrix(m, rep).shape == (20, rot.rotation_dim(rep))
 
 
 # --- video -----------------------------------------------------------------------------------------

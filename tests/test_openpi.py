@@ -1,4 +1,4 @@
-"""The openpi-compatible websocket endpoint (transport/openpi.py).
+"""The openpi-compatible websocket endpoint (transport/openpi/: codec, layouts, endpoint).
 
 Clients are the real `openpi-client` package (WebsocketClientPolicy, what openpi's LIBERO / DROID /
 ALOHA examples use) or, where a test needs the raw protocol, `websockets`' own client. Servers are
@@ -8,6 +8,7 @@ match each layout. Expected actions come from the same model in-process with the
 
 from __future__ import annotations
 
+import logging
 import pickle
 import re
 import ssl
@@ -31,7 +32,7 @@ from tests.helpers.pi0_checkpoints import write_tiny_openpi_checkpoint
 from tests.support.certs import make_pki
 from vla_inference.config import Settings
 from vla_inference.models.base import InvalidObservation, ModelDescription, Observation
-from vla_inference.transport import openpi
+from vla_inference.transport.openpi import codec, layouts
 from vla_inference.transport.servicer import ServerState
 
 TOKEN = "openpi-endpoint-test-token-0123"
@@ -140,7 +141,7 @@ def libero(server_factory, checkpoints) -> RunningServer:
 
 def test_pack_is_byte_identical_to_openpi_client_and_the_documented_example():
     message = {"observation/state": np.array([1.0, -2.5], np.float32), "prompt": "hi"}
-    data = openpi.pack(message)
+    data = codec.pack(message)
     assert data == msgpack_numpy.packb(message)
     expected_bytes = (
         b"\x82\xb1observation/state\x84\xc4\x0b__ndarray__\xc3\xc4\x04data\xc4\x08"
@@ -149,7 +150,7 @@ def test_pack_is_byte_identical_to_openpi_client_and_the_documented_example():
     )
     assert data == expected_bytes
     scalar = {"x": np.float32(1.5), "n": np.int64(-3)}
-    assert openpi.pack(scalar) == msgpack_numpy.packb(scalar)
+    assert codec.pack(scalar) == msgpack_numpy.packb(scalar)
 
 
 def test_unpack_reads_what_openpi_client_packs():
@@ -163,7 +164,7 @@ def test_unpack_reads_what_openpi_client_packs():
         "nested": {"cam": np.zeros((2, 2, 3), np.uint8)},
         "prompt": "stack the blocks",
     }
-    decoded = openpi.unpack(msgpack_numpy.packb(message))
+    decoded = codec.unpack(msgpack_numpy.packb(message))
     assert decoded.keys() == message.keys()
     for key in ("image", "chw", "state", "mask", "ids"):
         assert decoded[key].dtype == message[key].dtype
@@ -173,7 +174,7 @@ def test_unpack_reads_what_openpi_client_packs():
     assert decoded["prompt"] == "stack the blocks"
     # and the other way round: openpi-client decodes our answers
     answer = {"actions": np.ones((10, 7), np.float32), "server_timing": {"infer_ms": 1.5}}
-    back = msgpack_numpy.unpackb(openpi.pack(answer))
+    back = msgpack_numpy.unpackb(codec.pack(answer))
     np.testing.assert_array_equal(back["actions"], answer["actions"])
     assert back["server_timing"] == {"infer_ms": 1.5}
 
@@ -209,8 +210,8 @@ def _array_map(dtype: str, shape: list[int], data: bytes) -> bytes:
     ],
 )
 def test_unpack_refuses_what_it_cannot_trust(payload: bytes, words: str):
-    with pytest.raises(openpi.DecodeError, match="^.*" + re.escape(words)):
-        openpi.unpack(payload)
+    with pytest.raises(codec.DecodeError, match="^.*" + re.escape(words)):
+        codec.unpack(payload)
 
 
 # ---- observation layouts (no server) --------------------------------------------------------------
@@ -236,37 +237,37 @@ INFO = ModelDescription(
 
 def test_layouts_map_cameras_state_and_prompt():
     settings = Settings()
-    obs = openpi.observation_from_openpi(libero_obs(1), settings, INFO)
+    obs = layouts.observation_from_openpi(libero_obs(1), settings, INFO)
     assert set(obs.images) == {"base", "left_wrist"}
     np.testing.assert_array_equal(obs.images["base"], libero_obs(1)["observation/image"])
     np.testing.assert_array_equal(obs.joint_positions, libero_obs(1)["observation/state"])
     assert obs.instruction == "put the bowl on plate 1" and obs.seed is None
 
-    droid = openpi.observation_from_openpi(droid_obs(0, seed=np.uint64(9)), settings, INFO)
+    droid = layouts.observation_from_openpi(droid_obs(0, seed=np.uint64(9)), settings, INFO)
     assert droid.joint_positions.tolist() == pytest.approx([*np.linspace(-1, 1, 7), 0.3])
     assert droid.joint_positions.dtype == np.float32 and droid.seed == 9
     np.testing.assert_array_equal(droid.images["left_wrist"], _image(200))
 
     aloha_info = ModelDescription(**{**INFO.__dict__, "state_dims": {"e": 14}})
-    aloha = openpi.observation_from_openpi(aloha_obs(2), settings, aloha_info)
+    aloha = layouts.observation_from_openpi(aloha_obs(2), settings, aloha_info)
     assert set(aloha.images) == {"base", "left_wrist", "right_wrist"}  # cam_low is not a pi0 input
     np.testing.assert_array_equal(aloha.images["right_wrist"], _image(502))  # CHW -> HWC
 
     one_camera = ModelDescription(**{**INFO.__dict__, "camera_names": ("base",)})
-    assert set(openpi.observation_from_openpi(libero_obs(0), settings, one_camera).images) == {"base"}
+    assert set(layouts.observation_from_openpi(libero_obs(0), settings, one_camera).images) == {"base"}
 
 
 def test_float_images_are_scaled_like_openpi():
     obs = libero_obs(0)
     obs["observation/image"] = np.full((3, 10, 12), 0.5, np.float32)  # CHW float in [0, 1]
-    image = openpi.observation_from_openpi(obs, Settings(), INFO).images["base"]
+    image = layouts.observation_from_openpi(obs, Settings(), INFO).images["base"]
     assert image.shape == (10, 12, 3) and image.dtype == np.uint8 and int(image[0, 0, 0]) == 127
 
 
 @pytest.mark.parametrize(
     ("change", "words"),
     [
-        ({"prompt": None}, "prompt: missing"),
+        ({"prompt": 7}, "prompt: expected a string (the task), got int"),
         ({"observation/state": np.zeros(5, np.float32)}, "5 state values (LIBERO layout)"),
         ({"observation/state": np.array([np.nan] * 8)}, "finite"),
         ({"observation/state": np.array(["a"] * 8)}, "numbers"),
@@ -279,17 +280,17 @@ def test_float_images_are_scaled_like_openpi():
 def test_bad_observations_name_the_key(change: dict[str, Any], words: str):
     obs = {k: v for k, v in {**libero_obs(0), **change}.items() if v is not None}
     with pytest.raises(InvalidObservation, match=re.escape(words)):
-        openpi.observation_from_openpi(obs, Settings(), INFO)
+        layouts.observation_from_openpi(obs, Settings(), INFO)
 
 
 def test_unknown_keys_list_the_layouts_and_the_setting_forces_one():
     with pytest.raises(
         InvalidObservation, match=r"unrecognised keys \('image', 'prompt', 'qpos'\).*DROID.*LIBERO.*ALOHA"
     ):
-        openpi.observation_from_openpi({"qpos": [0.0], "image": 1, "prompt": "x"}, Settings(), INFO)
+        layouts.observation_from_openpi({"qpos": [0.0], "image": 1, "prompt": "x"}, Settings(), INFO)
     forced = Settings(openpi_layout="droid")
     with pytest.raises(InvalidObservation, match="observation/joint_position: missing"):
-        openpi.observation_from_openpi(
+        layouts.observation_from_openpi(
             {"observation/state": [0.0] * 8, "observation/exterior_image_1_left": _image(0), "prompt": "x"},
             forced,
             INFO,
@@ -326,7 +327,8 @@ def test_libero_with_openpi_client_matches_the_model(libero: RunningServer):
     second = client.infer(libero_obs(1))  # no seed: fresh noise, same shapes
     assert second["server_timing"]["prev_total_ms"] >= first["server_timing"]["infer_ms"]
     assert not np.allclose(second["actions"], first["actions"])
-    assert 'vla_inference_requests_total{model="pi0/libero",status="OK"} 2.0' in scrape(libero)
+    counted = 'vla_inference_requests_total{model="pi0/libero",protocol="openpi",status="OK"} 2.0'
+    assert counted in scrape(libero)
 
 
 def test_droid_with_openpi_client(server_factory, checkpoints):
@@ -398,7 +400,8 @@ def test_openpi_and_grpc_robots_batch_together(server_factory, checkpoints):
     assert results["openpi"]["policy_timing"]["batch_size"] == 2
     assert results["grpc"].timing.batch_size == 2
     text = scrape(running)
-    assert 'status="OK"} 2.0' in text and "vla_batch_size_bucket" in text
+    # one request each, counted under its own protocol
+    assert 'protocol="grpc",status="OK"} 1.0' in text and 'protocol="openpi",status="OK"} 1.0' in text
 
 
 def test_a_bad_client_gets_one_line_and_1011_while_others_go_on(libero: RunningServer):
@@ -411,7 +414,7 @@ def test_a_bad_client_gets_one_line_and_1011_while_others_go_on(libero: RunningS
         bad.infer(libero_obs(0, **{"observation/state": np.zeros(3, np.float32)}))
     with raw_connect(libero) as ws:
         msgpack_numpy.unpackb(ws.recv(timeout=30))  # metadata first
-        line = refused(ws, openpi.pack(libero_obs(0, prompt=7)))
+        line = refused(ws, codec.pack(libero_obs(0, prompt=7)))
         assert line.startswith("INVALID_ARGUMENT: invalid observation: prompt")
     for payload, words in (
         (b"\xc1 garbage", "not a msgpack message"),
@@ -424,17 +427,18 @@ def test_a_bad_client_gets_one_line_and_1011_while_others_go_on(libero: RunningS
             assert words in refused(ws, payload)
     assert good.infer(libero_obs(1))["actions"].shape == (16, 7)  # the good client never noticed
     text = scrape(libero)
-    assert 'status="INVALID_ARGUMENT"} 6.0' in text and 'status="OK"} 2.0' in text
+    assert 'protocol="openpi",status="INVALID_ARGUMENT"} 6.0' in text
+    assert 'protocol="openpi",status="OK"} 2.0' in text
 
 
 def test_control_messages_are_acknowledged(libero: RunningServer):
     with raw_connect(libero) as ws:
         ws.recv(timeout=30)
-        ws.send(openpi.pack({"__ctrl__": "episode_start", "__experiment__": "x", "__episode_id__": 1}))
+        ws.send(codec.pack({"__ctrl__": "episode_start", "__experiment__": "x", "__episode_id__": 1}))
         assert msgpack_numpy.unpackb(ws.recv(timeout=30)) == {"__ack__": "episode_start"}
-        ws.send(openpi.pack({"__ctrl__": "something_else"}))
+        ws.send(codec.pack({"__ctrl__": "something_else"}))
         assert msgpack_numpy.unpackb(ws.recv(timeout=30)) == {"__ack__": "ignored"}
-        ws.send(openpi.pack(libero_obs(0)))
+        ws.send(codec.pack(libero_obs(0)))
         assert msgpack_numpy.unpackb(ws.recv(timeout=30))["actions"].shape == (16, 7)
 
 
@@ -468,7 +472,7 @@ def test_messages_over_the_size_limit_are_refused(server_factory, checkpoints):
         client.infer(libero_obs(0, **{"observation/image": np.zeros((1000, 1000, 3), np.uint8)}))
     assert closed.value.rcvd is not None and closed.value.rcvd.code == CloseCode.MESSAGE_TOO_BIG
     assert policy(running).infer(libero_obs(0))["actions"].shape == (16, 7)
-    assert 'status="RESOURCE_EXHAUSTED"} 1.0' in scrape(running)
+    assert 'protocol="openpi",status="RESOURCE_EXHAUSTED"} 1.0' in scrape(running)
 
 
 def test_api_key_is_required_when_tokens_are_configured(server_factory, checkpoints):
@@ -482,7 +486,7 @@ def test_api_key_is_required_when_tokens_are_configured(server_factory, checkpoi
         assert msgpack_numpy.unpackb(ws.recv(timeout=30))["action_dim"] == 7
     url = f"http://127.0.0.1:{running.server.openpi_port}/healthz"
     assert urllib.request.urlopen(url, timeout=5).read() == b"OK\n"  # probes need no token
-    assert 'status="UNAUTHENTICATED"} 2.0' in scrape(running)
+    assert 'protocol="openpi",status="UNAUTHENTICATED"} 2.0' in scrape(running)
 
 
 def test_wss_with_mutual_tls(server_factory, checkpoints, tmp_path):
@@ -499,7 +503,7 @@ def test_wss_with_mutual_tls(server_factory, checkpoints, tmp_path):
     context.load_cert_chain(str(pki.client.cert), str(pki.client.key))
     with connect(uri, ssl=context, compression=None, max_size=None) as ws:
         assert msgpack_numpy.unpackb(ws.recv(timeout=30))["state_dim"] == 8
-        ws.send(openpi.pack(libero_obs(0)))
+        ws.send(codec.pack(libero_obs(0)))
         assert msgpack_numpy.unpackb(ws.recv(timeout=30))["actions"].shape == (16, 7)
     # Without a client certificate the TLS handshake (or, with TLS 1.3, the first read) fails;
     # plaintext cannot speak to the TLS port at all.
@@ -514,3 +518,27 @@ def test_the_endpoint_is_off_unless_asked(server_factory):
     running = server_factory()
     assert running.server.openpi is None and running.server.openpi_port == 0
     assert make_settings().openpi_port is None
+
+
+def test_a_missing_prompt_is_refused_like_grpc_unless_allowed(server_factory, checkpoints, caplog):
+    strict = server_factory(model_path=str(checkpoints["libero"]), openpi_port=0)
+    without = {k: v for k, v in libero_obs(0).items() if k != "prompt"}
+    for obs in (without, libero_obs(0, prompt=""), libero_obs(0, prompt="  ")):
+        with pytest.raises(
+            RuntimeError,
+            match=r"INVALID_ARGUMENT: invalid observation: prompt: the model needs a language instruction",
+        ):
+            policy(strict).infer(obs)
+    assert 'protocol="openpi",status="INVALID_ARGUMENT"} 3.0' in scrape(strict)
+
+    caplog.set_level(logging.WARNING, logger="vla_inference.engine")
+    lenient = server_factory(
+        model_path=str(checkpoints["libero"]), openpi_port=0, allow_empty_instruction=True
+    )
+    first = policy(lenient)
+    assert first.infer(without)["actions"].shape == (16, 7)
+    assert first.infer(libero_obs(1, prompt=""))["actions"].shape == (16, 7)
+    assert policy(lenient).infer(without)["actions"].shape == (16, 7)
+    warnings = [r.getMessage() for r in caplog.records if "without a language instruction" in r.getMessage()]
+    assert len(warnings) == 2, warnings  # once per connection
+    assert all("(prompt)" in w and "once per openpi connection" in w for w in warnings)

@@ -12,6 +12,7 @@ fail naming the field / the file / the tensors.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -27,7 +28,7 @@ from vla_inference.models.base import InvalidObservation, ModelLoadError, Observ
 from vla_inference.models.openvla.policy import (
     SPACE_TOKEN,
     OpenVLAPolicy,
-    OpenVLARaw,
+    decoded,
     detokenize,
     preprocess_image,
 )
@@ -99,11 +100,11 @@ def test_single_file_checkpoint_equals_sharded(policy: OpenVLAPolicy, tmp_path: 
 
 def test_image_and_instruction_matter(policy: OpenVLAPolicy) -> None:
     samples = [policy.prepare(_obs(img)) for img in _images(4, seed=1)]
-    tokens = {tuple(raw.tokens.tolist()) for raw in policy.forward(samples)}
+    tokens = {tuple(raw.actions.ravel().tolist()) for raw in policy.forward(samples)}
     assert len(tokens) > 1, "different images gave the same action tokens"
     image = _images(1, seed=2)[0]
-    a = policy.forward([policy.prepare(_obs(image, "pick up the spoon"))])[0].tokens
-    b = policy.forward([policy.prepare(_obs(image, "close the drawer on the left"))])[0].tokens
+    a = policy.forward([policy.prepare(_obs(image, "pick up the spoon"))])[0].actions
+    b = policy.forward([policy.prepare(_obs(image, "close the drawer on the left"))])[0].actions
     assert not np.array_equal(a, b)
 
 
@@ -121,8 +122,8 @@ def test_batch_equals_one_by_one(policy: OpenVLAPolicy) -> None:
     batched = policy.forward(samples)
     for sample, raw in zip(samples, batched, strict=True):
         alone = policy.forward([sample])[0]
-        np.testing.assert_array_equal(raw.tokens, alone.tokens)
-        np.testing.assert_allclose(raw.probs, alone.probs, rtol=1e-4, atol=1e-6)
+        np.testing.assert_array_equal(raw.actions, alone.actions)  # the same tokens, so the same bins
+        assert raw.confidence == pytest.approx(alone.confidence, rel=1e-4)
 
 
 def test_prompt_tokens(policy: OpenVLAPolicy) -> None:
@@ -134,8 +135,21 @@ def test_prompt_tokens(policy: OpenVLAPolicy) -> None:
     assert ids == expected
 
 
-def test_tokenizer_is_deterministic() -> None:
-    assert tiny_tokenizer_model() == tiny_tokenizer_model()
+def test_a_tokenizer_larger_than_the_embedding_is_refused(ckpt_dir: Path, tmp_path: Path) -> None:
+    """A tokenizer with more pieces than the checkpoint's embedding has rows is the wrong one."""
+    import sentencepiece
+
+    big = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter([f"w{i} t{i} x{i} y{i} z{i} q{i} r{i} s{i} u{i}" for i in range(4000)]),
+        model_writer=big,
+        vocab_size=33000,
+        model_type="word",
+        minloglevel=2,
+    )
+    (tmp_path / "tokenizer.model").write_bytes(big.getvalue())
+    with pytest.raises(ModelLoadError, match="wrong tokenizer"):
+        OpenVLAPolicy(_settings(tokenizer_path=str(tmp_path / "tokenizer.model"))).load(str(ckpt_dir), "cpu")
 
 
 def test_detokenize_hand_values() -> None:
@@ -156,7 +170,7 @@ def test_finish_unnormalises_with_the_dataset_statistics(policy: OpenVLAPolicy, 
     expected = np.where(mask, 0.5 * (normalized + 1) * (q99 - q01) + q01, normalized)
     probs = np.array([0.5, 0.25, 1.0, 0.5, 0.5, 1.0, 0.125], np.float32)
     sample = policy.prepare(_obs(_images(1)[0]))
-    prediction = policy.finish(OpenVLARaw(tokens=tokens, probs=probs), sample)
+    prediction = policy.finish(decoded(tokens, probs, policy.loaded.network.cfg), sample)
     np.testing.assert_allclose(prediction.actions[0], expected, rtol=1e-6, atol=1e-6)
     assert prediction.actions[0, -1] == pytest.approx(1 - 1 / 255)  # masked: passes through
     assert prediction.confidence == pytest.approx(float(np.prod(probs.astype(np.float64)) ** (1 / 7)))
@@ -179,7 +193,7 @@ def test_unnorm_key_selection(multi_dir: Path) -> None:
     fractal = p.prepare(_obs(image, embodiment="fractal20220817_data"))
     assert (bridge.inputs.unnorm_key, fractal.inputs.unnorm_key) == ("bridge_orig", "fractal20220817_data")
     raw_b, raw_f = p.forward([bridge, fractal])
-    np.testing.assert_array_equal(raw_b.tokens, raw_f.tokens)  # same image and prompt
+    np.testing.assert_array_equal(raw_b.actions, raw_f.actions)  # same image and prompt: same tokens
     assert not np.allclose(p.finish(raw_b, bridge).actions, p.finish(raw_f, fractal).actions)
     p.predict(p.warmup_observation())  # warm-up works without a default
 
@@ -241,7 +255,7 @@ def test_bad_observations(policy: OpenVLAPolicy) -> None:
 
 
 def test_preprocess_constant_image(policy: OpenVLAPolicy) -> None:
-    spec = policy._loaded()[0].image
+    spec = policy.loaded.checkpoint.image
     pixels = preprocess_image(np.full((50, 70, 3), 51, np.uint8), spec)  # 51 / 255 = 0.2
     assert pixels.shape == (6, 28, 28)
     mean, std = (
@@ -291,7 +305,7 @@ def test_bfloat16_weights(ckpt_dir: Path) -> None:
     p = OpenVLAPolicy(_settings(dtype="bfloat16"))
     p.load(str(ckpt_dir), "cpu")
     assert p.model_info.dtype == "bfloat16"
-    _, model = p._loaded()
+    model = p.loaded.network
     assert {t.dtype for t in model.state_dict().values()} == {torch.bfloat16}
     samples = [
         p.prepare(_obs(img, text)) for img, text in zip(_images(2), ["pick up the cup", "move"], strict=True)
@@ -304,7 +318,7 @@ def test_bfloat16_weights(ckpt_dir: Path) -> None:
 def test_preprocess_letterbox_and_resize_crop(policy: OpenVLAPolicy) -> None:
     from dataclasses import replace
 
-    spec = policy._loaded()[0].image
+    spec = policy.loaded.checkpoint.image
     white = np.full((20, 40, 3), 255, np.uint8)  # wide image
     boxed = preprocess_image(white, replace(spec, resize_strategy="letterbox"))
     # Padded to 40x40 with the SigLIP mean (127) above and below, then resized to 28x28.

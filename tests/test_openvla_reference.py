@@ -278,7 +278,7 @@ def test_greedy_decoding_matches_transformers_generate() -> None:
     prompt = torch.tensor([1, 512, 300, 77, 13, 29871])
     ours = model.generate(pixels, [prompt], max_new_tokens=7)
     with torch.no_grad():
-        embeds, _ = model.embed_prefix(pixels, [prompt])
+        embeds, _ = model.embed(model.layout(pixels, [prompt]))  # one prompt: no padding
         out = hf.generate(
             inputs_embeds=embeds,
             attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
@@ -308,9 +308,10 @@ def test_projector_and_patch_positions_follow_prismatic() -> None:
         patches = F.linear(h, w["projector.fc3.weight"], w["projector.fc3.bias"])
         table = w["language_model.model.embed_tokens.weight"]
         rows = [torch.cat([table[p[:1]], patches[i], table[p[1:]]]) for i, p in enumerate(prompts)]
-        embeds, pad = model.embed_prefix(pixels, prompts)
-    assert pad.tolist() == [0, 2]  # the shorter prompt is left-padded
-    assert embeds.shape == (2, 1 + cfg.num_patches + 4, cfg.llm.width)
+        embeds, valid = model.embed(model.layout(pixels, prompts))
+    # [BOS, patches, padding, text]: the shorter prompt's padding sits between its patches and its text
+    n = cfg.num_patches
+    assert embeds.shape == (2, 1 + n + 4, cfg.llm.width)
+    assert valid.tolist() == [[True] * (1 + n + 4), [True] * (1 + n) + [False, False, True, True]]
     torch.testing.assert_close(embeds[0], rows[0], **TOL)
-    torch.testing.assert_close(embeds[1, 2:], rows[1], **TOL)
-    assert torch.count_nonzero(embeds[1, :2]) == 0
+    torch.testing.assert_close(embeds[1, valid[1]], rows[1], **TOL)

@@ -24,8 +24,10 @@ from tests.helpers.pi0_checkpoints import (
 )
 from vla_inference.config import Settings
 from vla_inference.models.base import InvalidObservation, ModelLoadError, Observation, PreparedSample
+from vla_inference.models.common import flow
 from vla_inference.models.pi0 import checkpoint as ckpt
-from vla_inference.models.pi0.policy import Pi0Policy, Pi0Raw, discretize_state
+from vla_inference.models.pi0.policy import Pi0Policy, discretize_state
+from vla_inference.models.policy import Raw
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -181,7 +183,7 @@ def test_pi05_prompt_state_padded_is_opt_in(openpi_pi05: Path) -> None:
 
     def prompt(policy: Pi0Policy) -> str:
         x = policy.prepare(_obs(joint_positions=joints, instruction="open it")).inputs
-        return str(policy._tokenizer.decode(x.tokens[1 : int(x.token_mask.sum())].tolist()))
+        return str(policy.loaded.tokenizer.decode(x.tokens[1 : int(x.token_mask.sum())].tolist()))
 
     unpadded = " ".join(str(b) for b in discretize_state(normalized))
     padded_state = np.zeros(32, np.float32)
@@ -259,10 +261,10 @@ def _finish_known(policy: Pi0Policy, embodiment: str) -> tuple[np.ndarray, np.nd
     horizon, dim = policy.config.action_horizon, policy.config.action_dim
     raw_actions = np.tile(np.linspace(-1.0, 1.0, dim, dtype=np.float32), (horizon, 1))
     raw_actions[1] *= 0.5
-    raw = Pi0Raw(raw_actions, np.zeros_like(raw_actions), 0.1)
+    raw = Raw(raw_actions, 1.0)
     sample = PreparedSample(inputs=None, embodiment=embodiment, seed=0)
     pred = policy.finish(raw, sample)
-    assert pred.confidence == 1.0  # zero final velocity -> fully settled
+    assert pred.confidence == 1.0 and pred.model_actions is raw_actions
     return raw_actions, pred.actions
 
 
@@ -302,10 +304,9 @@ def test_confidence_from_last_step(openpi_pi0: Path) -> None:
     velocity = np.zeros((horizon, dim), np.float32)
     velocity[:, :7] = 2.0  # |dt| * v = 0.2 everywhere in the robot dims
     velocity[:, 7:] = 100.0  # padded dims do not count
-    pred = policy.finish(
-        Pi0Raw(np.zeros((horizon, dim), np.float32), velocity, 0.1), PreparedSample(None, "arm_a", 0)
-    )
-    assert pred.confidence == pytest.approx(1 / 1.2)
+    rows, dims = policy.model_info.chunk_size, policy.action_width(PreparedSample(None, "arm_a", 0))
+    assert dims == 7
+    assert flow.confidence(velocity, 0.1, rows, dims) == pytest.approx(1 / 1.2)
 
 
 # ---- preprocessing ----------------------------------------------------------------------------
@@ -353,7 +354,7 @@ def test_prepare_state_normalised_and_padded(openpi_pi0: Path) -> None:
 
 def test_prepare_tokens_pi0(openpi_pi0: Path) -> None:
     policy = _load(openpi_pi0)
-    sp = policy._tokenizer
+    sp = policy.loaded.tokenizer
     x = policy.prepare(_obs(instruction="  pick_up the\ncup ")).inputs
     n = int(x.token_mask.sum())
     assert x.tokens.shape == x.token_mask.shape == (48,)
@@ -372,7 +373,7 @@ def test_prepare_tokens_pi05_state_in_prompt(openpi_pi05: Path) -> None:
     normalized = (joints - q01) / (q99 - q01 + 1e-6) * 2 - 1
     bins = " ".join(str(b) for b in discretize_state(normalized))
     ids = x.tokens[: int(x.token_mask.sum())].tolist()
-    assert policy._tokenizer.decode(ids[1:]) == f"Task: open it, State: {bins};\nAction: "
+    assert policy.loaded.tokenizer.decode(ids[1:]) == f"Task: open it, State: {bins};\nAction: "
     assert x.tokens.shape == (200,)
     assert discretize_state(np.array([-1.5, -1.0, -0.999, 0.0, 0.999, 1.0, 2.0])).tolist() == [
         -1,

@@ -28,7 +28,7 @@ import transformers
 
 from tests.helpers.reference import checkpoint_shapes
 from vla_inference.models.pi0 import checkpoint as ckpt
-from vla_inference.models.pi0.model import NAMED_CONFIGS, build
+from vla_inference.models.pi0.model import SIZES, build
 
 PG = "paligemma_with_expert.paligemma."
 EX = "paligemma_with_expert.gemma_expert."
@@ -100,7 +100,7 @@ def heads_layout(pi05: bool) -> dict[str, tuple[int, ...]]:
 def test_openpi_layout_matches_published(paligemma_layout: dict[str, tuple[int, ...]], variant: str) -> None:
     pi05 = variant == "pi05"
     expected = {**paligemma_layout, **expert_layout(pi05), **heads_layout(pi05)}
-    model = build(NAMED_CONFIGS[variant], device="meta")
+    model = build(SIZES[variant], device="meta")
     names = ckpt.openpi_names()
     ours = checkpoint_shapes(names, model)  # what the loader reads, in the file's names
     # the one saved tensor we do not model: the expert's unused LM head, skipped on load
@@ -114,7 +114,7 @@ def test_openpi_layout_matches_published(paligemma_layout: dict[str, tuple[int, 
 
 @pytest.mark.parametrize("variant", ["pi0", "pi05"])
 def test_parameter_counts(variant: str) -> None:
-    model = build(NAMED_CONFIGS[variant], device="meta")
+    model = build(SIZES[variant], device="meta")
 
     def count(module: torch.nn.Module) -> int:
         return sum(p.numel() for p in module.parameters())

@@ -27,11 +27,13 @@ from vla_inference.models.common.weights import NameMap
 from vla_inference.models.pi0.checkpoint import EMBED_ALIAS, openpi_names
 from vla_inference.models.pi0.model import (
     GEMMA_VARIANTS,
-    NAMED_CONFIGS,
     SIGLIP_VARIANTS,
+    SIZES,
+    Pi0Batch,
     Pi0Model,
     block_causal_mask,
     build,
+    present_slots,
 )
 
 _VISION = "paligemma_with_expert.paligemma.model.vision_tower.vision_model."
@@ -105,7 +107,7 @@ def _hf_gemma(name: str, vocab: int, seed: int = 2, mlp_dim: int | None = None) 
 def test_gemma_decoder_matches_transformers(name: str) -> None:
     """The shared Decoder in Gemma's configuration, alone and causal, equals transformers' GemmaModel
     (and so does pi0's joint attention with only the VLM)."""
-    cfg = NAMED_CONFIGS["pi0_dummy"] if name == "dummy" else NAMED_CONFIGS["pi0_demo"]
+    cfg = SIZES["pi0_dummy"] if name == "dummy" else SIZES["pi0_demo"]
     model: Pi0Model = build(cfg).eval()
     reference = _hf_gemma(name, cfg.vocab_size)
     copy_from_reference(model.vlm, _part("vlm.", _LM), reference.state_dict())
@@ -124,15 +126,16 @@ def test_gemma_decoder_matches_transformers(name: str) -> None:
 
 def test_token_embedding_scaling_matches_gemma() -> None:
     """Language tokens enter the LM as embed(token) * sqrt(width), as Gemma's scaled embedding does."""
-    cfg = NAMED_CONFIGS["pi0_dummy"]
+    cfg = SIZES["pi0_dummy"]
     model: Pi0Model = build(cfg).eval()
     reference = _hf_gemma("dummy", cfg.vocab_size)
     model.vlm.embed_tokens.weight.data.copy_(reference.embed_tokens.weight.data)
     tokens = torch.randint(0, cfg.vocab_size, (1, 9), generator=torch.Generator().manual_seed(4))
     images = torch.zeros(1, 3, 3, 224, 224)
-    embs, pad = model.embed_prefix(
-        images, torch.zeros(1, 3, dtype=torch.bool), tokens, torch.ones(1, 9, dtype=torch.bool)
+    batch = Pi0Batch(
+        images, torch.zeros(1, 3, dtype=torch.bool), tokens, torch.ones(1, 9, dtype=torch.bool), None
     )
+    embs, pad = model.embed_prefix(batch, present_slots(batch.image_masks))
     expected = reference.embed_tokens(tokens)  # GemmaTextScaledWordEmbedding: weight[token] * sqrt(width)
     assert reference.embed_tokens.scalar_embed_scale == pytest.approx(cfg.vlm.width**0.5)
     torch.testing.assert_close(embs[:, -9:], expected)
@@ -149,7 +152,7 @@ def test_joint_attention_of_two_experts_matches_openpi_layer_recipe() -> None:
     (0 / -2.3819763e38), split back, per expert o_proj, residual, post_attention_layernorm, MLP,
     residual; final norms. Only valid tokens are compared (openpi's padding rows attend uniformly).
     """
-    cfg = NAMED_CONFIGS["pi0_dummy"]
+    cfg = SIZES["pi0_dummy"]
     model: Pi0Model = build(cfg).eval()
     vlm_ref = _hf_gemma("dummy", cfg.vocab_size)
     # an expert of another MLP width: the experts share only the attention layout
@@ -223,7 +226,7 @@ def test_pi05_adaptive_norm_and_time_mlp_match_openpi_formulas() -> None:
 
     The suffix attends to itself only here (no prefix): the expert alone, one bidirectional block.
     """
-    cfg = NAMED_CONFIGS["pi05_dummy"]
+    cfg = SIZES["pi05_dummy"]
     model: Pi0Model = build(cfg).eval()
     randomise(model, 11)
     w = openpi_names().to_checkpoint(model.state_dict())

@@ -30,7 +30,7 @@ from tests.support.certs import make_pki
 from tests.support.toy_model import ToyPolicy
 from vla_inference import channels, cli
 from vla_inference.api.v1 import vla_inference_pb2 as pb
-from vla_inference.client import AsyncVLAClient, ChannelSecurity, VLAClient, make_observation
+from vla_inference.client import AsyncVLAClient, ChannelSecurity, VLAClient, VLAError, make_observation
 from vla_inference.transport.servicer import ServerState
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,8 +183,8 @@ class Load:
             try:
                 chunk = self.client.predict_observation(_observation(worker * 100_000 + seq), timeout=5)
                 outcome = Outcome(sent, time.monotonic(), grpc.StatusCode.OK, chunk.model_name)
-            except grpc.RpcError as exc:
-                outcome = Outcome(sent, time.monotonic(), exc.code())
+            except VLAError as exc:
+                outcome = Outcome(sent, time.monotonic(), exc.code)
             with self._lock:
                 self.outcomes.append(outcome)
 
@@ -294,10 +294,8 @@ def test_cli_takes_several_targets_and_health_probes_one_replica(server_factory,
     refusing.server.state.phase = ServerState.DRAINING  # refuses calls; health still SERVING
     targets = f"{refusing.target},{serving.target}"
     for _ in range(4):  # whichever replica a fresh client starts with, the call is answered
-        assert (
-            cli.main(["predict", "--target", targets, "--image", str(image), "--joints", "0,0,0,0,0,0,0"])
-            == 0
-        )
+        joints = ["--joints", "0,0,0,0,0,0,0", "--instruction", "pick up the cup"]
+        assert cli.main(["predict", "--target", targets, "--image", str(image), *joints]) == 0
         assert json.loads(capsys.readouterr().out)["model"] == "serving"
     assert cli.main(["info", "--target", targets]) == 0
     assert json.loads(capsys.readouterr().out)["modelName"] == "serving"
@@ -327,9 +325,9 @@ def test_tls_and_tokens_across_replicas_given_by_address_or_name(server_factory,
     with VLAClient(
         [f"127.0.0.1:{p}" for p in ports], security=ChannelSecurity(root_certificates=pki.ca.cert_pem)
     ) as c:
-        with pytest.raises(grpc.RpcError) as info:
+        with pytest.raises(VLAError) as info:
             c.predict(IMAGE, JOINTS, "x")  # health checks pass without a token; calls do not
-        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_targets_become_one_grpc_target():
@@ -412,8 +410,8 @@ def test_stream_on_draining_replica_ends_unavailable_and_async_session_reopens(f
                     try:
                         while await raw.read() is not grpc.aio.EOF:
                             pass
-                    except grpc.aio.AioRpcError as exc:
-                        code, details = exc.code(), exc.details() or ""
+                    except VLAError as exc:
+                        code, details = exc.code, exc.message
                 later = {(await session.act(_observation(9 + i))).model_name for i in range(5)}
             return home, raw_home, code, details, later, session.reopens
 
@@ -437,8 +435,8 @@ def test_call_that_may_have_run_is_not_retried(fleet: Fleet):
             try:
                 client.predict(IMAGE, JOINTS, "hang", timeout=4, request_id=str(index))
                 results[index] = (grpc.StatusCode.OK, time.monotonic())
-            except grpc.RpcError as exc:
-                results[index] = (exc.code(), time.monotonic())
+            except VLAError as exc:
+                results[index] = (exc.code, time.monotonic())
 
         threads = [threading.Thread(target=hang, args=(i,)) for i in range(3)]
         for thread in threads:

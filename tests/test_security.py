@@ -21,7 +21,7 @@ from tests.support.certs import Pki, make_pki
 from tests.support.toy_model import ToyPolicy
 from vla_inference import cli
 from vla_inference.api.v1 import vla_inference_pb2 as pb
-from vla_inference.client import AsyncVLAClient, ChannelSecurity, VLAClient, make_observation
+from vla_inference.client import AsyncVLAClient, ChannelSecurity, VLAClient, VLAError, make_observation
 from vla_inference.config import ConfigError, Settings
 from vla_inference.preprocessing import images
 from vla_inference.preprocessing.images import encode_jpeg
@@ -45,8 +45,8 @@ def pki(tmp_path_factory) -> Pki:
 def _predict_code(client: VLAClient) -> grpc.StatusCode:
     try:
         client.predict(IMAGE, JOINTS, "x", timeout=3)
-    except grpc.RpcError as exc:
-        return exc.code()
+    except VLAError as exc:
+        return exc.code
     return grpc.StatusCode.OK
 
 
@@ -201,7 +201,8 @@ def test_health_and_reflection_stay_open_and_denials_are_counted(token_server):
         assert _predict_code(anonymous) == grpc.StatusCode.UNAUTHENTICATED
         assert _predict_code(anonymous) == grpc.StatusCode.UNAUTHENTICATED
     text = urllib.request.urlopen(token_server.metrics_url, timeout=5).read().decode()
-    assert 'vla_inference_requests_total{model="toy/embedded-random",status="UNAUTHENTICATED"} 2.0' in text
+    counted = '{model="toy/embedded-random",protocol="grpc",status="UNAUTHENTICATED"}'
+    assert f"vla_inference_requests_total{counted} 2.0" in text
     assert 'status="OK"' not in text  # a refused request never reached the servicer
     channel.close()
 
@@ -242,8 +243,8 @@ def test_async_client_with_tls_and_token(server_factory, pki):
             try:
                 await client.info()
                 code = grpc.StatusCode.OK
-            except grpc.RpcError as exc:
-                code = exc.code()
+            except VLAError as exc:
+                code = exc.code
         return len(chunk.actions), code
 
     assert asyncio.run(go()) == (8, grpc.StatusCode.UNAUTHENTICATED)
@@ -271,7 +272,7 @@ def test_cli_against_mutual_tls_and_token_server(server_factory, pki, tmp_path, 
         "--client-key",
         str(pki.client.key),
     ]
-    joints = ["--joints", ",".join(map(str, JOINTS))]
+    joints = ["--joints", ",".join(map(str, JOINTS)), "--instruction", "pick up the cup"]
     assert cli.main(["predict", *tls, *joints, "--image", str(image), "--token-file", str(token_file)]) == 0
     assert len(json.loads(capsys.readouterr().out)["actions"]) == 8
     assert cli.main(["info", *tls, "--token", TOKEN_A]) == 0
@@ -393,11 +394,11 @@ def test_decompression_bomb_is_refused_before_decoding(server_factory, monkeypat
     observation.camera_image_width, observation.camera_image_height = size
     with running.client() as client:
         t0 = time.monotonic()
-        with pytest.raises(grpc.RpcError) as info:
+        with pytest.raises(VLAError) as info:
             client.predict_observation(observation, timeout=10)
         elapsed = time.monotonic() - t0
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "over the limit" in info.value.details() and "VLA_MAX_IMAGE_PIXELS" in info.value.details()
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and info.value.field == "camera_image"
+    assert "over the limit" in info.value.message and "VLA_MAX_IMAGE_PIXELS" in info.value.message
     assert decoded == [] and elapsed < 2.0
     monkeypatch.undo()  # real decoders back: the server still answers normal requests
     with running.client() as client:

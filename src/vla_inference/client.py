@@ -8,6 +8,12 @@
 Images may be numpy arrays (H, W, 3) uint8 RGB, PIL images, or already-encoded JPEG/PNG bytes;
 arrays and PIL images are JPEG-encoded here.
 
+Errors: every failure of a call (unary, stream, control session), and an observation too large to
+send, raises one exception type, `VLAError`, with `code` (a grpc.StatusCode), `message` (the
+server's one line) and `field` (the observation field the server named, or None); the gRPC error it
+came from is its `__cause__`. A stream answer for a refused observation carries `error` instead of
+actions and the stream goes on: `chunk_error(chunk)` turns it into a VLAError.
+
 A fleet of replicas: give several targets (`VLAClient(["10.0.0.1:50051", "10.0.0.2:50051"])`) or
 one DNS name that resolves to all of them (`dns:///vla-inference-headless:50051`). Calls are
 spread round-robin over the healthy replicas and refused calls retried elsewhere
@@ -21,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import queue
+import re
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,7 +45,80 @@ from vla_inference.preprocessing.images import encode_jpeg
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 10.0
+DEFAULT_MAX_MESSAGE_MB = 16  # the server's default VLA_MAX_MESSAGE_SIZE_MB
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# --- errors -----------------------------------------------------------------------------------------
+# The server's message for a refused observation: "invalid observation: <field>: <why>".
+_FIELD = re.compile(r"^invalid observation: ([A-Za-z_][\w./\[\]]*): ")
+
+
+class VLAError(Exception):
+    """A call failed: `code` (grpc.StatusCode), `message` (the server's one-line reason), `field` (the
+    Observation field the server named, e.g. "joint_positions" or "cameras[0].name"; None when it
+    named none). `str(error)` is "CODE: message". The gRPC error is `__cause__` (None for the
+    client's own checks, such as an observation over the message size limit)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, field: str | None = None) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+        self.field = field
+
+    @property
+    def code_name(self) -> str:
+        """The status name, e.g. "INVALID_ARGUMENT"."""
+        return str(self.code.name)
+
+    @classmethod
+    def from_rpc_error(cls, exc: grpc.RpcError) -> VLAError:
+        """The VLAError for a gRPC error (raise it `from exc` to keep the cause)."""
+        code = exc.code() if callable(getattr(exc, "code", None)) else None  # type: ignore[attr-defined]
+        details = exc.details() if callable(getattr(exc, "details", None)) else None  # type: ignore[attr-defined]
+        message = str(details or "") or str(exc)
+        return cls(code or grpc.StatusCode.UNKNOWN, message, field_named_in(message))
+
+
+def field_named_in(message: str) -> str | None:
+    """The Observation field a server message names ("invalid observation: <field>: ..."), or None."""
+    match = _FIELD.match(message)
+    return match.group(1) if match else None
+
+
+def chunk_error(chunk: pb.ActionChunk) -> VLAError | None:
+    """A stream answer for a refused observation carries `error` (the stream goes on): that failure as
+    a VLAError, or None for an answer with actions."""
+    if not chunk.HasField("error") or chunk.error.code == grpc.StatusCode.OK.value[0]:
+        return None
+    code = next((c for c in grpc.StatusCode if c.value[0] == chunk.error.code), grpc.StatusCode.UNKNOWN)
+    return VLAError(code, chunk.error.message, field_named_in(chunk.error.message))
+
+
+@contextlib.contextmanager
+def _raising_vla_errors() -> Iterator[None]:
+    try:
+        yield
+    except grpc.RpcError as exc:
+        raise VLAError.from_rpc_error(exc) from exc
+
+
+def check_size(observation: pb.Observation, max_message_mb: int) -> None:
+    """Refuse, before sending, an observation larger than the message limit, naming its largest field."""
+    limit = max_message_mb * 1024 * 1024
+    size = observation.ByteSize()
+    if size <= limit:
+        return
+    fields = [("camera_image", len(observation.camera_image))]
+    fields += [(f"cameras[{i}] ({c.name})", len(c.data)) for i, c in enumerate(observation.cameras)]
+    field, largest = max(fields, key=lambda item: item[1])
+    raise VLAError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"{field}: the observation is {size / 2**20:.1f} MiB ({field} {largest / 2**20:.1f} MiB), over the "
+        f"message limit of {max_message_mb} MiB (VLA_MAX_MESSAGE_SIZE_MB on the server, max_message_mb "
+        "of the client): send a smaller or JPEG-encoded frame, or raise both limits",
+        field.split(" ")[0],
+    )
 
 
 @dataclass(frozen=True)
@@ -146,7 +226,7 @@ class VLAClient:
         *,
         timeout: float = DEFAULT_TIMEOUT_S,
         security: ChannelSecurity | None = None,
-        max_message_mb: int = 16,
+        max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
         load_balancing: bool = True,
         retry: RetryPolicy | None = None,
     ) -> None:
@@ -172,26 +252,45 @@ class VLAClient:
     def predict_observation(
         self, observation: pb.Observation, *, timeout: float | None = None
     ) -> pb.ActionChunk:
-        return self._stub.Predict(observation, timeout=timeout or self.timeout, metadata=self._metadata)
+        check_size(observation, self.max_message_mb)
+        with _raising_vla_errors():
+            return self._stub.Predict(observation, timeout=timeout or self.timeout, metadata=self._metadata)
 
-    def stream(
-        self, observations: Iterable[pb.Observation], *, timeout: float | None = None
-    ) -> Iterator[pb.ActionChunk]:
-        """A StreamControl session: yields one ActionChunk per observation the server acts on.
-        It ends with UNAVAILABLE when its replica drains; control() reopens it for you."""
-        return self._stub.StreamControl(iter(observations), timeout=timeout, metadata=self._metadata)
+    def stream(self, observations: Iterable[pb.Observation], *, timeout: float | None = None) -> Stream:
+        """A StreamControl session: yields one ActionChunk per observation the server acts on (a
+        refused observation's answer carries `error`: see chunk_error). It ends with a VLAError
+        UNAVAILABLE when its replica drains; control() reopens it for you."""
+        limit = self.max_message_mb
+        refused: list[VLAError] = []
+
+        def checked() -> Iterator[pb.Observation]:
+            # An exception raised here would reach gRPC's request thread (logged, the call failed
+            # UNKNOWN): an observation too large to send ends the requests, and the stream raises it
+            # once the answers to the observations before it are read.
+            for observation in observations:
+                try:
+                    check_size(observation, limit)
+                except VLAError as exc:
+                    refused.append(exc)
+                    return
+                yield observation
+
+        call = self._stub.StreamControl(checked(), timeout=timeout, metadata=self._metadata)
+        return Stream(call, refused)
 
     def control(self, *, reopen_attempts: int = 3) -> ControlSession:
         """A control session that moves to another replica when its replica drains or dies."""
         return ControlSession(self, reopen_attempts=reopen_attempts)
 
     def info(self) -> pb.ModelInfo:
-        return self._stub.GetModelInfo(empty_pb2.Empty(), timeout=self.timeout, metadata=self._metadata)
+        with _raising_vla_errors():
+            return self._stub.GetModelInfo(empty_pb2.Empty(), timeout=self.timeout, metadata=self._metadata)
 
     def health(self) -> pb.HealthStatus:
         """The state of one replica (the first reachable target), also while it loads or drains."""
         stub = pb_grpc.VLAInferenceStub(self.direct_channel())
-        return stub.HealthCheck(empty_pb2.Empty(), timeout=self.timeout, metadata=self._metadata)
+        with _raising_vla_errors():
+            return stub.HealthCheck(empty_pb2.Empty(), timeout=self.timeout, metadata=self._metadata)
 
     def direct_channel(self) -> grpc.Channel:
         """A channel without health checking (pick_first, no retries), for probes and diagnostics:
@@ -225,7 +324,7 @@ class AsyncVLAClient:
         *,
         timeout: float = DEFAULT_TIMEOUT_S,
         security: ChannelSecurity | None = None,
-        max_message_mb: int = 16,
+        max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
         load_balancing: bool = True,
         retry: RetryPolicy | None = None,
     ) -> None:
@@ -252,23 +351,35 @@ class AsyncVLAClient:
     async def predict_observation(
         self, observation: pb.Observation, *, timeout: float | None = None
     ) -> pb.ActionChunk:
-        return await self._stub.Predict(observation, timeout=timeout or self.timeout, metadata=self._metadata)
+        check_size(observation, self.max_message_mb)
+        with _raising_vla_errors():
+            return await self._stub.Predict(
+                observation, timeout=timeout or self.timeout, metadata=self._metadata
+            )
 
-    def stream(self, observations: Any, *, timeout: float | None = None) -> AsyncIterator[pb.ActionChunk]:
-        """observations: an iterable or async iterable of Observation."""
-        return self._stub.StreamControl(observations, timeout=timeout, metadata=self._metadata)
+    def stream(self, observations: Any = None, *, timeout: float | None = None) -> AsyncStream:
+        """observations: an iterable or async iterable of Observation, or None to `write` them on
+        the returned stream. Failures raise VLAError, as in VLAClient.stream."""
+        requests = None if observations is None else _checked_async(observations, self.max_message_mb)
+        return AsyncStream(
+            self._stub.StreamControl(requests, timeout=timeout, metadata=self._metadata), self.max_message_mb
+        )
 
     def control(self, *, reopen_attempts: int = 3) -> AsyncControlSession:
         """A control session that moves to another replica when its replica drains or dies."""
         return AsyncControlSession(self, reopen_attempts=reopen_attempts)
 
     async def info(self) -> pb.ModelInfo:
-        return await self._stub.GetModelInfo(empty_pb2.Empty(), timeout=self.timeout, metadata=self._metadata)
+        with _raising_vla_errors():
+            return await self._stub.GetModelInfo(
+                empty_pb2.Empty(), timeout=self.timeout, metadata=self._metadata
+            )
 
     async def health(self) -> pb.HealthStatus:
         """The state of one replica (the first reachable target), also while it loads or drains."""
         stub = pb_grpc.VLAInferenceStub(self.direct_channel())
-        return await stub.HealthCheck(empty_pb2.Empty(), timeout=self.timeout, metadata=self._metadata)
+        with _raising_vla_errors():
+            return await stub.HealthCheck(empty_pb2.Empty(), timeout=self.timeout, metadata=self._metadata)
 
     def direct_channel(self) -> grpc.aio.Channel:
         """See VLAClient.direct_channel."""
@@ -292,6 +403,85 @@ class AsyncVLAClient:
         await self.close()
 
 
+# --- streams whose failures raise VLAError -------------------------------------------------------------
+class Stream:
+    """A StreamControl call (VLAClient.stream): iterate it for the answers. gRPC's call methods
+    (cancel, code, details, ...) pass through; a failure of the stream raises VLAError."""
+
+    def __init__(self, call: Any, refused: list[VLAError] | None = None) -> None:
+        self._call = call
+        self._refused = refused if refused is not None else []
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> pb.ActionChunk:
+        try:
+            return next(self._call)
+        except StopIteration:
+            if self._refused:
+                raise self._refused[0] from None
+            raise
+        except grpc.RpcError as exc:
+            if self._refused:
+                raise self._refused[0] from None
+            raise VLAError.from_rpc_error(exc) from exc
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._call, name)
+
+
+async def _checked_async(observations: Any, max_message_mb: int) -> AsyncIterator[pb.Observation]:
+    if hasattr(observations, "__aiter__"):
+        async for observation in observations:
+            check_size(observation, max_message_mb)
+            yield observation
+    else:
+        for observation in observations:
+            check_size(observation, max_message_mb)
+            yield observation
+
+
+class AsyncStream:
+    """A StreamControl call (AsyncVLAClient.stream): `async for chunk in stream`, or `write` /
+    `read` / `done_writing` when it was opened without observations. gRPC's call methods (cancel,
+    code, ...) pass through; a failure of the stream raises VLAError."""
+
+    def __init__(self, call: Any, max_message_mb: int = DEFAULT_MAX_MESSAGE_MB) -> None:
+        self._call = call
+        self._max_message_mb = max_message_mb
+
+    def __aiter__(self) -> AsyncIterator[pb.ActionChunk]:
+        return self._answers()
+
+    async def _answers(self) -> AsyncIterator[pb.ActionChunk]:
+        iterator = self._call.__aiter__()
+        while True:
+            try:
+                with _raising_vla_errors():
+                    chunk = await iterator.__anext__()
+            except StopAsyncIteration:
+                return
+            yield chunk
+
+    async def read(self) -> Any:
+        """The next answer, or grpc.aio.EOF when the stream ended cleanly."""
+        with _raising_vla_errors():
+            return await self._call.read()
+
+    async def write(self, observation: pb.Observation) -> None:
+        check_size(observation, self._max_message_mb)
+        with _raising_vla_errors():
+            await self._call.write(observation)
+
+    async def done_writing(self) -> None:
+        with _raising_vla_errors():
+            await self._call.done_writing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._call, name)
+
+
 # --- control sessions that survive a replica going away ---------------------------------------------
 REOPEN_BACKOFF_S = 0.05
 _END = object()
@@ -312,8 +502,9 @@ class ControlSession:
     When the replica drains (the stream ends UNAVAILABLE) or dies, `act` opens a new stream --
     on another replica, the balancer skips the one that left -- and sends the observation there;
     per-stream server state starts afresh. `reopens` counts the moves. After `reopen_attempts`
-    failed opens in a row the UNAVAILABLE error is raised. Other errors are raised at once;
-    per-observation errors come back inline in ActionChunk.error, as on any stream."""
+    failed opens in a row the UNAVAILABLE error is raised (a VLAError). Other errors are raised at
+    once; per-observation errors come back inline in ActionChunk.error, as on any stream (see
+    chunk_error)."""
 
     def __init__(self, client: VLAClient, *, reopen_attempts: int = 3) -> None:
         self._client = client
@@ -323,6 +514,7 @@ class ControlSession:
         self._answers: Any = None
 
     def act(self, observation: pb.Observation) -> pb.ActionChunk:
+        check_size(observation, self._client.max_message_mb)
         failures = 0
         while True:
             if self._answers is None:
@@ -334,7 +526,7 @@ class ControlSession:
             except grpc.RpcError as exc:
                 self._end()
                 if not _reopenable(exc) or failures >= self.reopen_attempts:
-                    raise
+                    raise VLAError.from_rpc_error(exc) from exc
                 failures += 1
                 self.reopens += 1
                 log.info("control stream ended (%s: %s); reopening", exc.code().name, exc.details())
@@ -378,6 +570,7 @@ class AsyncControlSession:
         self._call: Any = None
 
     async def act(self, observation: pb.Observation) -> pb.ActionChunk:
+        check_size(observation, self._client.max_message_mb)
         failures = 0
         while True:
             if self._call is None:
@@ -389,7 +582,7 @@ class AsyncControlSession:
             except grpc.RpcError as exc:
                 self._call = None
                 if not _reopenable(exc) or failures >= self.reopen_attempts:
-                    raise
+                    raise VLAError.from_rpc_error(exc) from exc
                 failures += 1
                 self.reopens += 1
                 log.info("control stream ended (%s: %s); reopening", exc.code().name, exc.details())
@@ -397,12 +590,7 @@ class AsyncControlSession:
                 continue
             if chunk is grpc.aio.EOF:  # ended without a status: should not happen; reopen
                 self._call = None
-                raise grpc.aio.AioRpcError(
-                    grpc.StatusCode.UNAVAILABLE,
-                    grpc.aio.Metadata(),
-                    grpc.aio.Metadata(),
-                    details="the control stream ended without an answer",
-                )
+                raise VLAError(grpc.StatusCode.UNAVAILABLE, "the control stream ended without an answer")
             return chunk
 
     async def close(self) -> None:

@@ -8,6 +8,7 @@ allowed; `vla-inference config` prints the effective values.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,111 +30,170 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
     # --- model -----------------------------------------------------------------------------
-    model_type: str = Field("pi0", description="Model family: pi0 (also pi0.5 checkpoints), openvla, groot")
+    model_type: str = Field(
+        "pi0", description="Model family: pi0 (pi0 and pi0.5 checkpoints), openvla, groot (docs/models.md)"
+    )
     model_path: str = Field("", description="Checkpoint directory; empty serves the embedded model")
     embedded_model: Literal["metaworld", "random"] = Field(
         "metaworld",
-        description="Model served when VLA_MODEL_PATH is empty: metaworld (pi0 trained in MetaWorld "
+        description="What an empty VLA_MODEL_PATH serves: metaworld (pi0 trained in MetaWorld "
         "simulation) or random (random weights, for tests)",
     )
     device: str = Field("cpu", description="Torch device: cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weight precision; auto = bfloat16 on CUDA, float32 on CPU"
+        "auto",
+        description="Weight precision: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16",
     )
-    chunk_size: int = Field(16, ge=1, le=1024, description="Most actions returned per chunk")
+    chunk_size: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="Most actions per chunk: a chunk is min(VLA_CHUNK_SIZE, the model's horizon) actions "
+        "(OpenVLA: always 1)",
+    )
     action_dim: int = Field(
-        7, ge=1, le=128, description="Action dimensions returned when the checkpoint does not say"
+        7,
+        ge=1,
+        le=128,
+        description="Action dimensions when the checkpoint does not say; a value that contradicts the "
+        "checkpoint stops the server at start",
     )
-    image_width: int = Field(224, ge=16, le=4096, description="Model input width (images are resized to it)")
-    image_height: int = Field(224, ge=16, le=4096, description="Model input height")
+    num_denoise_steps: int = Field(
+        0, ge=0, le=100, description="Flow-matching steps; 0 = the model's default (pi0: 10, GR00T: 4)"
+    )
     tokenizer_path: str = Field("", description="Tokenizer file when the checkpoint has none")
     norm_stats_key: str = Field(
-        "", description="Normalisation statistics to use when a checkpoint has several"
+        "",
+        description="Which statistics (or OpenVLA unnorm_key) to use when a checkpoint has several and the "
+        "embodiment tag does not pick one",
     )
     groot_data_config: str = Field(
         "",
-        description="GR00T: NVIDIA data config per embodiment, e.g. gr1:fourier_gr1_arms_only,"
-        "new_embodiment:so100_dualcam; unnamed tags get the default (see README)",
-    )
-    num_denoise_steps: int = Field(
-        0, ge=0, le=100, description="Flow-matching steps; 0 = the model's default"
+        description="GR00T: NVIDIA data config per embodiment, tag:config[,tag:config], e.g. "
+        "new_embodiment:so100_dualcam; unnamed tags get the defaults (docs/models.md)",
     )
     pi05_prompt_state: Literal["unpadded", "padded"] = Field(
         "unpadded",
         description="pi0.5: the normalised state discretised into the prompt: unpadded (openpi, LeRobot "
-        "after f0d2b37be) or padded with zeros to the model's 32 dims (pi0.5 fine-tuned with LeRobot "
+        "after 0.4.4) or padded with zeros to the model's 32 dims (pi0.5 fine-tuned with LeRobot "
         "0.4.0-0.4.4)",
     )
     compile: bool = Field(
         False,
-        description="Static-shape compiled model path: torch.compile per batch bucket 1/2/4/8, CUDA "
-        "graphs on a GPU; compiles at warm-up (see README)",
+        description="Serve through the static-shape compiled model path: torch.compile per batch bucket "
+        "(1, 2, 4, 8), CUDA graphs on a GPU; compiles during warm-up (docs/models.md)",
+    )
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = Field(
+        "inductor",
+        description="torch.compile backend of VLA_COMPILE: inductor (serving), aot_eager (the same graph "
+        "capture without code generation: fast to compile, for tests), eager",
     )
     torch_threads: int = Field(
-        0, ge=0, le=512, description="CPU threads for torch; 0 = torch's default (all cores)"
+        0,
+        ge=0,
+        le=512,
+        description="CPU threads for torch; 0 = torch's default (one per core). On a CPU box shared with "
+        "other busy processes, 1 keeps latency steady",
+    )
+    allow_empty_instruction: bool = Field(
+        False,
+        description="A missing or blank language_instruction is INVALID_ARGUMENT for models that read "
+        "language (every served family); true = serve it with the model's behaviour for an empty prompt, "
+        "logging a warning once per stream",
     )
 
     # --- serving ---------------------------------------------------------------------------
-    host: str = Field("127.0.0.1", description="gRPC bind address (0.0.0.0 in containers)")
-    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    host: str = Field(
+        "127.0.0.1",
+        description="Bind address of gRPC and the openpi endpoint (the Docker image and Helm chart set "
+        "0.0.0.0; see SECURITY.md first)",
+    )
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 = any free port")
     max_workers: int = Field(4, ge=1, le=64, description="Threads for image decoding and preprocessing")
-    max_message_size_mb: int = Field(16, ge=1, le=1024, description="Largest gRPC message, both directions")
-    batch_size: int = Field(1, ge=1, le=256, description="Largest batch the engine forms")
+    max_message_size_mb: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="Largest gRPC message, both directions (the Python client checks "
+        "images against it before sending)",
+    )
+    batch_size: int = Field(1, ge=1, le=256, description="Largest batch the engine forms across robots")
     batch_timeout_ms: float = Field(
-        2.0, ge=0, le=1000, description="Wait for a batch to fill (x5 while requests are mid-decode)"
+        2.0,
+        ge=0,
+        le=1000,
+        description="Wait for a batch to fill, counted from the oldest queued request's arrival or the "
+        "model coming free, whichever is later; stretched up to 5x while admitted requests are still being "
+        "decoded, so a closed-loop fleet does not split into alternating half batches",
     )
     max_queue_size: int = Field(
-        64, ge=1, le=100000, description="Requests admitted at once; more get RESOURCE_EXHAUSTED"
+        64, ge=1, le=100000, description="Requests admitted at once; more get RESOURCE_EXHAUSTED at once"
     )
-    timeout_ms: int = Field(5000, ge=1, le=3_600_000, description="Deadline for requests that set none")
-    warmup_batches: int = Field(2, ge=0, le=100, description="Dummy batches run before SERVING")
+    timeout_ms: int = Field(
+        5000,
+        ge=1,
+        le=3_600_000,
+        description="Deadline for requests whose client sets none (and per stream observation)",
+    )
+    warmup_batches: int = Field(2, ge=0, le=100, description="Dummy batches run before health turns SERVING")
     shutdown_grace_s: float = Field(
-        10.0, ge=0, le=600, description="Time to finish accepted requests on SIGTERM"
+        10.0, ge=0, le=600, description="Time to answer accepted requests after SIGTERM"
     )
     stuck_after_s: float = Field(
         30.0, gt=0, le=3600, description="A forward pass longer than this turns health NOT_SERVING"
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="DEBUG, INFO, WARNING, ERROR"
+    )
 
     # --- real-time chunking (Observation.rtc) ---------------------------------------------------
     rtc_method: Literal["none", "guided", "hard"] = Field(
-        "guided", description="Real-time chunking method when an observation's rtc.method is unspecified"
+        "guided",
+        description="Real-time chunking method for observations whose rtc.method is unspecified (none, "
+        "guided, hard); applies only to observations that send rtc and to models that support it",
     )
     rtc_max_guidance: float = Field(
         5.0, ge=0, le=100, description="Real-time chunking: cap beta on the guidance weight (guided)"
     )
     rtc_schedule: Literal["exp", "linear", "ones"] = Field(
-        "exp", description="Real-time chunking: soft-mask schedule over the overlap (guided)"
+        "exp", description="Real-time chunking: soft-mask schedule over the overlap (exp, linear, ones)"
     )
     rtc_guidance_jacobian: bool = Field(
         True,
-        description="Real-time chunking (guided): differentiate through the network (true, the authors' "
-        "vector-Jacobian product, a backward pass per step) or hold the velocity constant (false, "
-        "LeRobot's variant, no backward pass)",
+        description="Real-time chunking, guided: differentiate through the network (true: the authors' "
+        "vector-Jacobian product, one backward pass per denoising step) or hold the velocity constant "
+        "(false: LeRobot's variant, no backward pass); docs/evaluation.md measures both",
     )
 
-    # --- openpi-compatible websocket endpoint (transport/openpi.py) ----------------------------
+    # --- openpi-compatible websocket endpoint (transport/openpi/) ------------------------------
     openpi_port: int | None = Field(
         None,
         ge=0,
         le=65535,
-        description="Port of the openpi-compatible websocket endpoint on VLA_HOST; empty = off, 0 = any free",
+        description="Port of the openpi-compatible websocket endpoint on VLA_HOST (docs/clients.md); "
+        "empty = off, 0 = any free port",
     )
     openpi_layout: Literal["auto", "droid", "libero", "aloha"] = Field(
-        "auto", description="openpi observation layout; auto = detected from each observation's keys"
+        "auto",
+        description="openpi observation layout: auto (from each observation's keys), droid, libero, aloha",
     )
     openpi_embodiment: str = Field(
-        "", description="Embodiment for openpi observations (they carry none); empty = the model's default"
+        "", description="Embodiment for openpi observations (they name none); empty = the model's default"
     )
 
     # --- input limits ----------------------------------------------------------------------
     jpeg_scaled_decode: bool = Field(
         True,
-        description="Decode JPEGs at least twice the model's input size at 1/2, 1/4 or 1/8 scale "
-        "(faster; pixels within ~1 grey level); false = always a full decode",
+        description="A JPEG at least twice the model's input size is decoded at 1/2, 1/4 or 1/8 scale "
+        "(libjpeg-turbo's DCT scaling), about half the decode-and-resize time; pixels within ~1 grey level "
+        "of a full decode (less than the JPEG's own error). false: always a full decode (bit-exact "
+        "upstream preprocessing of JPEG frames)",
     )
     max_image_pixels: int = Field(
-        4096 * 4096, ge=1, le=1 << 28, description="Most pixels per decoded image (checked before decoding)"
+        4096 * 4096,
+        ge=1,
+        le=1 << 28,
+        description="Most pixels per decoded image, checked from the header before decoding",
     )
     max_cameras: int = Field(4, ge=1, le=16, description="Most camera frames per observation")
     max_joints: int = Field(128, ge=1, le=4096, description="Most joint values per observation")
@@ -146,7 +206,7 @@ class Settings(BaseSettings):
     tls_cert_file: str = Field(
         "",
         validate_default=True,
-        description="Server certificate chain (PEM); set with the key to enable TLS",
+        description="Server certificate chain (PEM); set with VLA_TLS_KEY_FILE to enable TLS",
     )
     tls_key_file: str = Field(
         "", validate_default=True, description="Server private key (PEM) for VLA_TLS_CERT_FILE"
@@ -154,21 +214,30 @@ class Settings(BaseSettings):
     tls_client_ca_file: str = Field(
         "",
         validate_default=True,
-        description="Client CA bundle (PEM): set = mutual TLS, clients without a cert it signed are refused",
+        description="CA for client certificates: set = mutual TLS (needs TLS), clients without a "
+        "certificate it signed are refused",
     )
     auth_tokens: str = Field(
         "",
         repr=False,
-        description="Bearer tokens accepted on every RPC, comma-separated; none at all = no token check",
+        description="Comma-separated bearer tokens (16+ characters); every RPC but the standard health "
+        "service and reflection then needs `authorization: Bearer <token>`, the openpi endpoint "
+        "`Authorization: Api-Key <token>`; none = no token check",
     )
     auth_token_file: str = Field(
-        "", description="File of accepted bearer tokens, one per line (# comments); adds to VLA_AUTH_TOKENS"
+        "", description="File of bearer tokens, one per line (# comments); adds to VLA_AUTH_TOKENS"
     )
 
     # --- metrics ---------------------------------------------------------------------------
     metrics_enabled: bool = Field(True, description="Serve Prometheus metrics")
     metrics_host: str = Field("127.0.0.1", description="Metrics bind address")
-    metrics_port: int = Field(9090, ge=0, le=65535, description="Metrics port; 0 picks a free one")
+    metrics_port: int = Field(
+        9090,
+        ge=0,
+        le=65535,
+        description="Metrics port; 0 = any free port. 9090 is also Prometheus's own default port: on a "
+        "host that runs Prometheus, set another",
+    )
 
     @field_validator("model_type")
     @classmethod
@@ -357,8 +426,104 @@ def _allowed(field: str, error: Any) -> str:
 
 
 def describe(settings: Settings) -> list[tuple[str, str, str]]:
-    """(variable, effective value, description) for every setting, for `vla-inference config`."""
+    """(variable, effective value, description) for `vla-inference config`: every setting but the
+    optional ones left unset (an openpi port of None: the endpoint is off); secrets masked."""
     rows = []
     for name, info in Settings.model_fields.items():
-        rows.append((ENV_PREFIX + name.upper(), str(getattr(settings, name)), info.description or ""))
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        shown = "***" if (name in SECRET_FIELDS and value) else str(value)
+        rows.append((ENV_PREFIX + name.upper(), shown, info.description or ""))
     return rows
+
+
+# Variables earlier versions read that no longer do anything: set, they get a warning at start.
+REMOVED_VARIABLES = {
+    "VLA_IMAGE_WIDTH": "the model's input size comes from its checkpoint (GetModelInfo image_width / "
+    "image_height); frames of any size are resized to it",
+    "VLA_IMAGE_HEIGHT": "the model's input size comes from its checkpoint (GetModelInfo image_width / "
+    "image_height); frames of any size are resized to it",
+}
+
+
+def removed_variables_set(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One warning line per variable of REMOVED_VARIABLES found in the environment."""
+    env = os.environ if environ is None else environ
+    return [
+        f"{name} is set but has no effect: {why}" for name, why in REMOVED_VARIABLES.items() if name in env
+    ]
+
+
+# --- docs/configuration.md: the settings table, generated from the fields above ---------------------
+# Each section starts at its first field (the fields are declared in section order).
+SECTIONS: dict[str, str] = {
+    "model_type": "Model",
+    "host": "Serving",
+    "rtc_method": "Real-time chunking",
+    "openpi_port": "openpi endpoint",
+    "jpeg_scaled_decode": "Input limits",
+    "tls_cert_file": "Security (SECURITY.md)",
+    "metrics_enabled": "Metrics",
+}
+MARKDOWN_BEGIN = "<!-- BEGIN settings table: generated by `python -m vla_inference.config --write` -->"
+MARKDOWN_END = "<!-- END settings table -->"
+
+
+def _default_text(name: str) -> str:
+    info = Settings.model_fields[name]
+    default = info.default
+    if default is None or default == "":
+        return "(empty)"
+    if isinstance(default, bool):
+        return f"`{str(default).lower()}`"
+    if isinstance(default, float) and default.is_integer():
+        default = int(default)
+    return f"`{default}`"
+
+
+def markdown_table() -> str:
+    """Every setting, by section: variable, default, meaning (from the Field descriptions)."""
+    lines: list[str] = []
+    for name, info in Settings.model_fields.items():
+        if name in SECTIONS:
+            if lines:
+                lines.append("")
+            lines += [f"### {SECTIONS[name]}", "", "| variable | default | meaning |", "|---|---|---|"]
+        meaning = (info.description or "").replace("|", "\\|")
+        lines.append(f"| `{ENV_PREFIX}{name.upper()}` | {_default_text(name)} | {meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_markdown(document: str) -> str:
+    """`document` with the text between MARKDOWN_BEGIN and MARKDOWN_END replaced by markdown_table()."""
+    head, begin, rest = document.partition(MARKDOWN_BEGIN)
+    _, end, tail = rest.partition(MARKDOWN_END)
+    if not begin or not end:
+        raise ValueError(f"the document needs the lines {MARKDOWN_BEGIN!r} and {MARKDOWN_END!r}")
+    return f"{head}{MARKDOWN_BEGIN}\n\n{markdown_table()}\n{MARKDOWN_END}{tail}"
+
+
+DOCS_CONFIGURATION = Path("docs") / "configuration.md"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m vla_inference.config --markdown` prints the settings table;
+    `--write [FILE]` regenerates it in FILE (default docs/configuration.md, run from the repository root)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m vla_inference.config", description=main.__doc__)
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--markdown", action="store_true", help="print the settings table (markdown)")
+    group.add_argument("--write", nargs="?", const=str(DOCS_CONFIGURATION), metavar="FILE")
+    args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown_table(), end="")
+        return 0
+    path = Path(args.write)
+    path.write_text(render_markdown(path.read_text(encoding="utf-8")), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -178,6 +178,8 @@ def base_model_metadata() -> dict[str, Any]:
 
 
 def tiny_config_json(lerobot: bool = False, c: GrootConfig = TINY) -> dict[str, Any]:
+    bb, vision, llm = c.backbone, c.backbone.vision, c.backbone.llm
+    head, dit, vlsa = c.head, c.head.dit, c.head.vl_adapter
     return {
         **({"type": "groot"} if lerobot else {}),
         "model_type": "gr00t_n1_5",
@@ -186,67 +188,67 @@ def tiny_config_json(lerobot: bool = False, c: GrootConfig = TINY) -> dict[str, 
         "action_dim": c.action_dim,
         "compute_dtype": "bfloat16",
         "backbone_cfg": {
-            "select_layer": c.select_layer,
+            "select_layer": bb.select_layer,
             "project_to_dim": None,
             "reproject_vision": False,
             "eagle_config": {
-                "force_image_size": c.image_size,
+                "force_image_size": vision.image_size,
                 "use_pixel_shuffle": False,
                 "mlp_connector_layers": 1,
                 "downsample_ratio": 0.5,
-                "image_token_index": c.image_token_id,
+                "image_token_index": bb.image_token_id,
                 "text_config": {
                     "architectures": ["Qwen3ForCausalLM"],
-                    "vocab_size": c.vocab_size,
-                    "hidden_size": c.llm_hidden,
-                    "num_hidden_layers": c.llm_layers,
-                    "num_attention_heads": c.llm_heads,
-                    "num_key_value_heads": c.llm_kv_heads,
-                    "head_dim": c.llm_head_dim,
-                    "intermediate_size": c.llm_intermediate,
-                    "rope_theta": c.rope_theta,
-                    "rms_norm_eps": c.rms_eps,
+                    "vocab_size": bb.vocab_size,
+                    "hidden_size": llm.width,
+                    "num_hidden_layers": llm.depth,
+                    "num_attention_heads": llm.num_heads,
+                    "num_key_value_heads": llm.num_kv_heads,
+                    "head_dim": llm.head_dim,
+                    "intermediate_size": llm.mlp_dim,
+                    "rope_theta": llm.rope_theta,
+                    "rms_norm_eps": llm.norm_eps,
                 },
                 "vision_config": {
                     "model_type": "siglip_vision_model",
-                    "hidden_size": c.vit_hidden,
-                    "num_hidden_layers": c.vit_layers,
-                    "num_attention_heads": c.vit_heads,
-                    "intermediate_size": c.vit_intermediate,
-                    "patch_size": c.patch_size,
-                    "image_size": c.image_size,
-                    "layer_norm_eps": c.vit_eps,
+                    "hidden_size": vision.width,
+                    "num_hidden_layers": vision.depth,
+                    "num_attention_heads": vision.num_heads,
+                    "intermediate_size": vision.mlp_dim,
+                    "patch_size": vision.patch_size,
+                    "image_size": vision.image_size,
+                    "layer_norm_eps": vision.norm_eps,
                 },
             },
         },
         "action_head_cfg": {
-            "action_dim": c.action_dim,
-            "action_horizon": c.action_horizon,
+            "action_dim": head.action_dim,
+            "action_horizon": head.action_horizon,
             "add_pos_embed": True,
-            "backbone_embedding_dim": c.backbone_embedding_dim,
-            "hidden_size": c.hidden_size,
-            "input_embedding_dim": c.input_embedding_dim,
-            "max_action_dim": c.action_dim,
-            "max_state_dim": c.max_state_dim,
-            "max_seq_len": c.max_seq_len,
-            "num_inference_timesteps": c.num_inference_timesteps,
-            "num_target_vision_tokens": c.num_target_vision_tokens,
-            "num_timestep_buckets": c.num_timestep_buckets,
+            "backbone_embedding_dim": head.backbone_embedding_dim,
+            "hidden_size": head.hidden_size,
+            "input_embedding_dim": head.input_embedding_dim,
+            "max_action_dim": head.action_dim,
+            "max_state_dim": head.max_state_dim,
+            "max_seq_len": head.max_seq_len,
+            "num_inference_timesteps": head.num_inference_timesteps,
+            "num_target_vision_tokens": head.num_target_vision_tokens,
+            "num_timestep_buckets": head.num_timestep_buckets,
             "use_vlln": True,
             "diffusion_model_cfg": {
-                "attention_head_dim": c.dit_head_dim,
-                "cross_attention_dim": c.cross_attention_dim,
+                "attention_head_dim": dit.head_dim,
+                "cross_attention_dim": dit.cross_attention_dim,
                 "interleave_self_attention": True,
                 "norm_type": "ada_norm",
-                "num_attention_heads": c.dit_heads,
-                "num_layers": c.dit_layers,
-                "output_dim": c.dit_output_dim,
+                "num_attention_heads": dit.heads,
+                "num_layers": dit.layers,
+                "output_dim": dit.output_dim,
                 "positional_embeddings": None,
             },
             "vl_self_attention_cfg": {
-                "attention_head_dim": c.vlsa_head_dim,
-                "num_attention_heads": c.vlsa_heads,
-                "num_layers": c.vlsa_layers,
+                "attention_head_dim": vlsa.head_dim,
+                "num_attention_heads": vlsa.heads,
+                "num_layers": vlsa.layers,
                 "positional_embeddings": None,
             },
         },
@@ -310,8 +312,9 @@ def write_tiny_groot_checkpoint(
 
     state = tiny_state_dict(seed, sizes)
     # A layer above select_layer, as an untruncated Eagle LM would carry: the loader skips it.
-    extra = f"backbone.eagle_model.language_model.model.layers.{sizes.select_layer}.input_layernorm.weight"
-    state[extra] = torch.ones(sizes.llm_hidden)
+    layer = sizes.backbone.select_layer
+    extra = f"backbone.eagle_model.language_model.model.layers.{layer}.input_layernorm.weight"
+    state[extra] = torch.ones(sizes.backbone.llm.width)
     names = sorted(state)
     half = len(names) // 2
     shards = {

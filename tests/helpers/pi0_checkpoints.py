@@ -23,13 +23,13 @@ import torch
 from vla_inference.models.common.init import init_random_weights
 from vla_inference.models.pi0 import checkpoint as ckpt
 from vla_inference.models.pi0.demo import TOKENIZER_ASSET
-from vla_inference.models.pi0.model import IMAGE_SLOTS, NAMED_CONFIGS, Pi0Config, build
+from vla_inference.models.pi0.model import IMAGE_SLOTS, SIZES, Pi0Config, build
 
 
 def tiny_config(variant: str = "pi0") -> Pi0Config:
     if variant not in ("pi0", "pi05"):
         raise ValueError(f"variant must be 'pi0' or 'pi05', got {variant!r}")
-    return NAMED_CONFIGS[f"{variant}_dummy"]
+    return SIZES[f"{variant}_dummy"]
 
 
 def demo_tokenizer_path() -> Path:

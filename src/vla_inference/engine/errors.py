@@ -1,5 +1,5 @@
-"""Why the engine could not answer a request: the engine's own kinds. The transport maps each to
-its status (transport/servicer.py)."""
+"""Why the engine could not answer a request: the engine's own kinds. engine/outcome.py maps each
+to the status a client is told, whatever the transport."""
 
 from __future__ import annotations
 
@@ -18,12 +18,20 @@ class ResourceExhausted(EngineError):
     """The device ran out of memory even for this request alone."""
 
 
+class RateLimited(EngineError):
+    """A stream sends faster than VLA_MAX_STREAM_RATE_HZ."""
+
+
 class DeadlineExceeded(EngineError):
     """The request's deadline passed before it was answered."""
 
 
 class Draining(EngineError):
     """The server is shutting down."""
+
+
+class NotServing(EngineError):
+    """The server cannot take requests now (the model is loading, or a forward pass hangs)."""
 
 
 class ModelFailure(EngineError):

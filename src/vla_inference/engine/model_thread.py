@@ -9,11 +9,15 @@ came free, whichever is later, and stretches (up to PREPROCESS_WAIT_FACTOR windo
 admitted requests are still being preprocessed, so that a closed-loop fleet answered by one pass
 joins the next one instead of splitting into alternating half batches.
 
-Expired and cancelled samples are dropped before they reach the model. A stream session holds at
-most one queued sample: a newer observation replaces it, and an observation older than one already
-queued is not queued at all (both answered Skipped). A failing batch is retried so that only the
-failing samples fail: out of memory halves it, any other error retries sample by sample.
-Futures belong to the event loop: this thread only ever answers them through call_soon_threadsafe.
+Expired and cancelled samples are dropped before they reach the model. A stream's samples are
+queued as its StreamSession decides (engine/session.py: newest wins; the losers are answered
+Skipped), and every sample that leaves the queue is reported to its session (`dequeued`). A failing
+batch is retried so that only the failing samples fail: out of memory halves it, any other error
+retries sample by sample. Futures belong to the event loop: this thread only ever answers them
+through call_soon_threadsafe.
+
+`step()` forms and runs one batch on the caller's thread from what is queued now, without the
+batching window: tests drive an unstarted ModelThread by hand with it.
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 
 from vla_inference.config import Settings
 from vla_inference.engine.errors import (
@@ -38,7 +42,7 @@ from vla_inference.engine.errors import (
     ResourceExhausted,
     Skipped,
 )
-from vla_inference.engine.realtime import ChunkMemory
+from vla_inference.engine.session import StreamSession
 from vla_inference.models.base import ActionPrediction, PreparedSample, VLAModel
 from vla_inference.telemetry.metrics import Metrics
 
@@ -77,26 +81,6 @@ class WorkItem:
     def fail(self, exc: BaseException) -> None:
         """Answer with an error from any thread."""
         self.loop.call_soon_threadsafe(_set_exception, self.future, exc)
-
-
-@dataclass(eq=False)
-class StreamSession:
-    """Per-StreamControl state: the observation waiting in the queue, if any, observations skipped
-    since the last answer, and the chunks the stream was sent (for real-time chunking)."""
-
-    pending: WorkItem | None = None
-    skipped: list[str] = field(default_factory=list)
-    memory: ChunkMemory = field(default_factory=ChunkMemory)
-    arrivals: int = 0  # observations received (their sequence numbers)
-    latest_queued: int = 0  # the sequence number of the newest observation queued
-
-    def next_seq(self) -> int:
-        self.arrivals += 1
-        return self.arrivals
-
-    def take_skipped(self) -> list[str]:
-        skipped, self.skipped = self.skipped, []
-        return skipped
 
 
 def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
@@ -181,16 +165,6 @@ class ModelThread:
                 self._put(item)
             self._cond.notify()
 
-    def take_pending(self, session: StreamSession, item: WorkItem) -> None:
-        """The caller stops waiting for `item` (answered, expired or cancelled)."""
-        with self._cond:
-            if session.pending is item:
-                session.pending = None
-
-    def take_skipped(self, session: StreamSession) -> list[str]:
-        with self._cond:
-            return session.take_skipped()
-
     def stop(self) -> None:
         """Stop after the batch in progress; queued requests are answered Draining."""
         with self._cond:
@@ -199,6 +173,7 @@ class ModelThread:
             calls, self._calls = list(self._calls), collections.deque()
             self._cond.notify()
         for item in queued:
+            _dequeued(item)
             item.fail(Draining("server is shutting down"))
         for _, future in calls:
             future.cancel()
@@ -209,36 +184,29 @@ class ModelThread:
         if item.deadline <= now:
             item.fail(DeadlineExceeded("deadline passed before the request reached the model"))
             return
-        session = item.session
-        if session is not None:
-            if item.seq < session.latest_queued:  # a newer observation of its stream got here first
-                self._skip(session, item)
+        if item.session is not None:
+            queued, replaced = item.session.offer(item)
+            if not queued:  # a newer observation of its stream got here first
+                item.fail(Skipped("a newer observation of the stream was already queued"))
                 return
-            stale = session.pending
-            if stale is not None and stale.live:
-                self._skip(session, stale)
-                self._queue.remove(stale)
-            session.pending = item
-            session.latest_queued = item.seq
+            if replaced is not None:
+                stale = cast(WorkItem, replaced)
+                self._queue.remove(stale)  # pending items are queued: the session is told when one leaves
+                stale.fail(Skipped("replaced by a newer observation"))
         item.queued_at = now
         self._queue.append(item)
-
-    def _skip(self, session: StreamSession, item: WorkItem) -> None:
-        item.fail(Skipped("replaced by a newer observation"))
-        session.skipped.append(item.request_id)
-        self.metrics.stream_skipped.inc()
 
     def _prune(self) -> None:
         """Drop answered, cancelled and expired items."""
         now = time.monotonic()
         kept: collections.deque[WorkItem] = collections.deque()
         for item in self._queue:
-            if not item.live:
+            if item.live and item.deadline > now:
+                kept.append(item)
                 continue
-            if item.deadline <= now:
+            _dequeued(item)
+            if item.live:
                 item.fail(DeadlineExceeded("deadline passed while queued; not run"))
-                continue
-            kept.append(item)
         self._queue = kept
 
     def _next_batch(self) -> list[WorkItem] | None:
@@ -271,17 +239,39 @@ class ModelThread:
                 return None
             if not first.live:
                 continue
-            batch = self._compatible(key)[:max_batch]
-            taken = set(map(id, batch))
-            self._queue = collections.deque(i for i in self._queue if id(i) not in taken)
-            for item in batch:
-                if item.session is not None and item.session.pending is item:
-                    item.session.pending = None
-            self._executing = len(batch)
-            return batch
+            return self._take(key, max_batch)
+
+    def _take(self, key: Any, max_batch: int) -> list[WorkItem]:
+        """Move up to max_batch compatible items from the queue into the batch being executed."""
+        batch = self._compatible(key)[:max_batch]
+        taken = set(map(id, batch))
+        self._queue = collections.deque(i for i in self._queue if id(i) not in taken)
+        for item in batch:
+            _dequeued(item)
+        self._executing = len(batch)
+        return batch
 
     def _compatible(self, key: Any) -> list[WorkItem]:
         return [i for i in self._queue if i.sample is not None and i.sample.batch_key == key]
+
+    # --- by hand (tests) ------------------------------------------------------------------------------
+    def step(self) -> int:
+        """Run what is due now on the caller's thread, without waiting: calls between batches, then
+        one batch of what is queued (no batching window). The batch's size (0: nothing queued).
+        Only for a ModelThread that was never started."""
+        assert not self._thread.is_alive(), "step() drives an unstarted model thread"
+        with self._cond:
+            calls, self._calls = list(self._calls), collections.deque()
+            self._prune()
+            batch: list[WorkItem] = []
+            if self._queue:
+                first = self._queue[0]
+                key = first.sample.batch_key if first.sample is not None else None
+                batch = self._take(key, self.settings.batch_size)
+        _run_calls(calls)
+        if batch:
+            self._execute(batch)
+        return len(batch)
 
     # --- the thread ---------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -291,12 +281,7 @@ class ModelThread:
                 calls, self._calls = list(self._calls), collections.deque()
             if batch is None:
                 return
-            for fn, future in calls:
-                if future.set_running_or_notify_cancel():
-                    try:
-                        future.set_result(fn())
-                    except BaseException as exc:
-                        future.set_exception(exc)
+            _run_calls(calls)
             if batch:
                 self._execute(batch)
 
@@ -381,6 +366,20 @@ class ModelThread:
                 raws += part_raws
                 ok += part_ok
             return raws, ok
+
+
+def _run_calls(calls: list[tuple[Callable[[], Any], concurrent.futures.Future[Any]]]) -> None:
+    for fn, future in calls:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+
+def _dequeued(item: WorkItem) -> None:
+    if item.session is not None:
+        item.session.dequeued(item)
 
 
 def _deliver(answers: list[tuple[asyncio.Future[Completed], Completed | BaseException]]) -> None:

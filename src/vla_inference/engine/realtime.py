@@ -1,7 +1,8 @@
 """Real-time chunking on the server side: what a stream remembers, and the prefix of a request.
 
 A StreamControl session remembers the chunks it was sent (ChunkMemory: the last few, at the model's
-full horizon in its own normalised units) and how long its recent requests took. An observation
+full horizon in its own normalised units) and how long its recent requests took; its
+StreamSession (engine/session.py) owns that memory. An observation
 with `rtc` set becomes a models.rtc.Prefix here: the previous chunk (remembered, or sent in robot
 units and normalised by the model), the executed count, the delay d (given, or estimated from the
 stream's latency and the robot's control rate) and the method (given, or VLA_RTC_METHOD).
@@ -12,8 +13,8 @@ from __future__ import annotations
 
 import collections
 import math
-import threading
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -48,33 +49,35 @@ class Applied:
     delay_estimated: bool
 
 
+class StreamMemory(Protocol):
+    """What a request's prefix reads of its stream (engine/session.py: StreamSession)."""
+
+    def chunk(self, request_id: str) -> np.ndarray | None: ...
+
+    def estimate_delay(self, control_hz: float) -> int: ...
+
+
 class ChunkMemory:
-    """One stream's recent chunks (by request id) and server-side latencies. Written on the event
-    loop, read by the preprocessing thread of the stream's next observation: hence the lock."""
+    """One stream's recent chunks (by request id) and server-side latencies. Not thread-safe: its
+    StreamSession calls it under the session's lock."""
 
     def __init__(self) -> None:
         self._chunks: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         self._latencies: collections.deque[float] = collections.deque(maxlen=LATENCIES_REMEMBERED)
         self._last: str | None = None
-        self._lock = threading.Lock()
 
     def remember(self, request_id: str, chunk: np.ndarray | None, latency_s: float) -> None:
-        with self._lock:
-            self._latencies.append(latency_s)
-            if chunk is None:
-                return
-            self._chunks[request_id] = chunk
-            self._chunks.move_to_end(request_id)
-            self._last = request_id
-            while len(self._chunks) > CHUNKS_REMEMBERED:
-                self._chunks.popitem(last=False)
+        self._latencies.append(latency_s)
+        if chunk is None:
+            return
+        self._chunks[request_id] = chunk
+        self._chunks.move_to_end(request_id)
+        self._last = request_id
+        while len(self._chunks) > CHUNKS_REMEMBERED:
+            self._chunks.popitem(last=False)
 
     def chunk(self, request_id: str) -> np.ndarray | None:
         """The chunk answering `request_id`, or the last one sent when it is empty."""
-        with self._lock:
-            return self._chunk(request_id)
-
-    def _chunk(self, request_id: str) -> np.ndarray | None:
         if not request_id:
             return self._chunks.get(self._last) if self._last is not None else None
         if request_id not in self._chunks:
@@ -88,10 +91,9 @@ class ChunkMemory:
     def estimate_delay(self, control_hz: float) -> int:
         """ceil(latency x rate) with the slowest of the recent requests: a delay guessed short
         leaves the robot executing actions the new chunk did not keep; one guessed long costs little."""
-        with self._lock:
-            if control_hz <= 0 or not self._latencies:
-                return 0
-            return math.ceil(max(self._latencies) * control_hz - 1e-9)
+        if control_hz <= 0 or not self._latencies:
+            return 0
+        return math.ceil(max(self._latencies) * control_hz - 1e-9)
 
 
 def default_method(supported: tuple[str, ...], settings: Settings) -> str:
@@ -104,7 +106,7 @@ def resolve(
     model: VLAModel,
     embodiment: str,
     settings: Settings,
-    memory: ChunkMemory | None,
+    memory: StreamMemory | None,
 ) -> tuple[rtc.Prefix | None, Applied]:
     """The prefix for one request (None when there is nothing to continue) and the account of it."""
     info = model.model_info

@@ -1,11 +1,21 @@
-"""The inference engine: admission, the request path, stream sessions and the model thread's life.
+"""The inference engine: admission, the one request path, stream sessions and the model thread's life.
 
-Lifecycle of a request:
-  admit()   -> counted in flight; refused at once (QueueFull / Draining) when over the bound
-  run()     -> `prepare` (decode + model.prepare, and a stream's real-time chunking) in the
-               preprocessing pool (VLA_MAX_WORKERS threads), which queues the sample straight on
-               the model thread (model_thread.py: batching, the forward pass, failure isolation);
-               the caller's own future gets its own answer, or DeadlineExceeded at its deadline
+Every transport (gRPC Predict and StreamControl, the openpi websocket, ...) serves a request with
+one call (engine/request.py):
+
+    answer = await engine.submit(decode, deadline, protocol="grpc", request_id=..., session=...)
+
+  1. a stream's rate (StreamSession.allow), then admission: counted in flight, or refused at once
+     (QueueFull / Draining); then `on_admitted` (gRPC sends its response headers there, so a
+     refusal is known never to have run);
+  2. in the preprocessing pool (VLA_MAX_WORKERS threads): the transport's `decode`, the
+     instruction rule, `model.prepare` and a real-time chunking prefix; the sample goes straight
+     onto the model thread (model_thread.py: batching, the forward pass, failure isolation), whose
+     fill window waits for requests still in this step;
+  3. the caller's own future gets its answer, or DeadlineExceeded at its deadline; a stream's
+     StreamSession (session.py) keeps its ordering rules;
+  4. the outcome is counted, once (outcome.py): the Answer is returned, or `Failed` raised
+     (`Skipped` for a stream observation a newer one replaced).
 
 Cancelling the caller drops its request before it reaches the model. The event loop never runs
 model code; it only creates futures and receives answers (one callback per batch).
@@ -18,42 +28,66 @@ import concurrent.futures
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
-from typing import Any, Protocol, TypeVar
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 
 from vla_inference.config import Settings
 from vla_inference.engine import realtime
-from vla_inference.engine.errors import DeadlineExceeded, Draining, QueueFull
-from vla_inference.engine.model_thread import Completed, ModelThread, StreamSession, WorkItem
-from vla_inference.engine.realtime import Applied, ChunkMemory, RtcRequest
-from vla_inference.models import rtc
-from vla_inference.models.base import ModelDescription, Observation, PreparedSample, VLAModel
+from vla_inference.engine.errors import DeadlineExceeded, Draining, QueueFull, Skipped
+from vla_inference.engine.model_thread import Completed, ModelThread, WorkItem
+from vla_inference.engine.outcome import Failed, Outcome, Outcomes
+from vla_inference.engine.realtime import Applied
+from vla_inference.engine.request import Answer, Decode, Decoded, Notices, Timing
+from vla_inference.engine.session import StreamSession
+from vla_inference.models.base import (
+    InvalidObservation,
+    ModelDescription,
+    Observation,
+    PreparedSample,
+    VLAModel,
+)
 from vla_inference.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+EMPTY_INSTRUCTION = (
+    "the model needs a language instruction (the task, e.g. 'pick up the red cup'); send one, or set "
+    "VLA_ALLOW_EMPTY_INSTRUCTION=true to serve observations without one"
+)
 
-class HasSample(Protocol):
+
+@dataclass
+class _Prepared:
+    """What the preprocessing step made of a request."""
+
     sample: PreparedSample
-
-
-P = TypeVar("P", bound=HasSample)
-T = TypeVar("T")
-
-__all__ = ["Completed", "InferenceEngine", "StreamSession"]
+    decode_s: float
+    preprocess_s: float
+    rtc: Applied | None
 
 
 class InferenceEngine:
-    """Owns the model, its thread, the preprocessing pool and admission."""
+    """Owns the model, its thread, the preprocessing pool, admission and the counting of outcomes.
 
-    def __init__(self, model: VLAModel, settings: Settings, metrics: Metrics) -> None:
+    `pool` replaces the preprocessing pool (tests run its jobs by hand)."""
+
+    def __init__(
+        self,
+        model: VLAModel,
+        settings: Settings,
+        metrics: Metrics,
+        *,
+        pool: concurrent.futures.Executor | None = None,
+    ) -> None:
         self.model = model
         self.settings = settings
         self.metrics = metrics
-        self._pool = concurrent.futures.ThreadPoolExecutor(
+        self.outcomes = Outcomes(metrics)
+        self.model_thread = ModelThread(model, settings, metrics)
+        self._pool = pool or concurrent.futures.ThreadPoolExecutor(
             settings.max_workers, thread_name_prefix="preprocess"
         )
-        self._thread = ModelThread(model, settings, metrics)
+        self._notices = Notices("process")  # warnings logged once for unary requests
         self._started = False
         self._in_flight = 0
         self._draining = False
@@ -62,161 +96,144 @@ class InferenceEngine:
         metrics.in_flight.set_function(lambda: float(self._in_flight))
         metrics.active_streams.set_function(lambda: float(self._sessions))
 
-    # --- what the transport asks of the model -------------------------------------------------
     @property
     def model_info(self) -> ModelDescription:
         return self.model.model_info
 
-    def prepare(self, observation: Observation) -> PreparedSample:
-        """The model's preprocessing (CPU; call it in the worker pool through `preprocess`)."""
-        return self.model.prepare(observation)
-
-    def resolve_rtc(
-        self, request: RtcRequest, embodiment: str, memory: ChunkMemory | None
-    ) -> tuple[rtc.Prefix | None, Applied]:
-        """The real-time chunking prefix of one request (engine/realtime.py)."""
-        return realtime.resolve(request, self.model, embodiment, self.settings, memory)
-
-    # --- accounting -----------------------------------------------------------------------------
-    def record(self, status: str, embodiment: str = "", seconds: float = 0.0) -> None:
-        """Count one request's outcome (a gRPC status name, or SKIPPED); latency for answered ones."""
-        self.metrics.count(status)
-        if status == "OK":
-            self.metrics.inference_latency.labels(
-                model=self.metrics.model_id, embodiment=embodiment or "default"
-            ).observe(seconds)
-
-    def record_preprocess(self, seconds: float) -> None:
-        self.metrics.preprocess_time.observe(seconds)
-
-    @contextlib.contextmanager
-    def stream(self) -> Iterator[StreamSession]:
-        """One StreamControl session for its whole life (counted in active streams)."""
-        self._sessions += 1
-        try:
-            yield StreamSession()
-        finally:
-            self._sessions -= 1
-
-    @property
-    def sessions(self) -> int:
-        """Open stream sessions."""
-        return self._sessions
-
-    # --- state --------------------------------------------------------------------------------
-    @property
-    def queue_depth(self) -> int:
-        """Requests admitted and not yet on the model (preprocessing or queued)."""
-        return max(0, self._in_flight - self._thread.executing)
-
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
-
-    @property
-    def stuck(self) -> bool:
-        """True while one forward pass has run longer than VLA_STUCK_AFTER_S."""
-        started = self._thread.forward_started
-        return started is not None and time.monotonic() - started > self.settings.stuck_after_s
-
-    @property
-    def draining(self) -> bool:
-        return self._draining
-
-    # --- lifecycle ----------------------------------------------------------------------------
-    async def start(self) -> None:
-        self._thread.start()
-        self._started = True
-
-    async def warmup(self, batches: int) -> None:
-        """Run dummy batches (batch 1 and the largest batch) so the first real request is not slow."""
-        if batches <= 0:
-            return
-        loop = asyncio.get_running_loop()
-        observation = self.model.warmup_observation()
-        sample = await loop.run_in_executor(self._pool, self.model.prepare, observation)
-        sizes = [1, self.settings.batch_size][: max(1, batches)]
-        sizes += [self.settings.batch_size] * (batches - len(sizes))
-        for size in sizes:
-            await asyncio.wrap_future(self._thread.call(self.model.predict_batch, [sample] * size))
-        log.info("warm-up done: %d batches (sizes %s)", len(sizes), sizes)
-
-    async def drain(self, grace_s: float) -> bool:
-        """Refuse new requests; wait up to grace_s for admitted ones. True when all were answered."""
-        self._draining = True
-        end = time.monotonic() + grace_s
-        while self._in_flight > 0 and time.monotonic() < end:
-            await asyncio.sleep(0.01)
-        return self._in_flight == 0
-
-    async def close(self) -> None:
-        self._thread.stop()
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-    # --- request path -------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def admit(self) -> Iterator[None]:
-        """Count a request in flight for its whole life; refuse it when the server is full or draining."""
-        if self._draining:
-            raise Draining("server is shutting down; retry on another replica")
-        if self._in_flight >= self.settings.max_queue_size:
-            raise QueueFull(
-                f"server is at capacity ({self._in_flight} requests in flight, VLA_MAX_QUEUE_SIZE="
-                f"{self.settings.max_queue_size}); retry shortly"
-            )
-        self._in_flight += 1
-        try:
-            yield
-        finally:
-            self._in_flight -= 1
-
-    async def run(
+    # --- the request path -----------------------------------------------------------------------
+    async def submit(
         self,
-        prepare: Callable[[], P],
+        decode: Decode,
         deadline: float,
+        *,
+        protocol: str,
         request_id: str = "",
         session: StreamSession | None = None,
-    ) -> tuple[P, Completed]:
-        """`prepare()` in the preprocessing pool, then the model; (what prepare returned, the answer).
+        notices: Notices | None = None,
+        on_admitted: Callable[[], Awaitable[None]] | None = None,
+    ) -> Answer:
+        """Serve one request (see the module docstring); its outcome is counted here, once.
 
-        `prepare` returns an object with the PreparedSample as `.sample`; its exceptions (e.g.
-        InvalidObservation) are raised here. The answer comes by `deadline` (time.monotonic()).
+        decode: the transport's message -> Decoded, run in the preprocessing pool; what it raises
+          (InvalidObservation naming the transport's field) is the request's outcome.
+        deadline: time.monotonic() by which the answer is due.
+        protocol: the metrics label (grpc, openpi, ...).
+        session: the stream the request belongs to (its ordering rules and chunk memory).
+        notices: where warnings are logged once (default: the session's, else once per process).
+        on_admitted: awaited once the request is admitted, before any work.
+
+        Raises Failed (the outcome a client is told), Skipped (a newer observation of the session
+        replaced it), or CancelledError when the caller is cancelled.
         """
         assert self._started, "engine not started"
+        arrival = time.monotonic()
+        try:
+            if session is not None:
+                session.allow()
+            with self._admit():
+                if on_admitted is not None:
+                    await on_admitted()
+                answer = await self._serve(decode, deadline, arrival, request_id, session, notices)
+        except asyncio.CancelledError as exc:
+            self.outcomes.failed(protocol, exc)
+            raise
+        except Skipped as exc:
+            if session is not None:
+                session.skipped(request_id)
+                self.metrics.stream_skipped.inc()
+            self.outcomes.failed(protocol, exc)
+            raise
+        except Exception as exc:
+            raise Failed(self.outcomes.failed(protocol, exc)) from exc
+        self.outcomes.answered(protocol, answer.embodiment, answer.timing.total_s)
+        return answer
+
+    def refused(self, protocol: str, exc: BaseException) -> Outcome:
+        """Count a request its transport refused before submitting it (e.g. a frame over the size
+        limit, or while the server is not serving); the outcome to tell the client."""
+        return self.outcomes.failed(protocol, exc)
+
+    async def _serve(
+        self,
+        decode: Decode,
+        deadline: float,
+        arrival: float,
+        request_id: str,
+        session: StreamSession | None,
+        notices: Notices | None,
+    ) -> Answer:
         loop = asyncio.get_running_loop()
         item = WorkItem(loop.create_future(), loop, deadline, request_id, session)
         if session is not None:
-            item.seq = session.next_seq()
-        prepared: list[P] = []
+            item.seq = session.observe()
+        if notices is None:
+            notices = session.notices if session is not None else self._notices
+        prepared: list[_Prepared] = []
 
         def job() -> None:
             try:
-                result = prepare()
+                result = self._prepare(decode, session, notices)
             except BaseException as exc:
-                self._thread.prepared(None)
+                self.model_thread.prepared(None)
                 item.fail(exc)
                 return
             prepared.append(result)
             item.sample = result.sample
-            self._thread.prepared(item)
+            self.model_thread.prepared(item)
 
-        self._thread.preparing()
-        self._pool.submit(job)
-        completed = await self._wait(item)
-        return prepared[0], completed
+        self.model_thread.preparing()
+        try:
+            self._pool.submit(job)
+        except RuntimeError:  # the pool was shut down: the server is stopping
+            self.model_thread.prepared(None)
+            raise Draining("server is shutting down; retry on another replica") from None
+        done = await self._wait(item)
+        skipped = session.answer(item.seq) if session is not None else ()
+        p = prepared[0]
+        timing = Timing(
+            decode_s=p.decode_s,
+            preprocess_s=p.preprocess_s,
+            queue_s=done.queue_s,
+            model_s=done.model_s,
+            postprocess_s=done.postprocess_s,
+            total_s=time.monotonic() - arrival,
+            batch_size=done.batch_size,
+        )
+        return Answer(done.prediction, p.sample.embodiment, timing, p.rtc, skipped)
 
-    async def preprocess(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run CPU work in the preprocessing pool, off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+    def _prepare(self, decode: Decode, session: StreamSession | None, notices: Notices) -> _Prepared:
+        """The preprocessing pool's part of a request."""
+        t0 = time.monotonic()
+        decoded = decode()
+        t1 = time.monotonic()
+        sample = self.model.prepare(self._instruction(decoded, notices))
+        applied = None
+        if decoded.rtc is not None:
+            # A stream's previous chunk is the last one it had been sent when this line runs.
+            sample.rtc, applied = realtime.resolve(
+                decoded.rtc, self.model, sample.embodiment, self.settings, session
+            )
+        t2 = time.monotonic()
+        self.metrics.preprocess_time.observe(t2 - t0)
+        return _Prepared(sample, t1 - t0, t2 - t1, applied)
 
-    async def infer(self, sample: PreparedSample, deadline: float, request_id: str = "") -> Completed:
-        """A sample already prepared (by `preprocess`): queue it on the model thread, await the answer."""
-        assert self._started, "engine not started"
-        loop = asyncio.get_running_loop()
-        item = WorkItem(loop.create_future(), loop, deadline, request_id, sample=sample)
-        self._thread.preparing()
-        self._thread.prepared(item)
-        return await self._wait(item)
+    def _instruction(self, decoded: Decoded, notices: Notices) -> Observation:
+        """The empty-instruction rule: a model that reads language needs an instruction, unless
+        VLA_ALLOW_EMPTY_INSTRUCTION lets an empty one through (with a warning, once per scope)."""
+        observation = decoded.observation
+        if observation.instruction.strip() or not self.model_info.takes_language:
+            return observation
+        if not self.settings.allow_empty_instruction:
+            raise InvalidObservation(decoded.instruction_field, EMPTY_INSTRUCTION)
+        notices.warn_once(
+            "empty-instruction",
+            "an observation without a language instruction (%s) went to the model, as "
+            "VLA_ALLOW_EMPTY_INSTRUCTION=true allows: it acts without being told its task "
+            "(logged once per %s)",
+            decoded.instruction_field,
+            notices.scope,
+        )
+        return observation
 
     async def _wait(self, item: WorkItem) -> Completed:
         """The item's answer until its deadline; cancelling the caller drops it."""
@@ -238,9 +255,91 @@ class InferenceEngine:
             raise
         finally:
             timer.cancel()
-            if item.session is not None:
-                self._thread.take_pending(item.session, item)
 
-    def take_skipped(self, session: StreamSession) -> list[str]:
-        """Request ids of the session's observations skipped since the last call."""
-        return self._thread.take_skipped(session)
+    @contextlib.contextmanager
+    def _admit(self) -> Iterator[None]:
+        """Count a request in flight for its whole life; refuse it when the server is full or draining."""
+        if self._draining:
+            raise Draining("server is shutting down; retry on another replica")
+        if self._in_flight >= self.settings.max_queue_size:
+            raise QueueFull(
+                f"server is at capacity ({self._in_flight} requests in flight, VLA_MAX_QUEUE_SIZE="
+                f"{self.settings.max_queue_size}); retry shortly"
+            )
+        self._in_flight += 1
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+
+    # --- streams --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def stream(self) -> Iterator[StreamSession]:
+        """One stream's session for its whole life (counted in active streams)."""
+        self._sessions += 1
+        try:
+            yield StreamSession(self.settings.max_stream_rate_hz)
+        finally:
+            self._sessions -= 1
+
+    @property
+    def sessions(self) -> int:
+        """Open stream sessions."""
+        return self._sessions
+
+    # --- state --------------------------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        """Requests admitted and not yet on the model (preprocessing or queued)."""
+        return max(0, self._in_flight - self.model_thread.executing)
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def stuck(self) -> bool:
+        """True while one forward pass has run longer than VLA_STUCK_AFTER_S."""
+        started = self.model_thread.forward_started
+        return started is not None and time.monotonic() - started > self.settings.stuck_after_s
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    async def start(self, *, threaded: bool = True) -> None:
+        """Start the model thread and run the model's warm-up hook on it (`warm_up(VLA_BATCH_SIZE)`).
+        threaded=False leaves the thread unstarted: a test steps it (`model_thread.step()`)."""
+        warmed = self.model_thread.call(self.model.warm_up, self.settings.batch_size)
+        if threaded:
+            self.model_thread.start()
+        else:
+            self.model_thread.step()
+        await asyncio.wrap_future(warmed)
+        self._started = True
+
+    async def warmup(self, batches: int) -> None:
+        """Run dummy batches (batch 1 and the largest batch) so the first real request is not slow."""
+        if batches <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        observation = self.model.warmup_observation()
+        sample = await loop.run_in_executor(self._pool, self.model.prepare, observation)
+        sizes = [1, self.settings.batch_size][: max(1, batches)]
+        sizes += [self.settings.batch_size] * (batches - len(sizes))
+        for size in sizes:
+            await asyncio.wrap_future(self.model_thread.call(self.model.predict_batch, [sample] * size))
+        log.info("warm-up done: %d batches (sizes %s)", len(sizes), sizes)
+
+    async def drain(self, grace_s: float) -> bool:
+        """Refuse new requests; wait up to grace_s for admitted ones. True when all were answered."""
+        self._draining = True
+        end = time.monotonic() + grace_s
+        while self._in_flight > 0 and time.monotonic() < end:
+            await asyncio.sleep(0.01)
+        return self._in_flight == 0
+
+    async def close(self) -> None:
+        self.model_thread.stop()
+        self._pool.shutdown(wait=False, cancel_futures=True)

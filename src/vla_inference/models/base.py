@@ -55,6 +55,11 @@ class Observation:
     embodiment: str = ""  # "" = the model's default embodiment
     joint_velocities: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (J,) or (0,)
     seed: int | None = None  # None = a fresh random seed (sample_seed)
+    # Earlier steps, for models that read a history (ModelDescription.image_history /
+    # state_history): offset (< 0, control steps) -> camera -> (H, W, 3) uint8 RGB, and offset ->
+    # (J,) joint positions.
+    past_images: Mapping[int, Mapping[str, np.ndarray]] = field(default_factory=dict)
+    past_joint_positions: Mapping[int, np.ndarray] = field(default_factory=dict)
 
 
 def sample_seed(observation: Observation) -> int:
@@ -82,6 +87,7 @@ class ModelSettings:
     pi05_prompt_state: str = "unpadded"  # VLA_PI05_PROMPT_STATE: pi0.5 prompt state, padded or not
     compile: bool = False  # VLA_COMPILE: the static-shape compiled path (models/common/static.py)
     batch_size: int = 1  # VLA_BATCH_SIZE: the compiled path warms the buckets up to it
+    compile_backend: str = "inductor"  # VLA_COMPILE_BACKEND (models/common/static.py)
 
     @classmethod
     def of(cls, settings: Any) -> ModelSettings:
@@ -138,6 +144,10 @@ class ModelDescription:
     decode_size: tuple[int, int] | None = None
     # The model reads the instruction: an empty one is refused unless VLA_ALLOW_EMPTY_INSTRUCTION.
     takes_language: bool = True
+    # embodiment -> the earlier steps (offsets < 0) whose frames / joint positions the model reads
+    # besides the current ones (Observation.past_images / past_joint_positions); absent: none.
+    image_history: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    state_history: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 @dataclass
@@ -193,7 +203,7 @@ class VLAModel(abc.ABC):
     def finish(self, raw: Any, sample: PreparedSample) -> ActionPrediction:
         """Turn one raw output into actions in the robot's units."""
 
-    def warm_up(self, max_batch: int) -> None:
+    def warm_up(self, max_batch: int) -> None:  # noqa: B027 (an optional hook)
         """Prepare for batches of up to `max_batch` rows before the first request (VLA_COMPILE:
         compile and capture every batch bucket). The engine calls it once, on the model thread,
         after `load` and before health turns SERVING. Default: nothing to do."""

@@ -62,7 +62,9 @@ def prefix_weights(start: int, end: int, total: int, schedule: str = "exp") -> n
     elif schedule in ("linear", "exp"):
         w = np.clip((start - 1 - i) / (end - start + 1) + 1, 0.0, 1.0)
         if schedule == "exp":
-            w = w * np.expm1(w) / (math.e - 1)
+            # w (e^w - 1) / (e - 1) is 1 at w = 1 in exact arithmetic; numpy's SIMD expm1 can round
+            # it to 1 + 2e-16 (AVX-512), so clip: a weight never exceeds 1.
+            w = np.clip(w * np.expm1(w) / (math.e - 1), 0.0, 1.0)
     else:
         raise ValueError(f"unknown schedule {schedule!r}")
     return np.where(i >= end, 0.0, w)
@@ -117,25 +119,18 @@ def build_prefix(
     return Prefix(method, aligned, weights, delay, overlap, beta, jacobian)
 
 
-class StaticPrefix(NamedTuple):
-    """A batch's real-time chunking as tensors of fixed shapes and dtypes, for the compiled steps
-    (models/common/static.py): all zeros / False when no row asks for it, so one graph serves both.
-    Rows guided with the Jacobian never come here (they need a backward pass: eager)."""
+class Chunking(NamedTuple):
+    """A batch's real-time chunking as tensors, one row per sample; rows without it are all zero
+    (no hard rows, no guidance), so one compiled graph serves batches with and without it.
 
-    actions: Tensor  # (B, H, A) Y, in the noise's dtype
-    hard_mask: Tensor  # (B, H) bool: hard rows, i < d
-    guide_weights: Tensor  # (B, H) W of guided rows (velocity held constant), 0 elsewhere
-    max_guidance: Tensor  # (B,) beta of those rows, 0 elsewhere
+    The samplers take it as it is (models/common/flow.py `euler_step`): the eager path may pass
+    None for a batch that asks for none; the static-shape path always passes one (`zeros`).
+    The properties read the tensors on the host: call them outside compiled code."""
 
-
-@dataclass
-class BatchPrefix:
-    """The prefixes of a batch as tensors; rows without real-time chunking are all zero."""
-
-    actions: Tensor  # (B, H, A) Y
-    guide_weights: Tensor  # (B, H) W for guided rows, 0 elsewhere
-    max_guidance: Tensor  # (B,) beta for guided rows, 0 elsewhere
+    actions: Tensor  # (B, H, A) Y, the previous chunk aligned to the new one
     hard_mask: Tensor  # (B, H) bool: rows overwritten at every step (hard rows, i < d)
+    guide_weights: Tensor  # (B, H) W of guided rows, 0 elsewhere
+    max_guidance: Tensor  # (B,) beta of guided rows, 0 elsewhere
     jacobian: Tensor  # (B,) bool: guided rows whose guidance differentiates through the network
 
     @property
@@ -144,7 +139,8 @@ class BatchPrefix:
 
     @property
     def needs_backward(self) -> bool:
-        """Some guided row takes the vector-Jacobian product (a backward pass per step)."""
+        """Some guided row takes the vector-Jacobian product (a backward pass per step): such a
+        batch runs eagerly, with gradients allowed (models/policy.py `FlowPolicy` sees to it)."""
         return self.guided and bool((self.jacobian & (self.max_guidance > 0)).any())
 
     @property
@@ -152,30 +148,42 @@ class BatchPrefix:
         return bool(self.hard_mask.any())
 
     @staticmethod
-    def static_inputs(prefix: BatchPrefix | None, noise: Tensor) -> StaticPrefix:
-        """The prefix for a static sampler, in the noise's dtype: the batch's, or zeros without one
-        (one dtype and shape either way, so a compiled graph serves both). A batch with a row guided
-        with the Jacobian is refused (ValueError): it needs the eager sampler."""
+    def zeros(noise: Tensor) -> Chunking:
+        """No row chunks: the inputs a static sampler runs a plain batch with."""
         B, H = noise.shape[:2]
-        if prefix is None:
-            zeros = noise.new_zeros(B, H)
-            no_rows = torch.zeros(B, H, dtype=torch.bool, device=noise.device)
-            return StaticPrefix(torch.zeros_like(noise), no_rows, zeros, noise.new_zeros(B))
-        if prefix.needs_backward:
-            raise ValueError("guided real-time chunking with the Jacobian runs eagerly")
-        dtype = noise.dtype
-        return StaticPrefix(
-            prefix.actions.to(dtype),
-            prefix.hard_mask,
-            prefix.guide_weights.to(dtype),
-            prefix.max_guidance.to(dtype),
+        no_rows = torch.zeros(B, H, dtype=torch.bool, device=noise.device)
+        return Chunking(
+            torch.zeros_like(noise),
+            no_rows,
+            noise.new_zeros(B, H),
+            noise.new_zeros(B),
+            torch.zeros(B, dtype=torch.bool, device=noise.device),
         )
+
+    def like(self, noise: Tensor) -> Chunking:
+        """The float tensors in the noise's dtype (one dtype per compiled graph)."""
+        dtype = noise.dtype
+        return self._replace(
+            actions=self.actions.to(dtype),
+            guide_weights=self.guide_weights.to(dtype),
+            max_guidance=self.max_guidance.to(dtype),
+        )
+
+    @staticmethod
+    def for_static(chunking: Chunking | None, noise: Tensor) -> Chunking:
+        """The chunking a static sampler runs: the batch's in the noise's dtype, or zeros. A row
+        guided with the Jacobian is refused (ValueError): it needs the eager sampler."""
+        if chunking is None:
+            return Chunking.zeros(noise)
+        if chunking.needs_backward:
+            raise ValueError("guided real-time chunking with the Jacobian runs eagerly")
+        return chunking.like(noise)
 
     @staticmethod
     def stack(
         prefixes: Sequence[Prefix | None], horizon: int, width: int, device: torch.device
-    ) -> BatchPrefix | None:
-        """None when no row asks for real-time chunking (the plain sampler runs)."""
+    ) -> Chunking | None:
+        """The rows' prefixes as one Chunking; None when no row asks for real-time chunking."""
         if all(p is None or p.method == NONE for p in prefixes):
             return None
         B = len(prefixes)
@@ -192,33 +200,38 @@ class BatchPrefix:
                 guide[row], beta[row], jacobian[row] = p.weights[:horizon], p.max_guidance, p.jacobian
             else:
                 hard[row] = p.weights[:horizon] > 0
-        return BatchPrefix(
+        return Chunking(
             torch.from_numpy(actions).to(device),
+            torch.from_numpy(hard).to(device),
             torch.from_numpy(guide).to(device),
             torch.from_numpy(beta).to(device),
-            torch.from_numpy(hard).to(device),
             torch.from_numpy(jacobian).to(device),
         )
 
 
-def guided_velocity(
-    x: Tensor, tau: Tensor, velocity: Callable[[Tensor], Tensor], prefix: BatchPrefix
+def guide(
+    x: Tensor,
+    tau: Tensor,
+    velocity: Callable[[Tensor], Tensor],
+    chunking: Chunking,
+    differentiate: bool = False,
 ) -> Tensor:
     """The guided velocity toward the data at x (B, H, A), time tau (B,): v + w g (module docstring).
 
-    `velocity(x)` must be differentiable in x when a row takes the Jacobian (prefix.jacobian);
-    rows with zero weights come back as plain v. Rows without the Jacobian get g = err.
-    """
-    if not prefix.needs_backward:
+    `differentiate` (a Python bool, fixed per call site): take the vector-Jacobian product through
+    `velocity` for the rows that ask for it (chunking.jacobian); the other rows get g = err. Without
+    it every row gets g = err (the velocity held constant): no backward pass and no host
+    synchronisation, so the compiled steps run it. Rows with zero weights come back as plain v."""
+    if not differentiate:
         v = velocity(x)
-        return guide_constant(x, tau, v, prefix.actions, prefix.guide_weights, prefix.max_guidance)
+        return guide_constant(x, tau, v, chunking.actions, chunking.guide_weights, chunking.max_guidance)
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         v = velocity(x)
-        estimate, err = _estimate_and_error(x, tau, v, prefix.actions, prefix.guide_weights)
+        estimate, err = _estimate_and_error(x, tau, v, chunking.actions, chunking.guide_weights)
         (g,) = torch.autograd.grad(estimate, x, grad_outputs=err.detach())
-    g = torch.where(prefix.jacobian[:, None, None], g, err.detach())
-    w = guidance_weight(tau, prefix.max_guidance).to(v.dtype)
+    g = torch.where(chunking.jacobian[:, None, None], g, err.detach())
+    w = guidance_weight(tau, chunking.max_guidance).to(v.dtype)
     return (v + w[:, None, None] * g).detach()
 
 

@@ -7,6 +7,7 @@ costs nothing. Decoding runs in the worker pool, never on the event loop.
 from __future__ import annotations
 
 import io
+import logging
 import struct
 
 import numpy as np
@@ -18,6 +19,7 @@ PNG = "png"
 RAW_RGB = "raw_rgb"
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+log = logging.getLogger(__name__)
 
 
 class ImageError(ValueError):
@@ -72,11 +74,17 @@ def _decode_raw(data: bytes, width: int, height: int, max_pixels: int) -> np.nda
     return np.frombuffer(data, np.uint8).reshape(height, width, 3)
 
 
+# libjpeg-turbo's messages name its internal functions ("tjDecompressHeader3(): ..."): they go to the
+# debug log; the client is told what it can act on.
+NOT_A_JPEG = "not a decodable JPEG (send JPEG bytes, or set the encoding field to PNG or RAW_RGB)"
+
+
 def _decode_jpeg(data: bytes, max_pixels: int, at_least: tuple[int, int] | None) -> np.ndarray:
     try:
         height, width, _, _ = simplejpeg.decode_jpeg_header(data)
     except (ValueError, RuntimeError) as exc:
-        raise ImageError(f"not a valid JPEG ({_short(exc)})") from None
+        log.debug("JPEG header of %d bytes refused by libjpeg: %s", len(data), exc)
+        raise ImageError(NOT_A_JPEG) from None
     _check_pixels(width, height, max_pixels)
     scaled: dict[str, int] = {}
     if at_least is not None and width >= 2 * at_least[0] and height >= 2 * at_least[1]:
@@ -84,7 +92,8 @@ def _decode_jpeg(data: bytes, max_pixels: int, at_least: tuple[int, int] | None)
     try:
         return simplejpeg.decode_jpeg(data, colorspace="RGB", **scaled)
     except (ValueError, RuntimeError) as exc:
-        raise ImageError(f"corrupt JPEG ({_short(exc)})") from None
+        log.debug("JPEG of %dx%d (%d bytes) refused by libjpeg: %s", width, height, len(data), exc)
+        raise ImageError(f"{NOT_A_JPEG}: its header says {width}x{height} but the data is corrupt") from None
 
 
 def _decode_png(data: bytes, max_pixels: int) -> np.ndarray:

@@ -65,6 +65,7 @@ class SimConfig:
     timeout_s: float = 30.0
     token: str = ""
     video_dir: str = ""
+    video_episodes: int = 1  # with video_dir: the first N episodes of each task keep their frames
 
 
 @dataclass
@@ -198,7 +199,7 @@ def _run_task(cfg: SimConfig, task_name: str, seeds: Sequence[int]) -> list[Epis
         robot = _Robot(cfg, task, client)
         for seed in seeds:
             result = robot.run(episode, seed)
-            if not (cfg.video_dir and seed == cfg.seed):  # one video per task: its first episode
+            if not (cfg.video_dir and seed < cfg.seed + cfg.video_episodes):  # videos: the first N episodes
                 result.frames = []
             results.append(result)
             log.info(

@@ -34,14 +34,15 @@ class Metrics:
         self.inference_latency = Histogram(
             "vla_inference_latency_seconds",
             "Server time per answered request, arrival to answer",
-            ["model", "embodiment"],
+            ["model", "protocol", "embodiment"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.requests = Counter(
             "vla_inference_requests",
-            "Requests by outcome (gRPC status name; skipped = stale stream observation)",
-            ["model", "status"],
+            "Requests by outcome (gRPC status name; skipped = stale stream observation) and protocol "
+            "(grpc, openpi)",
+            ["model", "protocol", "status"],
             registry=r,
         )
         self.batch_size = Histogram(
@@ -104,8 +105,9 @@ class Metrics:
     def bind_openpi_connections(self, read: Callable[[], float]) -> None:
         self.openpi_connections.set_function(read)
 
-    def count(self, status: str, n: int = 1) -> None:
-        self.requests.labels(model=self.model_id, status=status).inc(n)
+    def count(self, status: str, protocol: str, n: int = 1) -> None:
+        """One request's outcome (engine/outcome.py counts them; UNAUTHENTICATED the transports)."""
+        self.requests.labels(model=self.model_id, protocol=protocol, status=status).inc(n)
 
     def serve_http(self, host: str, port: int) -> int:
         """Start the /metrics endpoint in a daemon thread; return the bound port."""

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import simplejpeg
 
-from vla_inference.models.pi0 import checkpoint as ckpt
 from vla_inference.models.pi0.model import Pi0Config
 from vla_inference.models.pi0.policy import image_to_model_input, tokenize_prompt
+from vla_inference.preprocessing import normalize as nz
 from vla_inference.sim import demos
 
 
@@ -79,10 +79,10 @@ class DemoDataset:
         self.state = np.concatenate(states)
         self.actions = np.concatenate(actions)
         self.stats = stats or {"state": norm_stats(self.state), "actions": norm_stats(self.actions)}
-        self.state_norm = ckpt.Normalizer("zscore", _stats(self.stats["state"]))
-        self.action_norm = ckpt.Normalizer("zscore", _stats(self.stats["actions"]))
-        self.normalized_state = self.state_norm.normalize(self.state)
-        self.normalized_actions = self.action_norm.normalize(self.actions)
+        self.state_norm = nz.Normalizer(nz.MEAN_STD, _stats(self.stats["state"]), nz.OPENPI)
+        self.action_norm = nz.Normalizer(nz.MEAN_STD, _stats(self.stats["actions"]), nz.OPENPI)
+        self.normalized_state = self.state_norm.normalize(self.state).astype(np.float32)
+        self.normalized_actions = self.action_norm.normalize(self.actions).astype(np.float32)
         self.episode_count = len(episodes)
 
     def __len__(self) -> int:
@@ -116,5 +116,5 @@ class DemoDataset:
         return Batch(images, image_masks, tokens, token_masks, state, actions)
 
 
-def _stats(stats: dict[str, list[float]]) -> ckpt.Stats:
-    return ckpt.Stats(**{k: np.asarray(v, np.float64) for k, v in stats.items()})
+def _stats(stats: dict[str, list[float]]) -> nz.Stats:
+    return nz.Stats.of(stats)

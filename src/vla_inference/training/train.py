@@ -9,7 +9,7 @@ MetaWorld's scripted experts as they ship, then 2500 steps from that export on d
 expert commands are rate-limited (smooth; see sim/tasks.py SMOOTH_EXPERT_MAX_STEP). It records
 the demonstrations first when they are missing.
 
-The network is the server's own (models/pi0/model.py, NAMED_CONFIGS["pi0_metaworld"]) and the
+The network is the server's own (models/pi0/model.py, SIZES["pi0_metaworld"]) and the
 loss is its `flow_matching_loss`. Everything is seeded: the same command on the same data gives
 the same weights on the same machine kind. The run directory keeps a resumable state every
 `--save-every` steps (safetensors + JSON, nothing pickled); rerunning the command continues from
@@ -42,7 +42,7 @@ from vla_inference.models.common.init import init_random_weights
 from vla_inference.models.common.weights import load_weights, read_json
 from vla_inference.models.pi0 import checkpoint as ckpt
 from vla_inference.models.pi0.demo import tokenizer_bytes
-from vla_inference.models.pi0.model import NAMED_CONFIGS, Pi0Config, Pi0Model, build, sample_flow_time
+from vla_inference.models.pi0.model import Pi0Batch, Pi0Config, Pi0Model, build, sample_flow_time
 from vla_inference.sim import tasks as mt
 from vla_inference.training.dataset import DemoDataset
 
@@ -138,16 +138,14 @@ def train_step(state: TrainState, data: DemoDataset, batch_size: int) -> float:
     actions = torch.from_numpy(batch.actions)
     noise = torch.randn(actions.shape, generator=state.generator)
     t = sample_flow_time(batch_size, state.generator)
-    errors = model.flow_matching_loss(
-        torch.from_numpy(batch.images),
-        torch.from_numpy(batch.image_masks),
-        torch.from_numpy(batch.tokens),
-        torch.from_numpy(batch.token_masks),
-        torch.from_numpy(batch.state),
-        actions,
-        noise,
-        t,
+    inputs = Pi0Batch(
+        images=torch.from_numpy(batch.images),
+        image_masks=torch.from_numpy(batch.image_masks),
+        tokens=torch.from_numpy(batch.tokens),
+        token_masks=torch.from_numpy(batch.token_masks),
+        state=torch.from_numpy(batch.state),
     )
+    errors = model.flow_matching_loss(inputs, actions, noise, t)
     loss = errors[..., : model.cfg.flow_dims or None].mean()  # the padding's target is 0 and learnt
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -241,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import sentencepiece
 
-    cfg = NAMED_CONFIGS[CONFIG_NAME]
+    cfg = Pi0Config.named(CONFIG_NAME)
     tokenizer = sentencepiece.SentencePieceProcessor(model_proto=tokenizer_bytes())
     init = ckpt.load(args.init) if args.init else None
     data = DemoDataset(args.data, cfg, tokenizer, stats=init_stats(init) if init else None)

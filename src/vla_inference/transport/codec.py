@@ -1,20 +1,22 @@
 """Conversion between protobuf messages and the domain types of models/base.py.
 
-Cheap structural checks of the message (sizes, counts, the instruction length, camera names)
-happen here with messages that name the proto field; what a model needs of an observation (joint
-counts, finite values, its cameras) the model checks once, in prepare (models/base.py). Image
-decoding happens here too but is called from the worker pool.
+`decode` is the gRPC transport's decode step (engine/request.py), run in the engine's
+preprocessing pool: cheap structural checks of the message (sizes, counts, the instruction length,
+camera names) with messages that name the proto field, then image decoding and the real-time
+chunking request. What a model needs of an observation (joint counts, finite values, its cameras)
+the model checks once, in prepare (models/base.py); an empty instruction the engine refuses.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from vla_inference.api.v1 import vla_inference_pb2 as pb
 from vla_inference.config import Settings
-from vla_inference.engine import Completed
+from vla_inference.engine import Answer, Decoded
 from vla_inference.engine.realtime import Applied, RtcRequest, default_method
 from vla_inference.models.base import InvalidObservation, ModelDescription, Observation, canonical_camera
 from vla_inference.preprocessing.images import JPEG, PNG, RAW_RGB, ImageError, decode_image
@@ -71,8 +73,15 @@ def require_observation(request: pb.Observation | MalformedMessage) -> pb.Observ
     return request
 
 
+def decode(request: pb.Observation | MalformedMessage, settings: Settings, info: ModelDescription) -> Decoded:
+    """The gRPC decode step: the checks, the images and the real-time chunking request."""
+    observation = require_observation(request)
+    check_envelope(observation, settings, info)
+    return Decoded(observation_from_proto(observation, settings, info), rtc_request(observation, info))
+
+
 def check_envelope(request: pb.Observation, settings: Settings, info: ModelDescription) -> None:
-    """Checks that need no decoding: run on the event loop before any work is queued."""
+    """Checks that need no decoding, before the images are decoded."""
     if len(request.request_id) > MAX_REQUEST_ID_CHARS:
         raise InvalidObservation("request_id", f"at most {MAX_REQUEST_ID_CHARS} characters")
     if len(request.language_instruction) > settings.max_instruction_chars:
@@ -84,6 +93,8 @@ def check_envelope(request: pb.Observation, settings: Settings, info: ModelDescr
     joints = len(request.joint_positions)
     if joints > settings.max_joints or len(request.joint_velocities) > settings.max_joints:
         raise InvalidObservation("joint_positions", f"at most {settings.max_joints} values")
+    for field in ("joint_positions", "joint_velocities"):
+        check_finite(field, getattr(request, field))
     cameras = len(request.cameras) + (1 if request.camera_image else 0)
     if cameras > settings.max_cameras:
         raise InvalidObservation(
@@ -92,6 +103,42 @@ def check_envelope(request: pb.Observation, settings: Settings, info: ModelDescr
     if cameras == 0:
         raise InvalidObservation(
             "camera_image", "no image: send camera_image or at least one entry in cameras"
+        )
+    check_history(request, settings, info)
+
+
+MAX_HISTORY_STEPS = 32
+
+
+def check_history(request: pb.Observation, settings: Settings, info: ModelDescription) -> None:
+    """Observation.history: only for a model that reads one; offsets negative and distinct."""
+    if not request.history:
+        return
+    if not (info.image_history or info.state_history):
+        raise InvalidObservation("history", f"{info.family} reads no history; send the current step only")
+    if len(request.history) > MAX_HISTORY_STEPS:
+        raise InvalidObservation("history", f"at most {MAX_HISTORY_STEPS} earlier steps")
+    seen: set[int] = set()
+    for index, step in enumerate(request.history):
+        field = f"history[{index}]"
+        if step.offset >= 0 or step.offset in seen:
+            raise InvalidObservation(f"{field}.offset", "must be negative (steps earlier) and distinct")
+        seen.add(step.offset)
+        if len(step.cameras) > settings.max_cameras or len(step.joint_positions) > settings.max_joints:
+            raise InvalidObservation(
+                field, f"at most {settings.max_cameras} cameras and {settings.max_joints} values"
+            )
+        check_finite(f"{field}.joint_positions", step.joint_positions)
+
+
+def check_finite(field: str, values: Sequence[float]) -> None:
+    """NaN or inf in a list of numbers: refused naming the first bad index."""
+    array = np.asarray(values, dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(array))
+    if bad.size:
+        index = int(bad[0])
+        raise InvalidObservation(
+            field, f"value {index} is {array[index]}: every value must be finite (no NaN or inf)"
         )
 
 
@@ -105,12 +152,22 @@ def _encoded_images(request: pb.Observation, info: ModelDescription) -> dict[str
             request.camera_image_width,
             request.camera_image_height,
         )
-    for index, camera in enumerate(request.cameras):
-        field = f"cameras[{index}]"
+    images.update(_named_images(request.cameras, "cameras", info, taken=set(images)))
+    return images
+
+
+def _named_images(
+    cameras: Sequence[pb.CameraImage], where: str, info: ModelDescription, taken: set[str] | None = None
+) -> dict[str, _EncodedImage]:
+    """Repeated CameraImage (Observation.cameras, PastStep.cameras) by canonical name, checked."""
+    images: dict[str, _EncodedImage] = {}
+    taken = set(taken or ())
+    for index, camera in enumerate(cameras):
+        field = f"{where}[{index}]"
         name = canonical_camera(camera.name)
         if not name:
             raise InvalidObservation(f"{field}.name", "camera name is empty")
-        if name in images:
+        if name in images or name in taken:
             raise InvalidObservation(f"{field}.name", f"camera {name!r} is given twice")
         if name not in info.camera_names:
             raise InvalidObservation(
@@ -133,21 +190,18 @@ def _encoding(value: int, field: str) -> str:
 def observation_from_proto(
     request: pb.Observation, settings: Settings, info: ModelDescription
 ) -> Observation:
-    """Decode images and copy fields; CPU work, called in the worker pool."""
-    images = {}
-    at_least = info.decode_size if settings.jpeg_scaled_decode else None
-    for name, encoded in _encoded_images(request, info).items():
-        try:
-            images[name] = decode_image(
-                encoded.data,
-                encoded.encoding,
-                width=encoded.width,
-                height=encoded.height,
-                max_pixels=settings.max_image_pixels,
-                at_least=at_least,
-            )
-        except ImageError as exc:
-            raise InvalidObservation(encoded.field, str(exc)) from None
+    """Decode images and copy fields (CPU work)."""
+    images = _decode_all(_encoded_images(request, info), settings, info)
+    past_images = {
+        step.offset: _decode_all(_named_images(step.cameras, f"history[{i}].cameras", info), settings, info)
+        for i, step in enumerate(request.history)
+        if step.cameras
+    }
+    past_joints = {
+        step.offset: np.asarray(step.joint_positions, dtype=np.float32)
+        for step in request.history
+        if step.joint_positions
+    }
     return Observation(
         images=images,
         joint_positions=np.asarray(request.joint_positions, dtype=np.float32),
@@ -155,7 +209,29 @@ def observation_from_proto(
         instruction=request.language_instruction,
         embodiment=request.embodiment_tag,
         seed=request.seed if request.HasField("seed") else None,  # None: the model draws one
+        past_images=past_images,
+        past_joint_positions=past_joints,
     )
+
+
+def _decode_all(
+    encoded: dict[str, _EncodedImage], settings: Settings, info: ModelDescription
+) -> dict[str, np.ndarray]:
+    images = {}
+    at_least = info.decode_size if settings.jpeg_scaled_decode else None
+    for name, item in encoded.items():
+        try:
+            images[name] = decode_image(
+                item.data,
+                item.encoding,
+                width=item.width,
+                height=item.height,
+                max_pixels=settings.max_image_pixels,
+                at_least=at_least,
+            )
+        except ImageError as exc:
+            raise InvalidObservation(item.field, str(exc)) from None
+    return images
 
 
 _RTC_METHODS: dict[int, str] = {
@@ -168,7 +244,7 @@ MAX_PREVIOUS_ACTIONS = 4096
 
 
 def rtc_request(request: pb.Observation, info: ModelDescription) -> RtcRequest | None:
-    """Observation.rtc checked and decoded (None when unset). Cheap: runs on the event loop."""
+    """Observation.rtc checked and decoded (None when unset)."""
     if not request.HasField("rtc"):
         return None
     r = request.rtc
@@ -221,37 +297,31 @@ def rtc_applied(applied: Applied) -> pb.RtcApplied:
 
 
 def action_chunk(
-    request: pb.Observation,
-    done: Completed,
-    model_name: str,
-    *,
-    decode_s: float,
-    preprocess_s: float,
-    total_s: float,
-    skipped: list[str] | None = None,
-    rtc: Applied | None = None,
+    request: pb.Observation | MalformedMessage, answer: Answer, model_name: str
 ) -> pb.ActionChunk:
-    """Build the answer for one request."""
-    actions = np.asarray(done.prediction.actions, dtype=np.float32)
-    total_ms = total_s * 1000
+    """Build the answer for one request (only a well-formed one has an answer; the type admits
+    MalformedMessage, which echoes the same fields, for the transport's convenience)."""
+    actions = np.asarray(answer.prediction.actions, dtype=np.float32)
+    t = answer.timing
+    total_ms = t.total_s * 1000
     return pb.ActionChunk(
-        rtc=rtc_applied(rtc) if rtc is not None else None,
+        rtc=rtc_applied(answer.rtc) if answer.rtc is not None else None,
         actions=[pb.Action(joint_commands=row) for row in actions.tolist()],
         inference_time_ms=total_ms,
-        confidence=float(done.prediction.confidence),
+        confidence=float(answer.prediction.confidence),
         request_id=request.request_id,
         observation_timestamp=request.timestamp,
         model_name=model_name,
         timing=pb.TimingBreakdown(
-            decode_ms=decode_s * 1000,
-            preprocess_ms=preprocess_s * 1000,
-            queue_ms=done.queue_s * 1000,
-            model_ms=done.model_s * 1000,
-            postprocess_ms=done.postprocess_s * 1000,
+            decode_ms=t.decode_s * 1000,
+            preprocess_ms=t.preprocess_s * 1000,
+            queue_ms=t.queue_s * 1000,
+            model_ms=t.model_s * 1000,
+            postprocess_ms=t.postprocess_s * 1000,
             total_ms=total_ms,
-            batch_size=done.batch_size,
+            batch_size=t.batch_size,
         ),
-        skipped_request_ids=skipped or [],
+        skipped_request_ids=list(answer.skipped),
     )
 
 
@@ -279,4 +349,6 @@ def model_info_message(info: ModelDescription, settings: Settings) -> pb.ModelIn
         action_layouts={k: pb.Layout(names=list(v)) for k, v in info.action_layouts.items()},
         rtc_methods=list(info.rtc_methods),
         rtc_default_method=default_method(info.rtc_methods, settings),
+        image_history={k: pb.Offsets(offsets=list(v)) for k, v in info.image_history.items() if v},
+        state_history={k: pb.Offsets(offsets=list(v)) for k, v in info.state_history.items() if v},
     )

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
+import socket
 import time
 
 import grpc
@@ -27,8 +29,9 @@ from vla_inference.models.base import VLAModel
 from vla_inference.models.registry import create_model
 from vla_inference.telemetry.gpu import GpuMonitor
 from vla_inference.telemetry.metrics import Metrics
-from vla_inference.transport import codec, security
+from vla_inference.transport import codec, security, servicer
 from vla_inference.transport.openpi import OpenpiEndpoint
+from vla_inference.transport.openpi import endpoint as openpi
 from vla_inference.transport.servicer import ServerState, VLAInferenceServicer
 
 log = logging.getLogger(__name__)
@@ -74,9 +77,21 @@ class VLAServer:
 
     async def start(self) -> None:
         """Open the port (health NOT_SERVING), load and warm the model, then turn SERVING."""
+        s = self.settings
+        # A taken port is found before anything binds (gRPC would log its own lines first) or loads
+        # (the openpi endpoint opens only once the model serves); the binds below may still fail.
+        _check_port_free("VLA_GRPC_PORT", s.host, s.grpc_port)
+        if s.metrics_enabled:
+            _check_port_free("VLA_METRICS_PORT", s.metrics_host, s.metrics_port)
+        if s.openpi_port:
+            _check_port_free("VLA_OPENPI_PORT", s.host, s.openpi_port)
         server = grpc.aio.server(
-            options=grpc_options(self.settings),
-            interceptors=security.interceptors(self.settings, lambda: self.metrics.count("UNAUTHENTICATED")),
+            # Without SO_REUSEPORT (gRPC's default turns it on) a second server on the same port fails
+            # to bind instead of silently sharing the port with the first.
+            options=[*grpc_options(self.settings), ("grpc.so_reuseport", 0)],
+            interceptors=security.interceptors(
+                self.settings, lambda: self.metrics.count("UNAUTHENTICATED", servicer.PROTOCOL)
+            ),
         )
         _add_service(VLAInferenceServicer(self.settings, self.state, lambda: self.engine, self.gpu), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -90,21 +105,29 @@ class VLAServer:
         )
         address = f"{_bracket(self.settings.host)}:{self.settings.grpc_port}"
         credentials = security.server_credentials(self.settings)
-        if credentials is None:
-            self.port = server.add_insecure_port(address)
-        else:
-            self.port = server.add_secure_port(address, credentials)
+        try:
+            if credentials is None:
+                self.port = server.add_insecure_port(address)
+            else:
+                self.port = server.add_secure_port(address, credentials)
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise RuntimeError(f"cannot bind gRPC to {address}")
+            raise bind_error("VLA_GRPC_PORT", self.settings.host, self.settings.grpc_port)
         self._log_exposure()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
         log.info("gRPC listening on %s:%d (model loading)", self.settings.host, self.port)
         if self.settings.metrics_enabled:
-            self.metrics_port = self.metrics.serve_http(
-                self.settings.metrics_host, self.settings.metrics_port
-            )
+            try:
+                self.metrics_port = self.metrics.serve_http(
+                    self.settings.metrics_host, self.settings.metrics_port
+                )
+            except OSError as exc:
+                raise bind_error(
+                    "VLA_METRICS_PORT", self.settings.metrics_host, self.settings.metrics_port, exc
+                ) from None
             log.info("metrics on http://%s:%d/metrics", self.settings.metrics_host, self.metrics_port)
 
         _set_torch_threads(self.settings)
@@ -146,9 +169,14 @@ class VLAServer:
                 self.settings,
                 lambda: self.engine,
                 lambda: self.state.phase == ServerState.SERVING,
-                on_denied=lambda: self.metrics.count("UNAUTHENTICATED"),
+                on_denied=lambda: self.metrics.count("UNAUTHENTICATED", openpi.PROTOCOL),
             )
-            self.openpi_port = await self.openpi.start()
+            try:
+                self.openpi_port = await self.openpi.start()
+            except (OSError, RuntimeError) as exc:
+                if _port_problem(s.host, s.openpi_port) is None:
+                    raise
+                raise bind_error("VLA_OPENPI_PORT", s.host, s.openpi_port or 0, exc) from None
             self.metrics.bind_openpi_connections(lambda: float(self.openpi.connections if self.openpi else 0))
         log.info("SERVING %s on port %d", info.name, self.port)
 
@@ -291,3 +319,58 @@ def _set_torch_threads(settings: Settings) -> None:
 
 def _bracket(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+# --- ports: a bind that fails names the port and the setting that chose it ----------------------------
+_HOST_SETTING = {"VLA_METRICS_PORT": "VLA_METRICS_HOST"}
+_PORT_NOTES = {
+    ("VLA_METRICS_PORT", 9090): " (9090 is also Prometheus's own default port: a host that runs Prometheus "
+    "needs another one here)",
+    ("VLA_GRPC_PORT", 50051): " (another `vla-inference serve` or `make run`?)",
+}
+
+
+def bind_error(setting: str, host: str, port: int, cause: BaseException | None = None) -> OSError:
+    """The one-line error for a port that could not be bound: in use, privileged, or a host that is
+    not this machine's, as a test bind of the same address tells."""
+    problem = _port_problem(host, port, cause)
+    host_setting = _HOST_SETTING.get(setting, "VLA_HOST")
+    if problem == errno.EADDRINUSE:
+        note = _PORT_NOTES.get((setting, port), "")
+        message = (
+            f"{setting}={port} is in use on {host}{note}: stop what listens there or set {setting} to a "
+            "free port (0 = any free port)"
+        )
+    elif problem == errno.EACCES:
+        message = f"{setting}={port}: binding a port below 1024 needs privileges; use a port above 1023"
+    elif problem == errno.EADDRNOTAVAIL:
+        message = f"{host_setting}={host} is not an address of this machine (cannot bind {setting}={port})"
+    else:
+        detail = f": {cause}" if cause else ""
+        message = f"cannot bind {setting}={port} on {host_setting}={host}{detail}"
+    return OSError(message)  # str() is the message alone
+
+
+def _port_problem(host: str, port: int | None, cause: BaseException | None = None) -> int | None:
+    """The errno a bind of host:port meets now (None: it binds)."""
+    if isinstance(cause, OSError) and cause.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+        return cause.errno
+    if not port:
+        return None
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return errno.EADDRNOTAVAIL
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                return exc.errno
+    return None
+
+
+def _check_port_free(setting: str, host: str, port: int) -> None:
+    if _port_problem(host, port) is not None:
+        raise bind_error(setting, host, port)

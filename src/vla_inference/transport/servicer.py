@@ -1,19 +1,21 @@
-"""The VLAInference handlers: admission, preprocessing, engine, answer, and one status per outcome.
+"""The VLAInference handlers: each request goes through the engine's one entry, `submit`.
 
-Every request ends with exactly one counted outcome in `vla_inference_requests_total`
-(OK, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, UNAVAILABLE, INTERNAL, CANCELLED,
-or SKIPPED for stale stream observations). Clients never see a traceback.
+The gRPC transport's own parts: its decode step (transport/codec.py), the deadline, the response
+headers, the stream's answer order and its drain, and the status of each outcome. The engine
+counts every request's outcome in `vla_inference_requests_total{protocol="grpc"}`. Clients never
+see a traceback.
 
 UNAVAILABLE is a refusal before any model work (loading, draining) and comes without response
-headers; an admitted call gets its headers at once (`_commit`), so clients' retry policies
-(vla_inference.channels) retry refusals on another replica and never a call that may have run.
-A stream open when the drain begins answers the observations it already read, then ends
-UNAVAILABLE; the client reopens it elsewhere (vla_inference.client.ControlSession).
+headers; an admitted call gets its headers at once (`_commit`, the engine's `on_admitted`), so
+clients' retry policies (vla_inference.channels) retry refusals on another replica and never a
+call that may have run. A stream open when the drain begins answers the observations it already
+read, then ends UNAVAILABLE; the client reopens it elsewhere (vla_inference.client.ControlSession).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -26,21 +28,21 @@ from vla_inference.api.v1 import vla_inference_pb2 as pb
 from vla_inference.api.v1 import vla_inference_pb2_grpc as pb_grpc
 from vla_inference.config import Settings
 from vla_inference.engine import (
-    Completed,
-    DeadlineExceeded,
+    Answer,
+    Failed,
     InferenceEngine,
+    NotServing,
+    Outcome,
     Skipped,
     StreamSession,
 )
-from vla_inference.engine.realtime import Applied, ChunkMemory
-from vla_inference.models.base import PreparedSample
 from vla_inference.telemetry.gpu import GpuMonitor
 from vla_inference.transport import codec
-from vla_inference.transport.outcome import RateLimited, classify, record
-from vla_inference.transport.outcome import Unavailable as _Unavailable
 
 log = logging.getLogger(__name__)
 
+PROTOCOL = "grpc"
+LOADING_MESSAGE = "the model is still loading; retry when health reports SERVING"
 DRAINING_MESSAGE = "server is shutting down; retry on another replica"
 STREAM_DRAINED_MESSAGE = (
     "this replica is shutting down: the stream ends here; reopen it (another replica serves it, "
@@ -48,18 +50,19 @@ STREAM_DRAINED_MESSAGE = (
 )
 
 
-@dataclass
-class _Failure:
-    status: grpc.StatusCode
-    message: str
+@dataclass(frozen=True)
+class _Reply:
+    """One stream answer: the chunk, and the engine's Answer when it is not an error."""
 
+    chunk: pb.ActionChunk
+    answer: Answer | None = None
 
-@dataclass
-class _Prepared:
-    sample: PreparedSample
-    decode_s: float
-    preprocess_s: float
-    rtc: Applied | None = None  # what real-time chunking did, when asked for
+    def sent(self, session: StreamSession) -> None:
+        """The chunk was written to the client: its session remembers it (real-time chunking)."""
+        if self.answer is not None:
+            session.sent(
+                self.chunk.request_id, self.answer.prediction.model_actions, self.answer.timing.total_s
+            )
 
 
 class ServerState:
@@ -102,12 +105,12 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
 
     # --- helpers ----------------------------------------------------------------------------------
     def _engine(self) -> InferenceEngine:
-        """The engine, or _Unavailable while loading or draining: a refusal before any model work."""
+        """The engine, or NotServing while loading or draining: a refusal before any model work."""
         engine = self._engine_ref()
         if engine is None or self.state.phase == ServerState.LOADING:
-            raise _Unavailable("the model is still loading; retry when health reports SERVING")
+            raise NotServing(LOADING_MESSAGE)
         if self.state.phase == ServerState.DRAINING:
-            raise _Unavailable(DRAINING_MESSAGE)
+            raise NotServing(DRAINING_MESSAGE)
         return engine
 
     def _deadline(self, context: grpc.aio.ServicerContext, arrival: float) -> tuple[float, str]:
@@ -118,98 +121,41 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
             return arrival + max(0.0, remaining), f"client deadline {remaining * 1000:.0f} ms"
         return arrival + default, f"VLA_TIMEOUT_MS={self.settings.timeout_ms}"
 
-    def _prepare(
-        self, engine: InferenceEngine, request: pb.Observation, memory: ChunkMemory | None
-    ) -> _Prepared:
-        """Decode, model preprocessing and real-time chunking; runs in the preprocessing pool.
-
-        A stream's previous chunk is the one it had been sent when this observation was decoded."""
-        t0 = time.monotonic()
-        info = engine.model_info
-        observation = codec.observation_from_proto(request, self.settings, info)
-        t1 = time.monotonic()
-        sample = engine.prepare(observation)
-        prepared = _Prepared(sample, t1 - t0, 0.0)
-        rtc_request = codec.rtc_request(request, info)
-        if rtc_request is not None:
-            sample.rtc, prepared.rtc = engine.resolve_rtc(rtc_request, sample.embodiment, memory)
-        prepared.preprocess_s = time.monotonic() - t1
-        engine.record_preprocess(prepared.decode_s + prepared.preprocess_s)
-        return prepared
-
-    async def _run(
-        self,
-        engine: InferenceEngine,
-        request: pb.Observation,
-        deadline: float,
-        session: StreamSession | None = None,
-    ) -> tuple[_Prepared, Completed]:
-        """Checks that need no decoding (here, on the loop), then preprocessing and the model."""
-        codec.check_envelope(request, self.settings, engine.model_info)
-        memory = session.memory if session is not None else None
-        return await engine.run(
-            lambda: self._prepare(engine, request, memory), deadline, request.request_id, session
-        )
-
-    def _failure(self, exc: BaseException, where: str) -> _Failure:
-        outcome = classify(exc, where)
-        return _Failure(getattr(grpc.StatusCode, outcome.status, grpc.StatusCode.INTERNAL), outcome.message)
-
-    def _record(
-        self, engine: InferenceEngine | None, status: str, embodiment: str = "", seconds: float = 0.0
-    ) -> None:
-        record(engine, status, embodiment, seconds)
-
-    def _answer(
-        self,
-        engine: InferenceEngine,
-        request: pb.Observation,
-        prepared: _Prepared,
-        done: Completed,
-        arrival: float,
-        skipped: list[str] | None = None,
-        total: float | None = None,
-    ) -> pb.ActionChunk:
-        """Count a success and build its ActionChunk (`total`: seconds since arrival, default now)."""
-        if total is None:
-            total = time.monotonic() - arrival
-        self._record(engine, "OK", prepared.sample.embodiment, total)
-        return codec.action_chunk(
-            request,
-            done,
-            engine.model_info.name,
-            decode_s=prepared.decode_s,
-            preprocess_s=prepared.preprocess_s,
-            total_s=total,
-            skipped=skipped,
-            rtc=prepared.rtc,
-        )
+    def _decode(
+        self, engine: InferenceEngine, request: pb.Observation | codec.MalformedMessage
+    ) -> functools.partial[Any]:
+        """The request's decode step, for the engine's preprocessing pool."""
+        return functools.partial(codec.decode, request, self.settings, engine.model_info)
 
     # --- RPCs -----------------------------------------------------------------------------------
     async def Predict(
         self, request: pb.Observation | codec.MalformedMessage, context: grpc.aio.ServicerContext
     ) -> pb.ActionChunk:
         arrival = time.monotonic()
-        engine = self._engine_ref()
         try:
             engine = self._engine()
-            with engine.admit():
-                await _commit(context)
-                request = codec.require_observation(request)
-                deadline, budget = self._deadline(context, arrival)
-                try:
-                    prepared, done = await self._run(engine, request, deadline)
-                except DeadlineExceeded as exc:
-                    raise DeadlineExceeded(f"{exc.message} ({budget})") from None
-            return self._answer(engine, request, prepared, done, arrival)
-        except asyncio.CancelledError:
-            self._record(engine, "CANCELLED")
+        except NotServing as refusal:
+            loaded = self._engine_ref()
+            if loaded is not None:  # draining (counted; while loading there is no engine to count in)
+                loaded.refused(PROTOCOL, refusal)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, refusal.message)
             raise
-        except Exception as exc:
-            failure = self._failure(exc, "Predict")
-        self._record(engine, failure.status.name)
-        await _abort(context, failure)
-        raise AssertionError("unreachable")  # abort raises
+        deadline, budget = self._deadline(context, arrival)
+        try:
+            answer = await engine.submit(
+                self._decode(engine, request),
+                deadline,
+                protocol=PROTOCOL,
+                request_id=request.request_id,
+                on_admitted=lambda: _commit(context),
+            )
+        except Failed as failed:
+            outcome = failed.outcome
+            if outcome.status == "DEADLINE_EXCEEDED":
+                outcome = Outcome(outcome.status, f"{outcome.message} ({budget})")
+            await _abort(context, outcome)
+            raise AssertionError("unreachable") from None  # abort raises
+        return codec.action_chunk(request, answer, engine.model_info.name)
 
     async def StreamControl(
         self,
@@ -218,21 +164,19 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
     ) -> AsyncIterator[pb.ActionChunk]:
         try:
             engine = self._engine()
-        except _Unavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except NotServing as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, exc.message)
             return
         await _commit(context)
-        answers: asyncio.Queue[asyncio.Task[pb.ActionChunk | None] | _DrainSignal | None] = asyncio.Queue()
+        answers: asyncio.Queue[asyncio.Task[_Reply | None] | _DrainSignal | None] = asyncio.Queue()
         tasks: set[asyncio.Task[Any]] = set()
-        limiter = _RateLimiter(self.settings.max_stream_rate_hz)
         unregister = self.state.on_drain(lambda: answers.put_nowait(_DRAIN))
         with engine.stream() as session:
 
             async def read() -> None:
                 try:
                     async for request in request_iterator:
-                        allowed = limiter.allow()
-                        step = asyncio.create_task(self._stream_step(engine, request, session, allowed))
+                        step = asyncio.create_task(self._stream_step(engine, request, session))
                         tasks.add(step)
                         step.add_done_callback(tasks.discard)
                         await answers.put(step)
@@ -253,14 +197,16 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
                         while not answers.empty():
                             pending = answers.get_nowait()
                             if isinstance(pending, asyncio.Task):
-                                chunk = await pending
-                                if chunk is not None and not _refused_by_drain(chunk):
-                                    yield chunk
+                                reply = await pending
+                                if reply is not None and not _refused_by_drain(reply.chunk):
+                                    yield reply.chunk
+                                    reply.sent(session)
                         await context.abort(grpc.StatusCode.UNAVAILABLE, STREAM_DRAINED_MESSAGE)
                         return
-                    chunk = await step
-                    if chunk is not None:
-                        yield chunk
+                    reply = await step
+                    if reply is not None:
+                        yield reply.chunk
+                        reply.sent(session)
                 await reader
             finally:
                 unregister()
@@ -273,46 +219,37 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
         engine: InferenceEngine,
         request: pb.Observation | codec.MalformedMessage,
         session: StreamSession,
-        allowed: bool,
-    ) -> pb.ActionChunk | None:
-        """One observation of a stream; its answer carries a failure inline. An observation that a
-        newer one overtook before reaching the model is skipped (engine: newest wins)."""
-        arrival = time.monotonic()
+    ) -> _Reply | None:
+        """One observation of a stream; its answer carries a failure inline. None: a newer
+        observation overtook it before it reached the model (the session's rules)."""
         try:
-            if not allowed:
-                rate = self.settings.max_stream_rate_hz
-                raise RateLimited(f"stream sends faster than VLA_MAX_STREAM_RATE_HZ={rate:g}")
-            with engine.admit():
-                observation = codec.require_observation(request)
-                deadline = arrival + self.settings.timeout_ms / 1000
-                prepared, done = await self._run(engine, observation, deadline, session)
-                # The latency the delay estimate uses is the total_ms the answer reports.
-                latency = time.monotonic() - arrival
-                session.memory.remember(observation.request_id, done.prediction.model_actions, latency)
-        except asyncio.CancelledError:
-            self._record(engine, "CANCELLED")
-            raise
-        except Skipped:
-            self._record(engine, "SKIPPED")
-            return None
-        except Exception as exc:
-            failure = self._failure(exc, "StreamControl")
-            self._record(engine, failure.status.name)
-            return pb.ActionChunk(
+            answer = await engine.submit(
+                self._decode(engine, request),
+                time.monotonic() + self.settings.timeout_ms / 1000,
+                protocol=PROTOCOL,
                 request_id=request.request_id,
-                observation_timestamp=request.timestamp,
-                model_name=engine.model_info.name,
-                error=pb.StreamError(code=failure.status.value[0], message=failure.message),
+                session=session,
             )
-        return self._answer(
-            engine, observation, prepared, done, arrival, engine.take_skipped(session), latency
-        )
+        except Skipped:
+            return None
+        except Failed as failed:
+            return _Reply(
+                pb.ActionChunk(
+                    request_id=request.request_id,
+                    observation_timestamp=request.timestamp,
+                    model_name=engine.model_info.name,
+                    error=pb.StreamError(
+                        code=_status(failed.outcome).value[0], message=failed.outcome.message
+                    ),
+                )
+            )
+        return _Reply(codec.action_chunk(request, answer, engine.model_info.name), answer)
 
     async def GetModelInfo(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         try:
             engine = self._engine()
-        except _Unavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except NotServing as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, exc.message)
             raise
         return codec.model_info_message(engine.model_info, self.settings)
 
@@ -333,11 +270,15 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
         )
 
 
-async def _abort(context: grpc.aio.ServicerContext, failure: _Failure) -> None:
+def _status(outcome: Outcome) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, outcome.status, grpc.StatusCode.INTERNAL)
+
+
+async def _abort(context: grpc.aio.ServicerContext, outcome: Outcome) -> None:
     """context.abort, quiet when the call already ended (client deadline or cancel won the race):
     gRPC would log that as an error with a traceback; it is an ordinary cancellation."""
     try:
-        await context.abort(failure.status, failure.message)
+        await context.abort(_status(outcome), outcome.message)
     except grpc.aio.AbortError:
         raise
     except Exception:
@@ -372,23 +313,3 @@ class _DrainSignal:
 
 
 _DRAIN = _DrainSignal()
-
-
-class _RateLimiter:
-    """Token bucket per stream: a burst of one second's worth, refilled at `rate_hz`."""
-
-    def __init__(self, rate_hz: float) -> None:
-        self.rate = rate_hz
-        self.tokens = max(1.0, rate_hz)
-        self.last = time.monotonic()
-
-    def allow(self) -> bool:
-        if self.rate <= 0:
-            return True
-        now = time.monotonic()
-        self.tokens = min(max(1.0, self.rate), self.tokens + (now - self.last) * self.rate)
-        self.last = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False

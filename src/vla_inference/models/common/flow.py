@@ -1,16 +1,20 @@
-"""Flow-matching sampling shared by the flow families (pi0 / pi0.5, GR00T): the Euler integrator
-with real-time chunking, and the confidence each chunk reports. `euler_step` is one step without a
-host synchronisation: the static-shape paths (models/common/static.py) compile it.
+"""Flow-matching sampling shared by the flow families (pi0 / pi0.5, GR00T): one Euler step with real-
+time chunking, the loop over the steps, and the confidence each chunk reports.
+
+A family writes one step function on top of `euler_step` (its network's velocity at one time) and
+runs it two ways with the same `integrate` loop: eagerly (dynamic shapes) and, with VLA_COMPILE,
+compiled once per batch bucket (models/common/static.py). `euler_step` never synchronises with the
+host, so torch.compile(fullgraph=True) captures it.
 
 Convention (models/rtc.py's): tau = 0 is noise, tau = 1 the action chunk, and the velocity points
-toward the data. A family whose network runs the other way (openpi: t = 1 - tau, v_t = -v) wraps
-its network call accordingly.
+toward the data. A family whose network runs the other way (openpi: t = 1 - tau, v_t = -v) says so
+in its StepTime's `t` and wraps its network call.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,39 +29,15 @@ CONFIDENCE_DEFINITION = (
 )
 
 
-def euler(
-    velocity: Callable[[Tensor, int], Tensor],
-    noise: Tensor,
-    steps: int,
-    prefix: rtc.BatchPrefix | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Integrate x from noise (tau = 0) to actions (tau = 1) in `steps` steps of dt = 1 / steps.
+class StepTime(NamedTuple):
+    """One Euler step's time, both as tensors so a compiled step replays for every step."""
 
-    velocity(x, step) -> v toward the data at tau = step / steps; x, noise (B, H, A).
-    `prefix` asks for real-time chunking on some rows (a guided batch needs gradients enabled).
-    Returns the actions and the last step's velocity, both (B, H, A).
-    """
-    dt = 1.0 / steps
-    hard = prefix is not None and prefix.hard  # one host sync each, not one per step
-    guided = prefix is not None and prefix.guided
-    hard_actions = prefix.actions if prefix is not None and hard else None
-    hard_mask = prefix.hard_mask if prefix is not None and hard else None
-    x, v = noise, torch.zeros_like(noise)
-    for step in range(steps):
-        tau = step_time(x, step, steps)
-
-        def at_step(x_in: Tensor, step: int = step) -> Tensor:
-            return velocity(x_in, step)
-
-        step_velocity: Callable[[Tensor], Tensor] = at_step
-        if guided and prefix is not None:
-            step_velocity = functools.partial(rtc.guided_velocity, tau=tau, velocity=at_step, prefix=prefix)
-        x, v = euler_step(step_velocity, x, tau, dt, noise, hard_actions, hard_mask)
-    return finish(x, hard_actions, hard_mask), v
+    tau: Tensor  # (B,) the fraction of data at the start of the step: step / steps
+    t: Tensor  # (B,) the same time as the family's network reads it (openpi: 1 - tau; GR00T: a bucket)
 
 
 def step_time(x: Tensor, step: int, steps: int) -> Tensor:
-    """tau (B,) = step / steps in x's dtype: the fraction of data at the start of `step`."""
+    """tau (B,) = step / steps in x's dtype."""
     return torch.full((x.shape[0],), step / steps, dtype=x.dtype, device=x.device)
 
 
@@ -67,42 +47,42 @@ def euler_step(
     tau: Tensor,
     dt: float,
     noise: Tensor,
-    hard_actions: Tensor | None = None,
-    hard_mask: Tensor | None = None,
+    chunking: rtc.Chunking | None = None,
+    differentiate: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """One step of `euler`: hard real-time chunking (rows of hard_mask (B, H) set to the previous
-    chunk hard_actions (B, H, A) noised to tau), then x + dt v. No host synchronisation, so
-    torch.compile(fullgraph=True) captures it. Returns (x after the step, v)."""
-    if hard_actions is not None and hard_mask is not None:
-        x = rtc.inpaint_hard(x, tau, noise, hard_actions, hard_mask)
-    v = velocity(x)
+    """One Euler step x (B, H, A) at time tau (B,) -> (x + dt v, v), v = velocity(x) toward the data.
+
+    With `chunking`: hard real-time chunking first (hard rows of x set to the previous chunk
+    noised to tau), then guidance (models/rtc.py `guide`; `differentiate` takes the Jacobian for
+    the rows that ask for it: eager only). Rows without real-time chunking come out as without it.
+    """
+    if chunking is None:
+        v = velocity(x)
+    else:
+        x = rtc.inpaint_hard(x, tau, noise, chunking.actions, chunking.hard_mask)
+        v = rtc.guide(x, tau, velocity, chunking, differentiate)
     return x + dt * v, v
 
 
-def static_step(
-    velocity: Callable[[Tensor], Tensor],
-    x: Tensor,
-    tau: Tensor,
-    dt: float,
+def integrate(
+    step: Callable[[Tensor, StepTime], tuple[Tensor, Tensor]],
+    times: Sequence[StepTime],
     noise: Tensor,
-    prefix: rtc.StaticPrefix,
+    chunking: rtc.Chunking | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """`euler_step` for the compiled samplers: every row through hard inpainting and guidance with
-    the velocity held constant, whose all-False mask and zero weights leave rows without real-time
-    chunking unchanged, so one graph serves every batch."""
-
-    def guided(x_in: Tensor) -> Tensor:
-        v = velocity(x_in)
-        return rtc.guide_constant(x_in, tau, v, prefix.actions, prefix.guide_weights, prefix.max_guidance)
-
-    return euler_step(guided, x, tau, dt, noise, prefix.actions, prefix.hard_mask)
+    """The Euler loop: x, v = step(x, time) from the noise for each time; returns (the final chunk
+    with hard-masked rows exactly the previous chunk, the last step's velocity)."""
+    x, v = noise.clone(), torch.zeros_like(noise)  # x aliasing noise would be a second CUDA graph
+    for time in times:
+        x, v = step(x, time)
+    return finish(x, chunking), v
 
 
-def finish(x: Tensor, hard_actions: Tensor | None, hard_mask: Tensor | None) -> Tensor:
+def finish(x: Tensor, chunking: rtc.Chunking | None) -> Tensor:
     """The final chunk: hard-masked rows are the previous chunk exactly."""
-    if hard_actions is None or hard_mask is None:
+    if chunking is None:
         return x
-    return torch.where(hard_mask[:, :, None], hard_actions.to(x.dtype), x)
+    return torch.where(chunking.hard_mask[:, :, None], chunking.actions.to(x.dtype), x)
 
 
 def confidence(last_velocity: np.ndarray, dt: float, rows: int, dims: int) -> float:

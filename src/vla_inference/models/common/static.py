@@ -15,19 +15,25 @@ A compiled family never shows the compiler a new shape after its warm-up:
 `compile_static` is torch.compile(fullgraph=True, dynamic=False): a graph break is an error, not
 a silent fallback. On CUDA it uses mode="reduce-overhead" (CUDA graphs via cudagraph trees; the
 caches are marked static addresses, so writing them inside a graph is allowed). On the CPU the
-same graphs run through inductor without CUDA graphs (or through BACKEND, which tests set to
-"aot_eager" to keep compile times short).
+same graphs run through inductor without CUDA graphs. The backend is a setting
+(VLA_COMPILE_BACKEND: "inductor" serves; tests use "aot_eager", the same graph capture without
+code generation, to keep compile times short).
+
+A family's static runner (models/<family>/static.py) compiles the very step functions its eager
+sampler calls: only the shapes differ (padded rows and columns, caches per bucket).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
 from vla_inference.models import rtc
 from vla_inference.models.common import flow
@@ -38,11 +44,12 @@ log = logging.getLogger(__name__)
 BUCKETS = (1, 2, 4, 8)
 MAX_BUCKET = BUCKETS[-1]
 
-# The torch.compile backend; "inductor" serves. Tests may set "aot_eager" (same graph capture,
-# no code generation).
-BACKEND = "inductor"
+BACKENDS = ("inductor", "aot_eager", "eager")  # VLA_COMPILE_BACKEND; "inductor" serves
 
 F = TypeVar("F", bound=Callable[..., Any])
+B = TypeVar("B", bound=tuple[Any, ...])  # a family's batch (a NamedTuple)
+C = TypeVar("C")  # what its prefix returns for the steps
+K = TypeVar("K")  # its per-bucket cache
 
 
 def bucket_for(rows: int) -> int:
@@ -76,17 +83,23 @@ def pad_rows(t: Tensor, rows: int) -> Tensor:
     return torch.cat([t, t[-1:].expand(rows - n, *t.shape[1:])])
 
 
-def run_in_pieces(
-    rows: Sequence[Tensor], run: Callable[[int, int, int, list[Tensor]], Sequence[Tensor]]
-) -> list[Tensor]:
-    """A batch through a per-bucket function: for each piece, run(bucket, start, stop, its rows
-    padded to the bucket); each output's real rows, concatenated over the pieces. Outputs are cloned:
-    a CUDA graph reuses its output buffers on the next replay."""
+def run_in_pieces(batch: Any, run: Callable[[int, int, int, Any], Sequence[Tensor]]) -> list[Tensor]:
+    """A batch through a per-bucket function. `batch` is a tree of named tuples whose tensors all
+    have the batch's rows first; for each piece, run(bucket, start, stop, the same tree with its
+    rows padded to the bucket); each output's real rows, concatenated over the pieces. Outputs are
+    cloned: a CUDA graph reuses its output buffers on the next replay."""
+    leaves = [leaf for leaf in pytree.tree_leaves(batch) if isinstance(leaf, Tensor)]
     outputs = []
-    for start, stop, bucket in pieces(rows[0].shape[0]):
-        padded = [pad_rows(t[start:stop], bucket) for t in rows]
+    for start, stop, bucket in pieces(leaves[0].shape[0]):
+        padded = pytree.tree_map_only(
+            Tensor, functools.partial(_piece, start=start, stop=stop, rows=bucket), batch
+        )
         outputs.append([out[: stop - start].clone() for out in run(bucket, start, stop, padded)])
     return [torch.cat(parts) for parts in zip(*outputs, strict=True)]
+
+
+def _piece(t: Tensor, start: int, stop: int, rows: int) -> Tensor:
+    return pad_rows(t[start:stop], rows)
 
 
 def kv_cache(
@@ -107,20 +120,6 @@ def kv_cache(
     return caches[bucket]
 
 
-def denoise(
-    step: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]],
-    times: Iterable[tuple[Tensor, Tensor]],
-    noise: Tensor,
-    chunking: rtc.StaticPrefix,
-) -> tuple[Tensor, Tensor]:
-    """The static Euler loop: x, v = step(x, tau, t) from the noise for each (tau, t) of `times`;
-    returns (actions with the hard prefix in place, the last velocity)."""
-    x, v = noise.clone(), torch.zeros_like(noise)  # x aliasing noise would be a second graph
-    for tau, t in times:
-        x, v = step(x, tau, t)
-    return flow.finish(x, chunking.actions, chunking.hard_mask), v
-
-
 def pad_columns(t: Tensor, length: int, value: float | bool = 0) -> Tensor:
     """t (B, T, ...) -> (B, length, ...), right-padded with `value`."""
     missing = length - t.shape[1]
@@ -132,10 +131,11 @@ def pad_columns(t: Tensor, length: int, value: float | bool = 0) -> Tensor:
     return torch.cat([t, fill], dim=1)
 
 
-def compile_static(fn: F, device: torch.device, backend: str | None = None) -> F:
+def compile_static(fn: F, device: torch.device, backend: str) -> F:
     """torch.compile(fn) for static shapes: fullgraph (a graph break raises), dynamic=False, and on
-    CUDA with inductor mode="reduce-overhead" (CUDA graphs)."""
-    backend = backend or BACKEND
+    CUDA with inductor mode="reduce-overhead" (CUDA graphs). `backend`: VLA_COMPILE_BACKEND."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown compile backend {backend!r}; known: {', '.join(BACKENDS)}")
     mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
     return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend, mode=mode)  # type: ignore[return-value]
 
@@ -168,3 +168,65 @@ def warm_up(what: str, buckets: Iterable[int], run: Callable[[int], object]) -> 
         ", ".join(map(str, done)),
         time.perf_counter() - started,
     )
+
+
+class FlowRunner(Generic[B, C, K]):
+    """What the flow families' static runners share (pi0/static.py, groot/static.py): the
+    network's own `prefix` and `euler_step` compiled once per bucket, the step times made once, and
+    the loop: each bucket's padded rows -> the cache -> prefix -> flow.integrate over the compiled
+    step. A family says how to pad a batch to its static lengths (`pad`), which cache a bucket has
+    (`cache`) and how its prefix is called (`prefix`)."""
+
+    def __init__(self, network: Any, device: torch.device, *, backend: str, compile: bool) -> None:
+        self.network = network
+        self.device = device
+        self.compiled = compile
+        wrap = functools.partial(compile_static, device=device, backend=backend)
+        self._prefix = wrap(network.prefix) if compile else network.prefix
+        self._step = wrap(network.euler_step) if compile else network.euler_step
+        self._times: dict[tuple[int, int, torch.dtype], list[flow.StepTime]] = {}
+
+    def pad(self, batch: B) -> B:
+        """The batch at the static lengths (its rows are padded to the bucket later)."""
+        return batch
+
+    def initial_noise(self, noise: Tensor) -> Tensor:
+        return noise
+
+    def cache(self, bucket: int) -> K:
+        """The bucket's persistent cache, allocated on first use."""
+        raise NotImplementedError
+
+    def prefix(self, batch: B, cache: K) -> C:
+        return self._prefix(batch, cache)  # type: ignore[no-any-return]
+
+    def times(self, bucket: int, steps: int, dtype: torch.dtype) -> list[flow.StepTime]:
+        """The eager sampler's step times (network.times), made once per (bucket, steps, dtype)."""
+        key = (bucket, steps, dtype)
+        if key not in self._times:
+            self._times[key] = self.network.times(bucket, steps, dtype, self.device)
+        return self._times[key]
+
+    def sample(
+        self, batch: B, noise: Tensor, steps: int, chunking: rtc.Chunking | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """As the network's eager `sample`: actions and the last velocity (B, H, A) each."""
+        with torch.inference_mode():
+            noise = self.initial_noise(noise)
+            rows = (self.pad(batch), noise, rtc.Chunking.for_static(chunking, noise))
+            actions, velocities = run_in_pieces(
+                rows, lambda bucket, start, stop, piece: self._bucket(bucket, steps, *piece)
+            )
+            return actions, velocities
+
+    def _bucket(
+        self, bucket: int, steps: int, batch: B, noise: Tensor, chunking: rtc.Chunking
+    ) -> tuple[Tensor, Tensor]:
+        cache = self.cache(bucket)
+        begin_call(self.device)
+        context = self.prefix(batch, cache)
+
+        def step(x: Tensor, time: flow.StepTime) -> tuple[Tensor, Tensor]:
+            return self._step(cache, context, batch, x, time, noise, chunking, 1.0 / steps)  # type: ignore[no-any-return]
+
+        return flow.integrate(step, self.times(bucket, steps, noise.dtype), noise, chunking)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -97,17 +97,16 @@ class GatedMLP(nn.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
-class KVCache:
+class KVCache(NamedTuple):
     """Preallocated keys and values of every layer, (L, B, Hkv, S, D) each.
 
     `update` writes a layer's new keys/values at a column and returns that layer's filled part;
-    `view` reads it. `reserve` reuses a cache when it is large enough (grows it otherwise).
+    `view` reads it. `reserve` reuses a cache when it is large enough (grows it otherwise). A named
+    tuple of two tensors, so a compiled function takes it as an argument (a static cache).
     """
 
-    def __init__(self, k: Tensor, v: Tensor) -> None:
-        """A cache over existing (L, B, Hkv, S, D) tensors (no allocation: a static cache handed to
-        a compiled function); `allocate` makes new ones."""
-        self.k, self.v = k, v
+    k: Tensor
+    v: Tensor
 
     @classmethod
     def allocate(

@@ -22,17 +22,63 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, cast
+from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vla_inference.models import rtc
-from vla_inference.models.common import flow
 
-if TYPE_CHECKING:
-    from vla_inference.models.groot.model import GrootConfig
+@dataclass(frozen=True)
+class DiTConfig:
+    """The DiT (action_head_cfg.diffusion_model_cfg)."""
+
+    heads: int = 32
+    head_dim: int = 48
+    layers: int = 16
+    output_dim: int = 1024
+    cross_attention_dim: int = 2048
+    interleave_self_attention: bool = True
+    norm_eps: float = 1e-5
+
+    @property
+    def inner_dim(self) -> int:
+        return self.heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class VLAdapterConfig:
+    """The VL self-attention adapter over the backbone features (action_head_cfg.vl_self_attention_cfg)."""
+
+    heads: int = 32
+    head_dim: int = 64
+    layers: int = 4
+
+    @property
+    def inner_dim(self) -> int:
+        return self.heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class ActionHeadConfig:
+    """The flow-matching action head (action_head_cfg); N1.5's published sizes by default."""
+
+    backbone_embedding_dim: int = 2048
+    input_embedding_dim: int = 1536
+    hidden_size: int = 1024
+    max_state_dim: int = 64
+    action_dim: int = 32
+    action_horizon: int = 16
+    num_target_vision_tokens: int = 32
+    max_seq_len: int = 1024
+    max_num_embodiments: int = 32
+    num_timestep_buckets: int = 1000
+    num_inference_timesteps: int = 4
+    add_pos_embed: bool = True
+    use_vlln: bool = True
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    vl_adapter: VLAdapterConfig = field(default_factory=VLAdapterConfig)
 
 
 def _key_mask(mask: Tensor | None) -> Tensor | None:
@@ -155,26 +201,26 @@ class TimestepEmbedding(nn.Module):
 
 
 class DiT(nn.Module):
-    def __init__(self, cfg: GrootConfig) -> None:
+    def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        dim = cfg.dit_inner_dim
+        dim = cfg.inner_dim
         self.timestep_embedder = TimestepEmbedding(256, dim)
         self.blocks = nn.ModuleList(
             TransformerBlock(
                 dim,
-                cfg.dit_heads,
-                cfg.dit_head_dim,
+                cfg.heads,
+                cfg.head_dim,
                 ada_norm=True,
                 affine=False,
-                eps=cfg.dit_norm_eps,
+                eps=cfg.norm_eps,
                 kv_dim=None if self.is_self_attention(i) else cfg.cross_attention_dim,
             )
-            for i in range(cfg.dit_layers)
+            for i in range(cfg.layers)
         )
         self.norm_out = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
         self.proj_out_1 = nn.Linear(dim, 2 * dim)
-        self.proj_out_2 = nn.Linear(dim, cfg.dit_output_dim)
+        self.proj_out_2 = nn.Linear(dim, cfg.output_dim)
 
     def is_self_attention(self, index: int) -> bool:
         return self.cfg.interleave_self_attention and index % 2 == 1
@@ -251,11 +297,11 @@ class MultiEmbodimentActionEncoder(nn.Module):
 
 
 class ActionHead(nn.Module):
-    def __init__(self, cfg: GrootConfig) -> None:
+    def __init__(self, cfg: ActionHeadConfig) -> None:
         super().__init__()
         self.cfg = cfg
         n = cfg.max_num_embodiments
-        self.dit = DiT(cfg)
+        self.dit = DiT(cfg.dit)
         self.state_encoder = CategorySpecificMLP(
             n, cfg.max_state_dim, cfg.hidden_size, cfg.input_embedding_dim
         )
@@ -266,15 +312,15 @@ class ActionHead(nn.Module):
         self.vl_adapter = (
             nn.ModuleList(
                 TransformerBlock(
-                    cfg.vlsa_inner_dim,
-                    cfg.vlsa_heads,
-                    cfg.vlsa_head_dim,
+                    cfg.vl_adapter.inner_dim,
+                    cfg.vl_adapter.heads,
+                    cfg.vl_adapter.head_dim,
                     ada_norm=False,
                     affine=True,
                     eps=1e-5,
                     kv_dim=None,
                 )
-                for _ in range(cfg.vlsa_layers)
+                for _ in range(cfg.vl_adapter.layers)
             )
             if cfg.use_vlln
             else None
@@ -308,26 +354,6 @@ class ActionHead(nn.Module):
         out = self.dit(tokens, cross_kv, vl_mask, bucket)
         return self.action_decoder(out, ids)[:, -self.cfg.action_horizon :]
 
-    def time_bucket(self, x: Tensor, step: int, steps: int) -> Tensor:
-        """The DiT's discretised time (B,) long at `step`: int(step / steps * num_timestep_buckets)."""
-        return torch.full((x.shape[0],), int(step / steps * self.cfg.num_timestep_buckets), device=x.device)
-
-    def sample(
-        self,
-        vl: Tensor,
-        vl_mask: Tensor,
-        state: Tensor,
-        ids: Tensor,
-        noise: Tensor,
-        steps: int,
-        prefix: rtc.BatchPrefix | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """Euler integration from noise (tau = 0) to actions (tau = 1) with the shared sampler;
-        returns (actions, last velocity). `prefix`: real-time chunking rows (models/rtc.py)."""
-        state_feat = self.state_encoder(state, ids)  # (B, 1, D)
-        cross_kv = self.dit.cross_kv(vl)
-
-        def velocity(x: Tensor, step: int) -> Tensor:
-            return self.velocity(cross_kv, vl_mask, state_feat, x, self.time_bucket(x, step, steps), ids)
-
-        return flow.euler(velocity, noise, steps, prefix)
+    def time_bucket(self, steps: int, step: int) -> int:
+        """The DiT's discretised time at `step`: int(step / steps * num_timestep_buckets)."""
+        return int(step / steps * self.cfg.num_timestep_buckets)

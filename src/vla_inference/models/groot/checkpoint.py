@@ -25,7 +25,7 @@ that choose what is served are read by embodiments.py / data_configs.py.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,8 @@ from vla_inference.models.base import ModelLoadError
 from vla_inference.models.common import vit
 from vla_inference.models.common.tokenizers import find_tokenizer as find_file
 from vla_inference.models.common.weights import NameMap, Source, find_weight_files, load_weights, read_json
-from vla_inference.models.groot.model import GR00TN15, SIZES, GrootConfig
+from vla_inference.models.groot.action_head import ActionHeadConfig
+from vla_inference.models.groot.model import GR00TN15, SIZES, EagleConfig, GrootConfig
 
 MODEL_TYPE = "gr00t_n1_5"
 _EAGLE = "backbone.eagle_model."
@@ -59,101 +60,125 @@ REQUIRED_TOKENS = ("<|im_start|>", "<|im_end|>", "<img>", "</img>", IMAGE_CONTEX
 
 
 def config_from_json(raw: Mapping[str, Any], eagle: Mapping[str, Any] | None = None) -> GrootConfig:
-    """config.json (+ optional Eagle config) -> GrootConfig."""
+    """config.json (+ optional Eagle config) -> GrootConfig: the published N1.5 sizes, with every
+    value the files give replaced."""
     if raw.get("model_type") != MODEL_TYPE:
         raise ModelLoadError(
             f"config.json has model_type {raw.get('model_type')!r}; "
             f"this backend serves GR00T N1.5 ({MODEL_TYPE!r})"
         )
-    backbone = dict(raw.get("backbone_cfg") or {})
-    head = dict(raw.get("action_head_cfg") or {})
-    dit = dict(head.get("diffusion_model_cfg") or {})
-    vlsa = dict(head.get("vl_self_attention_cfg") or {})
-    eagle = eagle if eagle is not None else backbone.get("eagle_config")
-    cfg = SIZES["n1.5-3b"]
-    values: dict[str, Any] = {}
+    backbone_cfg = dict(raw.get("backbone_cfg") or {})
+    head_cfg = dict(raw.get("action_head_cfg") or {})
+    dit_cfg = dict(head_cfg.get("diffusion_model_cfg") or {})
+    vlsa_cfg = dict(head_cfg.get("vl_self_attention_cfg") or {})
+    eagle = eagle if eagle is not None else backbone_cfg.get("eagle_config")
+    published = SIZES["n1.5-3b"]
+    backbone = published.backbone
     if eagle:
-        text, vision = dict(eagle.get("text_config") or {}), dict(eagle.get("vision_config") or {})
-        image_size = eagle.get("force_image_size") or vision.get("image_size", cfg.image_size)
-        heads = text.get("num_attention_heads", cfg.llm_heads)
-        values.update(
-            vit_hidden=vision.get("hidden_size", cfg.vit_hidden),
-            vit_layers=vision.get("num_hidden_layers", cfg.vit_layers),
-            vit_heads=vision.get("num_attention_heads", cfg.vit_heads),
-            vit_intermediate=vision.get("intermediate_size", cfg.vit_intermediate),
-            vit_eps=vision.get("layer_norm_eps", cfg.vit_eps),
-            patch_size=vision.get("patch_size", cfg.patch_size),
-            image_size=image_size,
-            use_pixel_shuffle=eagle.get("use_pixel_shuffle", cfg.use_pixel_shuffle),
-            downsample_ratio=eagle.get("downsample_ratio", cfg.downsample_ratio),
-            mlp_connector_layers=eagle.get("mlp_connector_layers", cfg.mlp_connector_layers),
-            image_token_id=eagle.get("image_token_index", cfg.image_token_id),
-            vocab_size=text.get("vocab_size", cfg.vocab_size),
-            llm_hidden=text.get("hidden_size", cfg.llm_hidden),
-            llm_layers=text.get("num_hidden_layers", cfg.llm_layers),
-            llm_heads=heads,
-            llm_kv_heads=text.get("num_key_value_heads", heads),
-            llm_head_dim=text.get("head_dim") or text.get("hidden_size", cfg.llm_hidden) // heads,
-            llm_intermediate=text.get("intermediate_size", cfg.llm_intermediate),
-            rope_theta=float(text.get("rope_theta", cfg.rope_theta)),
-            rms_eps=text.get("rms_norm_eps", cfg.rms_eps),
-        )
-    select_layer = backbone.get("select_layer", cfg.select_layer)
-    values["select_layer"] = select_layer
-    values["project_to_dim"] = backbone.get("project_to_dim")
-    for ours, theirs, src in (
-        ("backbone_embedding_dim", "backbone_embedding_dim", head),
-        ("input_embedding_dim", "input_embedding_dim", head),
-        ("hidden_size", "hidden_size", head),
-        ("max_state_dim", "max_state_dim", head),
-        ("action_dim", "action_dim", head),
-        ("action_horizon", "action_horizon", head),
-        ("num_target_vision_tokens", "num_target_vision_tokens", head),
-        ("max_seq_len", "max_seq_len", head),
-        ("max_num_embodiments", "max_num_embodiments", head),
-        ("num_timestep_buckets", "num_timestep_buckets", head),
-        ("num_inference_timesteps", "num_inference_timesteps", head),
-        ("add_pos_embed", "add_pos_embed", head),
-        ("use_vlln", "use_vlln", head),
-        ("dit_heads", "num_attention_heads", dit),
-        ("dit_head_dim", "attention_head_dim", dit),
-        ("dit_layers", "num_layers", dit),
-        ("dit_output_dim", "output_dim", dit),
-        ("cross_attention_dim", "cross_attention_dim", dit),
-        ("interleave_self_attention", "interleave_self_attention", dit),
-        ("dit_norm_eps", "norm_eps", dit),
-        ("vlsa_heads", "num_attention_heads", vlsa),
-        ("vlsa_head_dim", "attention_head_dim", vlsa),
-        ("vlsa_layers", "num_layers", vlsa),
-    ):
-        if src.get(theirs) is not None:
-            values[ours] = src[theirs]
-    cfg = replace(cfg, **values)
-    _check_config(cfg, dit)
+        backbone = _eagle_config(backbone, eagle)
+    backbone = replace(
+        backbone,
+        select_layer=backbone_cfg.get("select_layer", backbone.select_layer),
+        project_to_dim=backbone_cfg.get("project_to_dim"),
+    )
+    head = replace(
+        published.head,
+        **_given(
+            head_cfg,
+            {f.name: f.name for f in fields(ActionHeadConfig) if f.name not in ("dit", "vl_adapter")},
+        ),
+        dit=replace(
+            published.head.dit,
+            **_given(
+                dit_cfg,
+                {
+                    "heads": "num_attention_heads",
+                    "head_dim": "attention_head_dim",
+                    "layers": "num_layers",
+                    "output_dim": "output_dim",
+                    "cross_attention_dim": "cross_attention_dim",
+                    "interleave_self_attention": "interleave_self_attention",
+                    "norm_eps": "norm_eps",
+                },
+            ),
+        ),
+        vl_adapter=replace(
+            published.head.vl_adapter,
+            **_given(
+                vlsa_cfg,
+                {"heads": "num_attention_heads", "head_dim": "attention_head_dim", "layers": "num_layers"},
+            ),
+        ),
+    )
+    cfg = GrootConfig(backbone=backbone, head=head)
+    _check_config(cfg, dit_cfg)
     return cfg
+
+
+def _given(section: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]:
+    """our field -> the section's value, for the fields the section sets (not null)."""
+    return {ours: section[theirs] for ours, theirs in names.items() if section.get(theirs) is not None}
+
+
+def _eagle_config(backbone: EagleConfig, eagle: Mapping[str, Any]) -> EagleConfig:
+    """The Eagle config keys (upstream's eagle2_hg_model/config.json) over `backbone`."""
+    text, vision = dict(eagle.get("text_config") or {}), dict(eagle.get("vision_config") or {})
+    tower, llm = backbone.vision, backbone.llm
+    heads = text.get("num_attention_heads", llm.num_heads)
+    return replace(
+        backbone,
+        vision=replace(
+            tower,
+            width=vision.get("hidden_size", tower.width),
+            depth=vision.get("num_hidden_layers", tower.depth),
+            num_heads=vision.get("num_attention_heads", tower.num_heads),
+            mlp_dim=vision.get("intermediate_size", tower.mlp_dim),
+            norm_eps=vision.get("layer_norm_eps", tower.norm_eps),
+            patch_size=vision.get("patch_size", tower.patch_size),
+            image_size=eagle.get("force_image_size") or vision.get("image_size", tower.image_size),
+        ),
+        llm=replace(
+            llm,
+            width=text.get("hidden_size", llm.width),
+            depth=text.get("num_hidden_layers", llm.depth),
+            num_heads=heads,
+            num_kv_heads=int(text.get("num_key_value_heads") or heads),
+            head_dim=text.get("head_dim") or text.get("hidden_size", llm.width) // heads,
+            mlp_dim=text.get("intermediate_size", llm.mlp_dim),
+            rope_theta=float(text.get("rope_theta", llm.rope_theta)),
+            norm_eps=text.get("rms_norm_eps", llm.norm_eps),
+        ),
+        use_pixel_shuffle=eagle.get("use_pixel_shuffle", backbone.use_pixel_shuffle),
+        downsample_ratio=eagle.get("downsample_ratio", backbone.downsample_ratio),
+        mlp_connector_layers=eagle.get("mlp_connector_layers", backbone.mlp_connector_layers),
+        image_token_id=eagle.get("image_token_index", backbone.image_token_id),
+        vocab_size=text.get("vocab_size", backbone.vocab_size),
+    )
 
 
 def _check_config(cfg: GrootConfig, dit: Mapping[str, Any]) -> None:
     problems = []
+    backbone, head = cfg.backbone, cfg.head
     if dit.get("positional_embeddings") not in (None, ""):
         problems.append(
             f"diffusion_model_cfg.positional_embeddings={dit['positional_embeddings']!r} (N1.5 uses null)"
         )
     if dit.get("norm_type", "ada_norm") != "ada_norm":
         problems.append(f"diffusion_model_cfg.norm_type={dit['norm_type']!r} (N1.5 uses ada_norm)")
-    if not 1 <= cfg.select_layer <= cfg.llm_layers:
-        problems.append(f"backbone_cfg.select_layer={cfg.select_layer} outside 1..{cfg.llm_layers}")
-    width = cfg.project_to_dim or cfg.llm_hidden
-    if width != cfg.backbone_embedding_dim:
+    if not 1 <= backbone.select_layer <= backbone.llm.depth:
+        problems.append(f"backbone_cfg.select_layer={backbone.select_layer} outside 1..{backbone.llm.depth}")
+    if backbone.width != head.backbone_embedding_dim:
         problems.append(
-            f"backbone width {width} != action_head_cfg.backbone_embedding_dim {cfg.backbone_embedding_dim}"
+            f"backbone width {backbone.width} != action_head_cfg.backbone_embedding_dim "
+            f"{head.backbone_embedding_dim}"
         )
-    if cfg.use_vlln and cfg.vlsa_inner_dim != cfg.backbone_embedding_dim:
+    if head.use_vlln and head.vl_adapter.inner_dim != head.backbone_embedding_dim:
         problems.append(
-            f"VL adapter width {cfg.vlsa_inner_dim} != backbone_embedding_dim {cfg.backbone_embedding_dim}"
+            f"VL adapter width {head.vl_adapter.inner_dim} != backbone_embedding_dim "
+            f"{head.backbone_embedding_dim}"
         )
-    if cfg.dit_inner_dim != cfg.input_embedding_dim:
-        problems.append(f"DiT width {cfg.dit_inner_dim} != input_embedding_dim {cfg.input_embedding_dim}")
+    if head.dit.inner_dim != head.input_embedding_dim:
+        problems.append(f"DiT width {head.dit.inner_dim} != input_embedding_dim {head.input_embedding_dim}")
     if problems:
         raise ModelLoadError("unsupported GR00T config: " + "; ".join(problems))
 
@@ -227,12 +252,12 @@ def groot_names(cfg: GrootConfig) -> NameMap:
             return True  # tied, LM logits unused
         prefix = _LM + "model.layers."
         index = key.removeprefix(prefix).split(".", 1)[0]
-        return key.startswith(prefix) and index.isdigit() and int(index) >= cfg.select_layer
+        return key.startswith(prefix) and index.isdigit() and int(index) >= cfg.backbone.select_layer
 
     return NameMap(sources, unused)
 
 
-def load_model(path: Path, cfg: GrootConfig, dtype: torch.dtype, device: str) -> GR00TN15:
+def load_model(path: Path, cfg: GrootConfig, dtype: torch.dtype, device: str | torch.device) -> GR00TN15:
     """Build GR00T on `meta` and stream the checkpoint into it (common/weights.py)."""
     with torch.device("meta"):
         model = GR00TN15(cfg)
@@ -270,13 +295,13 @@ def load_tokenizer(file: Path, cfg: GrootConfig) -> Any:
             f"tokenizer {file} lacks the Eagle tokens {', '.join(lacking)}. {TOKENIZER_HELP}"
         )
     image_id = tokenizer.token_to_id(IMAGE_CONTEXT_TOKEN)
-    if image_id != cfg.image_token_id:
+    if image_id != cfg.backbone.image_token_id:
         raise ModelLoadError(
             f"tokenizer {file} maps {IMAGE_CONTEXT_TOKEN} to {image_id}, "
-            f"the model expects {cfg.image_token_id}"
+            f"the model expects {cfg.backbone.image_token_id}"
         )
-    if tokenizer.get_vocab_size() > cfg.vocab_size:
+    if tokenizer.get_vocab_size() > cfg.backbone.vocab_size:
         raise ModelLoadError(
-            f"tokenizer {file} has {tokenizer.get_vocab_size()} tokens, the model {cfg.vocab_size}"
+            f"tokenizer {file} has {tokenizer.get_vocab_size()} tokens, the model {cfg.backbone.vocab_size}"
         )
     return tokenizer

@@ -35,7 +35,8 @@ import numpy as np
 
 from vla_inference.models.base import ModelLoadError
 from vla_inference.models.groot import data_configs as dc
-from vla_inference.models.groot import normalize as nz
+from vla_inference.models.groot import rotations as rot
+from vla_inference.preprocessing import normalize as nz
 
 METADATA_PATH = Path("experiment_cfg") / "metadata.json"
 
@@ -54,39 +55,37 @@ def embodiment_ids(lerobot: bool) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class KeyTransform:
-    """One state / action key: robot values (raw_dim) <-> model values (model_dim)."""
+    """One state / action key: robot values (raw_dim) <-> model values (model_dim): a rotation
+    conversion, then the key's normaliser (a data config mode, or sin/cos), either optional."""
 
     key: str
     raw_dim: int
     model_dim: int
-    mode: str | None = None
-    stats: Mapping[str, np.ndarray] | None = None
+    normalizer: nz.Normalizer | None = None
     rotation: tuple[str, str] | None = None  # (representation in the data, representation served)
-    sin_cos: bool = False
+    mode: str = ""  # the data config's name of the normalisation (for describe)
 
     def encode(self, x: np.ndarray) -> np.ndarray:
         """(..., raw_dim) robot units -> (..., model_dim) model units."""
         x = np.asarray(x, dtype=np.float64)
         if self.rotation:
-            x = nz.convert_rotation(x, *self.rotation)
-        if self.sin_cos:
-            return nz.sin_cos(x)
-        return nz.normalize(x, self.mode, self.stats or {}) if self.mode else x
+            x = rot.convert_rotation(x, *self.rotation)
+        return self.normalizer.normalize(x) if self.normalizer is not None else x
 
     def decode(self, y: np.ndarray) -> np.ndarray:
         """(..., model_dim) model units -> (..., raw_dim) robot units."""
         y = np.asarray(y, dtype=np.float64)
-        if self.mode:
-            y = nz.unnormalize(y, self.mode, self.stats or {})
+        if self.normalizer is not None:
+            y = self.normalizer.unnormalize(y)
         if self.rotation:
-            y = nz.convert_rotation(y, self.rotation[1], self.rotation[0])
+            y = rot.convert_rotation(y, self.rotation[1], self.rotation[0])
         return y
 
     def names(self) -> list[str]:
         return [f"{self.key}.{i}" for i in range(self.raw_dim)]
 
     def describe(self) -> str:
-        how = "sin/cos" if self.sin_cos else (self.mode or "as is")
+        how = self.mode or "as is"
         if self.rotation:
             how = f"{self.rotation[0]} -> {self.rotation[1]}, {how}"
         return f"{self.key}({self.raw_dim}, {how})"
@@ -302,13 +301,13 @@ def _key(where: str, spec: dc.KeySpec, info: Any, stats_raw: Any) -> KeyTransfor
         if source not in dc.ROTATIONS:
             known = ", ".join(dc.ROTATIONS)
             raise ModelLoadError(f"{where}: unknown rotation_type {source!r}; known: {known}")
-        if nz.rotation_dim(source) != dim:
-            raise ModelLoadError(f"{where}: {source} has {nz.rotation_dim(source)} values, the key {dim}")
+        if rot.rotation_dim(source) != dim:
+            raise ModelLoadError(f"{where}: {source} has {rot.rotation_dim(source)} values, the key {dim}")
         if source != spec.rotation:
             rotation = (source, spec.rotation)
-            model_dim = nz.rotation_dim(spec.rotation)
+            model_dim = rot.rotation_dim(spec.rotation)
     if spec.sin_cos:
-        return KeyTransform(spec.key, dim, 2 * model_dim, rotation=rotation, sin_cos=True)
+        return KeyTransform(spec.key, dim, 2 * model_dim, nz.Normalizer(nz.SIN_COS), rotation, "sin/cos")
     if spec.mode is None:
         return KeyTransform(spec.key, dim, model_dim, rotation=rotation)
     if spec.mode not in dc.MODES:
@@ -317,20 +316,33 @@ def _key(where: str, spec: dc.KeySpec, info: Any, stats_raw: Any) -> KeyTransfor
     if spec.mode != "binary" and info.get("continuous") is False:
         raise ModelLoadError(f"{where}: not continuous, so only the binary mode applies (got {spec.mode})")
     if rotation is not None:  # upstream: bounds of the target representation, absolute rotations only
-        bounds = nz.rotation_bounds(spec.rotation or "")
+        bounds = rot.rotation_bounds(spec.rotation or "")
         if spec.mode != "min_max" or bounds is None or info.get("absolute") is False:
             raise ModelLoadError(
                 f"{where}: a converted rotation is normalised only min_max, absolute, "
                 "to a bounded representation"
             )
-        return KeyTransform(spec.key, dim, model_dim, spec.mode, bounds, rotation)
+        return KeyTransform(
+            spec.key, dim, model_dim, _normalizer(where, spec.mode, bounds), rotation, spec.mode
+        )
     stats = {}
     for name, values in (stats_raw or {}).items():
         array = np.asarray(values, dtype=np.float64).reshape(-1)
         if array.shape != (dim,):
             raise ModelLoadError(f"{where}: statistic {name!r} has {array.size} values, the key has {dim}")
         stats[name] = array
-    lacking = [name for name in nz.NEEDED_STATS[spec.mode] if name not in stats]
+    mode = rot.MODES[spec.mode]
+    lacking = [name for name in nz.NEEDED[mode] if name not in stats]
     if lacking:
         raise ModelLoadError(f"{where}: mode {spec.mode} needs statistics {', '.join(lacking)}")
-    return KeyTransform(spec.key, dim, model_dim, spec.mode, stats)
+    wanted = {name: stats[name] for name in nz.NEEDED[mode]}
+    return KeyTransform(
+        spec.key, dim, model_dim, _normalizer(where, spec.mode, nz.Stats.of(wanted)), None, spec.mode
+    )
+
+
+def _normalizer(where: str, mode: str, stats: nz.Stats) -> nz.Normalizer:
+    try:
+        return nz.Normalizer(rot.MODES[mode], stats, nz.GROOT)
+    except nz.StatsError as exc:
+        raise ModelLoadError(f"{where}: {exc}") from None

@@ -10,7 +10,7 @@ Observation -> model inputs (prepare, CPU), as NVIDIA's Gr00tPolicy with the cho
   * data config (data_configs.py, VLA_GROOT_DATA_CONFIG): names the state / action / video keys
     served and their order, and how each key is transformed. joint_positions = the config's
     state keys' values concatenated in its order (ModelInfo.state_layouts names each value);
-    each key is rotated / normalised / sin-cos encoded as upstream (normalize.py), then the
+    each key is rotated (rotations.py) / normalised / sin-cos encoded as upstream, then the
     whole is zero-padded to max_state_dim (64) as upstream's GR00TTransform does.
     joint_velocities are checked but unused (N1.5 has no velocity input).
   * cameras: the config's video keys in its order, one frame each, named in the server's camera
@@ -40,8 +40,8 @@ Model outputs -> actions (finish, CPU):
 
 Batching: samples of different embodiments share a batch (the category-specific layers pick
 weights per sample), so batch_key is None. Each sample draws its noise from its own seed.
-VLA_COMPILE: batches run through model.GrootStatic (prompt padded to the longest template +
-STATIC_INSTRUCTION_TOKENS, compiled per batch bucket on the first forward); real-time chunking
+VLA_COMPILE: batches run through static.GrootStatic (prompt padded to the longest template +
+STATIC_INSTRUCTION_TOKENS, compiled per batch bucket by the engine's warm-up); real-time chunking
 guided with the Jacobian and longer prompts run eagerly.
 Precision: bfloat16 on CUDA, float32 on CPU (VLA_DTYPE overrides).
 """
@@ -49,7 +49,6 @@ Precision: bfloat16 on CUDA, float32 on CPU (VLA_DTYPE overrides).
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -58,8 +57,7 @@ import numpy as np
 import torch
 
 from vla_inference.models import base, rtc
-from vla_inference.models.common import flow, static
-from vla_inference.models.common.weights import resolve_dtype
+from vla_inference.models.common import flow
 from vla_inference.models.groot import checkpoint as ckpt
 from vla_inference.models.groot.data_configs import parse_setting
 from vla_inference.models.groot.embodiments import (
@@ -68,8 +66,11 @@ from vla_inference.models.groot.embodiments import (
     embodiment_ids,
     read_metadata,
 )
-from vla_inference.models.groot.model import GR00TN15, STATIC_INSTRUCTION_TOKENS, GrootConfig, GrootStatic
+from vla_inference.models.groot.model import GR00TN15, STATIC_INSTRUCTION_TOKENS, GrootBatch, GrootConfig
+from vla_inference.models.groot.static import GrootStatic
 from vla_inference.models.groot.video import frame_to_pixels
+from vla_inference.models.policy import FlowPolicy, Loaded
+from vla_inference.preprocessing.steps import CameraMap, CameraSlot, pad_to
 
 DEFAULT_INSTRUCTION = "Perform the default behavior."
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -77,8 +78,10 @@ BASE_CAMERA = "base"
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class GrootInputs:
+    """One prepared sample (a GrootBatch row, before padding)."""
+
     pixels: torch.Tensor  # (V, 3, S, S) float32, normalised
     input_ids: torch.Tensor  # (L,) long
     state: torch.Tensor  # (max_state_dim,) float32, normalised + zero padded
@@ -86,10 +89,10 @@ class GrootInputs:
 
 
 @dataclass
-class GrootRaw:
-    actions: np.ndarray  # (H, action_dim) float32, normalised units
-    velocity: np.ndarray  # (H, action_dim) float32, last Euler step
-    dt: float
+class GrootLoaded(Loaded[GR00TN15]):
+    tokenizer: Any
+    embodiments: dict[str, Embodiment]
+    cameras: dict[str, CameraMap]  # embodiment -> its cameras, in data config order
 
 
 def prompt_text(instruction: str, num_images: int, tokens_per_image: int) -> str:
@@ -102,34 +105,21 @@ def prompt_text(instruction: str, num_images: int, tokens_per_image: int) -> str
     )
 
 
-class GrootPolicy(base.VLAModel):
+class GrootPolicy(FlowPolicy[GrootLoaded, GrootBatch]):
     model_type = "groot"
-
-    def __init__(self, settings: object) -> None:
-        super().__init__(settings)
-        self._model: GR00TN15 | None = None
-        self._cfg: GrootConfig | None = None
-        self._tokenizer: Any = None
-        self._embodiments: dict[str, Embodiment] = {}
-        self._info: base.ModelDescription | None = None
-        self._device = "cpu"
-        self._dtype = torch.float32
-        self._lock = threading.Lock()
-        self._static: GrootStatic | None = None  # VLA_COMPILE
-        self._static_warm = False
 
     # --- loading ---------------------------------------------------------------------------
 
-    def load(self, checkpoint_path: str | None, device: str) -> None:
-        path = base.checkpoint_dir(
-            checkpoint_path,
+    def load_checkpoint(self, path: str | None) -> GrootLoaded:
+        where = base.checkpoint_dir(
+            path,
             "GR00T N1.5",
             "config.json, *.safetensors, experiment_cfg/metadata.json, tokenizer.json",
         )
-        cfg = ckpt.read_config(path)
-        lerobot = ckpt.says_lerobot(path)
+        cfg = ckpt.read_config(where)
+        lerobot = ckpt.says_lerobot(where)
         embodiments, skipped = build_embodiments(
-            read_metadata(path),
+            read_metadata(where),
             parse_setting(self.settings.groot_data_config),
             lerobot=lerobot,
             max_state_dim=cfg.max_state_dim,
@@ -143,26 +133,21 @@ class GrootPolicy(base.VLAModel):
             )
         for emb in embodiments.values():
             log.info("GR00T embodiment %s", emb.describe())
-        tokenizer = ckpt.load_tokenizer(ckpt.find_tokenizer(path, self.settings.tokenizer_path), cfg)
-        dtype = resolve_dtype(self.settings.dtype, device)
-        model = ckpt.load_model(path, cfg, dtype, device)
+        tokenizer = ckpt.load_tokenizer(ckpt.find_tokenizer(where, self.settings.tokenizer_path), cfg)
+        network = ckpt.load_model(where, cfg, self.dtype, self.device)
 
         default = self.settings.norm_stats_key.strip() or next(iter(embodiments))
         if default not in embodiments:
             raise base.ModelLoadError(
-                f"VLA_NORM_STATS_KEY={default!r} is not a supported embodiment of {path}; "
+                f"VLA_NORM_STATS_KEY={default!r} is not a supported embodiment of {where}; "
                 f"supported: {', '.join(embodiments)}"
             )
-        self._model, self._cfg, self._tokenizer = model, cfg, tokenizer
-        self._embodiments, self._device, self._dtype = embodiments, device, dtype
-        self._static = self._static_runner(model, cfg) if self.settings.compile else None
-        self._static_warm = False
         first = embodiments[default]
         cameras: list[str] = []
         for emb in (first, *embodiments.values()):  # the default's first, then the others'
             cameras += [role for role, _ in camera_roles(emb) if role not in cameras]
-        self._info = base.ModelDescription(
-            name=path.name,
+        description = base.ModelDescription(
+            name=where.name,
             version="gr00t-n1.5",
             family="groot",
             action_dim=first.action_dim,
@@ -173,43 +158,61 @@ class GrootPolicy(base.VLAModel):
             state_dims={tag: e.state_dim for tag, e in embodiments.items()},
             camera_names=tuple(cameras),
             image_size=(cfg.image_size, cfg.image_size),
-            device=device,
-            dtype=str(dtype).removeprefix("torch."),
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
             confidence_definition=flow.CONFIDENCE_DEFINITION,
             description=describe(embodiments.values(), lerobot),
             state_layouts={tag: e.state_names() for tag, e in embodiments.items()},
             action_layouts={tag: e.action_names() for tag, e in embodiments.items()},
             rtc_methods=rtc.FLOW_METHODS,
         )
+        return GrootLoaded(
+            network=network,
+            description=description,
+            tokenizer=tokenizer,
+            embodiments=embodiments,
+            cameras={tag: camera_map(emb) for tag, emb in embodiments.items()},
+        )
 
-    def _static_runner(self, model: GR00TN15, cfg: GrootConfig) -> GrootStatic:
+    def static_runner(self, loaded: GrootLoaded) -> GrootStatic:
         """VLA_COMPILE: the prompt padded to the longest embodiment's template + STATIC_INSTRUCTION_TOKENS
         (rounded up to 16), the images to the most cameras of an embodiment. Longer prompts run eagerly."""
-        views = max(len(emb.video_keys) for emb in self._embodiments.values())
+        cfg = loaded.network.cfg
+        views = max(len(emb.video_keys) for emb in loaded.embodiments.values())
         template = max(
             len(
-                self._tokenizer.encode(
-                    prompt_text("", len(emb.video_keys), cfg.num_image_tokens), add_special_tokens=False
+                loaded.tokenizer.encode(
+                    prompt_text("", len(emb.video_keys), cfg.backbone.num_image_tokens),
+                    add_special_tokens=False,
                 ).ids
             )
-            for emb in self._embodiments.values()
+            for emb in loaded.embodiments.values()
         )
         length = -(-(template + STATIC_INSTRUCTION_TOKENS) // 16) * 16
         log.info("VLA_COMPILE: GR00T prompts padded to %d tokens, %d image(s) per sample", length, views)
-        return GrootStatic(model, prompt_len=length, images_per_row=views)
+        return GrootStatic(
+            loaded.network, prompt_len=length, images_per_row=views, backend=self.settings.compile_backend
+        )
 
     @property
-    def model_info(self) -> base.ModelDescription:
-        if self._info is None:
-            raise RuntimeError("GrootPolicy.load() has not been called")
-        return self._info
+    def config(self) -> GrootConfig:
+        return self.loaded.network.cfg
 
     def embodiment(self, tag: str) -> Embodiment:
-        return self._embodiments[self.resolve_embodiment(tag)]
+        return self.loaded.embodiments[self.resolve_embodiment(tag)]
+
+    def num_steps(self) -> int:
+        return self.settings.num_denoise_steps or self.config.head.num_inference_timesteps
+
+    def noise_shape(self) -> tuple[int, int]:
+        return self.config.action_horizon, self.config.action_dim
+
+    def action_width(self, sample: base.PreparedSample) -> int:
+        return self.loaded.embodiments[sample.embodiment].model_action_dim
 
     def warmup_observation(self) -> base.Observation:
         info = self.model_info
-        emb = self._embodiments[info.default_embodiment]
+        emb = self.loaded.embodiments[info.default_embodiment]
         size = info.image_size
         images = {
             role: np.zeros((*(camera.resolution or size)[::-1], 3), np.uint8)
@@ -218,25 +221,25 @@ class GrootPolicy(base.VLAModel):
         joints = np.zeros(emb.state_dim, np.float32)
         return base.Observation(images=images, joint_positions=joints, instruction="warm up", seed=0)
 
-    # --- prepare ---------------------------------------------------------------------------
+    # --- prepare: cameras -> frames -> prompt -> state ----------------------------------------
 
     def prepare(self, observation: base.Observation) -> base.PreparedSample:
-        cfg = self._require_cfg()
+        loaded, cfg = self.loaded, self.config
         emb = self.embodiment(observation.embodiment)
         self.check_joints(observation, emb.tag)
-        instruction = observation.instruction.strip()
-        frames = self._images(observation, emb)
+        frames = loaded.cameras[emb.tag](observation.images)
         pixels = np.stack(
             [
                 frame_to_pixels(frame, cfg.image_size, camera.resolution, emb.crop_scale)
                 for frame, camera in zip(frames, emb.cameras, strict=True)
+                if frame is not None
             ]
         )
-        text = prompt_text(instruction or DEFAULT_INSTRUCTION, len(emb.video_keys), cfg.num_image_tokens)
-        ids = self._tokenizer.encode(text, add_special_tokens=False).ids
-        state = np.zeros(cfg.max_state_dim, np.float32)
+        instruction = observation.instruction.strip() or DEFAULT_INSTRUCTION
+        text = prompt_text(instruction, len(emb.video_keys), cfg.backbone.num_image_tokens)
+        ids = loaded.tokenizer.encode(text, add_special_tokens=False).ids
         with np.errstate(divide="ignore", invalid="ignore"):
-            state[: emb.model_state_dim] = emb.encode_state(observation.joint_positions)
+            state = pad_to(emb.encode_state(observation.joint_positions), cfg.max_state_dim)
         if not np.all(np.isfinite(state)):
             raise base.InvalidObservation(
                 "joint_positions",
@@ -253,125 +256,52 @@ class GrootPolicy(base.VLAModel):
             inputs=inputs, embodiment=emb.tag, seed=base.sample_seed(observation), batch_key=None
         )
 
-    def _images(self, observation: base.Observation, emb: Embodiment) -> list[np.ndarray]:
-        """One frame per video key of the embodiment, in data config order (see camera_roles)."""
-        given = {name.lower(): image for name, image in observation.images.items()}
-        roles = camera_roles(emb)
-        out = []
-        for role, key in roles:
-            short = _short(key).lower()
-            image = next((given[n] for n in (role, short, f"video.{short}") if n in given), None)
-            if image is None:
-                raise base.InvalidObservation(
-                    "cameras",
-                    f"embodiment {emb.tag!r} needs cameras {', '.join(r for r, _ in roles)} "
-                    f"(video keys {', '.join(emb.video_keys)}); missing {role!r}",
-                )
-            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-                raise base.InvalidObservation("cameras", f"camera {role!r} must be (H, W, 3) uint8 RGB")
-            out.append(image)
-        return out
-
     # --- forward ---------------------------------------------------------------------------
 
-    def forward(self, samples: Sequence[base.PreparedSample]) -> list[Any]:
-        model, cfg = self._require_model(), self._require_cfg()
-        if not samples:
-            return []
+    def collate(self, samples: Sequence[base.PreparedSample]) -> GrootBatch:
         inputs: list[GrootInputs] = [s.inputs for s in samples]
         length = max(int(x.input_ids.numel()) for x in inputs)
+        views = max(int(x.pixels.shape[0]) for x in inputs)
         ids = torch.zeros(len(inputs), length, dtype=torch.long)
         mask = torch.zeros(len(inputs), length, dtype=torch.bool)
+        pixels = torch.zeros(len(inputs), views, *inputs[0].pixels.shape[1:])
         for row, x in enumerate(inputs):
             n = int(x.input_ids.numel())
             ids[row, :n] = x.input_ids  # right padding: the causal LM never sees it
             mask[row, :n] = True
-        pixels = torch.cat([x.pixels for x in inputs])
-        state = torch.stack([x.state for x in inputs])[:, None]  # (B, 1, S)
-        emb_ids = torch.tensor([x.embodiment_id for x in inputs], dtype=torch.long)
-        noise = torch.stack(
-            [
-                torch.randn(cfg.action_horizon, cfg.action_dim, generator=base.seeded_generator(s.seed))
-                for s in samples
-            ]
+            pixels[row, : x.pixels.shape[0]] = x.pixels  # zero images after a row's own views
+        return GrootBatch(
+            pixels=pixels.to(self.device),
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            state=torch.stack([x.state for x in inputs])[:, None].to(self.device),  # (B, 1, S)
+            embodiment_ids=torch.tensor(
+                [x.embodiment_id for x in inputs], dtype=torch.long, device=self.device
+            ),
         )
-        steps = self.settings.num_denoise_steps or cfg.num_inference_timesteps
-        dev = self._device
-        prefix = rtc.BatchPrefix.stack(
-            [s.rtc for s in samples], cfg.action_horizon, cfg.action_dim, torch.device(dev)
-        )
-        backward = prefix is not None and prefix.needs_backward
-        runner = self._static
-        views = max(int(x.pixels.shape[0]) for x in inputs)
-        if runner is not None and not backward and runner.fits(length, views):
-            rows = [x.pixels.to(dev) for x in inputs]
-            batch = (ids.to(dev), mask.to(dev), state.to(dev), emb_ids.to(dev), noise.to(dev))
-            with self._lock:
-                if not self._static_warm:
-                    self._warm_up(runner, rows, batch, steps)
-                actions, velocity = runner.sample(rows, *batch, steps=steps, prefix=prefix)
-        else:  # eager: guidance with the Jacobian, or a prompt longer than the compiled length
-            # Guidance with the Jacobian differentiates through the DiT: no_grad then, not inference mode.
-            grad_mode = torch.no_grad() if backward else torch.inference_mode()
-            with self._lock, grad_mode:
-                actions, velocity = model.sample(
-                    pixels.to(dev),
-                    ids.to(dev),
-                    mask.to(dev),
-                    state.to(dev),
-                    emb_ids.to(dev),
-                    noise.to(dev),
-                    steps,
-                    prefix,
-                )
-        actions_np = actions.float().cpu().numpy()
-        velocity_np = velocity.float().cpu().numpy()
-        return [
-            GrootRaw(actions=a, velocity=v, dt=1.0 / steps)
-            for a, v in zip(actions_np, velocity_np, strict=True)
-        ]
 
-    def _warm_up(
-        self, runner: GrootStatic, rows: list[torch.Tensor], batch: tuple[torch.Tensor, ...], steps: int
-    ) -> None:
-        """Compile every bucket up to VLA_BATCH_SIZE on the first forward (the engine's warm-up),
-        with copies of the batch's first row, so no later request waits for a compile."""
+    def fits_static(self, batch: GrootBatch) -> bool:
+        return isinstance(self.static, GrootStatic) and self.static.fits(batch)
 
-        def run(bucket: int) -> None:
-            ids, mask, state, emb_ids, noise = (static.pad_rows(t[:1], bucket) for t in batch)
-            runner.sample(rows[:1] * bucket, ids, mask, state, emb_ids, noise, steps)
+    # --- postprocess -------------------------------------------------------------------------
 
-        static.warm_up("GR00T sampler", static.buckets_up_to(self.settings.batch_size), run)
-        self._static_warm = True
-
-    # --- finish ----------------------------------------------------------------------------
-
-    def finish(self, raw: Any, sample: base.PreparedSample) -> base.ActionPrediction:
-        assert isinstance(raw, GrootRaw)
-        emb = self._embodiments[sample.embodiment]
-        chunk = min(self.settings.chunk_size, raw.actions.shape[0])
-        actions = emb.decode_actions(raw.actions[:chunk])
-        confidence = flow.confidence(raw.velocity, raw.dt, chunk, emb.model_action_dim)
-        return base.ActionPrediction(actions=actions, confidence=confidence, model_actions=raw.actions)
+    def postprocess(self, actions: np.ndarray, sample: base.PreparedSample) -> np.ndarray:
+        emb = self.loaded.embodiments[sample.embodiment]
+        return emb.decode_actions(actions[: self.model_info.chunk_size])
 
     def normalize_actions(self, actions: np.ndarray, embodiment: str) -> np.ndarray:
-        emb = self._embodiments[embodiment]
-        encoded = emb.encode_actions(actions)
-        out = np.zeros((actions.shape[0], self._require_cfg().action_dim), np.float32)
-        out[:, : encoded.shape[1]] = encoded
-        return out
+        emb = self.loaded.embodiments[embodiment]
+        return pad_to(emb.encode_actions(actions), self.config.action_dim)
 
-    # --- helpers ---------------------------------------------------------------------------
 
-    def _require_model(self) -> GR00TN15:
-        if self._model is None:
-            raise RuntimeError("GrootPolicy.load() has not been called")
-        return self._model
-
-    def _require_cfg(self) -> GrootConfig:
-        if self._cfg is None:
-            raise RuntimeError("GrootPolicy.load() has not been called")
-        return self._cfg
+def camera_map(emb: Embodiment) -> CameraMap:
+    """The embodiment's cameras in data config order (camera_roles), each also taken under its
+    video key, with or without "video."; all required; other cameras are ignored."""
+    slots = []
+    for role, key in camera_roles(emb):
+        short = _short(key).lower()
+        slots.append(CameraSlot(role, aliases=(short, f"video.{short}"), required=True))
+    return CameraMap(tuple(slots), at_least=0, refuse_unknown=False, model=f"embodiment {emb.tag!r}")
 
 
 def _short(key: str) -> str:

@@ -37,6 +37,7 @@ from vla_inference.models.common import vit
 from vla_inference.models.common.transformer import DecoderConfig
 from vla_inference.models.common.weights import NameMap, Source, find_weight_files, load_weights, read_json
 from vla_inference.models.openvla.model import TIMM_TOWERS, OpenVLA, OpenVLAConfig
+from vla_inference.preprocessing import normalize as nz
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.model"
@@ -62,6 +63,12 @@ class ActionStats:
     @property
     def dim(self) -> int:
         return int(self.q01.shape[0])
+
+    def normalizer(self) -> nz.Normalizer:
+        """[-1, 1] <-> robot units with q01 / q99 where the mask is True (OpenVLA's bounds)."""
+        return nz.Normalizer(
+            nz.QUANTILE, nz.Stats(q01=self.q01, q99=self.q99, mask=self.mask), nz.BOUNDS, eps=0.0
+        )
 
 
 @dataclass(frozen=True)

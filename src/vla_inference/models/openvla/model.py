@@ -6,27 +6,26 @@
       -> projector fc1 -> GELU -> fc2 -> GELU -> fc3  (B, N, W)
     sequence = [BOS, patch_1 .. patch_N, prompt tokens after BOS]  -> Llama decoder -> lm_head
 
-Decoding is greedy over the full vocabulary, like the reference `predict_action`. Batches are
-left-padded: every sample has its own positions (RoPE starts at 0 at its BOS) and a key mask, so a
-batch yields the same tokens as its samples one by one. checkpoint.py maps our names to the HF
-checkpoint's and names the towers by timm id.
+Decoding is greedy over the full vocabulary, like the reference `predict_action`. A batch's
+prompts of different lengths are laid out [BOS | patches | padding | text]: the padding is masked
+and RoPE positions count valid tokens only, so a batch yields the same tokens as its samples one
+by one. checkpoint.py maps our names to the HF checkpoint's and names the towers by timm id.
 
-OpenVLAStatic (VLA_COMPILE) runs the same decoding with static shapes: the prompt padded to a
-fixed length as [BOS | patches | padding | text] (positions count valid tokens only, so values
-are unchanged), a KV cache preallocated to that length + the action tokens once per batch bucket,
-a compiled prefill and a compiled one-token decode step that writes its column of the cache.
+Decoding is one prefill (`prefill`) and one decode step (`decode_step`, one token; its cache
+column a tensor): `generate` runs them eagerly, static.py (VLA_COMPILE) compiles the same two with
+the prompt padded to a fixed length and a KV cache per batch bucket.
 """
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vla_inference.models.common import static
 from vla_inference.models.common.transformer import Decoder, DecoderConfig, KVCache
 from vla_inference.models.common.vit import PENULTIMATE, VisionTower, ViTConfig
 
@@ -113,14 +112,14 @@ class OpenVLAConfig:
         return self.vocab_size - self.pad_to_multiple_of
 
     @classmethod
-    def named(cls, name: str) -> OpenVLAConfig:
-        try:
-            return NAMED_CONFIGS[name]
-        except KeyError:
-            raise ValueError(f"unknown OpenVLA size {name!r}; known: {', '.join(NAMED_CONFIGS)}") from None
+    def named(cls, name: str, **overrides: object) -> OpenVLAConfig:
+        """A size of the table SIZES ("7b", "tiny"), optionally with fields replaced."""
+        if name not in SIZES:
+            raise ValueError(f"unknown OpenVLA size {name!r}; known: {', '.join(SIZES)}")
+        return replace(SIZES[name], **overrides)  # type: ignore[arg-type]
 
 
-NAMED_CONFIGS: dict[str, OpenVLAConfig] = {
+SIZES: dict[str, OpenVLAConfig] = {
     # openvla/openvla-7b: dinosiglip-vit-so-224px + llama2-7b-pure
     "7b": OpenVLAConfig(),
     # Test size: the same structure (registers, layer scale, skipped last block), the real vocabulary.
@@ -162,6 +161,24 @@ class PrismaticProjector(nn.Module):
         return self.fc3(F.gelu(self.fc2(F.gelu(self.fc1(x)))))
 
 
+class OpenVLABatch(NamedTuple):
+    """A batch's prompts laid out for decoding (OpenVLA.layout), every tensor with the rows first."""
+
+    pixels: Tensor  # (B, 6, S, S): DINOv2-normalised then SigLIP-normalised RGB
+    bos: Tensor  # (B, 1) int64: each prompt's first token
+    text: Tensor  # (B, Lt) int64: the prompt after BOS, left-padded (pad_token_id)
+    text_valid: Tensor  # (B, Lt) bool
+
+
+class DecodeState(NamedTuple):
+    """Where decoding stands after a token: what the next decode step reads."""
+
+    token: Tensor  # (B,) int64: the greedy token just chosen
+    prob: Tensor  # (B,) float32: its softmax probability
+    key_valid: Tensor  # (B, S) bool: cache columns holding a valid key
+    position: Tensor  # (B,) int64: RoPE position of `token` when it is fed back
+
+
 @dataclass
 class DecodeOutput:
     tokens: Tensor  # (B, n) int64 greedy token ids
@@ -182,75 +199,39 @@ class OpenVLA(nn.Module):
         self.projector = PrismaticProjector(cfg.vision_dim, cfg.llm.width)
         self.llm = Decoder(cfg.llm, vocab_size=cfg.vocab_size)
         self.lm_head = nn.Linear(cfg.llm.width, cfg.vocab_size, bias=False)
-        self._cache: KVCache | None = None
 
     def patch_features(self, pixels: Tensor) -> Tensor:
         """(B, 6, S, S): DINOv2-normalised then SigLIP-normalised -> (B, N, Wd + Ws)."""
         dino, siglip = pixels.split([3, 3], dim=1)
         return torch.cat([self.dino(dino), self.siglip(siglip)], dim=2)
 
-    def embed_prefix(self, pixels: Tensor, prompts: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """pixels (B, 6, S, S), prompts: B (L_i,) ids starting with BOS -> embeds (B, T0, W), pad (B,).
-
-        As the reference does, the projected patches go right after each prompt's BOS token:
-        [BOS, patch_1..patch_N, text...]. Shorter samples are left-padded with zeros; pad[i] is
-        the number of padding columns in front of sample i.
-        """
-        patches = self.projector(self.patch_features(pixels))  # (B, N, W)
-        seqs = []
-        for i, prompt in enumerate(prompts):
-            text = self.llm.embed_tokens(prompt.to(pixels.device))  # (L_i, W)
-            seqs.append(torch.cat([text[:1], patches[i].to(text.dtype), text[1:]]))  # (N + L_i, W)
-        t0 = max(s.shape[0] for s in seqs)
-        embeds = seqs[0].new_zeros((len(seqs), t0, seqs[0].shape[1]))
-        for i, seq in enumerate(seqs):
-            embeds[i, t0 - seq.shape[0] :] = seq
-        pad = torch.tensor([t0 - s.shape[0] for s in seqs], device=pixels.device)
-        return embeds, pad
-
-    @torch.inference_mode()
-    def generate(self, pixels: Tensor, prompts: list[Tensor], max_new_tokens: int) -> DecodeOutput:
-        """Greedy decoding for a batch of prompts of different lengths (left-padded internally).
-
-        pixels (B, 6, S, S); prompts: B int64 (L_i,) token ids starting with BOS.
-        """
+    def layout(self, pixels: Tensor, prompts: list[Tensor], width: int | None = None) -> OpenVLABatch:
+        """pixels (B, 6, S, S) and B prompts (L_i,) starting with BOS -> the batch, each prompt's text
+        after BOS left-padded to `width` (default: the longest)."""
+        width = max(int(p.shape[0]) for p in prompts) - 1 if width is None else width
+        B = len(prompts)
+        text = torch.full((B, width), self.cfg.pad_token_id, dtype=torch.long)
+        text_valid = torch.zeros(B, width, dtype=torch.bool)
+        for row, prompt in enumerate(prompts):
+            n = int(prompt.shape[0]) - 1
+            if n:
+                text[row, width - n :] = prompt[1:]
+                text_valid[row, width - n :] = True
+        bos = torch.stack([p[:1] for p in prompts])
         device = pixels.device
-        batch = len(prompts)
-        embeds, pad = self.embed_prefix(pixels, prompts)  # (B, T0, W), (B,)
-        t0 = embeds.shape[1]
-        col = torch.arange(t0, device=device)  # (T0,)
-        valid = col[None, :] >= pad[:, None]  # (B, T0) key is a real token
-        positions = (col[None, :] - pad[:, None]).clamp(min=0)  # (B, T0) RoPE starts at 0 at each BOS
+        return OpenVLABatch(pixels, bos.to(device), text.to(device), text_valid.to(device))
 
-        total = t0 + max_new_tokens
-        if total > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {total} tokens exceeds the model's {self.cfg.max_seq_len}")
-        cache = self._cache = self.llm.new_cache(batch, total, embeds, self._cache)  # reused across calls
-        key_valid = torch.zeros((batch, total), dtype=torch.bool, device=device)
-        key_valid[:, :t0] = valid
-        causal = col[:, None] >= col[None, :]  # (T0, T0)
-        # Pad queries may see themselves so that no softmax row is empty; their outputs are unused.
-        mask = (causal[None] & key_valid[:, None, :t0]) | torch.eye(t0, dtype=torch.bool, device=device)[None]
-        hidden = self.llm(embeds, positions, mask[:, None], cache, start=0)  # (B, T0, W)
-        logits = self.lm_head(hidden[:, -1]).float()  # (B, V)
-
-        tokens, probs = [], []
-        next_pos = t0 - pad  # (B,) position of the first generated token of each sample
-        for step in range(max_new_tokens):
-            token = logits.argmax(-1)  # (B,)
-            tokens.append(token)
-            probs.append(torch.softmax(logits, -1).gather(1, token[:, None])[:, 0])
-            if step == max_new_tokens - 1:
-                break
-            column = t0 + step
-            key_valid[:, column] = True
-            x = self.llm.embed_tokens(token[:, None])  # (B, 1, W)
-            step_mask = key_valid[:, None, None, : column + 1]  # (B, 1, 1, S)
-            hidden = self.llm(x, (next_pos + step)[:, None], step_mask, cache, start=column)
-            logits = self.lm_head(hidden[:, -1]).float()
-        return DecodeOutput(tokens=torch.stack(tokens, 1), probs=torch.stack(probs, 1))
-
-    # --- static shapes (VLA_COMPILE: OpenVLAStatic, models/common/static.py) -------------------
+    def embed(self, batch: OpenVLABatch) -> tuple[Tensor, Tensor]:
+        """The prefix as the reference builds it, [BOS, patch_1..patch_N, text] per row, here with the
+        rows' padding between the patches and the text: embeddings (B, T0, W), valid (B, T0) with
+        T0 = 1 + N + Lt."""
+        patches = self.projector(self.patch_features(batch.pixels))  # (B, N, W)
+        embed = self.llm.embed_tokens
+        embeds = torch.cat([embed(batch.bos), patches.to(embed.weight.dtype), embed(batch.text)], dim=1)
+        valid = torch.cat(
+            [batch.text_valid.new_ones(len(batch.bos), 1 + patches.shape[1]), batch.text_valid], 1
+        )
+        return embeds, valid
 
     def greedy(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
         """hidden (B, W) of the last position -> greedy token (B,) and its softmax probability (B,)."""
@@ -258,147 +239,72 @@ class OpenVLA(nn.Module):
         token = logits.argmax(-1)
         return token, torch.softmax(logits, -1).gather(1, token[:, None])[:, 0]
 
-    def prefill_static(
-        self,
-        cache_k: Tensor,
-        cache_v: Tensor,
-        pixels: Tensor,
-        bos: Tensor,
-        text: Tensor,
-        text_valid: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The prompt with fixed columns: [BOS | patches | padding | text], T0 = 1 + N + Lt.
+    # ---- decoding: one prefill and one decode step, run eagerly here and compiled in static.py ----
 
-        pixels (B, 6, S, S); bos (B, 1) ids; text (B, Lt) the prompt after BOS, left-padded, with
-        text_valid (B, Lt). Keys/values go to columns 0..T0 of cache_k / cache_v (L, B, H, S, D).
-        Returns the first greedy token and its probability (B,), the valid keys (B, S) and the
-        next token's position (B,)."""
-        patches = self.projector(self.patch_features(pixels))  # (B, N, W)
-        embed = self.llm.embed_tokens
-        embeds = torch.cat([embed(bos), patches.to(embed.weight.dtype), embed(text)], dim=1)  # (B, T0, W)
+    def prefill(self, batch: OpenVLABatch, cache: KVCache) -> DecodeState:
+        """The prompts through the LLM, keys/values into columns 0..T0 of `cache` (L, B, H, S, D);
+        the first greedy token. No host synchronisation: static.py compiles it per batch bucket."""
+        embeds, valid = self.embed(batch)  # (B, T0, W), (B, T0)
         B, T0, _ = embeds.shape
-        valid = torch.cat([text_valid.new_ones(B, 1 + patches.shape[1]), text_valid], dim=1)  # (B, T0)
         positions = (torch.cumsum(valid.long(), dim=1) - 1).clamp(min=0)  # RoPE counts valid tokens
         col = torch.arange(T0, device=embeds.device)
         causal = col[:, None] >= col[None, :]
         # Padding queries see themselves too (no empty softmax row); their outputs are never read.
-        mask = (causal[None] & valid[:, None, :]) | torch.eye(T0, dtype=torch.bool, device=embeds.device)[
-            None
-        ]
-        hidden = self.llm(embeds, positions, mask[:, None], KVCache(cache_k, cache_v), start=0)
+        eye = torch.eye(T0, dtype=torch.bool, device=embeds.device)
+        mask = (causal[None] & valid[:, None, :]) | eye[None]
+        hidden = self.llm(embeds, positions, mask[:, None], cache, start=0)
         token, prob = self.greedy(hidden[:, -1])
-        key_valid = torch.cat([valid, valid.new_zeros(B, cache_k.shape[3] - T0)], dim=1)  # (B, S)
-        return token, prob, key_valid, valid.sum(dim=1)
+        key_valid = torch.cat([valid, valid.new_zeros(B, cache.k.shape[3] - T0)], dim=1)  # (B, S)
+        return DecodeState(token, prob, key_valid, valid.sum(dim=1))
 
-    def decode_static(
-        self,
-        cache_k: Tensor,
-        cache_v: Tensor,
-        token: Tensor,
-        position: Tensor,
-        column: Tensor,
-        key_valid: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """One decoded token: token (B,) at RoPE position (B,), its keys/values written at cache
-        column (1,) long; the attention covers the whole cache through key_valid (B, S).
-        Returns the next greedy token, its probability, the valid keys and the next position."""
-        key_valid = key_valid | (torch.arange(key_valid.shape[1], device=column.device) == column)[None]
-        x = self.llm.embed_tokens(token[:, None])  # (B, 1, W)
-        hidden = self.llm(
-            x, position[:, None], key_valid[:, None, None, :], KVCache(cache_k, cache_v), start=column
+    def decode_step(self, cache: KVCache, state: DecodeState, column: Tensor) -> DecodeState:
+        """Feed back state.token at its RoPE position, its keys/values written at cache column
+        (1,) long; the attention covers the whole cache through key_valid. The next greedy token."""
+        key_valid = (
+            state.key_valid | (torch.arange(state.key_valid.shape[1], device=column.device) == column)[None]
         )
-        next_token, prob = self.greedy(hidden[:, -1])
-        return next_token, prob, key_valid, position + 1
+        x = self.llm.embed_tokens(state.token[:, None])  # (B, 1, W)
+        hidden = self.llm(x, state.position[:, None], key_valid[:, None, None, :], cache, start=column)
+        token, prob = self.greedy(hidden[:, -1])
+        return DecodeState(token, prob, key_valid, state.position + 1)
 
+    def new_cache(self, batch: int, length: int) -> KVCache:
+        llm = self.cfg.llm
+        return KVCache.allocate(llm.depth, batch, llm.num_kv_heads, length, llm.head_dim, self.lm_head.weight)
 
-class OpenVLAStatic:
-    """OpenVLA.generate with static shapes (VLA_COMPILE; models/common/static.py).
-
-    The prompt (BOS included) is padded to `prompt_len` tokens, so a sequence is T0 = N + prompt_len
-    columns and the KV cache, allocated once per bucket, T0 + max_new_tokens. Compiled once per
-    bucket: prefill_static (towers, projector, Llama prefill) and decode_static (one token; the
-    same graph for every column, the column a tensor). A longer prompt does not fit (`fits`): the
-    policy decodes it eagerly.
-    """
-
-    def __init__(
-        self,
-        model: OpenVLA,
-        prompt_len: int,
-        max_new_tokens: int,
-        compile: bool = True,
-        backend: str | None = None,
-    ) -> None:
-        self.model = model
-        self.prompt_len = prompt_len
-        self.max_new_tokens = max_new_tokens
-        self.start = model.cfg.num_patches + prompt_len  # T0, the first generated token's column
-        self.length = self.start + max_new_tokens
-        if self.length > model.cfg.max_seq_len:
-            raise ValueError(
-                f"a static sequence of {self.length} tokens exceeds the model's {model.cfg.max_seq_len}"
-            )
-        self.device = model.lm_head.weight.device
-        self.compiled = compile
-        wrap = functools.partial(static.compile_static, device=self.device, backend=backend)
-        self._prefill = wrap(model.prefill_static) if compile else model.prefill_static
-        self._decode = wrap(model.decode_static) if compile else model.decode_static
-        self._caches: dict[int, KVCache] = {}
-        self._columns: list[Tensor] = []
-
-    def fits(self, prompt_len: int, max_new_tokens: int) -> bool:
-        return prompt_len <= self.prompt_len and max_new_tokens <= self.max_new_tokens
-
-    def cache(self, bucket: int) -> KVCache:
-        """The bucket's KV cache (L, bucket, H, T0 + max_new_tokens, D), allocated on first use."""
-        llm, like = self.model.cfg.llm, self.model.lm_head.weight
-        return static.kv_cache(
-            self._caches, bucket, llm.depth, llm.num_kv_heads, self.length, llm.head_dim, like
-        )
-
-    def columns(self) -> list[Tensor]:
-        """The cache column (1,) of each decode step's token."""
-        if not self._columns:
-            self._columns = [
-                torch.tensor([self.start + i], device=self.device) for i in range(self.max_new_tokens)
-            ]
-        return self._columns
-
+    @torch.inference_mode()
     def generate(self, pixels: Tensor, prompts: list[Tensor], max_new_tokens: int) -> DecodeOutput:
-        """As OpenVLA.generate; the prompts must fit."""
-        longest = max(int(p.shape[0]) for p in prompts)
-        if not self.fits(longest, max_new_tokens):
-            raise ValueError(
-                f"{longest} prompt tokens / {max_new_tokens} action tokens exceed the static "
-                f"{self.prompt_len} / {self.max_new_tokens}"
-            )
-        with torch.inference_mode():
-            B, width = len(prompts), self.prompt_len - 1
-            bos = torch.stack([p[:1] for p in prompts]).to(self.device)
-            text = torch.full((B, width), self.model.cfg.pad_token_id, dtype=torch.long)
-            text_valid = torch.zeros(B, width, dtype=torch.bool)
-            for row, prompt in enumerate(prompts):
-                n = int(prompt.shape[0]) - 1
-                if n:
-                    text[row, width - n :] = prompt[1:]
-                    text_valid[row, width - n :] = True
-            rows = (pixels, bos, text.to(self.device), text_valid.to(self.device))
-            tokens, probs = static.run_in_pieces(
-                rows, lambda bucket, start, stop, piece: self._run(bucket, max_new_tokens, *piece)
-            )
-            return DecodeOutput(tokens=tokens, probs=probs)
+        """Greedy decoding of `max_new_tokens` for a batch of prompts of different lengths, eagerly.
 
-    def _run(
-        self, bucket: int, n: int, pixels: Tensor, bos: Tensor, text: Tensor, text_valid: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        cache = self.cache(bucket)
-        static.begin_call(self.device)
-        token, prob, key_valid, position = self._prefill(cache.k, cache.v, pixels, bos, text, text_valid)
-        tokens, probs = [token], [prob]
-        for column in self.columns()[: n - 1]:
-            token, prob, key_valid, position = self._decode(
-                cache.k, cache.v, token, position, column, key_valid
-            )
-            tokens.append(token)
-            probs.append(prob)
-        return torch.stack(tokens, 1), torch.stack(probs, 1)  # new tensors: safe from the next replay
+        pixels (B, 6, S, S); prompts: B int64 (L_i,) token ids starting with BOS."""
+        batch = self.layout(pixels, prompts)
+        start = 1 + self.cfg.num_patches + batch.text.shape[1]  # T0: the first generated token's column
+        total = start + max_new_tokens
+        if total > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {total} tokens exceeds the model's {self.cfg.max_seq_len}")
+        cache = self.new_cache(len(prompts), total)
+        return decode(
+            self.prefill, self.decode_step, batch, cache, decode_columns(start, max_new_tokens, pixels.device)
+        )
+
+
+def decode_columns(start: int, count: int, device: torch.device) -> list[Tensor]:
+    """The cache column (1,) of each decode step's token: start, start + 1, ..."""
+    return [torch.tensor([start + i], device=device) for i in range(count)]
+
+
+def decode(
+    prefill: Callable[[OpenVLABatch, KVCache], DecodeState],
+    step: Callable[[KVCache, DecodeState, Tensor], DecodeState],
+    batch: OpenVLABatch,
+    cache: KVCache,
+    columns: list[Tensor],
+) -> DecodeOutput:
+    """The decode loop (eager and static alike): prefill, then a step per further token."""
+    state = prefill(batch, cache)
+    tokens, probs = [state.token], [state.prob]
+    for column in columns[: len(columns) - 1]:
+        state = step(cache, state, column)
+        tokens.append(state.token)
+        probs.append(state.prob)
+    return DecodeOutput(tokens=torch.stack(tokens, 1), probs=torch.stack(probs, 1))  # new tensors

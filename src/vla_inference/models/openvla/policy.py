@@ -4,11 +4,11 @@ prepare   one "base" camera image -> 224 px (checkpoint's resize strategy, bicub
           normalisations (DINOv2 ImageNet mean/std, SigLIP 0.5/0.5) stacked to (6, 224, 224);
           prompt "In: What action should the robot take to {instruction.lower()}?\\nOut:" ->
           [BOS] + SentencePiece ids, + 29871 ("▁") when the prompt does not already end with it.
-forward   batched greedy decoding of action_dim tokens (left padding, per-sample positions);
-          with VLA_COMPILE the static-shape decoder (model.OpenVLAStatic: prompts padded to
+forward   batched greedy decoding of action_dim tokens (padding masked, per-sample positions);
+          with VLA_COMPILE the static-shape decoder (static.OpenVLAStatic: prompts padded to
           STATIC_PROMPT_TOKENS, a KV cache per batch bucket, compiled prefill and decode step);
-          a longer prompt is decoded eagerly.
-finish    token -> bin centre -> un-normalised with the dataset's q01/q99 (masked dimensions pass).
+          a longer prompt is decoded eagerly. Tokens -> bin centres in [-1, 1] (the raw output).
+finish    un-normalised with the dataset's q01/q99 (masked dimensions pass; preprocessing/steps.py).
 
 Embodiments are the datasets in norm_stats (the reference's `unnorm_key`). A request's
 embodiment_tag picks one; an empty tag takes VLA_NORM_STATS_KEY, else the only dataset, and
@@ -31,18 +31,18 @@ import torch
 from PIL import Image
 
 from vla_inference.models import base
-from vla_inference.models.common import static
 from vla_inference.models.common.tokenizers import find_tokenizer, load_sentencepiece
-from vla_inference.models.common.weights import resolve_dtype
 from vla_inference.models.openvla.checkpoint import (
     TOKENIZER_FILE,
-    ActionStats,
     CheckpointInfo,
     ImageSpec,
     load_model,
     read_checkpoint,
 )
-from vla_inference.models.openvla.model import STATIC_PROMPT_TOKENS, OpenVLA, OpenVLAStatic
+from vla_inference.models.openvla.model import STATIC_PROMPT_TOKENS, OpenVLA, OpenVLAConfig
+from vla_inference.models.openvla.static import OpenVLAStatic
+from vla_inference.models.policy import Loaded, Policy, Raw
+from vla_inference.preprocessing.steps import ActionOutput, CameraMap, CameraSlot
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +63,12 @@ class OpenVLAInputs:
     n_tokens: int  # action dimensions to decode
 
 
-@dataclass(frozen=True)
-class OpenVLARaw:
-    tokens: np.ndarray  # (n,) int64
-    probs: np.ndarray  # (n,) float32
+@dataclass
+class OpenVLALoaded(Loaded[OpenVLA]):
+    checkpoint: CheckpointInfo
+    tokenizer: Any
+    default_key: str  # "" = requests must name the dataset
+    outputs: dict[str, ActionOutput]  # dataset (unnorm_key) -> action step
 
 
 def bin_centers(n_bins: int) -> np.ndarray:
@@ -85,11 +87,6 @@ def detokenize(tokens: np.ndarray, vocab_size: int, n_bins: int = 256) -> np.nda
     centers = bin_centers(n_bins)
     bins = np.clip(vocab_size - np.asarray(tokens, np.int64) - 1, 0, centers.shape[0] - 1)
     return centers[bins]
-
-
-def unnormalize(normalized: np.ndarray, stats: ActionStats) -> np.ndarray:
-    """[-1, 1] -> robot units with q01/q99; dimensions whose mask is False pass through unchanged."""
-    return np.where(stats.mask, 0.5 * (normalized + 1.0) * (stats.q99 - stats.q01) + stats.q01, normalized)
 
 
 def _resample(name: str) -> Image.Resampling:
@@ -126,51 +123,48 @@ def preprocess_image(image: np.ndarray, spec: ImageSpec) -> torch.Tensor:
     return torch.cat(towers, dim=0).contiguous()
 
 
-class OpenVLAPolicy(base.VLAModel):
-    model_type: ClassVar[str] = "openvla"
+CAMERAS = CameraMap((CameraSlot(CAMERA, required=True),), model="OpenVLA")
 
-    def __init__(self, settings: object) -> None:
-        super().__init__(settings)
-        self._info: CheckpointInfo | None = None
-        self._model: OpenVLA | None = None
-        self._tokenizer: Any = None
-        self._device = torch.device("cpu")
-        self._dtype = torch.float32
-        self._default = ""
-        self._description: base.ModelDescription | None = None
-        self._static: OpenVLAStatic | None = None  # VLA_COMPILE
-        self._static_warm = False
+
+def geometric_mean(probs: np.ndarray) -> float:
+    """CONFIDENCE_DEFINITION of one sample's token probabilities (n,)."""
+    clipped = np.clip(probs.astype(np.float64), 1e-30, 1.0)
+    return min(max(float(np.exp(np.mean(np.log(clipped)))), 0.0), 1.0)
+
+
+def decoded(tokens: np.ndarray, probs: np.ndarray, cfg: OpenVLAConfig) -> Raw:
+    """One sample's greedy tokens (n,) and their probabilities -> the raw output: the normalised
+    action (1, n) in [-1, 1] and its confidence."""
+    actions = detokenize(tokens, cfg.action_vocab_size, cfg.n_action_bins)[None].astype(np.float32)
+    return Raw(actions, geometric_mean(probs))
+
+
+class OpenVLAPolicy(Policy[OpenVLALoaded]):
+    model_type: ClassVar[str] = "openvla"
+    compiled_name = "decoder"
 
     # --- loading ----------------------------------------------------------------------------
 
-    def load(self, checkpoint_path: str | None, device: str) -> None:
-        path = base.checkpoint_dir(
-            checkpoint_path, "OpenVLA", "config.json, model*.safetensors, tokenizer.model"
-        )
-        info = read_checkpoint(path)
+    def load_checkpoint(self, path: str | None) -> OpenVLALoaded:
+        where = base.checkpoint_dir(path, "OpenVLA", "config.json, model*.safetensors, tokenizer.model")
+        info = read_checkpoint(where)
         key = self.settings.norm_stats_key.strip()
         datasets = sorted(info.norm_stats)
         if key and key not in info.norm_stats:
             raise base.ModelLoadError(
                 f"VLA_NORM_STATS_KEY={key!r} is not in the checkpoint; available: {', '.join(datasets)}"
             )
-        self._default = key or (datasets[0] if len(datasets) == 1 else "")
+        default = key or (datasets[0] if len(datasets) == 1 else "")
         tokenizer_file = find_tokenizer(
             info.path,
             self.settings.tokenizer_path,
             TOKENIZER_FILE,
             "OpenVLA needs the Llama-2 SentencePiece tokenizer.model of openvla/openvla-7b.",
         )
-        self._tokenizer = load_sentencepiece(tokenizer_file, info.config.vocab_size)
-        self._device = torch.device(device)
-        self._dtype = resolve_dtype(self.settings.dtype, self._device)
-        self._model = load_model(info, self._device, self._dtype)
-        self._info = info
-        if self.settings.compile:
-            most_tokens = max(stats.dim for stats in info.norm_stats.values())
-            self._static = OpenVLAStatic(self._model, STATIC_PROMPT_TOKENS, most_tokens)
-        action_dim = info.norm_stats[self._default or datasets[0]].dim
-        self._description = base.ModelDescription(
+        tokenizer = load_sentencepiece(tokenizer_file, info.config.vocab_size)
+        network = load_model(info, self.device, self.dtype)
+        action_dim = info.norm_stats[default or datasets[0]].dim
+        description = base.ModelDescription(
             name=info.path.name,
             version="+".join(
                 str(info.raw_config.get(k, "?")) for k in ("vision_backbone_id", "llm_backbone_id")
@@ -180,82 +174,73 @@ class OpenVLAPolicy(base.VLAModel):
             chunk_size=1,
             horizon=1,
             embodiments=tuple(datasets),
-            default_embodiment=self._default,
+            default_embodiment=default,
             state_dims={},
             camera_names=(CAMERA,),
             image_size=(info.image.size, info.image.size),
             decode_size=(info.image.size, info.image.size),
-            device=str(self._device),
-            dtype=str(self._dtype).removeprefix("torch."),
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
             confidence_definition=CONFIDENCE_DEFINITION,
         )
         logger.info(
             "loaded OpenVLA from %s on %s (%s); datasets: %s; default: %s",
             info.path,
-            self._device,
-            self._dtype,
+            self.device,
+            self.dtype,
             ", ".join(datasets),
-            self._default or "(none: requests must name one)",
+            default or "(none: requests must name one)",
+        )
+        outputs = {
+            name: ActionOutput(stats.normalizer(), 1, stats.dim, stats.dim)
+            for name, stats in info.norm_stats.items()
+        }
+        return OpenVLALoaded(network, description, info, tokenizer, default, outputs)
+
+    def static_runner(self, loaded: OpenVLALoaded) -> OpenVLAStatic:
+        most_tokens = max(stats.dim for stats in loaded.checkpoint.norm_stats.values())
+        return OpenVLAStatic(
+            loaded.network, STATIC_PROMPT_TOKENS, most_tokens, backend=self.settings.compile_backend
         )
 
-    def _loaded(self) -> tuple[CheckpointInfo, OpenVLA]:
-        if self._info is None or self._model is None:
-            raise RuntimeError("OpenVLAPolicy.load() has not been called")
-        return self._info, self._model
-
-    @property
-    def model_info(self) -> base.ModelDescription:
-        if self._description is None:
-            raise RuntimeError("OpenVLAPolicy.load() has not been called")
-        return self._description
-
     def warmup_observation(self) -> base.Observation:
-        info, _ = self._loaded()
-        size = info.image.size
+        loaded = self.loaded
+        size = loaded.checkpoint.image.size
         return base.Observation(
             images={CAMERA: np.zeros((size, size, 3), np.uint8)},
             joint_positions=np.zeros(0, np.float32),
             instruction="warm up",
-            embodiment=self._default or sorted(info.norm_stats)[0],
+            embodiment=loaded.default_key or sorted(loaded.checkpoint.norm_stats)[0],
             seed=0,
         )
 
-    # --- the three stages -------------------------------------------------------------------
+    # --- prepare: camera -> image -> prompt ------------------------------------------------------
 
     def tokenize(self, instruction: str) -> torch.Tensor:
         """Instruction -> (L,) int64 ids: [BOS] + prompt + 29871 (when missing)."""
-        ids = self._tokenizer.encode(PROMPT.format(instruction.lower()))
-        bos = self._tokenizer.bos_id()
+        tokenizer = self.loaded.tokenizer
+        ids = tokenizer.encode(PROMPT.format(instruction.lower()))
+        bos = tokenizer.bos_id()
         ids = [bos if bos >= 0 else 1, *ids]
         if ids[-1] != SPACE_TOKEN:
             ids.append(SPACE_TOKEN)
         return torch.tensor(ids, dtype=torch.long)
 
     def unnorm_key(self, tag: str) -> str:
-        info, _ = self._loaded()
         key = self.resolve_embodiment(tag)
         if not key:
             raise base.InvalidObservation(
                 "embodiment_tag",
                 "this OpenVLA checkpoint has statistics for several datasets; name one as embodiment_tag "
-                f"(or set VLA_NORM_STATS_KEY): {', '.join(sorted(info.norm_stats))}",
+                f"(or set VLA_NORM_STATS_KEY): {', '.join(sorted(self.loaded.checkpoint.norm_stats))}",
             )
         return key
 
     def prepare(self, observation: base.Observation) -> base.PreparedSample:
-        info, _ = self._loaded()
+        info = self.loaded.checkpoint
         key = self.unnorm_key(observation.embodiment)
-        names = set(observation.images)
-        if names != {CAMERA}:
-            got = ", ".join(sorted(names)) or "none"
-            raise base.InvalidObservation(
-                "cameras", f"OpenVLA takes exactly one camera named {CAMERA!r}; got: {got}"
-            )
-        image = observation.images[CAMERA]
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or 0 in image.shape:
-            raise base.InvalidObservation(
-                "cameras", f"camera {CAMERA!r} must be (H, W, 3) uint8 RGB, got {image.shape}"
-            )
+        (image,) = CAMERAS(observation.images)
+        assert image is not None  # required
         instruction = observation.instruction.strip()
         if not instruction:
             raise base.InvalidObservation("language_instruction", "OpenVLA needs a language instruction")
@@ -280,49 +265,31 @@ class OpenVLAPolicy(base.VLAModel):
             inputs, key, base.sample_seed(observation), batch_key=("openvla", n_tokens)
         )
 
-    def forward(self, samples: Sequence[base.PreparedSample]) -> list[OpenVLARaw]:
-        _, model = self._loaded()
+    # --- forward: greedy decoding, tokens -> normalised actions -------------------------------------
+
+    def forward(self, samples: Sequence[base.PreparedSample]) -> list[Any]:
         if not samples:
             return []
+        model = self.loaded.network
         inputs: list[OpenVLAInputs] = [s.inputs for s in samples]
         n_tokens = {i.n_tokens for i in inputs}
         if len(n_tokens) != 1:
             raise ValueError(
                 f"samples in one batch must decode the same number of tokens, got {sorted(n_tokens)}"
             )
-        pixels = torch.stack([i.pixels for i in inputs]).to(self._device, self._dtype)
+        pixels = torch.stack([i.pixels for i in inputs]).to(self.device, self.dtype)
         prompts = [i.input_ids for i in inputs]
         n = n_tokens.pop()
-        runner = self._static
+        runner = self.static
         if runner is not None and runner.fits(max(int(p.shape[0]) for p in prompts), n):
-            if not self._static_warm:
-                self._warm_up(runner, pixels, prompts, n)
             out = runner.generate(pixels, prompts, n)
         else:
             with torch.inference_mode():
                 out = model.generate(pixels, prompts, n)
         tokens, probs = out.tokens.cpu().numpy(), out.probs.float().cpu().numpy()
-        return [OpenVLARaw(tokens=tokens[b], probs=probs[b]) for b in range(len(inputs))]
+        return [decoded(tokens[b], probs[b], model.cfg) for b in range(len(inputs))]
 
-    def _warm_up(
-        self, runner: OpenVLAStatic, pixels: torch.Tensor, prompts: list[torch.Tensor], n: int
-    ) -> None:
-        """Compile every bucket up to VLA_BATCH_SIZE on the first forward (the engine's warm-up),
-        with copies of the batch's first sample, so no later request waits for a compile."""
+    # --- postprocess ------------------------------------------------------------------------
 
-        def run(bucket: int) -> None:
-            runner.generate(static.pad_rows(pixels[:1], bucket), prompts[:1] * bucket, n)
-
-        static.warm_up("OpenVLA decoder", static.buckets_up_to(self.settings.batch_size), run)
-        self._static_warm = True
-
-    def finish(self, raw: OpenVLARaw, sample: base.PreparedSample) -> base.ActionPrediction:
-        info, model = self._loaded()
-        inputs: OpenVLAInputs = sample.inputs
-        normalized = detokenize(raw.tokens, model.cfg.action_vocab_size, model.cfg.n_action_bins)
-        actions = unnormalize(normalized, info.norm_stats[inputs.unnorm_key])
-        probs = np.clip(raw.probs.astype(np.float64), 1e-30, 1.0)
-        confidence = float(np.exp(np.mean(np.log(probs))))
-        return base.ActionPrediction(
-            actions=actions[None].astype(np.float32), confidence=min(max(confidence, 0.0), 1.0)
-        )
+    def postprocess(self, actions: np.ndarray, sample: base.PreparedSample) -> np.ndarray:
+        return self.loaded.outputs[sample.embodiment](actions)

@@ -41,17 +41,12 @@ from vla_inference.models.pi0.model import (
     SIGLIP_VARIANTS,
     Pi0Config,
 )
-from vla_inference.models.pi0.normalize import (
-    LEROBOT,
-    OPENPI,
-    EmbodimentNorm,
-    Normalizer,
-    Stats,
-    check_stats,
-    read_openpi_norm_stats,
-)
+from vla_inference.preprocessing import normalize as nz
 
-__all__ = ["LEROBOT", "OPENPI", "Checkpoint", "EmbodimentNorm", "Normalizer", "Stats", "load", "write_openpi"]
+__all__ = ["LEROBOT", "OPENPI", "Checkpoint", "EmbodimentNorm", "load", "write_openpi"]
+
+OPENPI = "openpi"  # the checkpoint formats
+LEROBOT = "lerobot"
 
 _PG = "paligemma_with_expert.paligemma."
 _EX = "paligemma_with_expert.gemma_expert."
@@ -139,6 +134,35 @@ class About:
                 if names:
                     layouts[key][tag] = tuple(names)
         return About(description, layouts["state"], layouts["actions"], tuple(cameras))
+
+
+@dataclass(frozen=True)
+class EmbodimentNorm:
+    """One embodiment's state and action normalisers."""
+
+    state: nz.Normalizer
+    actions: nz.Normalizer
+
+
+def read_openpi_norm_stats(path: Path) -> dict[str, nz.Stats]:
+    """assets/<id>/norm_stats.json: {"norm_stats": {"state": {mean, std, q01, q99}, "actions": {...}}}."""
+    data = read_json(path)
+    stats = data.get("norm_stats", data)
+    if not isinstance(stats, dict):
+        raise ModelLoadError(f"{path}: missing 'norm_stats'")
+    out = {}
+    for key in ("state", "actions"):
+        if key not in stats:
+            continue
+        if not isinstance(stats[key], dict):
+            raise ModelLoadError(f"{path}:{key}: expected an object with mean/std/q01/q99")
+        try:
+            out[key] = nz.Stats.of(
+                {k: v for k, v in stats[key].items() if k in ("mean", "std", "q01", "q99")}, f"{path}:{key}"
+            )
+        except nz.StatsError as exc:
+            raise ModelLoadError(str(exc)) from None
+    return out
 
 
 @dataclass
@@ -272,15 +296,19 @@ def load_openpi(path: Path, *, tokenizer_path: str = "", norm_stats_key: str = "
                 f"{', '.join(sorted(found)) or 'none'}"
             )
         found = {norm_stats_key: found[norm_stats_key]}
-    mode = "quantile" if pi05 else "zscore"
+    mode = nz.QUANTILE if pi05 else nz.MEAN_STD
     norms: dict[str, EmbodimentNorm] = {}
     for asset_id, stats_path in found.items():
         stats = read_openpi_norm_stats(stats_path)
+        made = {}
         for key in ("state", "actions"):
             if key not in stats:
                 raise ModelLoadError(f"{stats_path}: no '{key}' statistics")
-            check_stats(stats[key], mode, f"{stats_path}:{key}")
-        norms[asset_id] = EmbodimentNorm(Normalizer(mode, stats["state"]), Normalizer(mode, stats["actions"]))
+            try:
+                made[key] = nz.Normalizer(mode, stats[key], nz.OPENPI)
+            except nz.StatsError as exc:
+                raise ModelLoadError(f"{stats_path}:{key}: {exc}") from None
+        norms[asset_id] = EmbodimentNorm(made["state"], made["actions"])
     tokenizer = find_tokenizer(path, tokenizer_path, "tokenizer.model", TOKENIZER_HELP)
     about = About.from_config(config, where)
     return Checkpoint(OPENPI, path, cfg, files, openpi_names(embed_key), norms, tokenizer, about=about)

@@ -26,9 +26,9 @@ import torch
 from vla_inference.models.base import ModelLoadError
 from vla_inference.models.common.init import init_random_weights
 from vla_inference.models.pi0 import checkpoint as ckpt
-from vla_inference.models.pi0.model import NAMED_CONFIGS, build
+from vla_inference.models.pi0.model import Pi0Config, build
 
-DEMO_CONFIG = NAMED_CONFIGS["pi0_demo"]
+DEMO_CONFIG = Pi0Config.named("pi0_demo")
 DEMO_SEED = 0
 DEMO_ASSET_ID = "demo"
 TOKENIZER_ASSET = Path(__file__).resolve().parent / "assets" / "demo_tokenizer.model"

@@ -19,13 +19,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from vla_inference.models.base import ModelLoadError
+from vla_inference.models.common import lerobot as lr
 from vla_inference.models.common.tokenizers import find_tokenizer
 from vla_inference.models.common.weights import read_json
 from vla_inference.models.pi0.checkpoint import (
     EMBED_ALIAS,
     EMBED_KEY,
+    LEROBOT,
     TOKENIZER_HELP,
     Checkpoint,
+    EmbodimentNorm,
     gemma_variants,
     openpi_names,
     positive_int,
@@ -34,66 +37,33 @@ from vla_inference.models.pi0.checkpoint import (
     weights_of,
 )
 from vla_inference.models.pi0.model import IMAGE_SLOTS, SIGLIP_VARIANTS, Pi0Config
-from vla_inference.models.pi0.normalize import LEROBOT, EmbodimentNorm, Normalizer, Stats, check_stats
 
 PREFIX = "model."
-MODES = {"MEAN_STD": "zscore", "QUANTILES": "quantile", "MIN_MAX": "minmax", "IDENTITY": "identity"}
-DEFAULT_EPS = 1e-8
-
-
-def _stats(files: list[Path], feature: str) -> Stats | None:
-    from safetensors import safe_open
-
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            keys = set(f.keys())
-            found = {
-                name: f.get_tensor(f"{feature}.{name}").double().numpy().reshape(-1)
-                for name in ("mean", "std", "q01", "q99", "min", "max")
-                if f"{feature}.{name}" in keys
-            }
-        if found:
-            return Stats(**found)
-    return None
-
-
-def _eps(path: Path) -> float:
-    for name in ("policy_postprocessor.json", "policy_preprocessor.json"):
-        file = path / name
-        if not file.is_file():
-            continue
-        for step in read_json(file).get("steps", []):
-            if isinstance(step, dict) and "normalizer" in str(step.get("registry_name", "")):
-                eps = step.get("config", {}).get("eps")
-                if isinstance(eps, int | float) and eps > 0:
-                    return float(eps)
-    return DEFAULT_EPS
 
 
 def _norms(path: Path, config: dict, pi05: bool, norm_stats_key: str) -> dict[str, EmbodimentNorm]:
+    """The checkpoint's state and action normalisers (LeRobot's processor files), as one
+    embodiment named VLA_NORM_STATS_KEY or "default"; empty when it has no statistics at all."""
     where = path / "config.json"
-    mapping = config.get("normalization_mapping") or {}
-    modes = {}
-    for group in ("STATE", "ACTION"):
-        name = mapping.get(group, "QUANTILES" if pi05 else "MEAN_STD")
-        if name not in MODES:
-            raise ModelLoadError(f"{where}: normalization_mapping.{group}={name!r} is not supported")
-        modes[group] = MODES[name]
-    pre = sorted(path.glob("policy_preprocessor_step_*_normalizer_processor.safetensors"))
-    post = sorted(path.glob("policy_postprocessor_step_*_unnormalizer_processor.safetensors"))
-    state_stats = _stats(pre, "observation.state")
-    action_stats = _stats(post, "action") or _stats(pre, "action")
+    pre = lr.read_step(path, lr.PREPROCESSOR, lr.NORMALIZER)
+    post = lr.read_step(path, lr.POSTPROCESSOR, lr.UNNORMALIZER)
+    state_stats = pre.stats.get("observation.state") if pre else None
+    action_stats = (post.stats.get("action") if post else None) or (pre.stats.get("action") if pre else None)
     if state_stats is None and action_stats is None:
         return {}
-    eps = _eps(path)
-    state = Normalizer(modes["STATE"], state_stats or Stats(), LEROBOT, eps)
-    action = Normalizer(modes["ACTION"], action_stats or Stats(), LEROBOT, eps)
-    for label, norm in (("observation.state", state), ("action", action)):
-        if norm.stats.size:
-            check_stats(norm.stats, norm.mode, f"{path} {label}")
-        elif norm.mode != "identity":
+    default = "QUANTILES" if pi05 else "MEAN_STD"
+    source = post or pre
+    eps = source.eps if source is not None else lr.NormalizerStep({}).eps
+    made = {}
+    for label, feature_type, stats, step in (
+        ("observation.state", "STATE", state_stats, pre),
+        ("action", "ACTION", action_stats, post or pre),
+    ):
+        mode = lr.mode(config, step, feature_type, default, where)
+        if stats is None and mode != "identity":
             raise ModelLoadError(f"{path}: no '{label}' statistics in the normalizer files")
-    return {norm_stats_key or "default": EmbodimentNorm(state, action)}
+        made[label] = lr.normalizer(mode, stats, eps, f"{path} {label}")
+    return {norm_stats_key or "default": EmbodimentNorm(made["observation.state"], made["action"])}
 
 
 def load_lerobot(path: Path, *, tokenizer_path: str = "", norm_stats_key: str = "") -> Checkpoint:

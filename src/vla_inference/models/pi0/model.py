@@ -32,22 +32,25 @@ Exact shortcuts (they change no valid token's value): an image slot masked out i
 the batch is left out of the prefix; the last VLM layer computes only its keys/values; the policy
 trims trailing padding tokens to the longest prompt of the batch. Every padding token attends to
 itself only, so no softmax row is empty (no NaN) and padding never reaches valid tokens.
+
+Sampling is one prefix (`prefix`) and one Euler step (`euler_step`): `sample` runs them eagerly,
+static.py (VLA_COMPILE) compiles the same two functions with static shapes.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import cast
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vla_inference.models import rtc
-from vla_inference.models.common import flow, static
+from vla_inference.models.common import flow
 from vla_inference.models.common.transformer import (
     Decoder,
     DecoderConfig,
@@ -148,8 +151,34 @@ class Pi0Config:
     def suffix_len(self) -> int:
         return self.action_horizon + (0 if self.pi05 else 1)
 
+    @classmethod
+    def named(cls, name: str, **overrides: object) -> Pi0Config:
+        """A size of the table SIZES (the published pi0 / pi05, openpi's dummy, ours), optionally
+        with fields replaced."""
+        if name not in SIZES:
+            raise ValueError(f"unknown pi0 size {name!r}; known: {', '.join(SIZES)}")
+        return replace(SIZES[name], **overrides)  # type: ignore[arg-type]
 
-NAMED_CONFIGS: dict[str, Pi0Config] = {
+
+class Pi0Batch(NamedTuple):
+    """A batch's inputs to the sampler (policy.collate), every tensor with the rows first."""
+
+    images: Tensor  # (B, N, 3, S, S) in [-1, 1], the model's dtype
+    image_masks: Tensor  # (B, N) bool: the slot has a camera image
+    tokens: Tensor  # (B, T) int64, valid first
+    token_masks: Tensor  # (B, T) bool
+    state: Tensor  # (B, A) float32, normalised and padded
+
+
+class SuffixContext(NamedTuple):
+    """What every Euler step shares after the prefix (Pi0Model.suffix_context)."""
+
+    mask: Tensor  # (B, 1, S, P + S) bool
+    cos: Tensor  # (B, 1, S, D) RoPE of the suffix positions
+    sin: Tensor
+
+
+SIZES: dict[str, Pi0Config] = {
     "pi0": Pi0Config(),
     "pi05": Pi0Config(pi05=True),
     "pi0_dummy": Pi0Config(
@@ -269,27 +298,22 @@ class Pi0Model(nn.Module):
 
     # ---- embeddings ------------------------------------------------------------------------
 
-    def embed_prefix(
-        self,
-        images: Tensor,
-        image_masks: Tensor,
-        tokens: Tensor,
-        token_masks: Tensor,
-        slots: Sequence[int] | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """images (B, N, 3, S, S) in [-1, 1], image_masks (B, N), tokens/token_masks (B, T)
-        -> embeddings (B, P, W), pad mask (B, P) with P = N' * patches + T, N' the slots present in
-        at least one sample (a slot absent from the whole batch contributes no tokens), or the
-        given `slots` (static shapes: no host sync; a slot masked in a row is masked padding)."""
-        if slots is None:
-            slots = [i for i, there in enumerate(image_masks.any(dim=0).tolist()) if there]  # one sync
-        present = list(slots)
-        slot_embs = [self.projector(self.vision(images[:, i])) for i in present]
-        lang = self.vlm.embed_tokens(tokens) * math.sqrt(self.cfg.vlm.width)  # (B, T, W)
+    def embed_prefix(self, batch: Pi0Batch, slots: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """The prefix of `batch` over the image `slots` (the eager path: those present in some row,
+        `present_slots`; the static path: every slot a camera can fill, masked where a row has none)
+        -> embeddings (B, P, W), pad mask (B, P) with P = len(slots) * patches + T."""
+        slot_embs = [self.projector(self.vision(batch.images[:, i])) for i in slots]
+        lang = self.vlm.embed_tokens(batch.tokens) * math.sqrt(self.cfg.vlm.width)  # (B, T, W)
         embs = torch.cat([*slot_embs, lang.to(self.dtype)], dim=1)
-        kept = image_masks[:, present]  # (B, N')
-        pad = torch.cat([kept.repeat_interleave(self.cfg.vision.num_patches, dim=1), token_masks], dim=1)
+        kept = batch.image_masks[:, list(slots)]  # (B, N')
+        pad = torch.cat(
+            [kept.repeat_interleave(self.cfg.vision.num_patches, dim=1), batch.token_masks], dim=1
+        )
         return embs, pad
+
+    def prefix_length(self, slots: Sequence[int], tokens: int) -> int:
+        """P: the prefix tokens of `slots` image slots and `tokens` prompt tokens."""
+        return len(slots) * self.cfg.vision.num_patches + tokens
 
     def suffix_ar(self, batch: int, device: torch.device) -> Tensor:
         """Block starts of the suffix (B, S): pi0 [1, 1, 0, ...] (state | actions), pi0.5 [1, 0, ...]."""
@@ -346,26 +370,22 @@ class Pi0Model(nn.Module):
             cast(Tensor, _norm(stack.norm, x, c)[0]) for stack, x, c in zip(stacks, xs, conds, strict=False)
         ]
 
-    def prefill(self, prefix_embs: Tensor, prefix_pad: Tensor, cache: KVCache | None = None) -> KVCache:
-        """Run the prefix through the VLM; return every layer's keys/values (B, Hkv, P, D), written
-        into `cache` when it is given (and large enough), else into a new one.
-
-        Only the keys/values are needed: the last layer skips its queries, attention and MLP.
-        """
+    def prefill(self, prefix_embs: Tensor, prefix_pad: Tensor, cache: KVCache) -> None:
+        """Run the prefix (B, P, W) through the VLM, writing every layer's keys/values (B, Hkv, P, D)
+        into `cache` at column 0. Only the keys/values are needed: the last layer skips its
+        queries, attention and MLP."""
         cfg = self.cfg.vlm
         positions = torch.cumsum(prefix_pad.long(), dim=1) - 1
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
         mask = block_causal_mask(torch.zeros_like(prefix_pad, dtype=torch.int32), prefix_pad)[:, None]
-        cache = self.vlm.new_cache(prefix_embs.shape[0], prefix_embs.shape[1], prefix_embs, cache)
         x = prefix_embs
         for li in range(cfg.depth - 1):
             x = self.vlm.layer(li)(x, cos, sin, mask, cache, li)
         last = self.vlm.layer(cfg.depth - 1)
         _, k, v = last.self_attn.qkv(last.input_layernorm(x), cos, sin)
         cache.update(cfg.depth - 1, 0, k, v)
-        return cache
 
-    def suffix_context(self, prefix_pad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def suffix_context(self, prefix_pad: Tensor) -> SuffixContext:
         """What every Euler step shares: mask (B, 1, S, P + S) bool and RoPE cos/sin (B, 1, S, D)."""
         cfg = self.cfg.expert
         B, P = prefix_pad.shape
@@ -375,16 +395,15 @@ class Pi0Model(nn.Module):
         ones = torch.ones(B, S, dtype=torch.bool, device=prefix_pad.device)
         suffix_mask = block_causal_mask(self.suffix_ar(B, prefix_pad.device), ones)  # (B, S, S)
         mask = torch.cat([prefix_pad[:, None, :].expand(B, S, P), suffix_mask], dim=2)[:, None]
-        return mask, cos, sin
+        return SuffixContext(mask, cos, sin)
 
     def denoise_step(
-        self, cache: KVCache, context: tuple[Tensor, Tensor, Tensor], state: Tensor, x_t: Tensor, t: Tensor
+        self, cache: KVCache, context: SuffixContext, state: Tensor, x_t: Tensor, t: Tensor
     ) -> Tensor:
         """One velocity evaluation: the suffix through the action expert against the cached prefix.
 
-        context = suffix_context(prefix_pad); state (B, A), x_t (B, H, A) float32, t (B,)
-        -> v_t (B, H, A) in x_t's dtype.
-        """
+        state (B, A), x_t (B, H, A) float32, t (B,) -> v_t (B, H, A) in x_t's dtype (openpi's
+        direction: toward the noise)."""
         mask, cos, sin = context
         x, cond = self.embed_suffix(state, x_t, t)  # (B, S, We)
         batch, prefix_len = x.shape[0], mask.shape[-1] - x.shape[1]
@@ -400,134 +419,101 @@ class Pi0Model(nn.Module):
         out, _ = _norm(self.expert.norm, x, cond)
         return self.action_out_proj(out[:, -self.cfg.action_horizon :]).to(x_t.dtype)
 
-    # ---- sampling --------------------------------------------------------------------------
+    # ---- sampling: one prefix and one Euler step, run eagerly here and compiled in static.py ----
 
-    def sample_actions(
-        self,
-        images: Tensor,
-        image_masks: Tensor,
-        tokens: Tensor,
-        token_masks: Tensor,
-        state: Tensor,
-        noise: Tensor,
-        num_steps: int | None = None,
-        prefix: rtc.BatchPrefix | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """Euler integration from noise (t = 1) to actions (t = 0) with the shared sampler.
-
-        `prefix` asks for real-time chunking on some rows (models/rtc.py); a guided batch must run
-        with gradients allowed (torch.no_grad, not inference_mode). Returns actions (B, H, A) float32
-        in normalised units and the last step's velocity toward the data (B, H, A).
-        """
-        steps = num_steps or self.cfg.num_steps
-        prefix_embs, prefix_pad = self.embed_prefix(images, image_masks, tokens, token_masks)
-        cache = self.prefill(prefix_embs, prefix_pad)
-        context = self.suffix_context(prefix_pad)
-        batch = prefix_embs.shape[0]
-
-        flow_mask = self.flow_mask(noise)
-
-        def toward_data(x: Tensor, step: int) -> Tensor:
-            t = torch.full((batch,), 1.0 - step / steps, dtype=x.dtype, device=x.device)
-            v = -self.denoise_step(cache, context, state, x, t)
-            return v if flow_mask is None else v * flow_mask
-
-        noise = noise.to(torch.promote_types(noise.dtype, torch.float32))
-        return flow.euler(toward_data, noise if flow_mask is None else noise * flow_mask, steps, prefix)
-
-    # ---- static shapes (VLA_COMPILE: Pi0Static, models/common/static.py) ----------------------
-
-    def prefix_static(
-        self,
-        cache_k: Tensor,
-        cache_v: Tensor,
-        images: Tensor,
-        image_masks: Tensor,
-        tokens: Tensor,
-        token_masks: Tensor,
-        slots: tuple[int, ...],
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """The prefix with fixed shapes: every slot in `slots`, the prompt at max_token_len, the
-        keys/values written into cache_k / cache_v (L, B, Hkv, P, D) in place. Returns the suffix
-        context (mask, cos, sin) every step shares."""
-        embs, pad = self.embed_prefix(images, image_masks, tokens, token_masks, slots)
-        self.prefill(embs, pad, KVCache(cache_k, cache_v))
+    def prefix(self, batch: Pi0Batch, cache: KVCache, slots: tuple[int, ...]) -> SuffixContext:
+        """The prefix of the batch (images of `slots`, prompt) into `cache`; the context every Euler
+        step shares. No host synchronisation: static.py compiles it once per batch bucket."""
+        embs, pad = self.embed_prefix(batch, slots)
+        self.prefill(embs, pad, cache)
         return self.suffix_context(pad)
 
-    def step_static(
+    def euler_step(
         self,
-        cache_k: Tensor,
-        cache_v: Tensor,
-        context: tuple[Tensor, Tensor, Tensor],
-        state: Tensor,
+        cache: KVCache,
+        context: SuffixContext,
+        batch: Pi0Batch,
         x: Tensor,
-        tau: Tensor,
-        t: Tensor,
+        time: flow.StepTime,
         noise: Tensor,
-        prefix: rtc.StaticPrefix,
-        steps: int,
+        chunking: rtc.Chunking | None,
+        dt: float,
+        differentiate: bool = False,
     ) -> tuple[Tensor, Tensor]:
-        """One Euler step of sample_actions (flow.static_step) against the cached prefix, with the
-        batch's hard and constant-velocity guided real-time chunking (none: zeros). tau (B,) =
-        step / steps, t = 1 - tau as the network sees it. Returns (x after the step, velocity
-        toward the data)."""
-        cache = KVCache(cache_k, cache_v)
-        flow_mask = self.flow_mask(noise)
+        """One Euler step of the flow (models/common/flow.py), x (B, H, A) toward the data at
+        time.tau, the network at openpi's time time.t = 1 - tau, with the batch's real-time
+        chunking. Returns (x after the step, the velocity toward the data)."""
 
         def toward_data(x_in: Tensor) -> Tensor:
-            v = -self.denoise_step(cache, context, state, x_in, t)
-            return v if flow_mask is None else v * flow_mask
+            return self.masked(-self.denoise_step(cache, context, batch.state, x_in, time.t))
 
-        return flow.static_step(toward_data, x, tau, 1.0 / steps, noise, prefix)
+        return flow.euler_step(toward_data, x, time.tau, dt, noise, chunking, differentiate)
 
-    def flow_mask(self, like: Tensor) -> Tensor | None:
-        """(A,) 1 for the dims the flow runs in, 0 for the padding (None: every dim)."""
+    def times(self, batch: int, steps: int, dtype: torch.dtype, device: torch.device) -> list[flow.StepTime]:
+        """(tau, t) (batch,) per step: tau = step / steps, t = 1 - tau, each from Python floats."""
+        full = functools.partial(torch.full, (batch,), dtype=dtype, device=device)
+        return [flow.StepTime(full(i / steps), full(1.0 - i / steps)) for i in range(steps)]
+
+    def initial_noise(self, noise: Tensor) -> Tensor:
+        """The noise the flow starts from: at least float32, zero past `flow_dims`."""
+        return self.masked(noise.to(torch.promote_types(noise.dtype, torch.float32)))
+
+    def sample(
+        self, batch: Pi0Batch, noise: Tensor, steps: int, chunking: rtc.Chunking | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Euler integration from noise (t = 1) to actions (t = 0), eagerly (dynamic shapes: the
+        image slots present in the batch, the prompt as long as the batch's longest).
+
+        `chunking` asks for real-time chunking on some rows (models/rtc.py); a batch guided with the
+        Jacobian must run with gradients allowed (torch.no_grad, not inference_mode). Returns
+        actions (B, H, A) float32 in normalised units and the last step's velocity toward the data."""
+        slots = present_slots(batch.image_masks)  # one host sync
+        B, T = batch.tokens.shape
+        cfg = self.cfg.vlm
+        cache = KVCache.allocate(
+            cfg.depth, B, cfg.num_kv_heads, self.prefix_length(slots, T), cfg.head_dim, batch.images
+        )
+        context = self.prefix(batch, cache, slots)
+        noise = self.initial_noise(noise)
+        differentiate = chunking is not None and chunking.needs_backward
+
+        def step(x: Tensor, time: flow.StepTime) -> tuple[Tensor, Tensor]:
+            return self.euler_step(
+                cache, context, batch, x, time, noise, chunking, 1.0 / steps, differentiate
+            )
+
+        return flow.integrate(step, self.times(B, steps, noise.dtype, noise.device), noise, chunking)
+
+    def masked(self, x: Tensor) -> Tensor:
+        """x (..., A) with the action padding past `flow_dims` zeroed (the flow never moves it);
+        x itself when the flow runs in every dim."""
         if not 0 < self.cfg.flow_dims < self.cfg.action_dim:
-            return None
-        mask = torch.zeros(self.cfg.action_dim, dtype=like.dtype, device=like.device)
+            return x
+        mask = torch.zeros(self.cfg.action_dim, dtype=x.dtype, device=x.device)
         mask[: self.cfg.flow_dims] = 1
-        return mask
+        return x * mask
 
-    def flow_matching_loss(
-        self,
-        images: Tensor,
-        image_masks: Tensor,
-        tokens: Tensor,
-        token_masks: Tensor,
-        state: Tensor,
-        actions: Tensor,
-        noise: Tensor,
-        t: Tensor,
-    ) -> Tensor:
+    # ---- training ------------------------------------------------------------------------------
+
+    def flow_matching_loss(self, batch: Pi0Batch, actions: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """The training objective (openpi's compute_loss): actions (B, H, A) normalised and padded,
         noise (B, H, A), t (B,) in (0, 1] -> squared error (B, H, A).
 
         x_t = t * noise + (1 - t) * actions is the point on the straight path at time t; the target
-        velocity is d x_t / dt = noise - actions, which sample_actions integrates from t = 1 to 0.
+        velocity is d x_t / dt = noise - actions, which `sample` integrates from t = 1 to 0.
         With cfg.flow_dims the padding has no noise and a zero target.
         """
-        flow_mask = self.flow_mask(noise)
-        if flow_mask is not None:
-            noise = noise * flow_mask
+        noise = self.masked(noise)
         tt = t[:, None, None]
         x_t = tt * noise + (1.0 - tt) * actions
-        v_t = self.velocity_full(images, image_masks, tokens, token_masks, state, x_t, t)
+        v_t = self.velocity_full(batch, x_t, t)
         return (v_t - (noise - actions)).pow(2)
 
-    def velocity_full(
-        self,
-        images: Tensor,
-        image_masks: Tensor,
-        tokens: Tensor,
-        token_masks: Tensor,
-        state: Tensor,
-        x_t: Tensor,
-        t: Tensor,
-    ) -> Tensor:
+    def velocity_full(self, batch: Pi0Batch, x_t: Tensor, t: Tensor) -> Tensor:
         """The velocity v_t computing prefix and suffix together in one pass (no cache): the training
         forward, and the reference the cached inference path is checked against."""
-        prefix_embs, prefix_pad = self.embed_prefix(images, image_masks, tokens, token_masks)
-        suffix_embs, cond = self.embed_suffix(state, x_t, t)
+        prefix_embs, prefix_pad = self.embed_prefix(batch, present_slots(batch.image_masks))
+        suffix_embs, cond = self.embed_suffix(batch.state, x_t, t)
         B, S = suffix_embs.shape[:2]
         pad = torch.cat([prefix_pad, torch.ones(B, S, dtype=torch.bool, device=prefix_pad.device)], dim=1)
         ar = torch.cat(
@@ -540,109 +526,18 @@ class Pi0Model(nn.Module):
         return self.action_out_proj(out[:, -self.cfg.action_horizon :]).float()
 
 
+def present_slots(image_masks: Tensor) -> tuple[int, ...]:
+    """The image slots masked in at least one row (B, N) -> their indices (one host sync): a slot
+    absent from the whole batch contributes no prefix tokens (an exact shortcut)."""
+    return tuple(i for i, there in enumerate(image_masks.any(dim=0).tolist()) if there)
+
+
 def sample_flow_time(batch: int, generator: torch.Generator | None = None) -> Tensor:
     """Training times t (B,) as openpi draws them: Beta(1.5, 1) scaled into [0.001, 1]; more weight
     near t = 1 (noise), where the flow's first, hardest steps are."""
     u = torch.rand(batch, generator=generator, dtype=torch.float64)
     beta = u ** (1.0 / 1.5)  # inverse CDF of Beta(1.5, 1): F(x) = x^1.5
     return (beta * 0.999 + 0.001).float()
-
-
-class Pi0Static:
-    """Pi0Model.sample_actions with static shapes (VLA_COMPILE; models/common/static.py).
-
-    prefix    P = len(slots) * patches + max_token_len: every slot a camera can fill (one masked in
-              a row is masked padding) and the whole prompt (padding tokens masked), so the prefix
-              keys/values go into one KV cache allocated once per bucket;
-    compiled  prefix_static (towers, projector, VLM prefill into the cache) and step_static (one
-              Euler step through the action expert), each once per bucket; a call replays them
-              (CUDA graphs on a GPU) with the 10 steps' times as tensor arguments;
-    chunking  none, hard, and guided with the velocity held constant; guidance with the Jacobian
-              is refused here (the policy runs it eagerly: it differentiates through the expert
-              at every step).
-    Equal to sample_actions up to float rounding (the masked padding changes no valid value).
-    """
-
-    def __init__(
-        self,
-        model: Pi0Model,
-        slots: Iterable[int] | None = None,
-        compile: bool = True,
-        backend: str | None = None,
-    ) -> None:
-        cfg = model.cfg
-        self.model = model
-        self.slots = tuple(sorted(set(range(len(cfg.image_slots)) if slots is None else slots)))
-        self.prefix_len = len(self.slots) * cfg.vision.num_patches + cfg.max_token_len
-        self.device = model.action_in_proj.weight.device
-        self.compiled = compile
-        self._prefix = (
-            static.compile_static(model.prefix_static, self.device, backend)
-            if compile
-            else model.prefix_static
-        )
-        self._step = (
-            static.compile_static(model.step_static, self.device, backend) if compile else model.step_static
-        )
-        self._caches: dict[int, KVCache] = {}
-        self._times: dict[tuple[int, int, torch.dtype], list[tuple[Tensor, Tensor]]] = {}
-
-    def cache(self, bucket: int) -> KVCache:
-        """The bucket's prefix KV cache (L, bucket, Hkv, P, D), allocated on first use."""
-        vlm, like = self.model.cfg.vlm, self.model.action_in_proj.weight
-        return static.kv_cache(
-            self._caches, bucket, vlm.depth, vlm.num_kv_heads, self.prefix_len, vlm.head_dim, like
-        )
-
-    def times(self, bucket: int, steps: int, dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
-        """(tau, t) (bucket,) per step, as the eager sampler makes them: tau = step / steps, t = 1 - tau."""
-        key = (bucket, steps, dtype)
-        if key not in self._times:
-            full = functools.partial(torch.full, (bucket,), dtype=dtype, device=self.device)
-            self._times[key] = [(full(i / steps), full(1.0 - i / steps)) for i in range(steps)]
-        return self._times[key]
-
-    def sample_actions(
-        self,
-        images: Tensor,
-        image_masks: Tensor,
-        tokens: Tensor,
-        token_masks: Tensor,
-        state: Tensor,
-        noise: Tensor,
-        num_steps: int | None = None,
-        prefix: rtc.BatchPrefix | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """As Pi0Model.sample_actions (tokens may be trimmed: they are padded to max_token_len)."""
-        cfg = self.model.cfg
-        steps = num_steps or cfg.num_steps
-        with torch.inference_mode():
-            noise = noise.to(torch.promote_types(noise.dtype, torch.float32))
-            flow_mask = self.model.flow_mask(noise)
-            if flow_mask is not None:
-                noise = noise * flow_mask
-            chunking = rtc.BatchPrefix.static_inputs(prefix, noise)
-            tokens = static.pad_columns(tokens, cfg.max_token_len)
-            token_masks = static.pad_columns(token_masks, cfg.max_token_len, False)
-            rows = (images, image_masks, tokens, token_masks, state, noise, *chunking)
-            actions, velocities = static.run_in_pieces(
-                rows, lambda bucket, start, stop, piece: self._run(bucket, steps, piece)
-            )
-            return actions, velocities
-
-    def _run(self, bucket: int, steps: int, piece: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """One bucket: piece = the padded rows (images, image_masks, tokens, token_masks, state, noise,
-        then the StaticPrefix's four)."""
-        images, image_masks, tokens, token_masks, state, noise = piece[:6]
-        chunking = rtc.StaticPrefix(*piece[6:])
-        cache = self.cache(bucket)
-        static.begin_call(self.device)
-        context = self._prefix(cache.k, cache.v, images, image_masks, tokens, token_masks, self.slots)
-
-        def step(x: Tensor, tau: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-            return self._step(cache.k, cache.v, context, state, x, tau, t, noise, chunking, steps)
-
-        return static.denoise(step, self.times(bucket, steps, noise.dtype), noise, chunking)
 
 
 def build(cfg: Pi0Config, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Pi0Model:

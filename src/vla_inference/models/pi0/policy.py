@@ -23,10 +23,14 @@ did). A prompt longer than the model's max_token_len is refused rather than trun
 
 Embodiments are the checkpoint's norm-stats asset ids (VLA_NORM_STATS_KEY keeps only one).
 
-VLA_COMPILE: batches run through model.Pi0Static (static shapes per batch bucket, compiled; the
-first forward, the engine's warm-up, compiles every bucket up to VLA_BATCH_SIZE). Batches with a
-real-time-chunking row guided with the Jacobian run eagerly (it differentiates through the expert);
-guidance with the velocity held constant (VLA_RTC_GUIDANCE_JACOBIAN=false) runs compiled.
+The steps (preprocessing/steps.py): cameras (CameraMap) -> images (`image_to_model_input`) ->
+state (StateInput: normalise, pad) -> prompt (`tokenize_prompt`); after the model, ActionOutput
+(un-normalise, slice to the robot's chunk and action size).
+
+VLA_COMPILE: batches run through static.Pi0Static (static shapes per batch bucket, compiled by the
+engine's warm-up for every bucket up to VLA_BATCH_SIZE). Batches with a real-time-chunking row
+guided with the Jacobian run eagerly (models/policy.py); guidance with the velocity held constant
+(VLA_RTC_GUIDANCE_JACOBIAN=false) runs compiled.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +46,15 @@ import numpy as np
 import torch
 
 from vla_inference.models import base, rtc
-from vla_inference.models.common import flow, static
+from vla_inference.models.common import flow
 from vla_inference.models.common.tokenizers import load_sentencepiece
-from vla_inference.models.common.weights import load_weights, resolve_dtype
+from vla_inference.models.common.weights import load_weights
 from vla_inference.models.pi0 import checkpoint as ckpt
-from vla_inference.models.pi0.model import IMAGE_SLOTS, Pi0Config, Pi0Model, Pi0Static, build
+from vla_inference.models.pi0.model import IMAGE_SLOTS, Pi0Batch, Pi0Config, Pi0Model, build
+from vla_inference.models.pi0.static import Pi0Static
+from vla_inference.models.policy import FlowPolicy, Loaded
 from vla_inference.preprocessing.images import resize_with_pad
+from vla_inference.preprocessing.steps import ActionOutput, CameraMap, CameraSlot, StateInput, pad_to
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +63,10 @@ SLOT_TO_CAMERA = {slot: camera for camera, slot in CAMERA_TO_SLOT.items()}
 PROMPT_CACHE_SIZE = 1024
 
 
-@dataclass
+@dataclass(frozen=True)
 class Pi0Inputs:
+    """One prepared sample (Pi0Batch's row, as numpy)."""
+
     images: np.ndarray  # (N, 3, S, S) float32 in [-1, 1]
     image_masks: np.ndarray  # (N,) bool
     tokens: np.ndarray  # (T,) int64, T = max_token_len, valid first
@@ -66,10 +75,15 @@ class Pi0Inputs:
 
 
 @dataclass
-class Pi0Raw:
-    actions: np.ndarray  # (H, A) float32, normalised units
-    last_velocity: np.ndarray  # (H, A) float32
-    dt: float
+class Pi0Loaded(Loaded[Pi0Model]):
+    checkpoint: ckpt.Checkpoint
+    tokenizer: Any
+    cameras: CameraMap  # the cameras the checkpoint serves, in slot order
+    camera_slots: tuple[int, ...]  # the model's image slot of each of them
+    states: dict[str, StateInput]  # embodiment -> state step
+    outputs: dict[str, ActionOutput]  # embodiment -> action step
+    num_steps: int
+    prompts: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # pi0's prompt cache
 
 
 def discretize_state(state: np.ndarray) -> np.ndarray:
@@ -120,88 +134,76 @@ def tokenize_prompt(
     return tokens, mask
 
 
-class Pi0Policy(base.VLAModel):
+class Pi0Policy(FlowPolicy[Pi0Loaded, Pi0Batch]):
     model_type = "pi0"
-
-    def __init__(self, settings: object) -> None:
-        super().__init__(settings)
-        self._model: Pi0Model | None = None
-        self._info: base.ModelDescription | None = None
-        self._ckpt: ckpt.Checkpoint | None = None
-        self._tokenizer: Any = None
-        self._device = torch.device("cpu")
-        self._num_steps = 10
-        self._prompts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self._static: Pi0Static | None = None  # VLA_COMPILE
-        self._static_warm = False
 
     # ---- loading -----------------------------------------------------------------------------
 
-    def load(self, checkpoint_path: str | None, device: str) -> None:
+    def load_checkpoint(self, path: str | None) -> Pi0Loaded:
         from vla_inference.models.pi0 import demo as demo_module
 
-        embedded = not checkpoint_path
+        embedded = path is None
         demo = embedded and self.settings.embedded_model == "random"
         if demo:
-            path = demo_module.ensure_demo_checkpoint()
+            where = demo_module.ensure_demo_checkpoint()
         elif embedded:
-            path = demo_module.METAWORLD_CHECKPOINT
+            where = demo_module.METAWORLD_CHECKPOINT
         else:
-            path = Path(str(checkpoint_path)).expanduser()
+            where = Path(str(path)).expanduser()
         loaded = ckpt.load(
-            path, tokenizer_path=self.settings.tokenizer_path, norm_stats_key=self.settings.norm_stats_key
+            where, tokenizer_path=self.settings.tokenizer_path, norm_stats_key=self.settings.norm_stats_key
         )
         cfg = loaded.config
         tokenizer = load_sentencepiece(loaded.tokenizer_path, cfg.vocab_size)
-        dtype = resolve_dtype(self.settings.dtype, device)
-        model = load_weights(
+        network = load_weights(
             build(cfg, device="meta"),
             loaded.weight_files,
             loaded.names,
-            device=device,
-            dtype=dtype,
-            where=str(path / "model.safetensors"),
+            device=self.device,
+            dtype=self.dtype,
+            where=str(where / "model.safetensors"),
             what=loaded.describe(),
         )
-        assert isinstance(model, Pi0Model)
+        assert isinstance(network, Pi0Model)
 
         action_dim, state_dims = self._dims(loaded)
         embodiments = tuple(sorted(loaded.norms)) or ("default",)
         default = self.settings.norm_stats_key or embodiments[0]
         if not loaded.norms:
             state_dims = {"default": state_dims.get("default", action_dim)}
-        slots = loaded.image_slots
-        cameras = tuple(SLOT_TO_CAMERA.get(slot, slot) for slot in slots)
+        cameras = tuple(SLOT_TO_CAMERA.get(slot, slot) for slot in loaded.image_slots)
         trained = loaded.about.cameras  # a checkpoint may say it was trained with fewer cameras
         if trained and not set(trained) <= set(cameras):
             raise base.ModelLoadError(
-                f"{path}: config.json names cameras {list(trained)}; the model has {list(cameras)}"
+                f"{where}: config.json names cameras {list(trained)}; the model has {list(cameras)}"
             )
+        served = [(i, c) for i, c in enumerate(cameras) if not trained or c in trained]
         num_steps = self.settings.num_denoise_steps or loaded.num_steps or cfg.num_steps
         if demo:
             name = "pi0-demo (random weights, not a trained policy)"
         elif embedded:
             name = "pi0-metaworld-mt10 (trained in MetaWorld simulation, not a real-robot policy)"
         else:
-            name = f"{'pi0.5' if cfg.pi05 else 'pi0'} {path.name} ({loaded.format} format)"
+            name = f"{'pi0.5' if cfg.pi05 else 'pi0'} {where.name} ({loaded.format} format)"
         if embedded and not demo:  # the shipped weights themselves (docs/evaluation.md cites it)
-            version = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()[:12]
+            version = hashlib.sha256((where / "model.safetensors").read_bytes()).hexdigest()[:12]
         else:
-            version = hashlib.sha256(f"{path.resolve()}|{cfg}".encode()).hexdigest()[:12]
-        self._info = base.ModelDescription(
+            version = hashlib.sha256(f"{where.resolve()}|{cfg}".encode()).hexdigest()[:12]
+        chunk_size = min(self.settings.chunk_size, cfg.action_horizon)
+        description = base.ModelDescription(
             name=name,
             version=version,
             family="pi05" if cfg.pi05 else "pi0",
             action_dim=action_dim,
-            chunk_size=min(self.settings.chunk_size, cfg.action_horizon),
+            chunk_size=chunk_size,
             horizon=cfg.action_horizon,
             embodiments=embodiments,
             default_embodiment=default,
             state_dims=state_dims,
             camera_names=trained or cameras,
             image_size=(cfg.vision.image_size, cfg.vision.image_size),
-            device=str(device),
-            dtype=str(dtype).removeprefix("torch."),
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
             confidence_definition=flow.CONFIDENCE_DEFINITION,
             demo=demo,
             description=loaded.about.description,
@@ -219,21 +221,26 @@ class Pi0Policy(base.VLAModel):
                 )
             else:
                 log.warning("VLA_PI05_PROMPT_STATE=padded has no effect: pi0 has no state in its prompt")
-        self._model, self._ckpt, self._tokenizer = model, loaded, tokenizer
-        self._device = torch.device(device)
-        self._num_steps = num_steps
-        self._slots = slots
-        self._camera_slot = {c: i for i, c in enumerate(cameras) if not trained or c in trained}
-        # VLA_COMPILE: static shapes over the slots a camera can fill; compiled on the first forward
-        self._static = (
-            Pi0Static(model, slots=set(self._camera_slot.values())) if self.settings.compile else None
+        norms = {emb: loaded.norms.get(emb) for emb in embodiments}
+        return Pi0Loaded(
+            network=network,
+            description=description,
+            checkpoint=loaded,
+            tokenizer=tokenizer,
+            cameras=CameraMap(tuple(CameraSlot(c) for _, c in served)),
+            camera_slots=tuple(i for i, _ in served),
+            states={e: StateInput(n.state if n else None, cfg.action_dim) for e, n in norms.items()},
+            outputs={
+                e: ActionOutput(n.actions if n else None, chunk_size, action_dim, cfg.action_dim)
+                for e, n in norms.items()
+            },
+            num_steps=num_steps,
         )
-        self._static_warm = False
 
     def _dims(self, loaded: ckpt.Checkpoint) -> tuple[int, dict[str, int]]:
         cfg = loaded.config
         if loaded.norms:
-            sizes = {emb: n.actions.stats.size for emb, n in loaded.norms.items()}
+            sizes = {emb: n.actions.size for emb, n in loaded.norms.items()}
             distinct = set(sizes.values())
             if len(distinct) != 1:
                 raise base.ModelLoadError(
@@ -248,7 +255,7 @@ class Pi0Policy(base.VLAModel):
                     f"VLA_ACTION_DIM={self.settings.action_dim} but the checkpoint's action statistics have "
                     f"{action_dim} dimensions"
                 )
-            state_dims = {emb: (n.state.stats.size or action_dim) for emb, n in loaded.norms.items()}
+            state_dims = {emb: (n.state.size or action_dim) for emb, n in loaded.norms.items()}
         else:
             action_dim = self.settings.action_dim
             state_dims = {"default": action_dim}
@@ -259,86 +266,56 @@ class Pi0Policy(base.VLAModel):
             raise base.ModelLoadError(f"state sizes {too_big} exceed the model's {cfg.action_dim}")
         return action_dim, state_dims
 
-    @property
-    def model_info(self) -> base.ModelDescription:
-        if self._info is None:
-            raise RuntimeError("Pi0Policy.load() has not been called")
-        return self._info
+    def static_runner(self, loaded: Pi0Loaded) -> Pi0Static:
+        """Static shapes over the slots a camera can fill."""
+        return Pi0Static(loaded.network, slots=loaded.camera_slots, backend=self.settings.compile_backend)
 
     @property
     def config(self) -> Pi0Config:
-        assert self._model is not None
-        return self._model.cfg
+        return self.loaded.network.cfg
 
     @property
     def model(self) -> Pi0Model:
-        assert self._model is not None
-        return self._model
+        return self.loaded.network
 
-    # ---- prepare -----------------------------------------------------------------------------
+    def num_steps(self) -> int:
+        return self.loaded.num_steps
 
-    def _norm(self, embodiment: str) -> ckpt.EmbodimentNorm | None:
-        assert self._ckpt is not None
-        return self._ckpt.norms.get(embodiment)
+    def noise_shape(self) -> tuple[int, int]:
+        return self.config.action_horizon, self.config.action_dim
+
+    # ---- prepare: cameras -> images -> state -> prompt ------------------------------------------
 
     def tokenize(
         self, instruction: str, normalized_state: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray]:
+        loaded = self.loaded
         if normalized_state is not None:  # pi0.5: the state is in the prompt
-            return tokenize_prompt(self._tokenizer, self.config, instruction, normalized_state)
+            return tokenize_prompt(loaded.tokenizer, self.config, instruction, normalized_state)
         # pi0: a robot repeats its instruction for a whole episode; the arrays are never written.
-        cached = self._prompts.get(instruction)
+        cached = loaded.prompts.get(instruction)
         if cached is None:
-            cached = tokenize_prompt(self._tokenizer, self.config, instruction, None)
-            if len(self._prompts) >= PROMPT_CACHE_SIZE:
-                self._prompts.clear()
-            self._prompts[instruction] = cached
+            cached = tokenize_prompt(loaded.tokenizer, self.config, instruction, None)
+            if len(loaded.prompts) >= PROMPT_CACHE_SIZE:
+                loaded.prompts.clear()
+            loaded.prompts[instruction] = cached
         return cached
 
     def prepare(self, observation: base.Observation) -> base.PreparedSample:
-        info = self.model_info
-        cfg = self.config
+        loaded, cfg = self.loaded, self.config
         embodiment = self.resolve_embodiment(observation.embodiment)
         self.check_joints(observation, embodiment)
-        images_in = {
-            name if name in self._camera_slot else base.canonical_camera(name): image
-            for name, image in observation.images.items()
-        }
-        unknown = sorted(set(images_in) - set(self._camera_slot))
-        if unknown:
-            raise base.InvalidObservation(
-                "cameras",
-                f"unknown camera(s) {', '.join(map(repr, unknown))}; "
-                f"this model takes: {', '.join(info.camera_names)}",
-            )
-        if len(images_in) != len(observation.images):
-            raise base.InvalidObservation("cameras", "the same camera is given twice (under an alias)")
-        if not images_in:
-            raise base.InvalidObservation(
-                "cameras", f"at least one camera image is required ({', '.join(info.camera_names)})"
-            )
         size = cfg.vision.image_size
-        images = np.zeros((len(self._slots), 3, size, size), np.float32)
-        masks = np.zeros(len(self._slots), bool)
-        for camera, image in images_in.items():
-            if (
-                not isinstance(image, np.ndarray)
-                or image.dtype != np.uint8
-                or image.ndim != 3
-                or image.shape[2] != 3
-            ):
-                raise base.InvalidObservation(
-                    "cameras", f"camera {camera!r}: expected an (H, W, 3) uint8 RGB image"
-                )
-            slot = self._camera_slot[camera]
-            image_to_model_input(image, size, out=images[slot])
-            masks[slot] = True
-
-        joints = np.asarray(observation.joint_positions, np.float32)
-        norm = self._norm(embodiment)
-        normalized = norm.state.normalize(joints) if norm is not None else joints.astype(np.float32)
-        state = np.zeros(cfg.action_dim, np.float32)
-        state[: normalized.shape[0]] = normalized
+        slots = len(loaded.checkpoint.image_slots)
+        images = np.zeros((slots, 3, size, size), np.float32)
+        masks = np.zeros(slots, bool)
+        for slot, image in zip(loaded.camera_slots, loaded.cameras(observation.images), strict=True):
+            if image is not None:
+                image_to_model_input(image, size, out=images[slot])
+                masks[slot] = True
+        state_step = loaded.states[embodiment]
+        normalized = state_step.normalized(observation.joint_positions)
+        state = pad_to(normalized, cfg.action_dim)
         prompt_state = None
         if cfg.pi05:
             # openpi discretises the unpadded state; LeRobot 0.4.0-0.4.4 the state padded to 32 dims.
@@ -349,79 +326,28 @@ class Pi0Policy(base.VLAModel):
 
     # ---- forward -----------------------------------------------------------------------------
 
-    def noise(self, seed: int) -> torch.Tensor:
-        cfg = self.config
-        return torch.randn(
-            (cfg.action_horizon, cfg.action_dim), generator=base.seeded_generator(seed), dtype=torch.float32
-        )
-
-    def forward(self, samples: Sequence[base.PreparedSample]) -> list[Any]:
-        model = self.model
-        inputs = [s.inputs for s in samples]
+    def collate(self, samples: Sequence[base.PreparedSample]) -> Pi0Batch:
+        inputs: list[Pi0Inputs] = [s.inputs for s in samples]
         used = max(int(i.token_mask.sum()) for i in inputs)  # trailing padding never influences valid tokens
-        device = self._device
 
-        def stack(name: str, dtype: torch.dtype) -> torch.Tensor:
-            arr = np.stack([getattr(i, name) for i in inputs])
-            return torch.from_numpy(arr).to(device=device, dtype=dtype)
+        def stack(rows: list[np.ndarray], dtype: torch.dtype) -> torch.Tensor:
+            return torch.from_numpy(np.stack(rows)).to(device=self.device, dtype=dtype)
 
-        images = stack("images", model.dtype)
-        image_masks = stack("image_masks", torch.bool)
-        tokens = stack("tokens", torch.long)[:, :used]
-        token_masks = stack("token_mask", torch.bool)[:, :used]
-        state = stack("state", torch.float32)
-        noise = torch.stack([self.noise(s.seed) for s in samples]).to(device)
-        cfg = self.config
-        prefix = rtc.BatchPrefix.stack([s.rtc for s in samples], cfg.action_horizon, cfg.action_dim, device)
-        backward = prefix is not None and prefix.needs_backward
-        batch = (images, image_masks, tokens, token_masks, state, noise)
-        if self._static is not None and not backward:  # guidance with the Jacobian runs eagerly
-            if not self._static_warm:
-                self._warm_up(self._static, batch)
-            actions, velocity = self._static.sample_actions(*batch, num_steps=self._num_steps, prefix=prefix)
-        else:
-            # The Jacobian differentiates through the action expert: no_grad then, not inference mode.
-            with torch.no_grad() if backward else torch.inference_mode():
-                actions, velocity = model.sample_actions(*batch, num_steps=self._num_steps, prefix=prefix)
-        actions_np = actions.float().cpu().numpy()
-        velocity_np = velocity.float().cpu().numpy()
-        dt = 1.0 / self._num_steps
-        return [Pi0Raw(actions_np[i], velocity_np[i], dt) for i in range(len(samples))]
-
-    def _warm_up(self, runner: Pi0Static, batch: tuple[torch.Tensor, ...]) -> None:
-        """Compile every bucket up to VLA_BATCH_SIZE on the first forward (the engine's warm-up),
-        with copies of the batch's first row, so no later request waits for a compile."""
-
-        def run(bucket: int) -> None:
-            images, image_masks, tokens, token_masks, state, noise = (
-                static.pad_rows(t[:1], bucket) for t in batch
-            )
-            runner.sample_actions(images, image_masks, tokens, token_masks, state, noise, self._num_steps)
-
-        static.warm_up(
-            f"{self.model_info.family} sampler", static.buckets_up_to(self.settings.batch_size), run
+        return Pi0Batch(
+            images=stack([i.images for i in inputs], self.dtype),
+            image_masks=stack([i.image_masks for i in inputs], torch.bool),
+            tokens=stack([i.tokens[:used] for i in inputs], torch.long),
+            token_masks=stack([i.token_mask[:used] for i in inputs], torch.bool),
+            state=stack([i.state for i in inputs], torch.float32),
         )
-        self._static_warm = True
 
-    # ---- finish ------------------------------------------------------------------------------
+    # ---- postprocess -------------------------------------------------------------------------
 
-    def finish(self, raw: Any, sample: base.PreparedSample) -> base.ActionPrediction:
-        info = self.model_info
-        assert isinstance(raw, Pi0Raw)
-        norm = self._norm(sample.embodiment)
-        actions = (
-            norm.actions.unnormalize(raw.actions) if norm is not None else raw.actions.astype(np.float32)
-        )
-        actions = np.ascontiguousarray(actions[: info.chunk_size, : info.action_dim], dtype=np.float32)
-        confidence = flow.confidence(raw.last_velocity, raw.dt, info.chunk_size, info.action_dim)
-        return base.ActionPrediction(actions=actions, confidence=confidence, model_actions=raw.actions)
+    def postprocess(self, actions: np.ndarray, sample: base.PreparedSample) -> np.ndarray:
+        return self.loaded.outputs[sample.embodiment](actions)
 
     def normalize_actions(self, actions: np.ndarray, embodiment: str) -> np.ndarray:
-        norm = self._norm(embodiment)
-        normalized = norm.actions.normalize(actions) if norm is not None else actions.astype(np.float32)
-        out = np.zeros((actions.shape[0], self.config.action_dim), np.float32)
-        out[:, : normalized.shape[1]] = normalized
-        return out
+        return self.loaded.outputs[embodiment].to_model(actions)
 
 
 __all__ = ["CAMERA_TO_SLOT", "IMAGE_SLOTS", "Pi0Policy"]

@@ -1,83 +1,23 @@
-"""GR00T N1.5 state / action maths, as upstream's StateActionTransform applies it (float64 numpy).
+"""GR00T's rotation conversions, as upstream's StateActionTransform applies them (float64 numpy;
+upstream uses pytorch3d, conventions reproduced here). The normalisation modes themselves are the
+shared preprocessing/normalize.py (GR00T convention); `MODES` maps a data config's mode names to it.
 
-Normalisation modes (x in robot units -> model units; statistics per dimension):
-
-    min_max   2 (x - min) / (max - min) - 1      no clipping; where min == max: 0
-    q99       2 (x - q01) / (q99 - q01) - 1      clipped to [-1, 1]; where q01 == q99: x, then clipped
-    mean_std  (x - mean) / std                   where std == 0: x
-    binary    1 if x > 0.5 else 0
-
-Inverses (model units -> robot units), none of them clipping:
-
-    min_max   (y + 1) / 2 (max - min) + min
-    q99       (y + 1) / 2 (q99 - q01) + q01
-    mean_std  y std + mean
-    binary    1 if y > 0.5 else 0
-
-Where a statistic range is degenerate upstream treats the modes differently (its Normalizer:
-min_max writes 0 there, q99 and mean_std pass the value through); we do the same.
-
-sin/cos (fourier_gr1_arms_only's state): a key's n values become [sin x_1..sin x_n, cos x_1..cos x_n].
-
-Rotations (upstream uses pytorch3d; conventions reproduced here): quaternions are real part first
-(w, x, y, z); "rotation_6d" is the first two rows of the rotation matrix; "matrix" is the 3 x 3
-matrix row by row; "euler_angles_<order>" composes R = R_a(e0) R_b(e1) R_c(e2) with r = X, p = Y,
-y = Z (euler_angles_rpy = XYZ); axis_angle is the rotation vector (angle = its norm). A rotation
-converted to another representation and normalised min_max uses that representation's fixed
-bounds (ROTATION_BOUNDS), not the dataset's statistics, as upstream.
+Quaternions are real part first (w, x, y, z); "rotation_6d" is the first two rows of the rotation
+matrix; "matrix" is the 3 x 3 matrix row by row; "euler_angles_<order>" composes
+R = R_a(e0) R_b(e1) R_c(e2) with r = X, p = Y, y = Z (euler_angles_rpy = XYZ); axis_angle is the
+rotation vector (angle = its norm). A rotation converted to another representation and normalised
+min_max uses that representation's fixed bounds (ROTATION_BOUNDS), not the dataset's statistics,
+as upstream.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
 
-Stats = Mapping[str, np.ndarray]
+from vla_inference.preprocessing import normalize as nz
 
-NEEDED_STATS = {"min_max": ("min", "max"), "q99": ("q01", "q99"), "mean_std": ("mean", "std"), "binary": ()}
-
-
-def normalize(x: np.ndarray, mode: str, stats: Stats) -> np.ndarray:
-    """Robot units -> model units (see the module docstring)."""
-    x = np.asarray(x, dtype=np.float64)
-    if mode == "binary":
-        return (x > 0.5).astype(np.float64)
-    if mode == "mean_std":
-        std = stats["std"]
-        ok = std != 0
-        return np.where(ok, (x - stats["mean"]) / np.where(ok, std, 1.0), x)
-    low, high = _bounds(mode, stats)
-    ok = low != high
-    scaled = 2.0 * (x - low) / np.where(ok, high - low, 1.0) - 1.0
-    if mode == "min_max":
-        return np.where(ok, scaled, 0.0)
-    return np.clip(np.where(ok, scaled, x), -1.0, 1.0)  # q99
-
-
-def unnormalize(y: np.ndarray, mode: str, stats: Stats) -> np.ndarray:
-    """Model units -> robot units (see the module docstring); never clips."""
-    y = np.asarray(y, dtype=np.float64)
-    if mode == "binary":
-        return (y > 0.5).astype(np.float64)
-    if mode == "mean_std":
-        return y * stats["std"] + stats["mean"]
-    low, high = _bounds(mode, stats)
-    return (y + 1.0) / 2.0 * (high - low) + low
-
-
-def _bounds(mode: str, stats: Stats) -> tuple[np.ndarray, np.ndarray]:
-    if mode == "min_max":
-        return stats["min"], stats["max"]
-    if mode == "q99":
-        return stats["q01"], stats["q99"]
-    raise ValueError(f"unknown normalisation mode {mode!r}")
-
-
-def sin_cos(x: np.ndarray) -> np.ndarray:
-    """(..., n) -> (..., 2n): all sines, then all cosines."""
-    x = np.asarray(x, dtype=np.float64)
-    return np.concatenate([np.sin(x), np.cos(x)], axis=-1)
+# A data config's normalisation mode -> the shared Normalizer's mode (GR00T convention).
+MODES = {"min_max": nz.MIN_MAX, "q99": nz.QUANTILE, "mean_std": nz.MEAN_STD, "binary": nz.BINARY}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,14 +40,14 @@ ROTATION_BOUNDS: dict[str, tuple[float, float]] = {
 }
 
 
-def rotation_bounds(rep: str) -> Stats | None:
+def rotation_bounds(rep: str) -> nz.Stats | None:
     """Fixed min / max statistics of a representation (None: upstream has none, e.g. matrix)."""
     key = "euler_angles" if rep.startswith("euler_angles_") else rep
     if key not in ROTATION_BOUNDS:
         return None
     low, high = ROTATION_BOUNDS[key]
     dim = rotation_dim(rep)
-    return {"min": np.full(dim, low), "max": np.full(dim, high)}
+    return nz.Stats(min=np.full(dim, low), max=np.full(dim, high))
 
 
 def convert_rotation(x: np.ndarray, source: str, target: str) -> np.ndarray:

@@ -1,0 +1,117 @@
+"""LeRobot's normaliser files, one reader for every family LeRobot saves (pi0 / pi05, SmolVLA,
+pi0-FAST):
+
+    policy_preprocessor.json     {"steps": [..., {"registry_name": "normalizer_processor",
+                                   "config": {"eps", "features", "norm_map"}, "state_file":
+                                   "policy_preprocessor_step_<i>_normalizer_processor.safetensors"}]}
+    policy_postprocessor.json    the same with "unnormalizer_processor"
+    <state_file>                 "<feature>.<stat>" tensors: "observation.state.mean", "action.q99", ...
+
+The step's index varies between releases, so the step is found by its registry name, and its
+file by the step's "state_file" (else by the file name pattern). Modes come from config.json's
+"normalization_mapping" (feature type -> MEAN_STD | QUANTILES | MIN_MAX | IDENTITY), else from the
+step's "norm_map". Only JSON and safetensors are read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vla_inference.models.base import ModelLoadError
+from vla_inference.models.common.weights import read_json
+from vla_inference.preprocessing import normalize as nz
+
+PREPROCESSOR = "policy_preprocessor.json"
+POSTPROCESSOR = "policy_postprocessor.json"
+NORMALIZER = "normalizer_processor"
+UNNORMALIZER = "unnormalizer_processor"
+MODES = {"MEAN_STD": nz.MEAN_STD, "QUANTILES": nz.QUANTILE, "MIN_MAX": nz.MIN_MAX, "IDENTITY": nz.IDENTITY}
+STAT_NAMES = ("mean", "std", "q01", "q99", "min", "max")
+
+
+@dataclass(frozen=True)
+class NormalizerStep:
+    """One (un)normaliser step of a LeRobot processor: its statistics by feature and settings."""
+
+    stats: Mapping[str, nz.Stats]  # "observation.state" / "action" -> statistics
+    eps: float = nz.DEFAULT_EPS[nz.LEROBOT]
+    norm_map: Mapping[str, str] = field(default_factory=dict)  # feature type -> LeRobot mode name
+    keys: tuple[str, ...] = ()  # every tensor name of its file (for messages about what is there)
+
+
+def _step(path: Path, processor: str, registry: str) -> dict[str, Any] | None:
+    file = path / processor
+    if not file.is_file():
+        return None
+    for step in read_json(file).get("steps", []):
+        if isinstance(step, dict) and step.get("registry_name") == registry:
+            return step
+    return None
+
+
+def read_step(path: Path, processor: str, registry: str) -> NormalizerStep | None:
+    """The step `registry` of `processor` with its statistics; None when the checkpoint has
+    neither the step nor its statistics file."""
+    step = _step(path, processor, registry) or {}
+    config = step.get("config") or {}
+    name = step.get("state_file")
+    prefix = processor.removesuffix(".json")
+    if isinstance(name, str) and name:
+        state = path / name
+        if not state.is_file():
+            raise ModelLoadError(f"{path / processor} names {name}, which is not in {path}")
+    else:
+        found = sorted(path.glob(f"{prefix}_step_*_{registry}.safetensors"))
+        if not found:
+            return None
+        state = found[0]
+    eps = config.get("eps", nz.DEFAULT_EPS[nz.LEROBOT])
+    if not isinstance(eps, int | float) or eps <= 0:
+        eps = nz.DEFAULT_EPS[nz.LEROBOT]
+    norm_map = config.get("norm_map") or {}
+    tensors = _read_tensors(state)
+    by_feature: dict[str, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        feature, _, stat = key.rpartition(".")
+        if stat in STAT_NAMES and feature:
+            by_feature.setdefault(feature, {})[stat] = value
+    try:
+        stats = {
+            feature: nz.Stats.of(values, f"{state.name}:{feature}") for feature, values in by_feature.items()
+        }
+    except nz.StatsError as exc:
+        raise ModelLoadError(str(exc)) from None
+    return NormalizerStep(stats, float(eps), dict(norm_map), tuple(sorted(tensors)))
+
+
+def _read_tensors(file: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {key: f.get_tensor(key).double().numpy().reshape(-1) for key in f.keys()}  # noqa: SIM118
+    except Exception as exc:  # safetensors raises its own error types
+        raise ModelLoadError(f"cannot read {file}: not a safetensors file ({exc})") from None
+
+
+def mode(
+    config: Mapping[str, Any], step: NormalizerStep | None, feature_type: str, default: str, where: Path
+) -> str:
+    """The normalisation mode of a feature type ("STATE", "ACTION"): config.json's
+    normalization_mapping, else the step's norm_map, else `default` (a LeRobot mode name)."""
+    mapping = config.get("normalization_mapping") or {}
+    name = mapping.get(feature_type) or (step.norm_map.get(feature_type) if step else None) or default
+    if name not in MODES:
+        raise ModelLoadError(f"{where}: normalization_mapping.{feature_type}={name!r} is not supported")
+    return MODES[name]
+
+
+def normalizer(mode_name: str, stats: nz.Stats | None, eps: float, where: str) -> nz.Normalizer:
+    """A LeRobot-convention Normalizer; ModelLoadError when the statistics do not fit the mode."""
+    try:
+        return nz.Normalizer(mode_name, stats or nz.Stats(), nz.LEROBOT, eps)
+    except nz.StatsError as exc:
+        raise ModelLoadError(f"{where}: {exc}") from None
