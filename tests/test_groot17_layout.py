@@ -177,7 +177,7 @@ def test_published_config_gives_the_n17_size() -> None:
     other["diffusion_model_cfg"]["num_layers"] = 16  # type: ignore[index]
     del other["vl_self_attention_cfg"]
     cfg = ckpt.config_from_json(other)
-    assert (cfg.backbone.select_layer, cfg.head.dit.depth, cfg.head.adapter) == (12, 16, None)
+    assert (cfg.backbone.select_layer, cfg.head.dit.layers, cfg.head.vl_adapter.layers) == (12, 16, 0)
 
 
 @pytest.mark.parametrize(
@@ -244,10 +244,10 @@ def test_a_tiny_checkpoint_loads_through_the_real_loader(tmp_path: Path) -> None
     patch = "backbone.model.model.visual.patch_embed.proj.weight"  # a Conv3d there, a Linear here
     assert torch.equal(model.backbone.visual.patch_embed.weight, stored[patch].flatten(1))
     files = ckpt.read_processor_files(path)
-    assert files.embodiment_id("libero_sim", cfg.head.embodiments) == 2
+    assert files.embodiment_id("libero_sim", cfg.head.max_num_embodiments) == 2
     libero = files.modalities["libero_sim"]
     assert libero["video"].modality_keys == ("image", "wrist_image")
-    assert libero["action"].delta_indices == tuple(range(cfg.head.horizon))
+    assert libero["action"].delta_indices == tuple(range(cfg.head.action_horizon))
     rel = files.modalities["oxe_droid_relative_eef_relative_joint"]["action"]
     assert rel.extra["action_configs"][0]["rep"] == "RELATIVE"
     assert files.statistics["libero_sim"]["action"]["x"]["q99"]

@@ -28,7 +28,7 @@ from tokenizers import Tokenizer
 from tests.helpers.groot17_checkpoints import write_tiny_groot17_checkpoint
 from vla_inference.models.groot import n17_checkpoint as ckpt
 from vla_inference.models.groot.cosmos import mrope_positions
-from vla_inference.models.groot.n17 import Groot17
+from vla_inference.models.groot.n17 import Groot17, Groot17Batch
 
 FIXTURE = Path(__file__).parent / "fixtures" / "groot17" / "isaac_gr00t_626af89.json"
 SEED = 7
@@ -70,8 +70,9 @@ def test_normalised_actions_match_isaac_gr00t(recorded: dict[str, Any], model: G
         torch.manual_seed(case["seed"])
         assert torch.equal(noise, torch.randn(noise.shape))  # the draw upstream's get_action makes
         ids_emb = torch.tensor([case["embodiment_id"]])
+        batch = Groot17Batch(pixels[None], ids, mask, positions.transpose(0, 1), state, ids_emb)
         with torch.no_grad():
-            actions, _ = model.sample(pixels, ids, mask, positions, state, ids_emb, noise)
+            actions, _ = model.sample(batch, noise, cfg.head.num_inference_timesteps)
         expected = torch.tensor(case["normalized_actions"])
         torch.testing.assert_close(actions, expected, rtol=0, atol=1e-5)
 

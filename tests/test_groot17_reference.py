@@ -17,6 +17,7 @@ buckets, equal our sampler.
 from __future__ import annotations
 
 import math
+import unittest.mock
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ from transformers.models.qwen3_vl import modeling_qwen3_vl as hf
 from tests.helpers.groot17_checkpoints import TINY, backbone_config_json
 from tests.helpers.reference import copy_from_reference, randomise, submap
 from vla_inference.models.groot.cosmos import CosmosBackbone, CosmosVision, mrope_positions
-from vla_inference.models.groot.n17 import Groot17
+from vla_inference.models.groot.n17 import Groot17, Groot17Batch
 from vla_inference.models.groot.n17_checkpoint import n17_names
 
 _VISUAL = "backbone.model.model.visual."
@@ -153,9 +154,11 @@ def test_backbone_matches_transformers_qwen3vl() -> None:
         )
         side = TINY.image_size // (B_CFG.vision.patch_size * B_CFG.vision.merge)
         positions = mrope_positions(ids, mask, (side, side), B_CFG.image_token_id)
-        got = ours(_our_pixels(images), ids, mask, positions)
+        pixels = torch.zeros(2, 2, *_our_pixels(images).shape[1:])
+        pixels[0], pixels[1, :1] = _our_pixels(images[:2]), _our_pixels(images[2:])  # row 1: one image
+        got = ours(pixels, ids, mask, positions)
         alone = ours(
-            _our_pixels(images[2:]), ids[1:, pad:], mask[1:, pad:], positions[:, 1:, pad:]
+            _our_pixels(images[2:])[None], ids[1:, pad:], mask[1:, pad:], positions[:, 1:, pad:]
         )  # the padded row by itself
     handle.remove()
     expected = captured["x"]
@@ -178,7 +181,7 @@ def test_action_head_matches_the_published_formulas(padded: bool) -> None:
     model = Groot17(cfg).eval()
     randomise(model, 13)
     w = n17_names(cfg).to_checkpoint(model.state_dict())
-    D, H, steps = h.dit.width, h.horizon, h.inference_steps
+    D, H, steps = h.dit.inner_dim, h.action_horizon, h.num_inference_timesteps
 
     def block(prefix: str, heads: int, head_dim: int, dim: int, kv: int | None) -> tuple:  # type: ignore[type-arg]
         attn = Attention(
@@ -194,12 +197,10 @@ def test_action_head_matches_the_published_formulas(padded: bool) -> None:
     def linear(name: str, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, w[name + ".weight"], w[name + ".bias"])
 
-    assert h.adapter is not None
+    a = h.vl_adapter
+    assert a.layers
     vlsa = "action_head.vl_self_attention.transformer_blocks."
-    adapter = [
-        (*block(f"{vlsa}{i}.", h.adapter.num_heads, h.adapter.head_dim, h.adapter.width, None), f"{vlsa}{i}.")
-        for i in range(h.adapter.depth)
-    ]
+    adapter = [(*block(f"{vlsa}{i}.", a.heads, a.head_dim, a.inner_dim, None), f"{vlsa}{i}.") for i in range(a.layers)]
 
     def vl_adapter(features: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         x = layer_norm(features, "action_head.vlln", 1e-5)
@@ -212,8 +213,8 @@ def test_action_head_matches_the_published_formulas(padded: bool) -> None:
     temb_mlp = _loaded(TimestepEmbedding(256, D), w, "action_head.model.timestep_encoder.timestep_embedder.")
     dit = "action_head.model.transformer_blocks."
     blocks = [
-        (*block(f"{dit}{i}.", h.dit.num_heads, h.dit.head_dim, D, None if i % 2 else h.backbone_width), i)
-        for i in range(h.dit.depth)
+        (*block(f"{dit}{i}.", h.dit.heads, h.dit.head_dim, D, None if i % 2 else h.backbone_embedding_dim), i)
+        for i in range(h.dit.layers)
     ]
 
     def alternate_dit(
@@ -226,7 +227,7 @@ def test_action_head_matches_the_published_formulas(padded: bool) -> None:
             if i % 2 == 1:
                 x = x + attn(hx)
             else:  # even blocks: text when idx % (2 n) == 0, image otherwise; padding never
-                keys = (~image & real) if i % (2 * h.dit.attend_text_every) == 0 else (image & real)
+                keys = (~image & real) if i % (2 * h.dit.attend_text_every_n_blocks) == 0 else (image & real)
                 x = x + attn(hx, encoder_hidden_states=vl, attention_mask=keys)
             x = x + ff(layer_norm(x, None, 1e-5))
         shift, scale = linear("action_head.model.proj_out_1", F.silu(temb)).chunk(2, dim=1)
@@ -250,7 +251,7 @@ def test_action_head_matches_the_published_formulas(padded: bool) -> None:
 
     g = torch.Generator().manual_seed(14)
     B, L = 2, 11
-    features = torch.randn(B, L, h.backbone_width, generator=g)
+    features = torch.randn(B, L, h.backbone_embedding_dim, generator=g)
     image = torch.zeros(B, L, dtype=torch.bool)
     image[:, 2:6] = True
     real = torch.ones(B, L, dtype=torch.bool)
@@ -259,7 +260,7 @@ def test_action_head_matches_the_published_formulas(padded: bool) -> None:
         image[1, :3] = False
     state = torch.randn(B, h.state_history, h.max_state_dim, generator=g)
     ids = torch.tensor([2, 24])
-    noise = torch.randn(B, H, h.max_action_dim, generator=g)
+    noise = torch.randn(B, H, h.action_dim, generator=g)
     with torch.no_grad():
         expected = []
         for b in range(B):  # upstream, one unpadded sample at a time
@@ -271,7 +272,7 @@ def test_action_head_matches_the_published_formulas(padded: bool) -> None:
                 "action_head.state_encoder", state[b : b + 1].reshape(1, 1, -1), ids[b : b + 1]
             )
             for k in range(steps):  # t = int(k / steps * 1000), x += v / steps
-                t = torch.full((1,), int(k / steps * h.timestep_buckets))
+                t = torch.full((1,), int(k / steps * h.num_timestep_buckets))
                 a = (
                     encode_actions(x, t, ids[b : b + 1])
                     + w["action_head.position_embedding.weight"][:H][None]
@@ -280,20 +281,15 @@ def test_action_head_matches_the_published_formulas(padded: bool) -> None:
                 x = x + cat_mlp("action_head.action_decoder", out, ids[b : b + 1])[:, -H:] / steps
             expected.append(x)
 
-        head = model.action_head
-        vl = head.process_backbone(features, real)
-        from vla_inference.models.groot.n17 import StepInputs
-
-        inputs = StepInputs(
-            head.dit.cross_kv(vl), real & ~image, real & image, head.encode_state(state, ids), ids
+        # our sampler's prefix (its backbone replaced by the features) and Euler steps
+        batch = Groot17Batch(
+            pixels=torch.zeros(B, 0, 3, 1, 1),
+            input_ids=torch.where(image, TINY.backbone.image_token_id, 1),
+            attention_mask=real,
+            positions=torch.zeros(B, 3, L, dtype=torch.long),
+            state=state,
+            embodiment_ids=ids,
         )
-        x = noise
-        from vla_inference.models import rtc
-        from vla_inference.models.common import flow
-
-        chunking = rtc.BatchPrefix.static_inputs(None, noise)
-        for k in range(steps):
-            x, _ = model.step(
-                inputs, x, flow.step_time(x, k, steps), head.time_bucket(x, k, steps), noise, chunking, steps
-            )
+        with unittest.mock.patch.object(model, "features", lambda batch, check: features):
+            x, _ = model.sample(batch, noise, steps)
     torch.testing.assert_close(x, torch.cat(expected), rtol=1e-4, atol=1e-5)

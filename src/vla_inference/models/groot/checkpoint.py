@@ -110,6 +110,8 @@ def config_from_json(raw: Mapping[str, Any], eagle: Mapping[str, Any] | None = N
             ),
         ),
     )
+    if not head.use_vlln:  # N1.5 builds the VL adapter only with the vlln (N1.7: when it has layers)
+        head = replace(head, vl_adapter=replace(head.vl_adapter, layers=0))
     cfg = GrootConfig(backbone=backbone, head=head)
     _check_config(cfg, dit_cfg)
     return cfg
@@ -172,7 +174,7 @@ def _check_config(cfg: GrootConfig, dit: Mapping[str, Any]) -> None:
             f"backbone width {backbone.width} != action_head_cfg.backbone_embedding_dim "
             f"{head.backbone_embedding_dim}"
         )
-    if head.use_vlln and head.vl_adapter.inner_dim != head.backbone_embedding_dim:
+    if head.vl_adapter.layers and head.vl_adapter.inner_dim != head.backbone_embedding_dim:
         problems.append(
             f"VL adapter width {head.vl_adapter.inner_dim} != backbone_embedding_dim "
             f"{head.backbone_embedding_dim}"
@@ -212,8 +214,8 @@ def _block_name(rest: str) -> str:
     return rest.replace("attn.", "attn1.", 1)
 
 
-def _head_name(rest: str) -> str:
-    """action_head.<rest> (ours) -> upstream's name below "action_head."."""
+def head_name(rest: str) -> str:
+    """action_head.<rest> (ours) -> upstream's name below "action_head." (N1.5 and N1.7 alike)."""
     if rest.startswith("dit.blocks."):
         _, _, index, inner = rest.split(".", 3)
         return f"model.transformer_blocks.{index}.{_block_name(inner)}"
@@ -235,7 +237,7 @@ def groot_names(cfg: GrootConfig) -> NameMap:
     def sources(name: str, shape: tuple[int, ...]) -> list[Source]:
         head, _, rest = name.partition(".")
         if head == "action_head":
-            return [Source("action_head." + _head_name(rest))]
+            return [Source("action_head." + head_name(rest))]
         part, _, rest = rest.partition(".")  # backbone.<part>.<rest>
         if part == "vision":
             return [s.under(_VISION) for s in vit.hf_siglip_names(rest, shape)]

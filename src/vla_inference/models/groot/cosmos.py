@@ -13,7 +13,7 @@ image, t = g / m^2 tokens per image, W/Wo vision width / output width, B batch, 
     -> blocks (pre-LN, fused qkv with bias, 2-D rotary over (row, column), tanh-GELU MLP), each image
         attending only to itself; after block i in `deepstack`, a merger of its own -> (N, t, Wo)
     -> merger: LN, m x m patches concatenated, Linear-GELU-Linear -> (N, t, Wo)   (image tokens)
-    prompt ids (B, L) with t <|image_pad|> ids per image --embed, image rows scattered-->
+    prompt ids (B, L) with t <|image_pad|> ids per image --embed, each row's image tokens scattered-->
     Qwen3 layers 0..select_layer-1 with interleaved M-RoPE (positions (3, B, L): time, row, column;
         frequency i takes the row position for i = 1, 4, .. < 3 s_h, the column for i = 2, 5, ..
         < 3 s_w, the time otherwise); the k-th deepstack feature is added at the image positions
@@ -304,10 +304,13 @@ class CosmosVision(nn.Module):
 
 
 def _scatter_rows(selected: Tensor, rows: Tensor, like: Tensor) -> Tensor:
-    """(B, L) bool, rows (R, D) -> (B, L, D): the k-th selected position (row-major) takes rows[k],
-    the others zero. A gather: static shapes, no data-dependent size."""
-    index = (torch.cumsum(selected.flatten(), 0) - 1).clamp(min=0).view(selected.shape)
-    return torch.where(selected[..., None], rows.to(like.dtype)[index], torch.zeros_like(like))
+    """selected (B, L) bool, rows (B, P, D) -> (B, L, D): the k-th selected position of row b takes
+    rows[b, k], the others zero. A gather: static shapes, no data-dependent size."""
+    B, P = rows.shape[:2]
+    within = (torch.cumsum(selected, dim=1) - 1).clamp(min=0)  # (B, L) index among the row's tokens
+    index = within + torch.arange(B, device=within.device)[:, None] * P
+    gathered = rows.to(like.dtype).flatten(0, 1)[index]  # (B, L, D)
+    return torch.where(selected[..., None], gathered, torch.zeros_like(like))
 
 
 class CosmosBackbone(nn.Module):
@@ -327,25 +330,32 @@ class CosmosBackbone(nn.Module):
 
     def forward(
         self,
-        pixels: Tensor,  # (N, 3, H, W) normalised, every image of the batch in prompt order
+        pixels: Tensor,  # (B, V, 3, H, W) normalised: each row's images in prompt order, then zeros
         input_ids: Tensor,  # (B, L)
         attention_mask: Tensor,  # (B, L) bool
         positions: Tensor,  # (3, B, L) mrope_positions
         check: bool = True,
     ) -> Tensor:
-        """-> features (B, L, Wo). `check` (a host sync) refuses a prompt whose image-token count
-        differs from the images'; the static path skips it."""
+        """-> features (B, L, Wo). The k-th image token of row b takes the k-th merged token of row
+        b's images. `check` (a host sync) refuses a prompt with more image tokens than its row's V
+        images have; the static path skips it (the policy builds prompts and images together)."""
         cfg = self.cfg
-        vision = self.visual(pixels)
+        B, V = pixels.shape[:2]
+        vision = self.visual(pixels.flatten(0, 1))
+        per_row = V * vision.tokens.shape[1]
         embeds = self.llm.embed_tokens(input_ids)  # (B, L, D)
         selected = input_ids == cfg.image_token_id
-        tokens = vision.tokens.flatten(0, 1)  # (N t, D)
-        if check and int(selected.sum()) != tokens.shape[0]:
+        if check and int(selected.sum(dim=1).max()) > per_row:
             raise ValueError(
-                f"prompt has {int(selected.sum())} image tokens, the {pixels.shape[0]} images "
-                f"have {vision.tokens.shape[1]} each"
+                f"a prompt has {int(selected.sum(dim=1).max())} image tokens, its {V} images have {per_row}"
             )
-        x = torch.where(selected[..., None], _scatter_rows(selected, tokens, embeds), embeds)
+
+        def per_image_row(t: Tensor) -> Tensor:  # (B V, t, D) -> (B, V t, D)
+            return t.reshape(B, per_row, t.shape[-1])
+
+        x = torch.where(
+            selected[..., None], _scatter_rows(selected, per_image_row(vision.tokens), embeds), embeds
+        )
         L = x.shape[1]
         causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
         own = torch.eye(L, dtype=torch.bool, device=x.device)  # a padding query sees itself: no NaN
@@ -354,5 +364,5 @@ class CosmosBackbone(nn.Module):
         for index, layer in enumerate(self.llm.layers):
             x = layer(x, cos, sin, mask)
             if index < len(vision.deepstack):  # fewer than select_layer (checked at build)
-                x = x + _scatter_rows(selected, vision.deepstack[index].flatten(0, 1), x)
+                x = x + _scatter_rows(selected, per_image_row(vision.deepstack[index]), x)
         return x

@@ -36,8 +36,10 @@ import torch
 from vla_inference.models.base import ModelLoadError
 from vla_inference.models.common.transformer import DecoderConfig
 from vla_inference.models.common.weights import NameMap, Source, find_weight_files, load_weights, read_json
+from vla_inference.models.groot.action_head import ActionHeadConfig, DiTConfig, VLAdapterConfig
+from vla_inference.models.groot.checkpoint import head_name
 from vla_inference.models.groot.cosmos import COSMOS_REASON2_2B, CosmosConfig, CosmosVisionConfig
-from vla_inference.models.groot.n17 import SIZES, AdapterConfig, DiTConfig, Groot17, Groot17Config, HeadConfig
+from vla_inference.models.groot.n17 import SIZES, Groot17, Groot17Config
 
 MODEL_TYPE = "Gr00tN1d7"
 PUBLISHED_BACKBONE = "nvidia/Cosmos-Reason2-2B"
@@ -136,36 +138,41 @@ def config_from_json(raw: Mapping[str, Any], backbone: Mapping[str, Any] | None 
         cosmos = backbone_from_json(backbone, select_layer)
     dit = dict(raw.get("diffusion_model_cfg") or {})
     vlsa = raw.get("vl_self_attention_cfg")
-    adapter = None
+    adapter = VLAdapterConfig(layers=0)  # no vl_self_attention_cfg (or 0 layers): no adapter
     if isinstance(vlsa, Mapping) and int(vlsa.get("num_layers", 0)) > 0:
-        adapter = AdapterConfig(
-            num_heads=int(vlsa.get("num_attention_heads", 32)),
-            head_dim=int(vlsa.get("attention_head_dim", 64)),
-            depth=int(vlsa["num_layers"]),
+        adapter = VLAdapterConfig(
+            heads=int(vlsa.get("num_attention_heads", h0.vl_adapter.heads)),
+            head_dim=int(vlsa.get("attention_head_dim", h0.vl_adapter.head_dim)),
+            layers=int(vlsa["num_layers"]),
         )
-    head = HeadConfig(
-        backbone_width=int(raw.get("backbone_embedding_dim", h0.backbone_width)),
-        input_width=int(raw.get("input_embedding_dim", h0.input_width)),
-        hidden=int(raw.get("hidden_size", h0.hidden)),
+    backbone_width = int(raw.get("backbone_embedding_dim", h0.backbone_embedding_dim))
+    head = ActionHeadConfig(
+        backbone_embedding_dim=backbone_width,
+        input_embedding_dim=int(raw.get("input_embedding_dim", h0.input_embedding_dim)),
+        hidden_size=int(raw.get("hidden_size", h0.hidden_size)),
         max_state_dim=int(raw.get("max_state_dim", h0.max_state_dim)),
-        max_action_dim=int(raw.get("max_action_dim", h0.max_action_dim)),
-        horizon=int(raw.get("action_horizon", h0.horizon)),
-        state_history=int(raw.get("state_history_length", h0.state_history)),
+        action_dim=int(raw.get("max_action_dim", h0.action_dim)),
+        action_horizon=int(raw.get("action_horizon", h0.action_horizon)),
+        num_target_vision_tokens=0,
         max_seq_len=int(raw.get("max_seq_len", h0.max_seq_len)),
-        embodiments=int(raw.get("max_num_embodiments", h0.embodiments)),
-        timestep_buckets=int(raw.get("num_timestep_buckets", h0.timestep_buckets)),
-        inference_steps=int(raw.get("num_inference_timesteps", h0.inference_steps)),
+        max_num_embodiments=int(raw.get("max_num_embodiments", h0.max_num_embodiments)),
+        num_timestep_buckets=int(raw.get("num_timestep_buckets", h0.num_timestep_buckets)),
+        num_inference_timesteps=int(raw.get("num_inference_timesteps", h0.num_inference_timesteps)),
         add_pos_embed=bool(raw.get("add_pos_embed", h0.add_pos_embed)),
         use_vlln=bool(raw.get("use_vlln", h0.use_vlln)),
+        state_history=int(raw.get("state_history_length", h0.state_history)),
         dit=DiTConfig(
-            num_heads=int(dit.get("num_attention_heads", h0.dit.num_heads)),
+            heads=int(dit.get("num_attention_heads", h0.dit.heads)),
             head_dim=int(dit.get("attention_head_dim", h0.dit.head_dim)),
-            depth=int(dit.get("num_layers", h0.dit.depth)),
+            layers=int(dit.get("num_layers", h0.dit.layers)),
             output_dim=int(dit.get("output_dim", h0.dit.output_dim)),
+            cross_attention_dim=backbone_width,  # upstream passes backbone_embedding_dim
             norm_eps=float(dit.get("norm_eps", h0.dit.norm_eps)),
-            attend_text_every=int(raw.get("attend_text_every_n_blocks", h0.dit.attend_text_every)),
+            attend_text_every_n_blocks=int(
+                raw.get("attend_text_every_n_blocks", h0.dit.attend_text_every_n_blocks)
+            ),
         ),
-        adapter=adapter,
+        vl_adapter=adapter,
     )
     target = raw.get("image_target_size") or [published.image_size]
     cfg = Groot17Config(backbone=cosmos, head=head, image_size=int(target[0]))
@@ -192,19 +199,22 @@ def _check_config(cfg: Groot17Config, raw: Mapping[str, Any], dit: Mapping[str, 
         problems.append(
             f"select_layer={bb.select_layer} outside {len(bb.vision.deepstack) + 1}..{bb.text.depth}"
         )
-    if bb.vision.out_width != bb.text.width or bb.text.width != head.backbone_width:
+    if bb.vision.out_width != bb.text.width or bb.text.width != head.backbone_embedding_dim:
         problems.append(
             f"backbone width {bb.text.width} (vision out {bb.vision.out_width}) != "
-            f"backbone_embedding_dim {head.backbone_width}"
+            f"backbone_embedding_dim {head.backbone_embedding_dim}"
         )
-    if head.adapter is not None and head.adapter.width != head.backbone_width:
+    if head.vl_adapter.layers and head.vl_adapter.inner_dim != head.backbone_embedding_dim:
         problems.append(
-            f"VL adapter width {head.adapter.width} != backbone_embedding_dim {head.backbone_width}"
+            f"VL adapter width {head.vl_adapter.inner_dim} != backbone_embedding_dim "
+            f"{head.backbone_embedding_dim}"
         )
-    if head.dit.width != head.input_width:
-        problems.append(f"DiT width {head.dit.width} != input_embedding_dim {head.input_width}")
-    if head.dit.output_dim != head.hidden:
-        problems.append(f"DiT output_dim {head.dit.output_dim} != hidden_size {head.hidden}")
+    if head.dit.inner_dim != head.input_embedding_dim:
+        problems.append(f"DiT width {head.dit.inner_dim} != input_embedding_dim {head.input_embedding_dim}")
+    if head.dit.output_dim != head.hidden_size:
+        problems.append(f"DiT output_dim {head.dit.output_dim} != hidden_size {head.hidden_size}")
+    if head.dit.attend_text_every_n_blocks < 1:
+        problems.append(f"attend_text_every_n_blocks={head.dit.attend_text_every_n_blocks} (must be >= 1)")
     if sum(bb.mrope_section) != bb.text.head_dim // 2:
         problems.append(f"mrope_section {list(bb.mrope_section)} does not cover head_dim / 2")
     if cfg.image_size % (bb.vision.patch_size * bb.vision.merge):
@@ -235,34 +245,6 @@ def read_config(path: Path, backbone_dir: Path | None = None) -> Groot17Config:
 # weights
 
 
-_BLOCK = {"attn.to_out": "attn1.to_out.0", "ff.proj_in": "ff.net.0.proj", "ff.proj_out": "ff.net.2"}
-
-
-def _block_name(rest: str) -> str:
-    """A DiT / VL-adapter block's module names -> diffusers' (attn1, to_out.0, ff.net.0.proj, ff.net.2)."""
-    module, leaf = rest.rsplit(".", 1)
-    if module in _BLOCK:
-        return f"{_BLOCK[module]}.{leaf}"
-    return rest.replace("attn.", "attn1.", 1)
-
-
-def _head_name(rest: str) -> str:
-    """action_head.<rest> (ours) -> the checkpoint's name below "action_head."."""
-    if rest.startswith("dit.blocks."):
-        _, _, index, inner = rest.split(".", 3)
-        return f"model.transformer_blocks.{index}.{_block_name(inner)}"
-    if rest.startswith("dit.timestep_embedder."):
-        return "model.timestep_encoder." + rest.removeprefix("dit.")
-    if rest.startswith("dit."):
-        return "model." + rest.removeprefix("dit.")
-    if rest.startswith("vl_adapter."):
-        _, index, inner = rest.split(".", 2)
-        return f"vl_self_attention.transformer_blocks.{index}.{_block_name(inner)}"
-    if rest == "position_embedding":
-        return "position_embedding.weight"
-    return rest
-
-
 def _vision_name(rest: str, cfg: Groot17Config) -> Source:
     """backbone.visual.<rest> (ours) -> the checkpoint's Source (HF Qwen3VLVisionModel names)."""
     v = cfg.backbone.vision
@@ -286,7 +268,7 @@ def n17_names(cfg: Groot17Config, prefix: str = "") -> NameMap:
     def sources(name: str, shape: tuple[int, ...]) -> list[Source]:
         part, _, rest = name.partition(".")
         if part == "action_head":
-            return [Source(prefix + "action_head." + _head_name(rest))]
+            return [Source(prefix + "action_head." + head_name(rest))]
         sub, _, rest = rest.partition(".")  # backbone.<visual|llm>.<rest>
         if sub == "visual":
             return [_vision_name(rest, cfg).under(prefix)]
