@@ -145,7 +145,7 @@ class GrootPolicy(FlowPolicy[GrootLoaded, GrootBatch]):
         first = embodiments[default]
         cameras: list[str] = []
         for emb in (first, *embodiments.values()):  # the default's first, then the others'
-            cameras += [role for role, _ in camera_roles(emb) if role not in cameras]
+            cameras += [role for role, _ in camera_roles(emb.video_keys) if role not in cameras]
         description = base.ModelDescription(
             name=where.name,
             version="gr00t-n1.5",
@@ -171,7 +171,7 @@ class GrootPolicy(FlowPolicy[GrootLoaded, GrootBatch]):
             description=description,
             tokenizer=tokenizer,
             embodiments=embodiments,
-            cameras={tag: camera_map(emb) for tag, emb in embodiments.items()},
+            cameras={tag: camera_map(emb.video_keys, tag) for tag, emb in embodiments.items()},
         )
 
     def static_runner(self, loaded: GrootLoaded) -> GrootStatic:
@@ -216,7 +216,7 @@ class GrootPolicy(FlowPolicy[GrootLoaded, GrootBatch]):
         size = info.image_size
         images = {
             role: np.zeros((*(camera.resolution or size)[::-1], 3), np.uint8)
-            for role, camera in zip((r for r, _ in camera_roles(emb)), emb.cameras, strict=True)
+            for role, camera in zip((r for r, _ in camera_roles(emb.video_keys)), emb.cameras, strict=True)
         }
         joints = np.zeros(emb.state_dim, np.float32)
         return base.Observation(images=images, joint_positions=joints, instruction="warm up", seed=0)
@@ -294,14 +294,14 @@ class GrootPolicy(FlowPolicy[GrootLoaded, GrootBatch]):
         return pad_to(emb.encode_actions(actions), self.config.action_dim)
 
 
-def camera_map(emb: Embodiment) -> CameraMap:
-    """The embodiment's cameras in data config order (camera_roles), each also taken under its
-    video key, with or without "video."; all required; other cameras are ignored."""
+def camera_map(video_keys: Sequence[str], tag: str) -> CameraMap:
+    """An embodiment's cameras in data config order (camera_roles), each also taken under its
+    video key, with or without "video."; all required; other cameras are ignored (N1.5 and N1.7)."""
     slots = []
-    for role, key in camera_roles(emb):
+    for role, key in camera_roles(video_keys):
         short = _short(key).lower()
         slots.append(CameraSlot(role, aliases=(short, f"video.{short}"), required=True))
-    return CameraMap(tuple(slots), at_least=0, refuse_unknown=False, model=f"embodiment {emb.tag!r}")
+    return CameraMap(tuple(slots), at_least=0, refuse_unknown=False, model=f"embodiment {tag!r}")
 
 
 def _short(key: str) -> str:
@@ -315,7 +315,7 @@ def _wrist_side(name: str) -> str | None:
     return "right_wrist" if "right" in name else "left_wrist"
 
 
-def camera_roles(emb: Embodiment) -> list[tuple[str, str]]:
+def camera_roles(video_keys: Sequence[str]) -> list[tuple[str, str]]:
     """(server camera name, video key) per video key, in data config order.
 
     The server's camera vocabulary is "base", "left_wrist", "right_wrist" (the transport maps
@@ -325,10 +325,10 @@ def camera_roles(emb: Embodiment) -> list[tuple[str, str]]:
     "exterior_image_2"). A frame may also be sent under the key's own name, with or without
     "video.".
     """
-    keys = [_short(key).lower() for key in emb.video_keys]
+    keys = [_short(key).lower() for key in video_keys]
     base = next((k for k in keys if _wrist_side(k) is None), None)
     roles: list[tuple[str, str]] = []
-    for key, short in zip(emb.video_keys, keys, strict=True):
+    for key, short in zip(video_keys, keys, strict=True):
         role = _wrist_side(short) or (BASE_CAMERA if short == base else short)
         if role in (r for r, _ in roles):
             role = short
