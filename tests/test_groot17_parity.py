@@ -7,9 +7,9 @@ processor's prompt, tokens, processed images and normalised state; the noise; th
 of Gr00tN1d7.get_action; the actions after decode_action. The bar (issue 25): tokens identical,
 normalised actions within 1e-5, actions within 1e-4.
 
-Phase A has no N1.7 processor yet: the network is fed the recorded processed inputs, and the prompt
-and the decode are checked against the formulas written out here (the phase-B processor must meet
-the same fixture).
+The whole policy path (Groot17Policy: prepare -> forward -> finish, the raw frames, state and
+instruction in, the observation's seed drawing upstream's noise) meets it; so do the network alone
+on the recorded processed inputs, and the decode written out from upstream's formulas.
 """
 
 from __future__ import annotations
@@ -26,9 +26,12 @@ import torch
 from tokenizers import Tokenizer
 
 from tests.helpers.groot17_checkpoints import write_tiny_groot17_checkpoint
+from vla_inference.models.base import ModelSettings, Observation
 from vla_inference.models.groot import n17_checkpoint as ckpt
 from vla_inference.models.groot.cosmos import mrope_positions
 from vla_inference.models.groot.n17 import Groot17, Groot17Batch
+from vla_inference.models.groot.n17_policy import Groot17Policy
+from vla_inference.models.groot.policy import camera_roles
 
 FIXTURE = Path(__file__).parent / "fixtures" / "groot17" / "isaac_gr00t_626af89.json"
 SEED = 7
@@ -54,6 +57,57 @@ def _cases(recorded: dict[str, Any]) -> list[dict[str, Any]]:
     assert recorded["transformers"] == "4.57.3"
     assert [c["tag"] for c in recorded["cases"]] == ["libero_sim", "oxe_droid_relative_eef_relative_joint"]
     return list(recorded["cases"])
+
+
+@pytest.fixture(scope="module")
+def policy(checkpoint: Path) -> Groot17Policy:
+    torch.set_num_threads(1)
+    loaded = Groot17Policy(ModelSettings(model_type="groot", model_path=str(checkpoint), chunk_size=64))
+    loaded.load(str(checkpoint), "cpu")
+    return loaded
+
+
+def _observation(policy: Groot17Policy, case: dict[str, Any]) -> Observation:
+    """The case's raw inputs as the server receives them: the current frames, the earlier ones as
+    history (its video delta_indices), the joint positions (its state keys concatenated)."""
+    emb = policy.loaded.embodiments[case["tag"]]
+    roles = [role for role, _ in camera_roles(emb.cameras)]
+    frames = {key: [np.asarray(f, dtype=np.uint8) for f in v] for key, v in case["raw_images"].items()}
+    at = {offset: i for i, offset in enumerate(emb.video_offsets)}
+
+    def step(offset: int) -> dict[str, np.ndarray]:
+        return {role: frames[key][at[offset]] for role, key in zip(roles, emb.cameras, strict=True)}
+
+    joints = np.concatenate([np.asarray(case["raw_state"][k.key], np.float32)[-1] for k in emb.state])
+    return Observation(
+        images=step(0),
+        joint_positions=joints,
+        instruction=case["text"],
+        embodiment=case["tag"],
+        seed=case["seed"],
+        past_images={offset: step(offset) for offset in emb.image_history},
+    )
+
+
+def test_the_policy_matches_isaac_gr00t(recorded: dict[str, Any], policy: Groot17Policy) -> None:
+    for case in _cases(recorded):
+        emb = policy.loaded.embodiments[case["tag"]]
+        observation = _observation(policy, case)
+        sample = policy.prepare(observation)
+        assert sample.inputs.input_ids.tolist() == case["input_ids"][0]  # tokens identical
+        assert sample.inputs.projector == case["embodiment_id"]
+        images = [policy.loaded.images.frame(f) for f in policy._frames(observation, emb)]
+        np.testing.assert_array_equal(np.stack(images), np.asarray(case["images"], np.uint8))
+        np.testing.assert_allclose(
+            sample.inputs.state.numpy(), np.asarray(case["state"])[0], rtol=0, atol=1e-6
+        )
+        raw = policy.forward([sample])[0]
+        normalised = np.asarray(case["normalized_actions"])[0]
+        np.testing.assert_allclose(raw.actions, normalised, rtol=0, atol=1e-5)
+        prediction = policy.finish(raw, sample)
+        expected = np.concatenate([np.asarray(case["actions"][k.key])[0] for k in emb.action], axis=-1)
+        assert prediction.actions.shape == (emb.horizon, emb.action_dim)
+        np.testing.assert_allclose(prediction.actions, expected, rtol=0, atol=1e-4)
 
 
 def test_normalised_actions_match_isaac_gr00t(recorded: dict[str, Any], model: Groot17) -> None:

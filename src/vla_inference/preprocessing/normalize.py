@@ -23,7 +23,7 @@ What each upstream does with an epsilon, a zero range and clipping (the conventi
               high, low) (1e-8 absolute, 1e-5 relative), clipped       gr00t/data/utils.py)
               (clip_outliers), and the model side clipped to [-1, 1]
               before the inverse; mean_std: x passed through where
-              std is 0, clipped only when `clip` says so (actions)
+              std is 0 (both ways), clipped only when `clip` says so
     bounds    q01 / q99 with a mask: scale = range + eps (OpenVLA's      (OpenVLA / OpenVLA-OFT)
               un-normalisation: eps 0; OFT's: 1e-8); dims whose mask is False pass through, then
               the normalised side is clipped (OFT's proprio)
@@ -209,6 +209,8 @@ class Normalizer:
         if self.convention == GROOT17 and self.mode != MEAN_STD:
             part = np.clip(part, -1.0, 1.0)  # upstream's unnormalize_values_minmax
         x = (part - self.precision(c)) / self.precision(k) * scale_out[:n] + offset[:n]
+        if self.convention == GROOT17 and self.mode == MEAN_STD:  # std 0: upstream passes y back
+            x = np.where(self._zero_range[:n], y[..., :n], x)
         if self.stats.mask is not None:
             x = np.where(self.stats.mask[:n], x, y[..., :n])
         return self._rest(y, x, n)
