@@ -4,13 +4,13 @@ compiled (VLA_COMPILE's static-shape path).
     bench/gpu.sh            # on a GPU machine (bf16, real sizes); < 8 minutes on one H100/H200
     bench/gpu.sh --tiny     # anywhere, on CPU: the same code with tiny configurations
 
-For each family: pi0 (1 and 3 cameras), pi0.5, OpenVLA 7B, GR00T N1.5 —
+For each family: pi0 (1 and 3 cameras), pi0.5, OpenVLA 7B, GR00T N1.5, GR00T N1.7 (2 images) —
   - the network built from the family's named configuration directly on the device (no
     checkpoint files, nothing downloaded), random weights, bf16 on CUDA (float32 on CPU),
   - model latency p50/p99 at batch 1 and throughput at batch 8 (the model's own inference entry
     point: pi0 / GR00T sample, OpenVLA generate), synchronised timing,
   - compiled (families with a latency goal, --compile): the static-shape runner the policies use
-    under VLA_COMPILE (Pi0Static, OpenVLAStatic, GrootStatic; torch.compile fullgraph, CUDA
+    under VLA_COMPILE (Pi0Static, OpenVLAStatic, GrootStatic, Groot17Static; torch.compile fullgraph, CUDA
     graphs via mode="reduce-overhead" on CUDA), its first-call time (compile + capture), latency
     p50/p99 at batch 1 (bucket 1), the speed-up over eager, and its agreement with eager; with
     --compile-batch also the batch bucket's throughput,
@@ -338,6 +338,69 @@ class GrootFamily(Family):
         return actions.float().cpu().numpy()
 
 
+class Groot17Family(GrootFamily):
+    """GR00T N1.7: the Cosmos-Reason2 backbone, the 32-layer DiT; `cameras` images per sample
+    (LIBERO: 2 cameras, DROID: 1 camera x 2 frames), each of image_size^2 / 32^2 tokens."""
+
+    def build(self, device: torch.device, dtype: torch.dtype) -> None:
+        mod = importlib.import_module(self.module)
+        self.cfg = mod.Groot17Config.named(self.config_name)
+        self.model = _build(lambda: mod.Groot17(self.cfg), device, dtype)
+        self.device, self.dtype = device, dtype
+
+    def build_static(self, backend: str) -> None:
+        from vla_inference.models.groot.model import STATIC_INSTRUCTION_TOKENS
+
+        ids = self.cfg.tokens_per_image * self.cameras + self.prompt_tokens
+        length = -(-(ids + STATIC_INSTRUCTION_TOKENS) // 16) * 16
+        self.runner = _static_module(self.module).Groot17Static(
+            self.model, length, self.cameras, backend=backend
+        )
+
+    def sample_inputs(self, pixels: np.ndarray, seed: int) -> dict[str, Any]:
+        from vla_inference.models.groot.cosmos import mrope_positions
+
+        cfg, bb = self.cfg, self.cfg.backbone
+        rng = np.random.default_rng(seed)
+        text = rng.integers(3, min(bb.image_token_id, 150_000), self.prompt_tokens).astype(np.int64)
+        image_tokens = np.full(cfg.tokens_per_image * self.cameras, bb.image_token_id, np.int64)
+        ids = np.concatenate([text[:2], image_tokens, text[2:]])
+        tensor = torch.from_numpy(ids)[None]
+        positions = mrope_positions(
+            tensor, torch.ones_like(tensor, dtype=torch.bool), cfg.grid, bb.image_token_id
+        )
+        return {
+            "pixels": np.stack([_normalise(pixels)] * self.cameras),
+            "ids": ids,
+            "positions": positions[:, 0].numpy(),
+            "state": np.zeros((cfg.head.state_history, cfg.head.max_state_dim), np.float32),
+            "noise": rng.standard_normal((cfg.head.action_horizon, cfg.head.action_dim)).astype(np.float32),
+        }
+
+    def run(self, samples: Sequence[dict[str, Any]], compiled: bool = False) -> np.ndarray:
+        dev = self.device
+
+        def stack(key: str, dtype: torch.dtype) -> torch.Tensor:
+            return torch.from_numpy(np.stack([s[key] for s in samples])).to(dev, dtype)
+
+        mod = importlib.import_module(self.module)
+        ids = stack("ids", torch.long)
+        batch = mod.Groot17Batch(
+            pixels=stack("pixels", self.dtype),  # (B, images, 3, S, S)
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids, dtype=torch.bool),
+            positions=stack("positions", torch.long),
+            state=stack("state", torch.float32),
+            embodiment_ids=torch.zeros(len(samples), dtype=torch.long, device=dev),
+        )
+        sampler = self.runner if compiled else self.model
+        with torch.inference_mode():
+            actions, _ = sampler.sample(
+                batch, stack("noise", torch.float32), self.cfg.head.num_inference_timesteps
+            )
+        return actions.float().cpu().numpy()
+
+
 def families(tiny: bool) -> list[Family]:
     """The families and their batch-1 goals (bf16, one H100/H200; issue 15): pi0 with 3 cameras
     and 10 steps <= 20 ms, pi0.5 similar, OpenVLA 7B <= 60 ms per action, GR00T N1.5 <= 20 ms."""
@@ -352,6 +415,14 @@ def families(tiny: bool) -> list[Family]:
         ),
         GrootFamily(
             "GR00T N1.5", "vla_inference.models.groot.model", "tiny" if tiny else "n1.5-3b", 16, goal_ms=20
+        ),
+        # No published latency goal: compiled figures with --compile all.
+        Groot17Family(
+            "GR00T N1.7 (2 images)",
+            "vla_inference.models.groot.n17",
+            "tiny" if tiny else "n1.7-3b",
+            20,
+            cameras=2,
         ),
     ]
 

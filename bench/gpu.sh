@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU benchmark: pi0 (1 and 3 cameras), pi0.5, OpenVLA 7B, GR00T N1.5 at real size with random
+# GPU benchmark: pi0 (1 and 3 cameras), pi0.5, OpenVLA 7B, GR00T N1.5 and N1.7 at real size with random
 # weights built on the GPU (bf16; nothing downloaded, no checkpoint files): model latency p50/p99
 # at batch 1, throughput at batch 8, peak GPU memory, and end-to-end Predict through the server;
 # eager and compiled (VLA_COMPILE's static-shape runners, CUDA graphs) side by side against the
