@@ -200,7 +200,10 @@ def test_action_head_matches_the_published_formulas(padded: bool) -> None:
     a = h.vl_adapter
     assert a.layers
     vlsa = "action_head.vl_self_attention.transformer_blocks."
-    adapter = [(*block(f"{vlsa}{i}.", a.heads, a.head_dim, a.inner_dim, None), f"{vlsa}{i}.") for i in range(a.layers)]
+    adapter = [
+        (*block(f"{vlsa}{i}.", a.heads, a.head_dim, a.inner_dim, None), f"{vlsa}{i}.")
+        for i in range(a.layers)
+    ]
 
     def vl_adapter(features: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         x = layer_norm(features, "action_head.vlln", 1e-5)
