@@ -316,25 +316,26 @@ class GrootFamily(Family):
             "noise": rng.standard_normal((cfg.action_horizon, cfg.action_dim)).astype(np.float32),
         }
 
-    def run(self, samples: Sequence[dict[str, Any]], compiled: bool = False) -> np.ndarray:
-        dev = self.device
+    def stack(self, samples: Sequence[dict[str, Any]], key: str, dtype: torch.dtype) -> torch.Tensor:
+        return torch.from_numpy(np.stack([s[key] for s in samples])).to(self.device, dtype)
 
-        def stack(key: str, dtype: torch.dtype) -> torch.Tensor:
-            return torch.from_numpy(np.stack([s[key] for s in samples])).to(dev, dtype)
-
-        mod = importlib.import_module(self.module)
-        ids = stack("ids", torch.long)
-        batch = mod.GrootBatch(
-            pixels=stack("pixels", self.dtype),  # (B, cameras, 3, S, S)
+    def batch(self, samples: Sequence[dict[str, Any]]) -> Any:
+        ids = self.stack(samples, "ids", torch.long)
+        return importlib.import_module(self.module).GrootBatch(
+            pixels=self.stack(samples, "pixels", self.dtype),  # (B, cameras, 3, S, S)
             input_ids=ids,
             attention_mask=torch.ones_like(ids, dtype=torch.bool),
-            state=stack("state", torch.float32),
-            embodiment_ids=torch.zeros(len(samples), dtype=torch.long, device=dev),
+            state=self.stack(samples, "state", torch.float32),
+            embodiment_ids=torch.zeros(len(samples), dtype=torch.long, device=self.device),
         )
+
+    def run(self, samples: Sequence[dict[str, Any]], compiled: bool = False) -> np.ndarray:
         sampler = self.runner if compiled else self.model
         steps = self.cfg.head.num_inference_timesteps
         with torch.inference_mode():
-            actions, _ = sampler.sample(batch, stack("noise", torch.float32), steps)
+            actions, _ = sampler.sample(
+                self.batch(samples), self.stack(samples, "noise", torch.float32), steps
+            )
         return actions.float().cpu().numpy()
 
 
@@ -377,28 +378,16 @@ class Groot17Family(GrootFamily):
             "noise": rng.standard_normal((cfg.head.action_horizon, cfg.head.action_dim)).astype(np.float32),
         }
 
-    def run(self, samples: Sequence[dict[str, Any]], compiled: bool = False) -> np.ndarray:
-        dev = self.device
-
-        def stack(key: str, dtype: torch.dtype) -> torch.Tensor:
-            return torch.from_numpy(np.stack([s[key] for s in samples])).to(dev, dtype)
-
-        mod = importlib.import_module(self.module)
-        ids = stack("ids", torch.long)
-        batch = mod.Groot17Batch(
-            pixels=stack("pixels", self.dtype),  # (B, images, 3, S, S)
+    def batch(self, samples: Sequence[dict[str, Any]]) -> Any:
+        ids = self.stack(samples, "ids", torch.long)
+        return importlib.import_module(self.module).Groot17Batch(
+            pixels=self.stack(samples, "pixels", self.dtype),  # (B, images, 3, S, S)
             input_ids=ids,
             attention_mask=torch.ones_like(ids, dtype=torch.bool),
-            positions=stack("positions", torch.long),
-            state=stack("state", torch.float32),
-            embodiment_ids=torch.zeros(len(samples), dtype=torch.long, device=dev),
+            positions=self.stack(samples, "positions", torch.long),
+            state=self.stack(samples, "state", torch.float32),
+            embodiment_ids=torch.zeros(len(samples), dtype=torch.long, device=self.device),
         )
-        sampler = self.runner if compiled else self.model
-        with torch.inference_mode():
-            actions, _ = sampler.sample(
-                batch, stack("noise", torch.float32), self.cfg.head.num_inference_timesteps
-            )
-        return actions.float().cpu().numpy()
 
 
 def families(tiny: bool) -> list[Family]:

@@ -23,6 +23,7 @@ import torch
 import transformers
 
 from tests.helpers.groot17_checkpoints import TINY, write_tiny_groot17_checkpoint
+from tests.helpers.groot_head import published_head_shapes
 from tests.helpers.reference import checkpoint_shapes
 from vla_inference.models.base import ModelLoadError
 from vla_inference.models.groot import n17_checkpoint as ckpt
@@ -111,51 +112,6 @@ COSMOS_REASON2_2B = transformers.Qwen3VLConfig(
 )
 
 
-def _action_head_fixture() -> dict[str, tuple[int, ...]]:
-    d, cats, state, act, hid, bb = 1536, 32, 132, 132, 1024, 2048
-    f: dict[str, tuple[int, ...]] = {}
-
-    def linear(name: str, i: int, o: int) -> None:
-        f[name + ".weight"], f[name + ".bias"] = (o, i), (o,)
-
-    def cat_linear(name: str, i: int, o: int) -> None:
-        f[name + ".W"], f[name + ".b"] = (cats, i, o), (cats, o)
-
-    p = "action_head.model."
-    linear(p + "timestep_encoder.timestep_embedder.linear_1", 256, d)
-    linear(p + "timestep_encoder.timestep_embedder.linear_2", d, d)
-    for i in range(32):
-        b = f"{p}transformer_blocks.{i}."
-        kv = bb if i % 2 == 0 else d  # even blocks cross-attend to the 2048-wide backbone tokens
-        linear(b + "norm1.linear", d, 2 * d)
-        linear(b + "attn1.to_q", d, d)
-        linear(b + "attn1.to_k", kv, d)
-        linear(b + "attn1.to_v", kv, d)
-        linear(b + "attn1.to_out.0", d, d)
-        linear(b + "ff.net.0.proj", d, 4 * d)
-        linear(b + "ff.net.2", 4 * d, d)
-    linear(p + "proj_out_1", d, 2 * d)
-    linear(p + "proj_out_2", d, hid)
-    for i in range(4):
-        b = f"action_head.vl_self_attention.transformer_blocks.{i}."
-        f[b + "norm1.weight"], f[b + "norm1.bias"] = (bb,), (bb,)
-        f[b + "norm3.weight"], f[b + "norm3.bias"] = (bb,), (bb,)
-        for proj in ("to_q", "to_k", "to_v", "to_out.0"):
-            linear(b + "attn1." + proj, bb, bb)
-        linear(b + "ff.net.0.proj", bb, 4 * bb)
-        linear(b + "ff.net.2", 4 * bb, bb)
-    cat_linear("action_head.state_encoder.layer1", state, hid)  # max_state_dim x state_history_length
-    cat_linear("action_head.state_encoder.layer2", hid, d)
-    cat_linear("action_head.action_encoder.W1", act, d)
-    cat_linear("action_head.action_encoder.W2", 2 * d, d)
-    cat_linear("action_head.action_encoder.W3", d, d)
-    cat_linear("action_head.action_decoder.layer1", hid, hid)
-    cat_linear("action_head.action_decoder.layer2", hid, act)
-    f["action_head.position_embedding.weight"] = (1024, d)
-    f["action_head.vlln.weight"], f["action_head.vlln.bias"] = (bb,), (bb,)
-    return f
-
-
 def _fixture() -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         qwen = transformers.Qwen3VLForConditionalGeneration(COSMOS_REASON2_2B)
@@ -165,7 +121,7 @@ def _fixture() -> dict[str, tuple[int, ...]]:
             continue  # tied to embed_tokens (and never read)
         fixture["backbone.model." + name] = tuple(p.shape)
     assert any(k.startswith("backbone.model.model.visual.deepstack_merger_list.2.") for k in fixture)
-    return fixture | _action_head_fixture()
+    return fixture | published_head_shapes(132, 132, 32, 0)
 
 
 def test_published_config_gives_the_n17_size() -> None:

@@ -16,7 +16,6 @@ buckets, equal our sampler.
 
 from __future__ import annotations
 
-import math
 import unittest.mock
 
 import numpy as np
@@ -29,6 +28,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from transformers.models.qwen3_vl import modeling_qwen3_vl as hf
 
+from tests.helpers import groot_head as head_ref
 from tests.helpers.groot17_checkpoints import TINY, backbone_config_json
 from tests.helpers.reference import copy_from_reference, randomise, submap
 from vla_inference.models.groot.cosmos import CosmosBackbone, CosmosVision, mrope_positions
@@ -237,20 +237,11 @@ def test_action_head_matches_the_published_formulas(padded: bool) -> None:
         x = layer_norm(x, None, 1e-6) * (1 + scale[:, None]) + shift[:, None]
         return linear("action_head.model.proj_out_2", x)
 
-    def cat_linear(name: str, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("bti,bio->bto", x, w[name + ".W"][ids]) + w[name + ".b"][ids][:, None]
-
     def cat_mlp(name: str, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return cat_linear(name + ".layer2", F.relu(cat_linear(name + ".layer1", x, ids)), ids)
+        return head_ref.cat_mlp(w, name, x, ids)
 
     def encode_actions(a: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        x = cat_linear("action_head.action_encoder.W1", a, ids)
-        half = D // 2
-        freqs = torch.exp(-torch.arange(half) * (math.log(10000.0) / half))
-        angle = t.float()[:, None, None] * freqs
-        tau = torch.cat([angle.sin(), angle.cos()], -1).expand(-1, a.shape[1], -1)
-        y = cat_linear("action_head.action_encoder.W2", torch.cat([x, tau], -1), ids)
-        return cat_linear("action_head.action_encoder.W3", y * torch.sigmoid(y), ids)
+        return head_ref.encode_actions(w, a, t, ids, D)
 
     g = torch.Generator().manual_seed(14)
     B, L = 2, 11

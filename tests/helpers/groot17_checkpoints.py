@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from tests.helpers.shards import write_two_shards
 from vla_inference.models.groot.n17 import SIZES, Groot17, Groot17Config
 from vla_inference.models.groot.n17_checkpoint import n17_names
 
@@ -322,8 +323,6 @@ def tiny_state_dict(seed: int, cfg: Groot17Config = TINY) -> dict[str, torch.Ten
 
 
 def write_tiny_groot17_checkpoint(path: Path, seed: int = 0, cfg: Groot17Config = TINY) -> Path:
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config_json(cfg), indent=2))
@@ -338,16 +337,5 @@ def write_tiny_groot17_checkpoint(path: Path, seed: int = 0, cfg: Groot17Config 
     state[f"{lm}layers.{cfg.backbone.select_layer}.input_layernorm.weight"] = torch.ones(
         cfg.backbone.text.width
     )
-    names = sorted(state)
-    half = len(names) // 2
-    shards = {
-        "model-00001-of-00002.safetensors": names[:half],
-        "model-00002-of-00002.safetensors": names[half:],
-    }
-    weight_map = {}
-    for file, keys in shards.items():
-        save_file({k: state[k] for k in keys}, str(path / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(keys, file))
-    index = {"metadata": {"total_size": sum(t.numel() * 4 for t in state.values())}, "weight_map": weight_map}
-    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    write_two_shards(path, state)
     return path

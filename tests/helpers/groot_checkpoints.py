@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from tests.helpers.shards import write_two_shards
 from vla_inference.models.groot.checkpoint import groot_names
 from vla_inference.models.groot.model import GR00TN15, SIZES, GrootConfig
 
@@ -301,8 +302,6 @@ def write_tiny_groot_checkpoint(
     metadata: dict[str, Any] | None = None,
     sizes: GrootConfig = TINY,
 ) -> Path:
-    from safetensors.torch import save_file
-
     path = Path(path)
     (path / "experiment_cfg").mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(tiny_config_json(lerobot, sizes), indent=2))
@@ -315,16 +314,5 @@ def write_tiny_groot_checkpoint(
     layer = sizes.backbone.select_layer
     extra = f"backbone.eagle_model.language_model.model.layers.{layer}.input_layernorm.weight"
     state[extra] = torch.ones(sizes.backbone.llm.width)
-    names = sorted(state)
-    half = len(names) // 2
-    shards = {
-        "model-00001-of-00002.safetensors": names[:half],
-        "model-00002-of-00002.safetensors": names[half:],
-    }
-    weight_map = {}
-    for file, keys in shards.items():
-        save_file({k: state[k] for k in keys}, str(path / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(keys, file))
-    index = {"metadata": {"total_size": sum(t.numel() * 4 for t in state.values())}, "weight_map": weight_map}
-    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    write_two_shards(path, state)
     return path

@@ -24,10 +24,10 @@ that choose what is served are read by embodiments.py / data_configs.py.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -37,6 +37,8 @@ from vla_inference.models.common.tokenizers import find_tokenizer as find_file
 from vla_inference.models.common.weights import NameMap, Source, find_weight_files, load_weights, read_json
 from vla_inference.models.groot.action_head import ActionHeadConfig
 from vla_inference.models.groot.model import GR00TN15, SIZES, EagleConfig, GrootConfig
+
+N = TypeVar("N", bound=torch.nn.Module)
 
 MODEL_TYPE = "gr00t_n1_5"
 _EAGLE = "backbone.eagle_model."
@@ -259,21 +261,27 @@ def groot_names(cfg: GrootConfig) -> NameMap:
     return NameMap(sources, unused)
 
 
-def load_model(path: Path, cfg: GrootConfig, dtype: torch.dtype, device: str | torch.device) -> GR00TN15:
-    """Build GR00T on `meta` and stream the checkpoint into it (common/weights.py)."""
+def load_network(
+    build: Callable[[], N],
+    path: Path,
+    names: NameMap,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    what: str,
+) -> N:
+    """Build a GR00T network (N1.5 or N1.7) on `meta` and stream the checkpoint into it
+    (common/weights.py)."""
     with torch.device("meta"):
-        model = GR00TN15(cfg)
+        model = build()
     loaded = load_weights(
-        model,
-        find_weight_files(path),
-        groot_names(cfg),
-        device=device,
-        dtype=dtype,
-        where=str(path),
-        what="GR00T N1.5",
+        model, find_weight_files(path), names, device=device, dtype=dtype, where=str(path), what=what
     )
-    assert isinstance(loaded, GR00TN15)
+    assert isinstance(loaded, type(model))
     return loaded
+
+
+def load_model(path: Path, cfg: GrootConfig, dtype: torch.dtype, device: str | torch.device) -> GR00TN15:
+    return load_network(lambda: GR00TN15(cfg), path, groot_names(cfg), dtype, device, "GR00T N1.5")
 
 
 # ----------------------------------------------------------------------------------------------

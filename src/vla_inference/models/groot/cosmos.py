@@ -27,7 +27,7 @@ Names are ours; n17_checkpoint.py maps them to the checkpoint's (backbone.model.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from vla_inference.models.common.transformer import Decoder, DecoderConfig, apply_rope, attend
 from vla_inference.models.common.vit import ViTConfig, ViTMlp
+from vla_inference.models.groot.model import QWEN3_1_7B
 
 
 @dataclass(frozen=True)
@@ -92,17 +93,8 @@ class CosmosConfig:
 
 COSMOS_REASON2_2B = CosmosConfig(
     vision=CosmosVisionConfig(),
-    text=DecoderConfig(
-        width=2048,
-        depth=28,
-        mlp_dim=6144,
-        num_heads=16,
-        num_kv_heads=8,
-        head_dim=128,
-        rope_theta=5_000_000.0,
-        norm_eps=1e-6,
-        qk_norm=True,
-    ),
+    # Qwen3-VL-2B's text model: Qwen3-1.7B's sizes (N1.5's LM, model.py) with M-RoPE's theta.
+    text=replace(QWEN3_1_7B, rope_theta=5_000_000.0),
     vocab_size=151936,
     select_layer=16,
 )

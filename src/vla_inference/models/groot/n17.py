@@ -36,7 +36,6 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from vla_inference.models.common.transformer import DecoderConfig
 from vla_inference.models.groot.action_head import (
     ActionHead,
     ActionHeadConfig,
@@ -111,16 +110,14 @@ SIZES: dict[str, Groot17Config] = {
                 out_width=64,
                 deepstack=(1, 2),
             ),
-            text=DecoderConfig(
+            text=replace(
+                COSMOS_REASON2_2B.text,
                 width=64,
                 depth=4,
                 mlp_dim=96,
                 num_heads=4,
                 num_kv_heads=2,
                 head_dim=16,
-                rope_theta=5_000_000.0,
-                norm_eps=1e-6,
-                qk_norm=True,
             ),
             vocab_size=160,
             select_layer=3,

@@ -35,9 +35,9 @@ import torch
 
 from vla_inference.models.base import ModelLoadError
 from vla_inference.models.common.transformer import DecoderConfig
-from vla_inference.models.common.weights import NameMap, Source, find_weight_files, load_weights, read_json
+from vla_inference.models.common.weights import NameMap, Source, read_json
 from vla_inference.models.groot.action_head import ActionHeadConfig, DiTConfig, VLAdapterConfig
-from vla_inference.models.groot.checkpoint import head_name
+from vla_inference.models.groot.checkpoint import head_name, load_network
 from vla_inference.models.groot.cosmos import COSMOS_REASON2_2B, CosmosConfig, CosmosVisionConfig
 from vla_inference.models.groot.n17 import SIZES, Groot17, Groot17Config
 
@@ -286,20 +286,7 @@ def n17_names(cfg: Groot17Config, prefix: str = "") -> NameMap:
 
 
 def load_model(path: Path, cfg: Groot17Config, dtype: torch.dtype, device: str) -> Groot17:
-    """Build N1.7 on `meta` and stream the checkpoint into it (common/weights.py)."""
-    with torch.device("meta"):
-        model = Groot17(cfg)
-    loaded = load_weights(
-        model,
-        find_weight_files(path),
-        n17_names(cfg),
-        device=device,
-        dtype=dtype,
-        where=str(path),
-        what="GR00T N1.7",
-    )
-    assert isinstance(loaded, Groot17)
-    return loaded
+    return load_network(lambda: Groot17(cfg), path, n17_names(cfg), dtype, device, "GR00T N1.7")
 
 
 # ----------------------------------------------------------------------------------------------

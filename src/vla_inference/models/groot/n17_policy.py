@@ -47,7 +47,6 @@ import numpy as np
 import torch
 
 from vla_inference.models import base, rtc
-from vla_inference.models.common import flow
 from vla_inference.models.common.weights import read_json
 from vla_inference.models.groot import n17_checkpoint as ckpt
 from vla_inference.models.groot.cosmos import mrope_positions
@@ -61,7 +60,7 @@ from vla_inference.models.groot.n17_processor import (
     build_embodiments,
     formalize,
 )
-from vla_inference.models.groot.policy import camera_map, camera_roles
+from vla_inference.models.groot.policy import camera_map, camera_roles, describe_model
 from vla_inference.models.groot.static import Groot17Static
 from vla_inference.models.policy import FlowPolicy, Loaded, Raw
 from vla_inference.preprocessing.steps import CameraMap, pad_to
@@ -179,12 +178,6 @@ class Groot17Policy(FlowPolicy[Groot17Loaded, Groot17Batch]):
                 f"{where}: no embodiment of processor_config.json has statistics.json and "
                 "embodiment_id.json entries"
             )
-        default = self.settings.norm_stats_key.strip() or next(iter(embodiments))
-        if default not in embodiments:
-            raise base.ModelLoadError(
-                f"VLA_NORM_STATS_KEY={default!r} is not a served embodiment of {where}; "
-                f"served: {', '.join(embodiments)}"
-            )
         if self.settings.groot_data_config:
             log.warning("VLA_GROOT_DATA_CONFIG is for N1.5; N1.7 reads processor_config.json (ignored)")
         for emb in embodiments.values():
@@ -197,32 +190,19 @@ class Groot17Policy(FlowPolicy[Groot17Loaded, Groot17Batch]):
             cfg.tokens_per_image,
         )
         network = ckpt.load_model(where, cfg, self.dtype, str(self.device))
-        first = embodiments[default]
-        cameras: list[str] = []
-        for emb in (first, *embodiments.values()):  # the default's first, then the others'
-            cameras += [role for role, _ in camera_roles(emb.cameras) if role not in cameras]
-        description = base.ModelDescription(
-            name=where.name,
-            version="gr00t-n1.7",
-            family="groot",
-            action_dim=first.action_dim,
-            chunk_size=min(self.settings.chunk_size, first.horizon),
+        description = describe_model(
+            self,
+            where,
+            "gr00t-n1.7",
+            embodiments,
+            {tag: e.cameras for tag, e in embodiments.items()},
+            rows={tag: e.horizon for tag, e in embodiments.items()},
             horizon=head.action_horizon,
-            embodiments=tuple(embodiments),
-            default_embodiment=default,
-            state_dims={tag: e.state_dim for tag, e in embodiments.items()},
-            camera_names=tuple(cameras),
-            image_size=(images.side, images.side),
-            device=str(self.device),
-            dtype=str(self.dtype).removeprefix("torch."),
-            confidence_definition=flow.CONFIDENCE_DEFINITION,
+            image_size=images.side,
             description=(
                 "NVIDIA GR00T N1.7 (Cosmos-Reason2-2B VLM + flow-matching DiT action head). Per embodiment: "
                 + "; ".join(e.describe() for e in embodiments.values())
             ),
-            state_layouts={tag: e.state_names() for tag, e in embodiments.items()},
-            action_layouts={tag: e.action_names() for tag, e in embodiments.items()},
-            rtc_methods=rtc.FLOW_METHODS,
             image_history={tag: e.image_history for tag, e in embodiments.items() if e.image_history},
             state_history={tag: e.state_history for tag, e in embodiments.items() if e.state_history},
         )
@@ -313,13 +293,7 @@ class Groot17Policy(FlowPolicy[Groot17Loaded, Groot17Batch]):
 
     def _state_steps(self, observation: base.Observation, emb: Embodiment17) -> np.ndarray:
         """(T_s, state_dim) float64: the past joint positions the tag reads, then the current."""
-        missing = [o for o in emb.state_history if o not in observation.past_joint_positions]
-        if missing:
-            raise base.InvalidObservation(
-                "history",
-                f"embodiment {emb.tag!r} reads the joint positions of steps {list(emb.state_history)} "
-                f"before this one; missing offsets {missing}",
-            )
+        _require(emb, emb.state_history, observation.past_joint_positions, "the joint positions")
         steps = []
         for offset in emb.state_history:
             joints = np.asarray(observation.past_joint_positions[offset], np.float64)
@@ -334,13 +308,9 @@ class Groot17Policy(FlowPolicy[Groot17Loaded, Groot17Batch]):
 
     def _frames(self, observation: base.Observation, emb: Embodiment17) -> list[np.ndarray]:
         """The tag's images in prompt order: time-major over its video offsets, cameras in order."""
-        missing = [o for o in emb.image_history if o not in observation.past_images]
-        if missing:
-            raise base.InvalidObservation(
-                "history",
-                f"embodiment {emb.tag!r} reads the camera frames of steps {list(emb.image_history)} "
-                f"before this one ({', '.join(emb.cameras)}); missing offsets {missing}",
-            )
+        _require(
+            emb, emb.image_history, observation.past_images, f"the camera frames ({', '.join(emb.cameras)})"
+        )
         cameras = self.loaded.cameras[emb.tag]
         frames: list[np.ndarray] = []
         for offset in emb.video_offsets:
@@ -412,3 +382,14 @@ class Groot17Policy(FlowPolicy[Groot17Loaded, Groot17Batch]):
         """Robot actions -> the units a chunk is remembered in (RELATIVE keys stay absolute)."""
         emb = self.loaded.embodiments[embodiment]
         return pad_to(emb.encode(np.asarray(actions, np.float64), None), self.config.head.action_dim)
+
+
+def _require(emb: Embodiment17, offsets: Sequence[int], given: Mapping[int, Any], what: str) -> None:
+    """InvalidObservation on history unless every offset the embodiment reads was given."""
+    missing = [o for o in offsets if o not in given]
+    if missing:
+        raise base.InvalidObservation(
+            "history",
+            f"embodiment {emb.tag!r} reads {what} of steps {list(offsets)} before this one; "
+            f"missing offsets {missing}",
+        )
