@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from tests.helpers.groot_checkpoints import statistics_around
 from tests.helpers.shards import write_two_shards
 from vla_inference.models.groot.n17 import SIZES, Groot17, Groot17Config
 from vla_inference.models.groot.n17_checkpoint import n17_names
@@ -171,19 +172,6 @@ def config_json(c: Groot17Config = TINY, model_name: str = "nvidia/Cosmos-Reason
     return out
 
 
-def _stats(dim: int, offset: float) -> dict[str, list[float]]:
-    low = [offset - 1.0 - 0.5 * i for i in range(dim)]
-    high = [offset + 2.0 + 1.0 * i for i in range(dim)]
-    return {
-        "min": low,
-        "max": high,
-        "q01": [lo + 0.1 for lo in low],
-        "q99": [hi - 0.1 for hi in high],
-        "mean": [(lo + hi) / 2 for lo, hi in zip(low, high, strict=True)],
-        "std": [0.5 + 0.1 * i for i in range(dim)],
-    }
-
-
 def processor_files(c: Groot17Config = TINY, model_name: str = "nvidia/Cosmos-Reason2-2B") -> dict[str, Any]:
     """processor_config.json, statistics.json, embodiment_id.json (as Gr00tN1d7Processor saves them)."""
     horizon = c.head.action_horizon
@@ -235,10 +223,10 @@ def processor_files(c: Groot17Config = TINY, model_name: str = "nvidia/Cosmos-Re
         "oxe_droid_relative_eef_relative_joint", RELATIVE_KEYS))):  # fmt: skip
         entry: dict[str, Any] = {"state": {}, "action": {}, "relative_action": {}}
         for i, (key, dim) in enumerate(keys):
-            entry["state"][key] = _stats(dim, 0.3 * seed + 0.1 * i)
-            entry["action"][key] = _stats(dim, 0.5 + 0.3 * seed + 0.1 * i)
+            entry["state"][key] = statistics_around(dim, 0.3 * seed + 0.1 * i)
+            entry["action"][key] = statistics_around(dim, 0.5 + 0.3 * seed + 0.1 * i)
         if tag != "libero_sim":
-            entry["relative_action"]["joint_position"] = _stats(4, -0.5)
+            entry["relative_action"]["joint_position"] = statistics_around(4, -0.5)
         statistics[tag] = entry
     return {
         "processor_config.json": {"processor_class": "Gr00tN1d7Processor", "processor_kwargs": kwargs},

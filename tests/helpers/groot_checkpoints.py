@@ -98,7 +98,11 @@ def tiny_statistics(tag: str, kind: str, key: str, dim: int, seed: int) -> dict[
     offset = {"gr1": 0.0, "new_embodiment": 10.0, "so100": -5.0}.get(tag, 1.0) + (
         0.5 if kind == "action" else 0.0
     )
-    offset += 0.25 * seed + len(key) * 0.01
+    return statistics_around(dim, offset + 0.25 * seed + len(key) * 0.01)
+
+
+def statistics_around(dim: int, offset: float) -> dict[str, list[float]]:
+    """min < q01 < mean < q99 < max per dimension, spreading with the index, around `offset`."""
     low = [offset - 1.0 - 0.5 * i for i in range(dim)]
     high = [offset + 2.0 + 1.0 * i for i in range(dim)]
     return {

@@ -14,7 +14,7 @@ in its StepTime's `t` and wraps its network call.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -76,6 +76,45 @@ def integrate(
     for time in times:
         x, v = step(x, time)
     return finish(x, chunking), v
+
+
+class FlowNetwork(Protocol):
+    """A family's network as the eager loop drives it (pi0's Pi0Model, GR00T's GrootNetwork)."""
+
+    def euler_step(
+        self,
+        cache: Any,
+        context: Any,
+        batch: Any,
+        x: Tensor,
+        time: StepTime,
+        noise: Tensor,
+        chunking: rtc.Chunking | None,
+        dt: float,
+        differentiate: bool = False,
+    ) -> tuple[Tensor, Tensor]: ...
+
+    def times(self, batch: int, steps: int, dtype: torch.dtype, device: torch.device) -> list[StepTime]: ...
+
+
+def sample(
+    network: FlowNetwork,
+    cache: Any,
+    context: Any,
+    batch: Any,
+    noise: Tensor,
+    steps: int,
+    chunking: rtc.Chunking | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The eager sampler after the prefix: `network.euler_step` over `network.times` from `noise`
+    (in the network's dtype), differentiating where guidance takes the Jacobian; `integrate`'s
+    (actions, last velocity)."""
+    differentiate = chunking is not None and chunking.needs_backward
+
+    def step(x: Tensor, time: StepTime) -> tuple[Tensor, Tensor]:
+        return network.euler_step(cache, context, batch, x, time, noise, chunking, 1.0 / steps, differentiate)
+
+    return integrate(step, network.times(noise.shape[0], steps, noise.dtype, noise.device), noise, chunking)
 
 
 def finish(x: Tensor, chunking: rtc.Chunking | None) -> Tensor:

@@ -507,11 +507,4 @@ class GrootNetwork(nn.Module, abc.ABC):
         B, L = batch.input_ids.shape
         cross_kv = self.new_context(B, L)
         state_features = self.prefix(batch, cross_kv, check=True)
-        noise = noise.to(self.dtype)
-        differentiate = chunking is not None and chunking.needs_backward
-
-        def step(x: Tensor, time: flow.StepTime) -> tuple[Tensor, Tensor]:
-            args = (cross_kv, state_features, batch, x, time, noise, chunking, 1.0 / steps, differentiate)
-            return self.euler_step(*args)
-
-        return flow.integrate(step, self.times(B, steps, noise.dtype, noise.device), noise, chunking)
+        return flow.sample(self, cross_kv, state_features, batch, noise.to(self.dtype), steps, chunking)

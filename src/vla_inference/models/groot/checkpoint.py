@@ -160,22 +160,17 @@ def _eagle_config(backbone: EagleConfig, eagle: Mapping[str, Any]) -> EagleConfi
     )
 
 
-def _check_config(cfg: GrootConfig, dit: Mapping[str, Any]) -> None:
+def head_problems(head: ActionHeadConfig, dit: Mapping[str, Any], version: str) -> list[str]:
+    """What the action head cannot be (N1.5 and N1.7 alike): a DiT with positional embeddings or
+    another norm, widths that do not chain (VL adapter, DiT, its output)."""
     problems = []
-    backbone, head = cfg.backbone, cfg.head
     if dit.get("positional_embeddings") not in (None, ""):
         problems.append(
-            f"diffusion_model_cfg.positional_embeddings={dit['positional_embeddings']!r} (N1.5 uses null)"
+            f"diffusion_model_cfg.positional_embeddings={dit['positional_embeddings']!r} "
+            f"({version} uses null)"
         )
     if dit.get("norm_type", "ada_norm") != "ada_norm":
-        problems.append(f"diffusion_model_cfg.norm_type={dit['norm_type']!r} (N1.5 uses ada_norm)")
-    if not 1 <= backbone.select_layer <= backbone.llm.depth:
-        problems.append(f"backbone_cfg.select_layer={backbone.select_layer} outside 1..{backbone.llm.depth}")
-    if backbone.width != head.backbone_embedding_dim:
-        problems.append(
-            f"backbone width {backbone.width} != action_head_cfg.backbone_embedding_dim "
-            f"{head.backbone_embedding_dim}"
-        )
+        problems.append(f"diffusion_model_cfg.norm_type={dit['norm_type']!r} ({version} uses ada_norm)")
     if head.vl_adapter.layers and head.vl_adapter.inner_dim != head.backbone_embedding_dim:
         problems.append(
             f"VL adapter width {head.vl_adapter.inner_dim} != backbone_embedding_dim "
@@ -183,6 +178,21 @@ def _check_config(cfg: GrootConfig, dit: Mapping[str, Any]) -> None:
         )
     if head.dit.inner_dim != head.input_embedding_dim:
         problems.append(f"DiT width {head.dit.inner_dim} != input_embedding_dim {head.input_embedding_dim}")
+    if head.dit.output_dim != head.hidden_size:
+        problems.append(f"DiT output_dim {head.dit.output_dim} != hidden_size {head.hidden_size}")
+    return problems
+
+
+def _check_config(cfg: GrootConfig, dit: Mapping[str, Any]) -> None:
+    backbone, head = cfg.backbone, cfg.head
+    problems = head_problems(head, dit, "N1.5")
+    if not 1 <= backbone.select_layer <= backbone.llm.depth:
+        problems.append(f"backbone_cfg.select_layer={backbone.select_layer} outside 1..{backbone.llm.depth}")
+    if backbone.width != head.backbone_embedding_dim:
+        problems.append(
+            f"backbone width {backbone.width} != action_head_cfg.backbone_embedding_dim "
+            f"{head.backbone_embedding_dim}"
+        )
     if problems:
         raise ModelLoadError("unsupported GR00T config: " + "; ".join(problems))
 

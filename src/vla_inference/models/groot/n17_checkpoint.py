@@ -37,7 +37,7 @@ from vla_inference.models.base import ModelLoadError
 from vla_inference.models.common.transformer import DecoderConfig
 from vla_inference.models.common.weights import NameMap, Source, read_json
 from vla_inference.models.groot.action_head import ActionHeadConfig, DiTConfig, VLAdapterConfig
-from vla_inference.models.groot.checkpoint import head_name, load_network
+from vla_inference.models.groot.checkpoint import head_name, head_problems, load_network
 from vla_inference.models.groot.cosmos import COSMOS_REASON2_2B, CosmosConfig, CosmosVisionConfig
 from vla_inference.models.groot.n17 import SIZES, Groot17, Groot17Config
 
@@ -181,20 +181,14 @@ def config_from_json(raw: Mapping[str, Any], backbone: Mapping[str, Any] | None 
 
 
 def _check_config(cfg: Groot17Config, raw: Mapping[str, Any], dit: Mapping[str, Any]) -> None:
-    problems = []
     head, bb = cfg.head, cfg.backbone
+    problems = head_problems(head, dit, "N1.7")
     if raw.get("use_alternate_vl_dit", True) is not True:
         problems.append(
             "use_alternate_vl_dit=false (the plain DiT; the published N1.7 checkpoints alternate)"
         )
     if dit.get("interleave_self_attention", True) is not True:
         problems.append("diffusion_model_cfg.interleave_self_attention=false (AlternateVLDiT requires it)")
-    if dit.get("positional_embeddings") not in (None, ""):
-        problems.append(
-            f"diffusion_model_cfg.positional_embeddings={dit['positional_embeddings']!r} (N1.7: null)"
-        )
-    if dit.get("norm_type", "ada_norm") != "ada_norm":
-        problems.append(f"diffusion_model_cfg.norm_type={dit['norm_type']!r} (N1.7: ada_norm)")
     if not len(bb.vision.deepstack) < bb.select_layer <= bb.text.depth:
         problems.append(
             f"select_layer={bb.select_layer} outside {len(bb.vision.deepstack) + 1}..{bb.text.depth}"
@@ -204,15 +198,6 @@ def _check_config(cfg: Groot17Config, raw: Mapping[str, Any], dit: Mapping[str, 
             f"backbone width {bb.text.width} (vision out {bb.vision.out_width}) != "
             f"backbone_embedding_dim {head.backbone_embedding_dim}"
         )
-    if head.vl_adapter.layers and head.vl_adapter.inner_dim != head.backbone_embedding_dim:
-        problems.append(
-            f"VL adapter width {head.vl_adapter.inner_dim} != backbone_embedding_dim "
-            f"{head.backbone_embedding_dim}"
-        )
-    if head.dit.inner_dim != head.input_embedding_dim:
-        problems.append(f"DiT width {head.dit.inner_dim} != input_embedding_dim {head.input_embedding_dim}")
-    if head.dit.output_dim != head.hidden_size:
-        problems.append(f"DiT output_dim {head.dit.output_dim} != hidden_size {head.hidden_size}")
     if head.dit.attend_text_every_n_blocks < 1:
         problems.append(f"attend_text_every_n_blocks={head.dit.attend_text_every_n_blocks} (must be >= 1)")
     if sum(bb.mrope_section) != bb.text.head_dim // 2:

@@ -474,15 +474,7 @@ class Pi0Model(nn.Module):
             cfg.depth, B, cfg.num_kv_heads, self.prefix_length(slots, T), cfg.head_dim, batch.images
         )
         context = self.prefix(batch, cache, slots)
-        noise = self.initial_noise(noise)
-        differentiate = chunking is not None and chunking.needs_backward
-
-        def step(x: Tensor, time: flow.StepTime) -> tuple[Tensor, Tensor]:
-            return self.euler_step(
-                cache, context, batch, x, time, noise, chunking, 1.0 / steps, differentiate
-            )
-
-        return flow.integrate(step, self.times(B, steps, noise.dtype, noise.device), noise, chunking)
+        return flow.sample(self, cache, context, batch, self.initial_noise(noise), steps, chunking)
 
     def masked(self, x: Tensor) -> Tensor:
         """x (..., A) with the action padding past `flow_dims` zeroed (the flow never moves it);
