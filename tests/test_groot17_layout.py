@@ -24,7 +24,7 @@ import transformers
 
 from tests.helpers.groot17_checkpoints import TINY, write_tiny_groot17_checkpoint
 from tests.helpers.groot_head import published_head_shapes
-from tests.helpers.reference import checkpoint_shapes
+from tests.helpers.reference import assert_same_layout, checkpoint_shapes
 from vla_inference.models.base import ModelLoadError
 from vla_inference.models.groot import n17_checkpoint as ckpt
 from vla_inference.models.groot.action_head import TransformerBlock
@@ -160,9 +160,7 @@ def test_the_loader_reads_exactly_the_published_layout() -> None:
     names = ckpt.n17_names(cfg)
     ours = checkpoint_shapes(names, model)
     fixture = _fixture()
-    assert sorted(set(fixture) - set(ours)) == []
-    assert sorted(set(ours) - set(fixture)) == []
-    assert {k: (ours[k], fixture[k]) for k in ours if ours[k] != fixture[k]} == {}
+    assert_same_layout(ours, fixture)
     for unused in (
         "backbone.model.lm_head.weight",
         "backbone.model.model.language_model.layers.16.mlp.up_proj.weight",

@@ -21,7 +21,7 @@ import torch
 import transformers
 
 from tests.helpers.groot_head import published_head_shapes
-from tests.helpers.reference import checkpoint_shapes
+from tests.helpers.reference import assert_same_layout, checkpoint_shapes
 from vla_inference.models.base import ModelLoadError
 from vla_inference.models.groot.checkpoint import config_from_json, groot_names
 from vla_inference.models.groot.model import GR00TN15, SIZES
@@ -156,10 +156,7 @@ def test_the_loader_reads_exactly_the_checkpoint_layout() -> None:
     ):
         assert names.unused(unused) and unused not in ours
     assert not names.unused("backbone.eagle_model.language_model.model.layers.11.mlp.up_proj.weight")
-    assert sorted(set(fixture) - set(ours)) == []
-    assert sorted(set(ours) - set(fixture)) == []
-    mismatched = {k: (ours[k], fixture[k]) for k in ours if ours[k] != fixture[k]}
-    assert mismatched == {}
+    assert_same_layout(ours, fixture)
 
 
 def test_parameter_count() -> None:

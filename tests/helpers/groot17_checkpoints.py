@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from tests.helpers.groot_checkpoints import statistics_around
+from tests.helpers.groot_checkpoints import statistics_around, well_conditioned
 from tests.helpers.shards import write_two_shards
 from vla_inference.models.groot.n17 import SIZES, Groot17, Groot17Config
 from vla_inference.models.groot.n17_checkpoint import n17_names
@@ -292,21 +292,7 @@ def write_backbone_files(path: Path, c: Groot17Config = TINY) -> None:
 def tiny_state_dict(seed: int, cfg: Groot17Config = TINY) -> dict[str, torch.Tensor]:
     """Random, well-conditioned weights in NVIDIA's names (norm gains random too)."""
     torch.manual_seed(seed)
-    model = Groot17(cfg)
-    state = {}
-    for name, p in model.named_parameters():
-        shape = tuple(p.shape)
-        if name.endswith(".W"):  # category-specific (categories, in, out)
-            value = torch.randn(shape) / shape[1] ** 0.5
-        elif name.endswith(("embed_tokens.weight", "position_embedding", "pos_embed")):
-            value = 0.5 * torch.randn(shape)
-        elif p.ndim >= 2:
-            value = torch.randn(shape) / shape[1] ** 0.5
-        elif name.endswith(".weight"):
-            value = 1.0 + 0.1 * torch.randn(shape)
-        else:
-            value = 0.05 * torch.randn(shape)
-        state[name] = value.contiguous()
+    state = well_conditioned(Groot17(cfg))
     return n17_names(cfg).to_checkpoint(state)
 
 

@@ -275,11 +275,16 @@ def write_tiny_tokenizer(file: Path) -> None:
 
 
 def tiny_state_dict(seed: int, cfg: GrootConfig = TINY) -> dict[str, torch.Tensor]:
-    """Random, well-conditioned weights in the checkpoint's names: every tensor (norm gains
-    included) is random, with fan-in scaled matrices so activations stay O(1) and float32 noise
-    stays small."""
+    """Random, well-conditioned weights in the checkpoint's names (well_conditioned)."""
     torch.manual_seed(seed)
-    model = GR00TN15(cfg)
+    state = well_conditioned(GR00TN15(cfg))
+    return groot_names(cfg).to_checkpoint(state)
+
+
+def well_conditioned(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter random (norm gains included), drawn in parameter order from torch's global
+    generator, with fan-in scaled matrices so activations stay O(1) and float32 noise stays small
+    (GR00T N1.5 and N1.7 alike)."""
     state = {}
     for name, p in model.named_parameters():
         shape = tuple(p.shape)
@@ -295,7 +300,7 @@ def tiny_state_dict(seed: int, cfg: GrootConfig = TINY) -> dict[str, torch.Tenso
         else:  # biases
             value = 0.05 * torch.randn(shape)
         state[name] = value.contiguous()
-    return groot_names(cfg).to_checkpoint(state)
+    return state
 
 
 def write_tiny_groot_checkpoint(
