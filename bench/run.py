@@ -33,7 +33,6 @@ from bench.common import (
     Target,
     default_targets,
     machine_facts,
-    make_request,
     package_version,
     scratch_dir,
     summary_ms,
@@ -182,7 +181,7 @@ def _serve_phases(
 
         async def off() -> None:
             info = await loadgen.model_info(srv.target)
-            request = make_request(info)
+            request = target.request(info)
             res["request_bytes"] = request.ByteSize()
             unary = await loadgen.unary(
                 srv.target, request, count=plan.unary_count, window_s=plan.unary_window_s
@@ -222,7 +221,7 @@ def _serve_phases(
 
         async def on() -> None:
             info = await loadgen.model_info(srv.target)
-            request = make_request(info)
+            request = target.request(info)
             clients = plan.clients if full else [plan.batch_size]
             res["fleet_on"] = await _fleet_series(srv.target, request, floor, plan, plan.batch_size, clients)
 
@@ -243,7 +242,7 @@ def _serve_phases(
             ):
 
                 async def stub() -> None:
-                    request = make_request(info)
+                    request = target.request(info)
                     calls = {"count": plan.stub_count, "window_s": plan.stub_window_s, "warmup": 20}
                     # floor, ours, floor: the same client and bytes; the lower floor is kept. Then
                     # the floor served by grpc's synchronous server, for the framework question.
@@ -258,7 +257,7 @@ def _serve_phases(
                 asyncio.run(stub())
 
             async def stub_stream() -> None:
-                request = make_request(info)
+                request = target.request(info)
                 res["stream_stub"] = await loadgen.stream(
                     srv.target, request, period_s=0.1, steps=int(plan.stream_window_s / 0.1 / 3), tail_s=5.0
                 )
@@ -353,7 +352,7 @@ def run_peer(target: Target, ours: dict[str, Any], plan: Plan, logs: Path) -> di
             peer["start_s"] = round(ray.started_s, 2)
 
             async def go() -> None:
-                request = make_request(await loadgen.model_info(mine.target))
+                request = target.request(await loadgen.model_info(mine.target))
                 servers = {"ours": (mine.target, ()), "ray": (ray.target, RAY_METADATA)}
                 for addr, meta in servers.values():  # warm both the same way
                     await loadgen.fleet(addr, request, clients=n, window_s=1.5, metadata=meta)
@@ -409,7 +408,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--no-peer", action="store_true", help="skip the Ray Serve comparison")
     parser.add_argument("--quick", action="store_true", help="shorter phases (smoke test)")
-    parser.add_argument("--families", default="pi0,openvla,groot", help="comma list of model types")
+    parser.add_argument(
+        "--families",
+        default="pi0,openvla,openvla-oft,groot,smolvla",
+        help="comma list of model types (and openvla-oft)",
+    )
     parser.add_argument("--clients", default="1,2,4,8,16", help="fleet sizes")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--batch-timeout-ms", type=float, default=2.0)
@@ -444,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         targets = default_targets(work, [f.strip() for f in args.families.split(",") if f.strip()])
-        for index, target in enumerate(targets):
+        for target in targets:
             if target.skipped:
                 print(f"[{target.name}] skipped: {target.skipped}", flush=True)
                 result["targets"].append(
@@ -452,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 continue
             try:
-                result["targets"].append(bench_target(target, plan, full=index == 0, logs=logs))
+                result["targets"].append(bench_target(target, plan, full=not target.checkpoint, logs=logs))
             except Exception as exc:
                 traceback.print_exc()
                 result["targets"].append(

@@ -31,7 +31,7 @@ from vla_inference.models.groot import n17_checkpoint as ckpt
 from vla_inference.models.groot.cosmos import mrope_positions
 from vla_inference.models.groot.n17 import Groot17, Groot17Batch
 from vla_inference.models.groot.n17_policy import Groot17Policy
-from vla_inference.models.groot.policy import camera_roles
+from vla_inference.models.groot.policy import video_roles
 
 FIXTURE = Path(__file__).parent / "fixtures" / "groot17" / "isaac_gr00t_626af89.json"
 SEED = 7
@@ -71,7 +71,7 @@ def _observation(policy: Groot17Policy, case: dict[str, Any]) -> Observation:
     """The case's raw inputs as the server receives them: the current frames, the earlier ones as
     history (its video delta_indices), the joint positions (its state keys concatenated)."""
     emb = policy.loaded.embodiments[case["tag"]]
-    roles = [role for role, _ in camera_roles(emb.cameras)]
+    roles = [role for role, _ in video_roles(emb.cameras)]
     frames = {key: [np.asarray(f, dtype=np.uint8) for f in v] for key, v in case["raw_images"].items()}
     at = {offset: i for i, offset in enumerate(emb.video_offsets)}
 

@@ -15,9 +15,10 @@ import grpc
 import numpy as np
 import pytest
 
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, make_settings, start_server
 from tests.helpers.groot17_checkpoints import write_tiny_groot17_checkpoint
 from vla_inference.client import VLAError, make_observation
+from vla_inference.models.base import Observation
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -47,8 +48,8 @@ def test_serves_n17_told_from_its_config(server_factory: Callable[..., RunningSe
         assert dict(info.state_dims) == {"libero_sim": 7, DROID: 5}
         assert list(info.camera_names) == ["base", "left_wrist"]
         assert list(info.action_layouts[DROID].names) == [
-            *(f"joint_position[{i}]" for i in range(4)),
-            "gripper_position",
+            *(f"joint_position.{i}" for i in range(4)),
+            "gripper_position.0",
         ]
         assert {k: list(v.offsets) for k, v in info.image_history.items()} == {DROID: [-15]}
         assert dict(info.state_history) == {}
@@ -156,3 +157,48 @@ def test_streams_keep_their_own_history(server_factory: Callable[..., RunningSer
                 )
             )
             np.testing.assert_allclose(_actions(results[k][2]), _actions(expected), rtol=0, atol=1e-6)
+
+
+def test_nvidias_client_reaches_n17_over_zeromq(ckpt: Path) -> None:
+    """Isaac-GR00T's Gr00tPolicy format (nested, (B, T, ...)) through the ZeroMQ endpoint: the DROID
+    embodiment's two frames on the time axis are the frame 15 steps back and the current one, its
+    state and action keys are the checkpoint's, and the answer is the model's for that observation."""
+    from tests.test_groot_zmq import Client
+
+    settings = make_settings(
+        model_type="groot", model_path=str(ckpt), groot_port=0, groot_embodiment=DROID, chunk_size=16
+    )
+    running = start_server(settings)
+    client = Client(running.server.groot_port, token=None)
+    try:
+        modalities = client.call("get_modality_config", {})
+        config = {name: entry["as_json"] for name, entry in modalities.items()}
+        assert config["video"]["delta_indices"] == [-15, 0]
+        assert config["video"]["modality_keys"] == ["exterior_image_1_left"]  # the checkpoint's own key
+        assert config["state"]["modality_keys"] == ["joint_position", "gripper_position"]
+        assert config["action"]["modality_keys"] == ["joint_position", "gripper_position"]
+        earlier, now = _image(300), _image(301)
+        joints, gripper = np.array([0.1, -0.2, 0.3, 0.0], np.float32), np.array([0.5], np.float32)
+        obs = {
+            "video": {"exterior_image_1_left": np.stack([earlier, now])[None]},
+            "state": {"joint_position": joints[None, None], "gripper_position": gripper[None, None]},
+            "language": {"annotation.language.language_instruction": [["open the drawer"]]},
+        }
+        action, info = client.call("get_action", {"observation": obs, "options": {"seed": 11}})
+        assert info["embodiment"] == DROID
+        expected = running.server.model.predict(
+            Observation(
+                images={"base": now},
+                joint_positions=np.concatenate([joints, gripper]),
+                instruction="open the drawer",
+                embodiment=DROID,
+                seed=11,
+                past_images={-15: {"base": earlier}},
+            )
+        ).actions
+        assert action["joint_position"].shape == (1, 16, 4) and action["gripper_position"].shape == (1, 16, 1)
+        got = np.concatenate([action["joint_position"][0], action["gripper_position"][0]], axis=-1)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    finally:
+        client.close()
+        running.stop(grace_s=1.0)

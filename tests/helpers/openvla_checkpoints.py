@@ -75,23 +75,31 @@ def tiny_tokenizer_model() -> bytes:
     return out.getvalue()
 
 
+def quantity_stats(rng: np.random.Generator, dim: int, spread: float, mask: bool) -> dict[str, Any]:
+    """One quantity's statistics as the RLDS pipeline writes them: q01 < 0 < q99, mean/std, min/max
+    `spread` times wider; with `mask`, the gripper (last) dimension False."""
+    q01 = -rng.uniform(0.1, 2.0, dim)
+    q99 = rng.uniform(0.1, 2.0, dim)
+    out: dict[str, Any] = {
+        "mean": ((q01 + q99) / 2).tolist(),
+        "std": ((q99 - q01) / 4).tolist(),
+        "max": (q99 * spread).tolist(),
+        "min": (q01 * spread).tolist(),
+        "q01": q01.tolist(),
+        "q99": q99.tolist(),
+    }
+    if mask:
+        out["mask"] = [True] * (dim - 1) + [False]
+    return out
+
+
 def tiny_norm_stats(datasets: tuple[str, ...], seed: int = 0, dim: int = 7) -> dict[str, Any]:
     """Per dataset: q01 < 0 < q99, mean/std/min/max, mask with the gripper (last) dimension False."""
     rng = np.random.default_rng(seed + 1000)
     stats: dict[str, Any] = {}
     for name in datasets:
-        q01 = -rng.uniform(0.1, 2.0, dim)
-        q99 = rng.uniform(0.1, 2.0, dim)
         stats[name] = {
-            "action": {
-                "mean": ((q01 + q99) / 2).tolist(),
-                "std": ((q99 - q01) / 4).tolist(),
-                "max": (q99 * 1.5).tolist(),
-                "min": (q01 * 1.5).tolist(),
-                "q01": q01.tolist(),
-                "q99": q99.tolist(),
-                "mask": [True] * (dim - 1) + [False],
-            },
+            "action": quantity_stats(rng, dim, 1.5, mask=True),
             "proprio": {k: [0.0] * dim for k in ("mean", "std", "max", "min", "q01", "q99")},
             "num_transitions": 1000,
             "num_trajectories": 10,

@@ -9,7 +9,7 @@ the model checks once, in prepare (models/base.py); an empty instruction the eng
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -325,7 +325,9 @@ def action_chunk(
     )
 
 
-def model_info_message(info: ModelDescription, settings: Settings) -> pb.ModelInfo:
+def model_info_message(
+    info: ModelDescription, settings: Settings, protocol_ports: Mapping[str, int] | None = None
+) -> pb.ModelInfo:
     return pb.ModelInfo(
         model_name=info.name,
         model_version=info.version,
@@ -351,4 +353,5 @@ def model_info_message(info: ModelDescription, settings: Settings) -> pb.ModelIn
         rtc_default_method=default_method(info.rtc_methods, settings),
         image_history={k: pb.Offsets(offsets=list(v)) for k, v in info.image_history.items() if v},
         state_history={k: pb.Offsets(offsets=list(v)) for k, v in info.state_history.items() if v},
+        protocol_ports=dict(protocol_ports or {}),
     )

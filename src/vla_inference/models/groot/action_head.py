@@ -507,4 +507,6 @@ class GrootNetwork(nn.Module, abc.ABC):
         B, L = batch.input_ids.shape
         cross_kv = self.new_context(B, L)
         state_features = self.prefix(batch, cross_kv, check=True)
-        return flow.sample(self, cross_kv, state_features, batch, noise.to(self.dtype), steps, chunking)
+        return flow.integrate_network(
+            self, cross_kv, state_features, batch, noise.to(self.dtype), steps, chunking
+        )

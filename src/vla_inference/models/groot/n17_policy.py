@@ -6,7 +6,7 @@ Observation -> model inputs (prepare, CPU), as Isaac-GR00T 626af89's Gr00tPolicy
   * embodiment: a tag of processor_config.json's modality_configs with statistics and an
     embodiment_id.json index; "" = VLA_NORM_STATS_KEY when set, else the first such tag.
   * cameras: the tag's video keys in order, named in the server's camera vocabulary as for N1.5
-    (policy.camera_roles: a wrist / hand key is left_wrist or right_wrist, the first other one
+    (policy.video_roles: a wrist / hand key is left_wrist or right_wrist, the first other one
     base); a frame may also be sent under its key, with or without "video.".
   * history: a tag whose video delta_indices reach back (e.g. [-15, 0]) reads those frames
     (Observation.past_images), one whose state delta_indices do, those joint positions
@@ -60,7 +60,7 @@ from vla_inference.models.groot.n17_processor import (
     build_embodiments,
     formalize,
 )
-from vla_inference.models.groot.policy import camera_map, camera_roles, describe_model
+from vla_inference.models.groot.policy import camera_map, describe_model, video_roles
 from vla_inference.models.groot.static import Groot17Static
 from vla_inference.models.policy import FlowPolicy, Loaded, Raw
 from vla_inference.preprocessing.steps import CameraMap, pad_to
@@ -251,7 +251,7 @@ class Groot17Policy(FlowPolicy[Groot17Loaded, Groot17Batch]):
     def warmup_observation(self) -> base.Observation:
         emb = self.loaded.embodiments[self.model_info.default_embodiment]
         side = self.loaded.images.side
-        frames = {role: np.zeros((side, side, 3), np.uint8) for role, _ in camera_roles(emb.cameras)}
+        frames = {role: np.zeros((side, side, 3), np.uint8) for role, _ in video_roles(emb.cameras)}
         joints = np.zeros(emb.state_dim, np.float32)
         return base.Observation(
             images=frames,

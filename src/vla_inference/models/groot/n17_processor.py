@@ -236,10 +236,9 @@ class Embodiment17:
 
 
 def _names(keys: Any) -> tuple[str, ...]:
-    out: list[str] = []
-    for key, dim in keys:
-        out += [key] if dim == 1 else [f"{key}[{i}]" for i in range(dim)]
-    return tuple(out)
+    """ModelInfo's layout names, "<key>.<index>" as for N1.5 (the ZeroMQ endpoint reads the keys
+    back from them)."""
+    return tuple(f"{key}.{i}" for key, dim in keys for i in range(dim))
 
 
 # ---- building the embodiments from the files ------------------------------------------------------

@@ -71,11 +71,11 @@ from vla_inference.models.groot.model import GR00TN15, STATIC_INSTRUCTION_TOKENS
 from vla_inference.models.groot.static import GrootStatic
 from vla_inference.models.groot.video import frame_to_pixels
 from vla_inference.models.policy import FlowPolicy, Loaded
+from vla_inference.preprocessing import steps
 from vla_inference.preprocessing.steps import CameraMap, CameraSlot, pad_to
 
 DEFAULT_INSTRUCTION = "Perform the default behavior."
 SYSTEM_PROMPT = "You are a helpful assistant."
-BASE_CAMERA = "base"
 log = logging.getLogger(__name__)
 
 
@@ -198,7 +198,7 @@ class GrootPolicy(FlowPolicy[GrootLoaded, GrootBatch]):
         size = info.image_size
         images = {
             role: np.zeros((*(camera.resolution or size)[::-1], 3), np.uint8)
-            for role, camera in zip((r for r, _ in camera_roles(emb.video_keys)), emb.cameras, strict=True)
+            for role, camera in zip((r for r, _ in camera_roles(emb)), emb.cameras, strict=True)
         }
         joints = np.zeros(emb.state_dim, np.float32)
         return base.Observation(images=images, joint_positions=joints, instruction="warm up", seed=0)
@@ -313,7 +313,7 @@ def describe_model(
         )
     names: list[str] = []
     for keys in (cameras[default], *cameras.values()):
-        names += [role for role, _ in camera_roles(keys) if role not in names]
+        names += [role for role, _ in video_roles(keys) if role not in names]
     first = embodiments[default]
     return base.ModelDescription(
         name=where.name,
@@ -334,15 +334,18 @@ def describe_model(
         state_layouts={tag: e.state_names() for tag, e in embodiments.items()},
         action_layouts={tag: e.action_names() for tag, e in embodiments.items()},
         rtc_methods=rtc.FLOW_METHODS,
+        camera_keys={
+            tag: {role: _short(key) for role, key in video_roles(keys)} for tag, keys in cameras.items()
+        },
         **extra,
     )
 
 
 def camera_map(video_keys: Sequence[str], tag: str) -> CameraMap:
-    """An embodiment's cameras in data config order (camera_roles), each also taken under its
+    """An embodiment's cameras in data config order (video_roles), each also taken under its
     video key, with or without "video."; all required; other cameras are ignored (N1.5 and N1.7)."""
     slots = []
-    for role, key in camera_roles(video_keys):
+    for role, key in video_roles(video_keys):
         short = _short(key).lower()
         slots.append(CameraSlot(role, aliases=(short, f"video.{short}"), required=True))
     return CameraMap(tuple(slots), at_least=0, refuse_unknown=False, model=f"embodiment {tag!r}")
@@ -352,32 +355,17 @@ def _short(key: str) -> str:
     return key.removeprefix("video.")
 
 
-def _wrist_side(name: str) -> str | None:
-    """ "right_wrist" / "left_wrist" for a camera key naming a wrist or hand camera, else None."""
-    if "wrist" not in name and "hand" not in name:
-        return None
-    return "right_wrist" if "right" in name else "left_wrist"
+def video_roles(video_keys: Sequence[str]) -> list[tuple[str, str]]:
+    """(server camera name, video key) per video key, in order: preprocessing/steps.py
+    `camera_roles` of the keys without "video.", lower-case (e.g. "ego_view" -> "base"). A frame
+    may also be sent under the key's own name, with or without "video." (N1.5 and N1.7)."""
+    roles = steps.camera_roles([_short(key).lower() for key in video_keys])
+    return list(zip(roles, video_keys, strict=True))
 
 
-def camera_roles(video_keys: Sequence[str]) -> list[tuple[str, str]]:
-    """(server camera name, video key) per video key, in data config order.
-
-    The server's camera vocabulary is "base", "left_wrist", "right_wrist" (the transport maps
-    "wrist" to "left_wrist") plus free names. A key naming a wrist or hand camera becomes
-    "right_wrist" when it says right, else "left_wrist"; the first other key is "base"; any
-    other key (or a second one for a taken role) keeps its own lower-case name (e.g.
-    "exterior_image_2"). A frame may also be sent under the key's own name, with or without
-    "video.".
-    """
-    keys = [_short(key).lower() for key in video_keys]
-    base = next((k for k in keys if _wrist_side(k) is None), None)
-    roles: list[tuple[str, str]] = []
-    for key, short in zip(video_keys, keys, strict=True):
-        role = _wrist_side(short) or (BASE_CAMERA if short == base else short)
-        if role in (r for r, _ in roles):
-            role = short
-        roles.append((role, key))
-    return roles
+def camera_roles(emb: Embodiment) -> list[tuple[str, str]]:
+    """video_roles of an N1.5 embodiment's video keys, in data config order."""
+    return video_roles(emb.video_keys)
 
 
 def describe(embodiments: Iterable[Embodiment], lerobot: bool) -> str:
