@@ -6,7 +6,7 @@ compiled (VLA_COMPILE's static-shape path).
 
 For each family: pi0 (1 and 3 cameras), pi0.5, OpenVLA 7B, OpenVLA-OFT 7B (LIBERO: 2 cameras, proprio,
 an 8 x 7 chunk per pass), GR00T N1.5, GR00T N1.7 (2 images),
-SmolVLA (1 and 3 cameras) —
+SmolVLA (1 and 3 cameras), pi0-FAST —
   - the network built from the family's named configuration directly on the device (no
     checkpoint files, nothing downloaded), random weights, bf16 on CUDA (float32 on CPU),
   - model latency p50/p99 at batch 1 and throughput at batch 8 (the model's own inference entry
@@ -16,11 +16,16 @@ SmolVLA (1 and 3 cameras) —
     runner the policies use under VLA_COMPILE (Pi0Static, OpenVLAStatic, OFTStatic, GrootStatic,
     Groot17Static, SmolVLAStatic; torch.compile fullgraph, CUDA graphs via mode="reduce-overhead" on
     CUDA), its first-call time (compile + capture), latency p50/p99 at batch 1 (bucket 1), the
-    speed-up over eager, and its
-    agreement with eager; with --compile-batch also the batch bucket's throughput,
+    speed-up over eager, and its agreement with eager; with --compile-batch also the batch bucket's
+    throughput,
   - real-time chunking (pi0 families; --no-rtc skips it): batch-1 latency of hard, guided with the
     Jacobian (a backward pass per step) and guided with the velocity held constant, eager and
     compiled where the static path runs it, against the plain pass,
+  - pi0-FAST (autoregressive; `bench/gpu.sh --only pi0-FAST` runs it alone): LeRobot's 3 cameras
+    and 200-token prompt, a decode of a fixed 64 tokens (no stop: random weights never write "|"),
+    eager and compiled (Pi0FastStatic, measured by default) at batch 1 and 8: time to first
+    token (the prefill), total decode time = time to first action (a FAST chunk is a DCT: its
+    first action needs every token), per-token time and tokens/s per robot,
   - peak device memory (torch.cuda.max_memory_allocated) and the weights' size,
   - end-to-end Predict through the real server (VLAServer, grpc.aio, 127.0.0.1) with a 224x224
     JPEG, using a thin bench adapter (SyntheticPolicy) around the same network: the families'
@@ -39,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import importlib
 import json
@@ -489,6 +495,86 @@ class SmolVLAFamily(Family):
         return actions.float().cpu().numpy()
 
 
+class Pi0FastFamily(Family):
+    """pi0-FAST: `run` decodes DECODE_TOKENS tokens a row (stop token -1: never stops early)."""
+
+    DECODE_TOKENS = 64  # a typical FAST answer (LeRobot's budget is 256)
+
+    def build(self, device: torch.device, dtype: torch.dtype) -> None:
+        mod = importlib.import_module(self.module)
+        self.cfg = mod.Pi0FastConfig.named(self.config_name)
+        self.model = _build(lambda: mod.Pi0FastModel(self.cfg), device, dtype)
+        self.device, self.dtype = device, dtype
+        self.rules = mod.Rules(stop_token=-1, pad_token=0)
+
+    def image_size(self) -> int:
+        return int(self.cfg.vision.image_size)
+
+    def build_static(self, backend: str) -> None:
+        self.runner = _static_module(self.module).Pi0FastStatic(
+            self.model, self.cameras, self.prompt_tokens, self.DECODE_TOKENS, backend=backend
+        )
+
+    def agreement(self, eager: np.ndarray, compiled: np.ndarray) -> dict[str, Any]:
+        return {"tokens_equal_eager": round(float((eager == compiled).mean()), 4)}
+
+    def sample_inputs(self, pixels: np.ndarray, seed: int) -> dict[str, Any]:
+        """LeRobot's layout: the prompt (60 valid tokens) right-padded to 200, then the decode BOS."""
+        rng = np.random.default_rng(seed)
+        tokens = np.zeros(self.prompt_tokens, np.int64)
+        tokens[:60] = rng.integers(3, min(self.cfg.vocab_size, 256_000), 60)
+        tokens[0] = tokens[-1] = 2  # BOS, and the decode-time BOS
+        mask = np.zeros(self.prompt_tokens, bool)
+        mask[:60] = mask[-1] = True
+        return {"images": np.stack([_normalise(pixels)] * self.cameras), "tokens": tokens, "mask": mask}
+
+    def batch(self, samples: Sequence[dict[str, Any]]) -> Any:
+        mod = importlib.import_module(self.module)
+
+        def stack(key: str, dtype: torch.dtype) -> torch.Tensor:
+            return torch.from_numpy(np.stack([s[key] for s in samples])).to(self.device, dtype)
+
+        images = stack("images", self.dtype)
+        return mod.Pi0FastBatch(
+            images=images,
+            image_masks=torch.ones(images.shape[:2], dtype=torch.bool, device=self.device),
+            tokens=stack("tokens", torch.long),
+            token_masks=stack("mask", torch.bool),
+            seeds=torch.arange(len(samples), device=self.device),
+        )
+
+    def run(self, samples: Sequence[dict[str, Any]], compiled: bool = False, tokens: int = 0) -> np.ndarray:
+        """Decode `tokens` (default DECODE_TOKENS) tokens a row -> (B, 1, tokens) token ids."""
+        batch, n = self.batch(samples), tokens or self.DECODE_TOKENS
+        if compiled:
+            out = self.runner.generate(batch, self.rules, limit=n)
+        else:
+            out = self.model.generate(batch, self.rules, n)
+        return out.tokens[:, :n].float().cpu().numpy()[:, None, :]
+
+
+def decode_figures(fam: Pi0FastFamily, device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
+    """Eager and compiled (when the runner was built), batch 1 and --batch: time to first token,
+    the whole decode (= time to first action), per-token time, tokens/s per robot."""
+    out: dict[str, Any] = {"decode_tokens": fam.DECODE_TOKENS}
+    for rows in (1, args.batch):
+        samples = fam.synthetic_batch(rows)
+        for where in ("eager", "compiled") if fam.runner is not None else ("eager",):
+            compiled = where == "compiled"
+            for _ in range(2):  # warm-up (and a compiled bucket's first calls)
+                fam.run(samples, compiled)
+            first_token = functools.partial(fam.run, samples, compiled, 1)
+            whole = functools.partial(fam.run, samples, compiled)
+            first = _stats(_time(first_token, device, args.reps, args.budget_s))
+            total = _stats(_time(whole, device, args.reps, args.budget_s))
+            row = {"first_token": first, "time_to_first_action": total}
+            if first.get("p50_ms") and total.get("p50_ms"):
+                row["per_token_ms"] = round((total["p50_ms"] - first["p50_ms"]) / (fam.DECODE_TOKENS - 1), 3)
+                row["tokens_per_s_per_robot"] = round(fam.DECODE_TOKENS * 1000 / total["p50_ms"], 1)
+            out[f"batch{rows}_{where}"] = row
+    return out
+
+
 def families(tiny: bool) -> list[Family]:
     """The families and their batch-1 goals (bf16, one H100/H200; issue 15): pi0 with 3 cameras
     and 10 steps <= 20 ms, pi0.5 similar, OpenVLA 7B <= 60 ms per action, GR00T N1.5 <= 20 ms.
@@ -527,6 +613,14 @@ def families(tiny: bool) -> list[Family]:
         SmolVLAFamily("SmolVLA (1 camera)", smol_mod, smol, prompt_tokens=20, cameras=1, compile_always=True),
         SmolVLAFamily(
             "SmolVLA (3 cameras)", smol_mod, smol, prompt_tokens=20, cameras=3, compile_always=True
+        ),
+        Pi0FastFamily(
+            "pi0-FAST",
+            "vla_inference.models.pi0_fast.model",
+            "tiny" if tiny else "pi0fast_base",
+            prompt_tokens=201,
+            cameras=3,
+            compile_always=True,
         ),
     ]
 
@@ -775,6 +869,12 @@ def bench_family(
             out["compiled"] = {"skipped": f"failed: {type(exc).__name__}: {exc}"}
         if cuda:
             out["peak_memory_gib_incl_compiled"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    if isinstance(fam, Pi0FastFamily):
+        try:
+            out["decode"] = decode_figures(fam, device, args)
+        except Exception as exc:
+            traceback.print_exc()
+            out["decode"] = {"skipped": f"failed: {type(exc).__name__}: {exc}"}
     if isinstance(fam, Pi0Family) and not args.no_rtc:
         try:
             out["rtc"] = rtc_figures(fam, device, args)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench.fast_decode import markdown as fast_decode_markdown
+
 
 def _f(value: Any, digits: int = 2) -> str:
     if value is None:
@@ -227,6 +229,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["## Skipped", ""]
         lines += [f"- {t['name']}: {t['skipped']}" for t in skipped]
         lines.append("")
+    lines += fast_decode_markdown(result.get("pi0_fast", {}))
     lines += ["## Goals (where we stand; not assertions)", ""]
     for name, g in result.get("goal_status", {}).items():
         lines.append(f"- {name}: {_goal(g)}")

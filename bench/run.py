@@ -8,6 +8,10 @@ have landed (reduced set):
   4. stream     StreamControl at a fixed control rate: per-step latency, deadlines met
   5. fleet      1..16 closed-loop robots, batching on and off: requests/s, p99, efficiency
   6. peer       the same model under Ray Serve (@serve.batch, gRPC ingress) at 8 robots
+  +  pi0_fast     autoregressive decoding of a tiny pi0-FAST: tokens/s per robot and chunks/s at
+                 1 and 8 robots, in-process and through the server (bench/fast_decode.py)
+
+`--phases` picks what runs: "targets" (1-6) and "pi0_fast", both by default.
 
 Writes bench/results/<UTC timestamp>.json and .md, copies them to latest.json / latest.md and
 prints the tables. Servers run in child processes on 127.0.0.1; every load is bounded.
@@ -27,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import loadgen, report
+from bench import fast_decode, loadgen, report
 from bench.common import (
     ROOT,
     Target,
@@ -417,7 +421,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--batch-timeout-ms", type=float, default=2.0)
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--phases", default="targets,pi0_fast", help="comma list: targets (phases 1-6), pi0_fast"
+    )
     args = parser.parse_args(argv)
+    phases = {p.strip() for p in args.phases.split(",") if p.strip()}
 
     started = time.monotonic()
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -446,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     try:
-        targets = default_targets(work, [f.strip() for f in args.families.split(",") if f.strip()])
+        families = [f.strip() for f in args.families.split(",") if f.strip()]
+        targets = default_targets(work, families) if "targets" in phases else []
         for target in targets:
             if target.skipped:
                 print(f"[{target.name}] skipped: {target.skipped}", flush=True)
@@ -473,6 +482,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             result["peer"] = run_peer(targets[0], first, plan, logs)
         result["pytriton"] = pytriton_status()
+        if "pi0_fast" in phases:
+            try:
+                result["pi0_fast"] = fast_decode.run(plan, work, logs, server_env)
+            except Exception as exc:
+                traceback.print_exc()
+                result["pi0_fast"] = {"skipped": f"failed: {type(exc).__name__}: {exc}"}
     finally:
         shutil.rmtree(work, ignore_errors=True)
         result["duration_s"] = round(time.monotonic() - started, 1)

@@ -32,8 +32,9 @@ class Settings(BaseSettings):
     # --- model -----------------------------------------------------------------------------
     model_type: str = Field(
         "pi0",
-        description="Model family: pi0 (pi0 and pi0.5 checkpoints), openvla, groot (GR00T N1.5 and N1.7, "
-        "told apart by config.json's model_type), smolvla (docs/models.md)",
+        description="Model family: pi0 (pi0, pi0.5 and pi0-FAST checkpoints), openvla (OpenVLA and "
+        "OpenVLA-OFT), groot (GR00T N1.5 and N1.7, told apart by config.json's model_type), smolvla "
+        "(docs/models.md)",
     )
     model_path: str = Field("", description="Checkpoint directory; empty serves the embedded model")
     embedded_model: Literal["metaworld", "random"] = Field(
@@ -109,6 +110,26 @@ class Settings(BaseSettings):
         "auto",
         description="OpenVLA-OFT: proprio / action normalisation, bounds_q99 (q01/q99) or bounds (min/max); "
         "auto = oft_config.json's, else upstream's table",
+    )
+    fast_max_tokens: int = Field(
+        0,
+        ge=0,
+        le=4096,
+        description="pi0-FAST: most tokens one decode writes per request ('Action: ', the action tokens "
+        "and '|'); a request whose answer has no '|' by then fails alone (INTERNAL); 0 = the "
+        "checkpoint's max_decoding_steps (LeRobot: 256)",
+    )
+    fast_temperature: float | None = Field(
+        None,
+        ge=0.0,
+        le=10.0,
+        description="pi0-FAST: sampling temperature; 0 = greedy; empty = the checkpoint's (LeRobot's "
+        "default 0: greedy). Sampled requests draw from their own seed",
+    )
+    fast_tokenizer_path: str = Field(
+        "",
+        description="pi0-FAST: the FAST action tokenizer directory (processor_config.json, bpe_tokenizer/) "
+        "when the checkpoint has no action_tokenizer/; its .py file is never run",
     )
     compile: bool = Field(
         False,
@@ -304,9 +325,9 @@ class Settings(BaseSettings):
         parse_setting(value)
         return value.strip()
 
-    @field_validator("openpi_port", "groot_port", mode="before")
+    @field_validator("openpi_port", "groot_port", "fast_temperature", mode="before")
     @classmethod
-    def _endpoint_port_off(cls, value: Any) -> Any:
+    def _empty_is_unset(cls, value: Any) -> Any:
         if isinstance(value, str) and value.strip().lower() in ("", "off", "none"):
             return None
         return value

@@ -44,6 +44,7 @@ from vla_inference.engine.session import HistorySpec, StreamSession
 from vla_inference.models.base import (
     InvalidObservation,
     ModelDescription,
+    NoValidAction,
     Observation,
     PreparedSample,
     VLAModel,
@@ -342,8 +343,15 @@ class InferenceEngine:
         sizes = [1, self.settings.batch_size][: max(1, batches)]
         sizes += [self.settings.batch_size] * (batches - len(sizes))
         for size in sizes:
-            await asyncio.wrap_future(self.model_thread.call(self.model.predict_batch, [sample] * size))
+            await asyncio.wrap_future(self.model_thread.call(self._warmup_batch, [sample] * size))
         log.info("warm-up done: %d batches (sizes %s)", len(sizes), sizes)
+
+    def _warmup_batch(self, samples: list[PreparedSample]) -> None:
+        """forward + finish of a dummy batch; an answer without an action (an autoregressive model
+        given a black frame) still warmed the model up."""
+        for raw, sample in zip(self.model.forward(samples), samples, strict=True):
+            with contextlib.suppress(NoValidAction):
+                self.model.finish(raw, sample)
 
     async def drain(self, grace_s: float) -> bool:
         """Refuse new requests; wait up to grace_s for admitted ones. True when all were answered."""

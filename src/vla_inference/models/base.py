@@ -45,6 +45,12 @@ class ModelLoadError(RuntimeError):
     """The checkpoint cannot be loaded; the message says what is missing and where to put it."""
 
 
+class NoValidAction(RuntimeError):
+    """The model answered one observation with no valid action (an autoregressive decode that wrote
+    none: pi0-FAST). Raised by `finish` for that sample only: the engine fails that request alone
+    (INTERNAL, this message) and answers the other samples of its batch without running it again."""
+
+
 @dataclass(frozen=True)
 class Observation:
     """A decoded, transport-independent observation."""
@@ -89,6 +95,9 @@ class ModelSettings:
     oft_chunk_size: int = 0  # VLA_OFT_CHUNK_SIZE / _NUM_IMAGES / _NORMALIZATION: 0 / auto = the checkpoint's
     oft_num_images: int = 0
     oft_normalization: str = "auto"
+    fast_max_tokens: int = 0  # VLA_FAST_MAX_TOKENS: pi0-FAST's decode budget; 0 = the checkpoint's
+    fast_temperature: float | None = None  # VLA_FAST_TEMPERATURE; None = the checkpoint's
+    fast_tokenizer_path: str = ""  # VLA_FAST_TOKENIZER_PATH: the FAST tokenizer directory
     compile: bool = False  # VLA_COMPILE: the static-shape compiled path (models/common/static.py)
     batch_size: int = 1  # VLA_BATCH_SIZE: the compiled path warms the buckets up to it
     compile_backend: str = "inductor"  # VLA_COMPILE_BACKEND (models/common/static.py)

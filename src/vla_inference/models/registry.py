@@ -37,7 +37,11 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    "pi0": Family("vla_inference.models.pi0.policy:Pi0Policy", kinds=("pi0", "pi05")),
+    "pi0": Family(
+        "vla_inference.models.pi0.policy:Pi0Policy",
+        kinds=("pi0", "pi05", "pi0_fast"),
+        variants={"pi0_fast": "vla_inference.models.pi0_fast.policy:Pi0FastPolicy"},
+    ),
     "openvla": Family(
         "vla_inference.models.openvla.policy:OpenVLAPolicy",
         kinds=("openvla",),

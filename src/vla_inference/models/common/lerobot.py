@@ -19,7 +19,8 @@ pi0-FAST):
 The step's index varies between releases, so the step is found by its registry name, and its
 file by the step's "state_file" (else by the file name pattern). Modes come from config.json's
 "normalization_mapping" (feature type -> MEAN_STD | QUANTILES | MIN_MAX | IDENTITY), else from the
-step's "norm_map". Only JSON and safetensors are read.
+step's "norm_map". Only JSON and safetensors are read. `state_and_action` gives a policy's two
+normalisers (the state's from the preprocessor, the action's from the postprocessor).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from vla_inference.models.base import ModelLoadError
 from vla_inference.models.common.weights import TensorEntry, read_json
 from vla_inference.preprocessing import normalize as nz
 
+STATE = "observation.state"
+ACTION = "action"
 PREPROCESSOR = "policy_preprocessor.json"
 POSTPROCESSOR = "policy_postprocessor.json"
 NORMALIZER = "normalizer_processor"
@@ -178,3 +181,31 @@ def normalizer(mode_name: str, stats: nz.Stats | None, eps: float, where: str) -
         return nz.Normalizer(mode_name, stats or nz.Stats(), nz.LEROBOT, eps)
     except nz.StatsError as exc:
         raise ModelLoadError(f"{where}: {exc}") from None
+
+
+def state_and_action(
+    path: Path, config: Mapping[str, Any], default: str
+) -> tuple[nz.Normalizer, nz.Normalizer] | None:
+    """A LeRobot policy's state and action normalisers: the state's statistics from the
+    preprocessor's normaliser step, the action's from the postprocessor's unnormaliser (else the
+    preprocessor's), each with its step's eps; modes by `mode` (`default`: the policy's LeRobot
+    default, e.g. "MEAN_STD"). None when the checkpoint has no statistics at all."""
+    where = path / "config.json"
+    pre = read_step(path, PREPROCESSOR, NORMALIZER)
+    post = read_step(path, POSTPROCESSOR, UNNORMALIZER)
+    state_stats = pre.stats.get(STATE) if pre else None
+    action_step = post if post is not None and ACTION in post.stats else pre
+    action_stats = action_step.stats.get(ACTION) if action_step else None
+    if state_stats is None and action_stats is None:
+        return None
+    made = []
+    for label, feature_type, stats, step in (
+        (STATE, "STATE", state_stats, pre),
+        (ACTION, "ACTION", action_stats, action_step or post),
+    ):
+        mode_name = mode(config, step, feature_type, default, where)
+        if stats is None and mode_name != nz.IDENTITY:
+            raise ModelLoadError(f"{path}: no '{label}' statistics in the normalizer files")
+        eps = step.eps if step is not None else nz.DEFAULT_EPS[nz.LEROBOT]
+        made.append(normalizer(mode_name, stats, eps, f"{path} {label}"))
+    return made[0], made[1]
