@@ -5,17 +5,19 @@ compiled (VLA_COMPILE's static-shape path).
     bench/gpu.sh --tiny     # anywhere, on CPU: the same code with tiny configurations
 
 For each family: pi0 (1 and 3 cameras), pi0.5, OpenVLA 7B, OpenVLA-OFT 7B (LIBERO: 2 cameras, proprio,
-an 8 x 7 chunk per pass), GR00T N1.5, SmolVLA (1 and 3 cameras), pi0-FAST —
+an 8 x 7 chunk per pass), GR00T N1.5, GR00T N1.7 (2 images),
+SmolVLA (1 and 3 cameras), pi0-FAST —
   - the network built from the family's named configuration directly on the device (no
     checkpoint files, nothing downloaded), random weights, bf16 on CUDA (float32 on CPU),
   - model latency p50/p99 at batch 1 and throughput at batch 8 (the model's own inference entry
     point: pi0 / GR00T / SmolVLA sample, OpenVLA generate, OpenVLA-OFT forward), synchronised
     timing; for OpenVLA and OpenVLA-OFT also the batch-1 time per action (OFT: a pass / its chunk of 8),
-  - compiled (families with a latency goal, and SmolVLA; --compile): the static-shape runner the
-    policies use under VLA_COMPILE (Pi0Static, OpenVLAStatic, OFTStatic, GrootStatic, SmolVLAStatic;
-    torch.compile fullgraph, CUDA graphs via mode="reduce-overhead" on CUDA), its first-call time
-    (compile + capture), latency p50/p99 at batch 1 (bucket 1), the speed-up over eager, and its
-    agreement with eager; with --compile-batch also the batch bucket's throughput,
+  - compiled (families with a latency goal, and SmolVLA, GR00T N1.7; --compile): the static-shape
+    runner the policies use under VLA_COMPILE (Pi0Static, OpenVLAStatic, OFTStatic, GrootStatic,
+    Groot17Static, SmolVLAStatic; torch.compile fullgraph, CUDA graphs via mode="reduce-overhead" on
+    CUDA), its first-call time (compile + capture), latency p50/p99 at batch 1 (bucket 1), the
+    speed-up over eager, and its agreement with eager; with --compile-batch also the batch bucket's
+    throughput,
   - real-time chunking (pi0 families; --no-rtc skips it): batch-1 latency of hard, guided with the
     Jacobian (a backward pass per step) and guided with the velocity held constant, eager and
     compiled where the static path runs it, against the plain pass,
@@ -371,26 +373,78 @@ class GrootFamily(Family):
             "noise": rng.standard_normal((cfg.action_horizon, cfg.action_dim)).astype(np.float32),
         }
 
-    def run(self, samples: Sequence[dict[str, Any]], compiled: bool = False) -> np.ndarray:
-        dev = self.device
+    def stack(self, samples: Sequence[dict[str, Any]], key: str, dtype: torch.dtype) -> torch.Tensor:
+        return torch.from_numpy(np.stack([s[key] for s in samples])).to(self.device, dtype)
 
-        def stack(key: str, dtype: torch.dtype) -> torch.Tensor:
-            return torch.from_numpy(np.stack([s[key] for s in samples])).to(dev, dtype)
-
-        mod = importlib.import_module(self.module)
-        ids = stack("ids", torch.long)
-        batch = mod.GrootBatch(
-            pixels=stack("pixels", self.dtype),  # (B, cameras, 3, S, S)
+    def batch(self, samples: Sequence[dict[str, Any]]) -> Any:
+        ids = self.stack(samples, "ids", torch.long)
+        return importlib.import_module(self.module).GrootBatch(
+            pixels=self.stack(samples, "pixels", self.dtype),  # (B, cameras, 3, S, S)
             input_ids=ids,
             attention_mask=torch.ones_like(ids, dtype=torch.bool),
-            state=stack("state", torch.float32),
-            embodiment_ids=torch.zeros(len(samples), dtype=torch.long, device=dev),
+            state=self.stack(samples, "state", torch.float32),
+            embodiment_ids=torch.zeros(len(samples), dtype=torch.long, device=self.device),
         )
+
+    def run(self, samples: Sequence[dict[str, Any]], compiled: bool = False) -> np.ndarray:
         sampler = self.runner if compiled else self.model
         steps = self.cfg.head.num_inference_timesteps
         with torch.inference_mode():
-            actions, _ = sampler.sample(batch, stack("noise", torch.float32), steps)
+            actions, _ = sampler.sample(
+                self.batch(samples), self.stack(samples, "noise", torch.float32), steps
+            )
         return actions.float().cpu().numpy()
+
+
+class Groot17Family(GrootFamily):
+    """GR00T N1.7: the Cosmos-Reason2 backbone, the 32-layer DiT; `cameras` images per sample
+    (LIBERO: 2 cameras, DROID: 1 camera x 2 frames), each of image_size^2 / 32^2 tokens."""
+
+    def build(self, device: torch.device, dtype: torch.dtype) -> None:
+        mod = importlib.import_module(self.module)
+        self.cfg = mod.Groot17Config.named(self.config_name)
+        self.model = _build(lambda: mod.Groot17(self.cfg), device, dtype)
+        self.device, self.dtype = device, dtype
+
+    def build_static(self, backend: str) -> None:
+        from vla_inference.models.groot.model import STATIC_INSTRUCTION_TOKENS
+
+        ids = self.cfg.tokens_per_image * self.cameras + self.prompt_tokens
+        length = -(-(ids + STATIC_INSTRUCTION_TOKENS) // 16) * 16
+        self.runner = _static_module(self.module).Groot17Static(
+            self.model, length, self.cameras, backend=backend
+        )
+
+    def sample_inputs(self, pixels: np.ndarray, seed: int) -> dict[str, Any]:
+        from vla_inference.models.groot.cosmos import mrope_positions
+
+        cfg, bb = self.cfg, self.cfg.backbone
+        rng = np.random.default_rng(seed)
+        text = rng.integers(3, min(bb.image_token_id, 150_000), self.prompt_tokens).astype(np.int64)
+        image_tokens = np.full(cfg.tokens_per_image * self.cameras, bb.image_token_id, np.int64)
+        ids = np.concatenate([text[:2], image_tokens, text[2:]])
+        tensor = torch.from_numpy(ids)[None]
+        positions = mrope_positions(
+            tensor, torch.ones_like(tensor, dtype=torch.bool), cfg.grid, bb.image_token_id
+        )
+        return {
+            "pixels": np.stack([_normalise(pixels)] * self.cameras),
+            "ids": ids,
+            "positions": positions[:, 0].numpy(),
+            "state": np.zeros((cfg.head.state_history, cfg.head.max_state_dim), np.float32),
+            "noise": rng.standard_normal((cfg.head.action_horizon, cfg.head.action_dim)).astype(np.float32),
+        }
+
+    def batch(self, samples: Sequence[dict[str, Any]]) -> Any:
+        ids = self.stack(samples, "ids", torch.long)
+        return importlib.import_module(self.module).Groot17Batch(
+            pixels=self.stack(samples, "pixels", self.dtype),  # (B, images, 3, S, S)
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids, dtype=torch.bool),
+            positions=self.stack(samples, "positions", torch.long),
+            state=self.stack(samples, "state", torch.float32),
+            embodiment_ids=torch.zeros(len(samples), dtype=torch.long, device=self.device),
+        )
 
 
 class SmolVLAFamily(Family):
@@ -546,6 +600,15 @@ def families(tiny: bool) -> list[Family]:
         ),
         GrootFamily(
             "GR00T N1.5", "vla_inference.models.groot.model", "tiny" if tiny else "n1.5-3b", 16, goal_ms=20
+        ),
+        # GR00T N1.7 (issue 25, no goal): two images per sample, eager and compiled.
+        Groot17Family(
+            "GR00T N1.7 (2 images)",
+            "vla_inference.models.groot.n17",
+            "tiny" if tiny else "n1.7-3b",
+            20,
+            cameras=2,
+            compile_always=True,
         ),
         SmolVLAFamily("SmolVLA (1 camera)", smol_mod, smol, prompt_tokens=20, cameras=1, compile_always=True),
         SmolVLAFamily(

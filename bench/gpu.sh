@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU benchmark: pi0 (1 and 3 cameras), pi0.5, OpenVLA 7B, OpenVLA-OFT 7B (LIBERO: 2 cameras,
-# 8 x 7 actions per pass; reported per action beside OpenVLA), GR00T N1.5, SmolVLA (1 and 3
+# 8 x 7 actions per pass; reported per action beside OpenVLA), GR00T N1.5 and N1.7, SmolVLA (1 and 3
 # cameras), pi0-FAST at real size with random weights built on the GPU (bf16; nothing downloaded,
 # no checkpoint files): model latency p50/p99 at batch 1, throughput at batch 8, peak GPU memory,
 # and end-to-end Predict through the server;

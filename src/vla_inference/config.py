@@ -33,7 +33,8 @@ class Settings(BaseSettings):
     model_type: str = Field(
         "pi0",
         description="Model family: pi0 (pi0, pi0.5 and pi0-FAST checkpoints), openvla (OpenVLA and "
-        "OpenVLA-OFT), groot, smolvla (docs/models.md)",
+        "OpenVLA-OFT), groot (GR00T N1.5 and N1.7, told apart by config.json's model_type), smolvla "
+        "(docs/models.md)",
     )
     model_path: str = Field("", description="Checkpoint directory; empty serves the embedded model")
     embedded_model: Literal["metaworld", "random"] = Field(
@@ -63,7 +64,11 @@ class Settings(BaseSettings):
     num_denoise_steps: int = Field(
         0, ge=0, le=100, description="Flow-matching steps; 0 = the model's default (pi0: 10, GR00T: 4)"
     )
-    tokenizer_path: str = Field("", description="Tokenizer file when the checkpoint has none")
+    tokenizer_path: str = Field(
+        "",
+        description="Tokenizer file when the checkpoint has none (GR00T N1.7: the directory with its "
+        "backbone's tokenizer, chat template and image processor files)",
+    )
     norm_stats_key: str = Field(
         "",
         description="Which statistics (or OpenVLA unnorm_key) to use when a checkpoint has several and the "
@@ -72,8 +77,9 @@ class Settings(BaseSettings):
     )
     groot_data_config: str = Field(
         "",
-        description="GR00T: NVIDIA data config per embodiment, tag:config[,tag:config], e.g. "
-        "new_embodiment:so100_dualcam; unnamed tags get the defaults (docs/models.md)",
+        description="GR00T N1.5: NVIDIA data config per embodiment, tag:config[,tag:config], e.g. "
+        "new_embodiment:so100_dualcam; unnamed tags get the defaults (docs/models.md; N1.7 reads its "
+        "processor_config.json)",
     )
     pi05_prompt_state: Literal["unpadded", "padded"] = Field(
         "unpadded",

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from tests.helpers.shards import write_two_shards
 from vla_inference.models.common import vit
 from vla_inference.models.openvla.checkpoint import openvla_names
 from vla_inference.models.openvla.model import OpenVLA, OpenVLAConfig
@@ -236,18 +237,5 @@ def write_tiny_openvla_checkpoint(
         save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
         return path
     # Like the published split: vision + projector + first LM tensors in shard 1, the rest in shard 2.
-    names = list(tensors)
-    half = len(names) // 2
-    shards = {
-        "model-00001-of-00002.safetensors": names[:half],
-        "model-00002-of-00002.safetensors": names[half:],
-    }
-    weight_map = {}
-    for file, shard_names in shards.items():
-        save_file({n: tensors[n] for n in shard_names}, str(path / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard_names, file))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (path / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-    )
+    write_two_shards(path, tensors, order=list(tensors))
     return path

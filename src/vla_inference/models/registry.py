@@ -47,7 +47,11 @@ FAMILIES: dict[str, Family] = {
         kinds=("openvla",),
         detect="vla_inference.models.openvla.policy:variant_class",  # OpenVLA-OFT
     ),
-    "groot": Family("vla_inference.models.groot.policy:GrootPolicy", kinds=("gr00t_n1_5", "groot")),
+    "groot": Family(
+        "vla_inference.models.groot.policy:GrootPolicy",
+        kinds=("gr00t_n1_5", "groot", "Gr00tN1d7"),
+        variants={"Gr00tN1d7": "vla_inference.models.groot.n17_policy:Groot17Policy"},  # GR00T N1.7
+    ),
     "smolvla": Family("vla_inference.models.smolvla.policy:SmolVLAPolicy", kinds=("smolvla",)),
 }
 assert set(FAMILIES) == set(MODEL_TYPES), "config.MODEL_TYPES and the registry must agree"

@@ -49,9 +49,10 @@ Precision: bfloat16 on CUDA, float32 on CPU (VLA_DTYPE overrides).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -136,45 +137,23 @@ class GrootPolicy(FlowPolicy[GrootLoaded, GrootBatch]):
         tokenizer = ckpt.load_tokenizer(ckpt.find_tokenizer(where, self.settings.tokenizer_path), cfg)
         network = ckpt.load_model(where, cfg, self.dtype, self.device)
 
-        default = self.settings.norm_stats_key.strip() or next(iter(embodiments))
-        if default not in embodiments:
-            raise base.ModelLoadError(
-                f"VLA_NORM_STATS_KEY={default!r} is not a supported embodiment of {where}; "
-                f"supported: {', '.join(embodiments)}"
-            )
-        first = embodiments[default]
-        cameras: list[str] = []
-        for emb in (first, *embodiments.values()):  # the default's first, then the others'
-            cameras += [role for role, _ in camera_roles(emb) if role not in cameras]
-        description = base.ModelDescription(
-            name=where.name,
-            version="gr00t-n1.5",
-            family="groot",
-            action_dim=first.action_dim,
-            chunk_size=min(self.settings.chunk_size, cfg.action_horizon),
+        description = describe_model(
+            self,
+            where,
+            "gr00t-n1.5",
+            embodiments,
+            {tag: e.video_keys for tag, e in embodiments.items()},
+            rows=cfg.action_horizon,
             horizon=cfg.action_horizon,
-            embodiments=tuple(embodiments),
-            default_embodiment=default,
-            state_dims={tag: e.state_dim for tag, e in embodiments.items()},
-            camera_names=tuple(cameras),
-            image_size=(cfg.image_size, cfg.image_size),
-            device=str(self.device),
-            dtype=str(self.dtype).removeprefix("torch."),
-            confidence_definition=flow.CONFIDENCE_DEFINITION,
+            image_size=cfg.image_size,
             description=describe(embodiments.values(), lerobot),
-            state_layouts={tag: e.state_names() for tag, e in embodiments.items()},
-            action_layouts={tag: e.action_names() for tag, e in embodiments.items()},
-            rtc_methods=rtc.FLOW_METHODS,
-            camera_keys={
-                tag: {role: _short(key) for role, key in camera_roles(e)} for tag, e in embodiments.items()
-            },
         )
         return GrootLoaded(
             network=network,
             description=description,
             tokenizer=tokenizer,
             embodiments=embodiments,
-            cameras={tag: camera_map(emb) for tag, emb in embodiments.items()},
+            cameras={tag: camera_map(emb.video_keys, tag) for tag, emb in embodiments.items()},
         )
 
     def static_runner(self, loaded: GrootLoaded) -> GrootStatic:
@@ -297,26 +276,96 @@ class GrootPolicy(FlowPolicy[GrootLoaded, GrootBatch]):
         return pad_to(emb.encode_actions(actions), self.config.action_dim)
 
 
-def camera_map(emb: Embodiment) -> CameraMap:
-    """The embodiment's cameras in data config order (camera_roles), each also taken under its
-    video key, with or without "video."; all required; other cameras are ignored."""
+class ServedEmbodiment(Protocol):
+    """What the model description reads of an embodiment (N1.5's Embodiment, N1.7's Embodiment17)."""
+
+    @property
+    def state_dim(self) -> int: ...
+
+    @property
+    def action_dim(self) -> int: ...
+
+    def state_names(self) -> tuple[str, ...]: ...
+
+    def action_names(self) -> tuple[str, ...]: ...
+
+
+def describe_model(
+    policy: FlowPolicy[Any, Any],
+    where: Path,
+    version: str,
+    embodiments: Mapping[str, ServedEmbodiment],
+    cameras: Mapping[str, Sequence[str]],  # tag -> its video keys
+    *,
+    rows: int | Mapping[str, int],  # actions per chunk before VLA_CHUNK_SIZE (per embodiment)
+    horizon: int,
+    image_size: int,
+    description: str,
+    **extra: Any,
+) -> base.ModelDescription:
+    """The ModelDescription of both GR00T versions: the default embodiment (VLA_NORM_STATS_KEY, else
+    the first) and its cameras first, then the others', the layouts per embodiment."""
+    default = policy.settings.norm_stats_key.strip() or next(iter(embodiments))
+    if default not in embodiments:
+        raise base.ModelLoadError(
+            f"VLA_NORM_STATS_KEY={default!r} is not a supported embodiment of {where}; "
+            f"supported: {', '.join(embodiments)}"
+        )
+    names: list[str] = []
+    for keys in (cameras[default], *cameras.values()):
+        names += [role for role, _ in video_roles(keys) if role not in names]
+    first = embodiments[default]
+    return base.ModelDescription(
+        name=where.name,
+        version=version,
+        family="groot",
+        action_dim=first.action_dim,
+        chunk_size=min(policy.settings.chunk_size, rows if isinstance(rows, int) else rows[default]),
+        horizon=horizon,
+        embodiments=tuple(embodiments),
+        default_embodiment=default,
+        state_dims={tag: e.state_dim for tag, e in embodiments.items()},
+        camera_names=tuple(names),
+        image_size=(image_size, image_size),
+        device=str(policy.device),
+        dtype=str(policy.dtype).removeprefix("torch."),
+        confidence_definition=flow.CONFIDENCE_DEFINITION,
+        description=description,
+        state_layouts={tag: e.state_names() for tag, e in embodiments.items()},
+        action_layouts={tag: e.action_names() for tag, e in embodiments.items()},
+        rtc_methods=rtc.FLOW_METHODS,
+        camera_keys={
+            tag: {role: _short(key) for role, key in video_roles(keys)} for tag, keys in cameras.items()
+        },
+        **extra,
+    )
+
+
+def camera_map(video_keys: Sequence[str], tag: str) -> CameraMap:
+    """An embodiment's cameras in data config order (video_roles), each also taken under its
+    video key, with or without "video."; all required; other cameras are ignored (N1.5 and N1.7)."""
     slots = []
-    for role, key in camera_roles(emb):
+    for role, key in video_roles(video_keys):
         short = _short(key).lower()
         slots.append(CameraSlot(role, aliases=(short, f"video.{short}"), required=True))
-    return CameraMap(tuple(slots), at_least=0, refuse_unknown=False, model=f"embodiment {emb.tag!r}")
+    return CameraMap(tuple(slots), at_least=0, refuse_unknown=False, model=f"embodiment {tag!r}")
 
 
 def _short(key: str) -> str:
     return key.removeprefix("video.")
 
 
-def camera_roles(emb: Embodiment) -> list[tuple[str, str]]:
-    """(server camera name, video key) per video key, in data config order: preprocessing/steps.py
+def video_roles(video_keys: Sequence[str]) -> list[tuple[str, str]]:
+    """(server camera name, video key) per video key, in order: preprocessing/steps.py
     `camera_roles` of the keys without "video.", lower-case (e.g. "ego_view" -> "base"). A frame
-    may also be sent under the key's own name, with or without "video."."""
-    roles = steps.camera_roles([_short(key).lower() for key in emb.video_keys])
-    return list(zip(roles, emb.video_keys, strict=True))
+    may also be sent under the key's own name, with or without "video." (N1.5 and N1.7)."""
+    roles = steps.camera_roles([_short(key).lower() for key in video_keys])
+    return list(zip(roles, video_keys, strict=True))
+
+
+def camera_roles(emb: Embodiment) -> list[tuple[str, str]]:
+    """video_roles of an N1.5 embodiment's video keys, in data config order."""
+    return video_roles(emb.video_keys)
 
 
 def describe(embodiments: Iterable[Embodiment], lerobot: bool) -> str:
