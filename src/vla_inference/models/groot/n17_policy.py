@@ -60,9 +60,9 @@ from vla_inference.models.groot.n17_processor import (
     build_embodiments,
     formalize,
 )
-from vla_inference.models.groot.policy import camera_map, describe_model, video_roles
+from vla_inference.models.groot.policy import GrootVersion, camera_map, describe_model, video_roles
 from vla_inference.models.groot.static import Groot17Static
-from vla_inference.models.policy import FlowPolicy, Loaded, Raw
+from vla_inference.models.policy import Loaded, Raw
 from vla_inference.preprocessing.steps import CameraMap, pad_to
 
 log = logging.getLogger(__name__)
@@ -144,9 +144,7 @@ def image_transform(
     return ImageTransform(albumentations, side, fraction, crop_hw, rescale, mean, std)  # type: ignore[arg-type]
 
 
-class Groot17Policy(FlowPolicy[Groot17Loaded, Groot17Batch]):
-    model_type = "groot"
-
+class Groot17Policy(GrootVersion[Groot17Loaded, Groot17Batch, Groot17Config]):
     # --- loading ---------------------------------------------------------------------------
 
     def load_checkpoint(self, path: str | None) -> Groot17Loaded:
@@ -231,22 +229,6 @@ class Groot17Policy(FlowPolicy[Groot17Loaded, Groot17Batch]):
             images_per_row=max(counts),
             backend=self.settings.compile_backend,
         )
-
-    @property
-    def config(self) -> Groot17Config:
-        return self.loaded.network.cfg
-
-    def embodiment(self, tag: str) -> Embodiment17:
-        return self.loaded.embodiments[self.resolve_embodiment(tag)]
-
-    def num_steps(self) -> int:
-        return self.settings.num_denoise_steps or self.config.head.num_inference_timesteps
-
-    def noise_shape(self) -> tuple[int, int]:
-        return self.config.head.action_horizon, self.config.head.action_dim
-
-    def action_width(self, sample: base.PreparedSample) -> int:
-        return self.loaded.embodiments[sample.embodiment].action_dim
 
     def warmup_observation(self) -> base.Observation:
         emb = self.loaded.embodiments[self.model_info.default_embodiment]

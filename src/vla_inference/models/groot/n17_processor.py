@@ -135,6 +135,11 @@ class Embodiment17:
         return sum(k.dim for k in self.state)
 
     @property
+    def model_action_dim(self) -> int:
+        """The model's action values this embodiment reads (N1.7 encodes keys one to one)."""
+        return self.action_dim
+
+    @property
     def action_dim(self) -> int:
         return sum(k.dim for k in self.action)
 

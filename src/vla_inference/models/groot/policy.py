@@ -52,7 +52,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -106,9 +106,37 @@ def prompt_text(instruction: str, num_images: int, tokens_per_image: int) -> str
     )
 
 
-class GrootPolicy(FlowPolicy[GrootLoaded, GrootBatch]):
+L = TypeVar("L", bound=Loaded[Any])
+B = TypeVar("B", bound=tuple[Any, ...])
+C = TypeVar("C")
+
+
+class GrootVersion(FlowPolicy[L, B], Generic[L, B, C]):
+    """What the GR00T versions' policies share (N1.5 below, N1.7 in n17_policy.py): the config, the
+    embodiment lookup, the action head's step count and chunk shape, the width the confidence reads.
+    The loaded state has `embodiments`, each with its `model_action_dim`."""
+
     model_type = "groot"
 
+    @property
+    def config(self) -> C:
+        return self.loaded.network.cfg  # type: ignore[no-any-return]
+
+    def action_width(self, sample: base.PreparedSample) -> int:
+        return int(self.loaded.embodiments[sample.embodiment].model_action_dim)  # type: ignore[attr-defined]
+
+    def embodiment(self, tag: str) -> Any:
+        return self.loaded.embodiments[self.resolve_embodiment(tag)]  # type: ignore[attr-defined]
+
+    def num_steps(self) -> int:
+        return int(self.settings.num_denoise_steps or self.loaded.network.cfg.head.num_inference_timesteps)
+
+    def noise_shape(self) -> tuple[int, int]:
+        head = self.loaded.network.cfg.head
+        return int(head.action_horizon), int(head.action_dim)
+
+
+class GrootPolicy(GrootVersion[GrootLoaded, GrootBatch, GrootConfig]):
     # --- loading ---------------------------------------------------------------------------
 
     def load_checkpoint(self, path: str | None) -> GrootLoaded:
@@ -175,22 +203,6 @@ class GrootPolicy(FlowPolicy[GrootLoaded, GrootBatch]):
         return GrootStatic(
             loaded.network, prompt_len=length, images_per_row=views, backend=self.settings.compile_backend
         )
-
-    @property
-    def config(self) -> GrootConfig:
-        return self.loaded.network.cfg
-
-    def embodiment(self, tag: str) -> Embodiment:
-        return self.loaded.embodiments[self.resolve_embodiment(tag)]
-
-    def num_steps(self) -> int:
-        return self.settings.num_denoise_steps or self.config.head.num_inference_timesteps
-
-    def noise_shape(self) -> tuple[int, int]:
-        return self.config.action_horizon, self.config.action_dim
-
-    def action_width(self, sample: base.PreparedSample) -> int:
-        return self.loaded.embodiments[sample.embodiment].model_action_dim
 
     def warmup_observation(self) -> base.Observation:
         info = self.model_info
