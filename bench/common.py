@@ -34,11 +34,65 @@ class Target:
     note: str = ""
     skipped: str = ""  # why it cannot run here ("" = runnable)
     extra_env: dict[str, str] = field(default_factory=dict)
+    cameras: int = 1  # camera frames per request: the first `cameras` of the model's camera_names
 
     def env(self) -> dict[str, str]:
         env = {"VLA_MODEL_TYPE": self.model_type, "VLA_MODEL_PATH": self.checkpoint}
         env.update(self.extra_env)
         return env
+
+    def request(self, info: Any, seed: int = 0) -> Any:
+        """The benchmark's Predict request for this target's model (ModelInfo or ModelDescription)."""
+        return make_request(info, seed=seed, cameras=self.cameras)
+
+
+@dataclass(frozen=True)
+class Tiny:
+    """A backend's tiny configuration: the class that must import, the test checkpoint writer."""
+
+    model_type: str
+    module: str
+    cls: str
+    helper: str  # tests/helpers/<helper>.py
+    writer: str
+    writer_args: dict[str, Any] = field(default_factory=dict)
+    cameras: int = 1
+
+
+TINY = {
+    "openvla": Tiny(
+        "openvla",
+        "vla_inference.models.openvla.policy",
+        "OpenVLAPolicy",
+        "openvla_checkpoints",
+        "write_tiny_openvla_checkpoint",
+    ),
+    # OpenVLA-OFT: upstream's .pt files converted as `vla-inference convert oft` does; base + wrist.
+    "openvla-oft": Tiny(
+        "openvla",
+        "vla_inference.models.openvla.policy",
+        "OpenVLAOFTPolicy",
+        "oft_checkpoints",
+        "write_tiny_oft_checkpoint",
+        {"convert": True},
+        cameras=2,
+    ),
+    "groot": Tiny(
+        "groot",
+        "vla_inference.models.groot.policy",
+        "GrootPolicy",
+        "groot_checkpoints",
+        "write_tiny_groot_checkpoint",
+    ),
+    # self-contained: the tiny SmolVLM backbone and its tokenizer inside the checkpoint directory
+    "smolvla": Tiny(
+        "smolvla",
+        "vla_inference.models.smolvla.policy",
+        "SmolVLAPolicy",
+        "smolvla_checkpoints",
+        "write_tiny_smolvla",
+    ),
+}
 
 
 def _tests_helper(module: str, function: str) -> Any:
@@ -59,42 +113,30 @@ def _importable(module: str, name: str) -> str:
     return ""
 
 
-def default_targets(workdir: Path, families: Sequence[str] = ("pi0", "openvla", "groot")) -> list[Target]:
+def default_targets(
+    workdir: Path, families: Sequence[str] = ("pi0", "openvla", "openvla-oft", "groot", "smolvla")
+) -> list[Target]:
     """The embedded default model, then tiny configurations of each other backend that has landed."""
     targets: list[Target] = []
     if "pi0" in families:
         why = _importable("vla_inference.models.pi0.policy", "Pi0Policy")
         targets.append(Target("pi0-metaworld (embedded default)", "pi0", skipped=why))
-    specs = {
-        "openvla": (
-            "vla_inference.models.openvla.policy",
-            "OpenVLAPolicy",
-            "openvla_checkpoints",
-            "write_tiny_openvla_checkpoint",
-        ),
-        "groot": (
-            "vla_inference.models.groot.policy",
-            "GrootPolicy",
-            "groot_checkpoints",
-            "write_tiny_groot_checkpoint",
-        ),
-    }
-    for family, (module, cls, helper, writer) in specs.items():
+    for family, spec in TINY.items():
         if family not in families:
             continue
         name = f"{family}-tiny (random weights, test size)"
-        why = _importable(module, cls)
+        why = _importable(spec.module, spec.cls)
         if why:
-            targets.append(Target(name, family, skipped=why))
+            targets.append(Target(name, spec.model_type, skipped=why))
             continue
         try:
             path = workdir / f"{family}-tiny"
-            _tests_helper(helper, writer)(path)
-            targets.append(Target(name, family, checkpoint=str(path), note=f"tests/helpers/{helper}.py"))
+            _tests_helper(spec.helper, spec.writer)(path, **spec.writer_args)
+            note = f"tests/helpers/{spec.helper}.py"
+            targets.append(Target(name, spec.model_type, str(path), note, cameras=spec.cameras))
         except Exception as exc:
-            targets.append(
-                Target(name, family, skipped=f"tiny checkpoint writer failed: {type(exc).__name__}: {exc}")
-            )
+            why = f"tiny checkpoint writer failed: {type(exc).__name__}: {exc}"
+            targets.append(Target(name, spec.model_type, skipped=why))
     return targets
 
 
@@ -122,17 +164,20 @@ def jpeg_bytes(size: int = IMAGE_SIZE, seed: int = 0) -> bytes:
     return simplejpeg.encode_jpeg(scene_image(size, seed), quality=JPEG_QUALITY, colorspace="RGB")
 
 
-def make_request(info: Any, seed: int = 0, request_id: str = "") -> Any:
-    """A Predict request for a model described by a ModelInfo message (or ModelDescription)."""
+def make_request(info: Any, seed: int = 0, request_id: str = "", cameras: int = 1) -> Any:
+    """A Predict request for a model described by a ModelInfo message (or ModelDescription): the
+    main camera, and the next `cameras - 1` of the model's cameras (other frames)."""
     from vla_inference.client import make_observation
 
     state_dims = dict(info.state_dims)
     embodiment = info.default_embodiment
     joints = np.linspace(-0.5, 0.5, int(state_dims.get(embodiment, 7)), dtype=np.float32)
+    further = list(info.camera_names)[1:cameras]
     return make_observation(
         jpeg_bytes(seed=seed),
         joints.tolist(),
         INSTRUCTION,
+        cameras={name: jpeg_bytes(seed=seed + i) for i, name in enumerate(further, 1)},
         seed=seed,
         request_id=request_id,
     )

@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from bench.common import Target, make_request, summary_ms
+from bench.common import Target, summary_ms
 from bench.loadgen import load_average
 
 
@@ -31,7 +31,7 @@ class Floor:
         self.model.load(target.checkpoint or None, "cpu")
         self.load_s = time.perf_counter() - t0
         info = self.model.model_info
-        request = make_request(info)
+        request = target.request(info)
         prep: list[float] = []
         sample = None
         for _ in range(20):

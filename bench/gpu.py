@@ -4,19 +4,28 @@ compiled (VLA_COMPILE's static-shape path).
     bench/gpu.sh            # on a GPU machine (bf16, real sizes); < 8 minutes on one H100/H200
     bench/gpu.sh --tiny     # anywhere, on CPU: the same code with tiny configurations
 
-For each family: pi0 (1 and 3 cameras), pi0.5, OpenVLA 7B, GR00T N1.5 —
+For each family: pi0 (1 and 3 cameras), pi0.5, OpenVLA 7B, OpenVLA-OFT 7B (LIBERO: 2 cameras, proprio,
+an 8 x 7 chunk per pass), GR00T N1.5, GR00T N1.7 (2 images),
+SmolVLA (1 and 3 cameras), pi0-FAST —
   - the network built from the family's named configuration directly on the device (no
     checkpoint files, nothing downloaded), random weights, bf16 on CUDA (float32 on CPU),
   - model latency p50/p99 at batch 1 and throughput at batch 8 (the model's own inference entry
-    point: pi0 / GR00T sample, OpenVLA generate), synchronised timing,
-  - compiled (families with a latency goal, --compile): the static-shape runner the policies use
-    under VLA_COMPILE (Pi0Static, OpenVLAStatic, GrootStatic; torch.compile fullgraph, CUDA
-    graphs via mode="reduce-overhead" on CUDA), its first-call time (compile + capture), latency
-    p50/p99 at batch 1 (bucket 1), the speed-up over eager, and its agreement with eager; with
-    --compile-batch also the batch bucket's throughput,
+    point: pi0 / GR00T / SmolVLA sample, OpenVLA generate, OpenVLA-OFT forward), synchronised
+    timing; for OpenVLA and OpenVLA-OFT also the batch-1 time per action (OFT: a pass / its chunk of 8),
+  - compiled (families with a latency goal, and SmolVLA, GR00T N1.7; --compile): the static-shape
+    runner the policies use under VLA_COMPILE (Pi0Static, OpenVLAStatic, OFTStatic, GrootStatic,
+    Groot17Static, SmolVLAStatic; torch.compile fullgraph, CUDA graphs via mode="reduce-overhead" on
+    CUDA), its first-call time (compile + capture), latency p50/p99 at batch 1 (bucket 1), the
+    speed-up over eager, and its agreement with eager; with --compile-batch also the batch bucket's
+    throughput,
   - real-time chunking (pi0 families; --no-rtc skips it): batch-1 latency of hard, guided with the
     Jacobian (a backward pass per step) and guided with the velocity held constant, eager and
     compiled where the static path runs it, against the plain pass,
+  - pi0-FAST (autoregressive; `bench/gpu.sh --only pi0-FAST` runs it alone): LeRobot's 3 cameras
+    and 200-token prompt, a decode of a fixed 64 tokens (no stop: random weights never write "|"),
+    eager and compiled (Pi0FastStatic, measured by default) at batch 1 and 8: time to first
+    token (the prefill), total decode time = time to first action (a FAST chunk is a DCT: its
+    first action needs every token), per-token time and tokens/s per robot,
   - peak device memory (torch.cuda.max_memory_allocated) and the weights' size,
   - end-to-end Predict through the real server (VLAServer, grpc.aio, 127.0.0.1) with a 224x224
     JPEG, using a thin bench adapter (SyntheticPolicy) around the same network: the families'
@@ -40,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import importlib
 import json
@@ -130,6 +140,8 @@ class Family:
     cameras: int = 1
 
     goal_ms: float | None = None  # batch-1 latency goal on one H100/H200 in bf16 (issue 15)
+    compile_always: bool = False  # measured compiled under --compile goals too (no goal of its own)
+    actions_per_pass: int | None = None  # for a time per action: OpenVLA 1, OpenVLA-OFT its chunk
 
     # set by prepare()
     model: Any = None
@@ -268,7 +280,9 @@ class OpenVLAFamily(Family):
 
     def build_static(self, backend: str) -> None:
         mod = importlib.import_module(self.module)
-        self.runner = mod.OpenVLAStatic(self.model, mod.STATIC_PROMPT_TOKENS, 7, backend=backend)
+        self.runner = _static_module(self.module).OpenVLAStatic(
+            self.model, mod.STATIC_PROMPT_TOKENS, 7, backend=backend
+        )
 
     def agreement(self, eager: np.ndarray, compiled: np.ndarray) -> dict[str, Any]:
         return {"tokens_equal_eager": round(float((eager == compiled).mean()), 4)}
@@ -287,6 +301,49 @@ class OpenVLAFamily(Family):
         with torch.inference_mode():
             out = generate(pixels, prompts, 7)  # 7 action tokens, as for a 7-DoF arm
         return out.tokens.float().cpu().numpy()[:, None, :]
+
+
+class OpenVLAOFTFamily(Family):
+    """OpenVLA-OFT (models/openvla/oft.py): `cameras` images per robot, the proprio token, one pass."""
+
+    def build(self, device: torch.device, dtype: torch.dtype) -> None:
+        mod = importlib.import_module(self.module)
+        self.cfg = mod.OFTConfig.named(self.config_name, num_images=self.cameras)
+        self.model = _build(lambda: mod.OpenVLAOFT(self.cfg), device, dtype)
+        self.device, self.dtype = device, dtype
+        self.actions_per_pass = self.cfg.chunk_size
+
+    def image_size(self) -> int:
+        return int(self.cfg.vla.dino.image_size)
+
+    def build_static(self, backend: str) -> None:
+        model_mod = importlib.import_module("vla_inference.models.openvla.model")
+        self.runner = _static_module(self.module).OFTStatic(
+            self.model, model_mod.STATIC_PROMPT_TOKENS, backend=backend
+        )
+
+    def sample_inputs(self, pixels: np.ndarray, seed: int) -> dict[str, Any]:
+        img = _normalise(pixels)
+        rng = np.random.default_rng(seed)
+        ids = rng.integers(3, 32000, self.prompt_tokens).astype(np.int64)
+        ids[0] = 1  # BOS
+        return {
+            "pixels": np.stack([np.concatenate([img, img])] * self.cameras),  # (I, 6, S, S)
+            "proprio": rng.uniform(-1, 1, self.cfg.proprio_dim).astype(np.float32),
+            "ids": ids,
+        }
+
+    def run(self, samples: Sequence[dict[str, Any]], compiled: bool = False) -> np.ndarray:
+        mod = importlib.import_module(self.module)
+        pixels = torch.from_numpy(np.stack([s["pixels"] for s in samples])).to(self.device, self.dtype)
+        proprio = torch.from_numpy(np.stack([s["proprio"] for s in samples])).to(self.device, self.dtype)
+        prompts = [torch.from_numpy(s["ids"]) for s in samples]
+        with torch.inference_mode():
+            if compiled:
+                actions = self.runner.predict(pixels, proprio, prompts)
+            else:
+                actions = self.model(mod.OFTBatch(self.model.layout(pixels, prompts), proprio))
+        return actions.float().cpu().numpy()
 
 
 class GrootFamily(Family):
@@ -321,42 +378,254 @@ class GrootFamily(Family):
             "noise": rng.standard_normal((cfg.action_horizon, cfg.action_dim)).astype(np.float32),
         }
 
+    def stack(self, samples: Sequence[dict[str, Any]], key: str, dtype: torch.dtype) -> torch.Tensor:
+        return torch.from_numpy(np.stack([s[key] for s in samples])).to(self.device, dtype)
+
+    def batch(self, samples: Sequence[dict[str, Any]]) -> Any:
+        ids = self.stack(samples, "ids", torch.long)
+        return importlib.import_module(self.module).GrootBatch(
+            pixels=self.stack(samples, "pixels", self.dtype),  # (B, cameras, 3, S, S)
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids, dtype=torch.bool),
+            state=self.stack(samples, "state", torch.float32),
+            embodiment_ids=torch.zeros(len(samples), dtype=torch.long, device=self.device),
+        )
+
+    def run(self, samples: Sequence[dict[str, Any]], compiled: bool = False) -> np.ndarray:
+        sampler = self.runner if compiled else self.model
+        steps = self.cfg.head.num_inference_timesteps
+        with torch.inference_mode():
+            actions, _ = sampler.sample(
+                self.batch(samples), self.stack(samples, "noise", torch.float32), steps
+            )
+        return actions.float().cpu().numpy()
+
+
+class Groot17Family(GrootFamily):
+    """GR00T N1.7: the Cosmos-Reason2 backbone, the 32-layer DiT; `cameras` images per sample
+    (LIBERO: 2 cameras, DROID: 1 camera x 2 frames), each of image_size^2 / 32^2 tokens."""
+
+    def build(self, device: torch.device, dtype: torch.dtype) -> None:
+        mod = importlib.import_module(self.module)
+        self.cfg = mod.Groot17Config.named(self.config_name)
+        self.model = _build(lambda: mod.Groot17(self.cfg), device, dtype)
+        self.device, self.dtype = device, dtype
+
+    def build_static(self, backend: str) -> None:
+        from vla_inference.models.groot.model import STATIC_INSTRUCTION_TOKENS
+
+        ids = self.cfg.tokens_per_image * self.cameras + self.prompt_tokens
+        length = -(-(ids + STATIC_INSTRUCTION_TOKENS) // 16) * 16
+        self.runner = _static_module(self.module).Groot17Static(
+            self.model, length, self.cameras, backend=backend
+        )
+
+    def sample_inputs(self, pixels: np.ndarray, seed: int) -> dict[str, Any]:
+        from vla_inference.models.groot.cosmos import mrope_positions
+
+        cfg, bb = self.cfg, self.cfg.backbone
+        rng = np.random.default_rng(seed)
+        text = rng.integers(3, min(bb.image_token_id, 150_000), self.prompt_tokens).astype(np.int64)
+        image_tokens = np.full(cfg.tokens_per_image * self.cameras, bb.image_token_id, np.int64)
+        ids = np.concatenate([text[:2], image_tokens, text[2:]])
+        tensor = torch.from_numpy(ids)[None]
+        positions = mrope_positions(
+            tensor, torch.ones_like(tensor, dtype=torch.bool), cfg.grid, bb.image_token_id
+        )
+        return {
+            "pixels": np.stack([_normalise(pixels)] * self.cameras),
+            "ids": ids,
+            "positions": positions[:, 0].numpy(),
+            "state": np.zeros((cfg.head.state_history, cfg.head.max_state_dim), np.float32),
+            "noise": rng.standard_normal((cfg.head.action_horizon, cfg.head.action_dim)).astype(np.float32),
+        }
+
+    def batch(self, samples: Sequence[dict[str, Any]]) -> Any:
+        ids = self.stack(samples, "ids", torch.long)
+        return importlib.import_module(self.module).Groot17Batch(
+            pixels=self.stack(samples, "pixels", self.dtype),  # (B, images, 3, S, S)
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids, dtype=torch.bool),
+            positions=self.stack(samples, "positions", torch.long),
+            state=self.stack(samples, "state", torch.float32),
+            embodiment_ids=torch.zeros(len(samples), dtype=torch.long, device=self.device),
+        )
+
+
+class SmolVLAFamily(Family):
+    def build(self, device: torch.device, dtype: torch.dtype) -> None:
+        mod = importlib.import_module(self.module)
+        self.cfg = mod.SmolVLAConfig.named(self.config_name)
+        self.model = _build(lambda: mod.SmolVLAModel(self.cfg), device, dtype)
+        self.device, self.dtype = device, dtype
+
+    def image_size(self) -> int:
+        return int(self.cfg.vision.image_size)
+
+    def build_static(self, backend: str) -> None:
+        # As SmolVLAPolicy: every camera slot of the checkpoint, the prompt padded to 48 tokens.
+        self.runner = _static_module(self.module).SmolVLAStatic(
+            self.model, slots=range(self.cameras), backend=backend
+        )
+
+    def sample_inputs(self, pixels: np.ndarray, seed: int) -> dict[str, Any]:
+        cfg = self.cfg
+        rng = np.random.default_rng(seed)
+        n = min(self.prompt_tokens, cfg.tokenizer_max_length)
+        return {
+            "images": np.stack([_normalise(pixels)] * self.cameras),
+            "tokens": rng.integers(3, cfg.vocab_size, n).astype(np.int64),
+            "state": np.zeros(cfg.max_state_dim, np.float32),
+            "noise": rng.standard_normal((cfg.chunk_size, cfg.max_action_dim)).astype(np.float32),
+        }
+
     def run(self, samples: Sequence[dict[str, Any]], compiled: bool = False) -> np.ndarray:
         dev = self.device
+        mod = importlib.import_module(self.module)
 
         def stack(key: str, dtype: torch.dtype) -> torch.Tensor:
             return torch.from_numpy(np.stack([s[key] for s in samples])).to(dev, dtype)
 
-        mod = importlib.import_module(self.module)
-        ids = stack("ids", torch.long)
-        batch = mod.GrootBatch(
-            pixels=stack("pixels", self.dtype),  # (B, cameras, 3, S, S)
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids, dtype=torch.bool),
+        images, tokens = stack("images", self.dtype), stack("tokens", torch.long)
+        batch = mod.SmolVLABatch(
+            images=images,
+            image_masks=torch.ones(images.shape[:2], dtype=torch.bool, device=dev),
+            tokens=tokens,
+            token_masks=torch.ones_like(tokens, dtype=torch.bool),
             state=stack("state", torch.float32),
-            embodiment_ids=torch.zeros(len(samples), dtype=torch.long, device=dev),
         )
         sampler = self.runner if compiled else self.model
-        steps = self.cfg.head.num_inference_timesteps
         with torch.inference_mode():
-            actions, _ = sampler.sample(batch, stack("noise", torch.float32), steps)
+            actions, _ = sampler.sample(batch, stack("noise", torch.float32), self.cfg.num_steps)
         return actions.float().cpu().numpy()
+
+
+class Pi0FastFamily(Family):
+    """pi0-FAST: `run` decodes DECODE_TOKENS tokens a row (stop token -1: never stops early)."""
+
+    DECODE_TOKENS = 64  # a typical FAST answer (LeRobot's budget is 256)
+
+    def build(self, device: torch.device, dtype: torch.dtype) -> None:
+        mod = importlib.import_module(self.module)
+        self.cfg = mod.Pi0FastConfig.named(self.config_name)
+        self.model = _build(lambda: mod.Pi0FastModel(self.cfg), device, dtype)
+        self.device, self.dtype = device, dtype
+        self.rules = mod.Rules(stop_token=-1, pad_token=0)
+
+    def image_size(self) -> int:
+        return int(self.cfg.vision.image_size)
+
+    def build_static(self, backend: str) -> None:
+        self.runner = _static_module(self.module).Pi0FastStatic(
+            self.model, self.cameras, self.prompt_tokens, self.DECODE_TOKENS, backend=backend
+        )
+
+    def agreement(self, eager: np.ndarray, compiled: np.ndarray) -> dict[str, Any]:
+        return {"tokens_equal_eager": round(float((eager == compiled).mean()), 4)}
+
+    def sample_inputs(self, pixels: np.ndarray, seed: int) -> dict[str, Any]:
+        """LeRobot's layout: the prompt (60 valid tokens) right-padded to 200, then the decode BOS."""
+        rng = np.random.default_rng(seed)
+        tokens = np.zeros(self.prompt_tokens, np.int64)
+        tokens[:60] = rng.integers(3, min(self.cfg.vocab_size, 256_000), 60)
+        tokens[0] = tokens[-1] = 2  # BOS, and the decode-time BOS
+        mask = np.zeros(self.prompt_tokens, bool)
+        mask[:60] = mask[-1] = True
+        return {"images": np.stack([_normalise(pixels)] * self.cameras), "tokens": tokens, "mask": mask}
+
+    def batch(self, samples: Sequence[dict[str, Any]]) -> Any:
+        mod = importlib.import_module(self.module)
+
+        def stack(key: str, dtype: torch.dtype) -> torch.Tensor:
+            return torch.from_numpy(np.stack([s[key] for s in samples])).to(self.device, dtype)
+
+        images = stack("images", self.dtype)
+        return mod.Pi0FastBatch(
+            images=images,
+            image_masks=torch.ones(images.shape[:2], dtype=torch.bool, device=self.device),
+            tokens=stack("tokens", torch.long),
+            token_masks=stack("mask", torch.bool),
+            seeds=torch.arange(len(samples), device=self.device),
+        )
+
+    def run(self, samples: Sequence[dict[str, Any]], compiled: bool = False, tokens: int = 0) -> np.ndarray:
+        """Decode `tokens` (default DECODE_TOKENS) tokens a row -> (B, 1, tokens) token ids."""
+        batch, n = self.batch(samples), tokens or self.DECODE_TOKENS
+        if compiled:
+            out = self.runner.generate(batch, self.rules, limit=n)
+        else:
+            out = self.model.generate(batch, self.rules, n)
+        return out.tokens[:, :n].float().cpu().numpy()[:, None, :]
+
+
+def decode_figures(fam: Pi0FastFamily, device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
+    """Eager and compiled (when the runner was built), batch 1 and --batch: time to first token,
+    the whole decode (= time to first action), per-token time, tokens/s per robot."""
+    out: dict[str, Any] = {"decode_tokens": fam.DECODE_TOKENS}
+    for rows in (1, args.batch):
+        samples = fam.synthetic_batch(rows)
+        for where in ("eager", "compiled") if fam.runner is not None else ("eager",):
+            compiled = where == "compiled"
+            for _ in range(2):  # warm-up (and a compiled bucket's first calls)
+                fam.run(samples, compiled)
+            first_token = functools.partial(fam.run, samples, compiled, 1)
+            whole = functools.partial(fam.run, samples, compiled)
+            first = _stats(_time(first_token, device, args.reps, args.budget_s))
+            total = _stats(_time(whole, device, args.reps, args.budget_s))
+            row = {"first_token": first, "time_to_first_action": total}
+            if first.get("p50_ms") and total.get("p50_ms"):
+                row["per_token_ms"] = round((total["p50_ms"] - first["p50_ms"]) / (fam.DECODE_TOKENS - 1), 3)
+                row["tokens_per_s_per_robot"] = round(fam.DECODE_TOKENS * 1000 / total["p50_ms"], 1)
+            out[f"batch{rows}_{where}"] = row
+    return out
 
 
 def families(tiny: bool) -> list[Family]:
     """The families and their batch-1 goals (bf16, one H100/H200; issue 15): pi0 with 3 cameras
-    and 10 steps <= 20 ms, pi0.5 similar, OpenVLA 7B <= 60 ms per action, GR00T N1.5 <= 20 ms."""
+    and 10 steps <= 20 ms, pi0.5 similar, OpenVLA 7B <= 60 ms per action, GR00T N1.5 <= 20 ms.
+    SmolVLA (issue 24, no goal) with 1 and 3 cameras, eager and compiled."""
     pi0, pi05 = ("pi0_dummy", "pi05_dummy") if tiny else ("pi0", "pi05")
     pi0_mod = "vla_inference.models.pi0.model"
+    smol, smol_mod = ("tiny" if tiny else "smolvla_base"), "vla_inference.models.smolvla.model"
     return [
         Pi0Family("pi0 (1 camera)", pi0_mod, pi0, prompt_tokens=20, cameras=1),
         Pi0Family("pi0 (3 cameras)", pi0_mod, pi0, prompt_tokens=20, cameras=3, goal_ms=20),
         Pi0Family("pi0.5 (1 camera)", pi0_mod, pi05, prompt_tokens=60, cameras=1, goal_ms=20),
         OpenVLAFamily(
-            "OpenVLA 7B", "vla_inference.models.openvla.model", "tiny" if tiny else "7b", 24, goal_ms=60
+            "OpenVLA 7B",
+            "vla_inference.models.openvla.model",
+            "tiny" if tiny else "7b",
+            24,
+            goal_ms=60,
+            actions_per_pass=1,
+        ),
+        # LIBERO's layout: third-person + wrist camera, proprio 8, 8 x 7 actions per pass.
+        OpenVLAOFTFamily(
+            "OpenVLA-OFT 7B", "vla_inference.models.openvla.oft", "tiny" if tiny else "libero", 24, cameras=2
         ),
         GrootFamily(
             "GR00T N1.5", "vla_inference.models.groot.model", "tiny" if tiny else "n1.5-3b", 16, goal_ms=20
+        ),
+        # GR00T N1.7 (issue 25, no goal): two images per sample, eager and compiled.
+        Groot17Family(
+            "GR00T N1.7 (2 images)",
+            "vla_inference.models.groot.n17",
+            "tiny" if tiny else "n1.7-3b",
+            20,
+            cameras=2,
+            compile_always=True,
+        ),
+        SmolVLAFamily("SmolVLA (1 camera)", smol_mod, smol, prompt_tokens=20, cameras=1, compile_always=True),
+        SmolVLAFamily(
+            "SmolVLA (3 cameras)", smol_mod, smol, prompt_tokens=20, cameras=3, compile_always=True
+        ),
+        Pi0FastFamily(
+            "pi0-FAST",
+            "vla_inference.models.pi0_fast.model",
+            "tiny" if tiny else "pi0fast_base",
+            prompt_tokens=201,
+            cameras=3,
+            compile_always=True,
         ),
     ]
 
@@ -640,21 +909,34 @@ def bench_family(
     stats = _stats(thr)
     stats["samples_per_s"] = round(args.batch * 1000 / stats["p50_ms"], 3)
     out[f"batch{args.batch}"] = stats
+    if fam.actions_per_pass:
+        out["actions_per_pass"] = fam.actions_per_pass
+        out["per_action_b1_ms"] = round(out["latency_b1"]["p50_ms"] / fam.actions_per_pass, 3)
+        out[f"per_action_batch{args.batch}_ms"] = round(stats["p50_ms"] / fam.actions_per_pass, 3)
     if cuda:
         out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-    if args.compile == "none" or (args.compile == "goals" and fam.goal_ms is None):
+    if args.compile == "none" or (args.compile == "goals" and fam.goal_ms is None and not fam.compile_always):
         out["compiled"] = {"skipped": f"--compile {args.compile}"}
     elif deadline - time.monotonic() < args.compile_min_s:
         out["compiled"] = {"skipped": f"less than {args.compile_min_s:.0f} s of the time budget left"}
     else:
         try:
             out["compiled"] = compiled_figures(fam, device, args, b1, bn, out["latency_b1"])
+            compiled_b1 = out["compiled"]["latency_b1"].get("p50_ms")
+            if fam.actions_per_pass and compiled_b1:
+                out["compiled"]["per_action_b1_ms"] = round(compiled_b1 / fam.actions_per_pass, 3)
         except Exception as exc:
             traceback.print_exc()
             fam.runner = None
             out["compiled"] = {"skipped": f"failed: {type(exc).__name__}: {exc}"}
         if cuda:
             out["peak_memory_gib_incl_compiled"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    if isinstance(fam, Pi0FastFamily):
+        try:
+            out["decode"] = decode_figures(fam, device, args)
+        except Exception as exc:
+            traceback.print_exc()
+            out["decode"] = {"skipped": f"failed: {type(exc).__name__}: {exc}"}
     if isinstance(fam, Pi0Family) and not args.no_rtc:
         try:
             out["rtc"] = rtc_figures(fam, device, args)
@@ -829,13 +1111,14 @@ def _table(result: dict[str, Any]) -> str:
         f"{result['device']} ({result['device_name']}), {result['dtype']}, torch {result['torch']}, "
         f"compiled with {result['compile_backend']}",
         "| family | config | params (M) | eager b1 p50 / p99 ms | compiled b1 p50 / p99 ms | speed-up "
-        "| goal ms | first calls s | eager b8 samples/s | peak GiB | e2e p50 / p99 ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| goal ms | first calls s | eager b8 samples/s | b1 ms per action (eager / compiled) | peak GiB "
+        "| e2e p50 / p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     batch_key = f"batch{result['batch']}"
     for r in result["families"]:
         if "skipped" in r:
-            lines.append(f"| {r['name']} | {r.get('config', '')} | skipped: {r['skipped']} |||||||||")
+            lines.append(f"| {r['name']} | {r.get('config', '')} | skipped: {r['skipped']} ||||||||||")
             continue
         e2e = r.get("e2e", {}).get("e2e", {})
         comp = r.get("compiled", {})
@@ -846,7 +1129,9 @@ def _table(result: dict[str, Any]) -> str:
             f"| {r['latency_b1'].get('p50_ms')} / {r['latency_b1'].get('p99_ms')} | {compiled} "
             f"| {comp.get('speedup_b1_p50', '-')} | {r.get('goal_b1_ms', '-')} "
             f"| {comp.get('first_calls_b1_s', '-')} "
-            f"| {r[batch_key].get('samples_per_s')} | {r.get('peak_memory_gib', '-')} "
+            f"| {r[batch_key].get('samples_per_s')} "
+            f"| {r.get('per_action_b1_ms', '-')} / {comp.get('per_action_b1_ms', '-')} "
+            f"| {r.get('peak_memory_gib', '-')} "
             f"| {e2e.get('p50_ms', '-')} / {e2e.get('p99_ms', '-')} |"
         )
     return "\n".join(lines)

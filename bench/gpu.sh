@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# GPU benchmark: pi0 (1 and 3 cameras), pi0.5, OpenVLA 7B, GR00T N1.5 at real size with random
-# weights built on the GPU (bf16; nothing downloaded, no checkpoint files): model latency p50/p99
-# at batch 1, throughput at batch 8, peak GPU memory, and end-to-end Predict through the server;
+# GPU benchmark: pi0 (1 and 3 cameras), pi0.5, OpenVLA 7B, OpenVLA-OFT 7B (LIBERO: 2 cameras,
+# 8 x 7 actions per pass; reported per action beside OpenVLA), GR00T N1.5 and N1.7, SmolVLA (1 and 3
+# cameras), pi0-FAST at real size with random weights built on the GPU (bf16; nothing downloaded,
+# no checkpoint files): model latency p50/p99 at batch 1, throughput at batch 8, peak GPU memory,
+# and end-to-end Predict through the server;
 # eager and compiled (VLA_COMPILE's static-shape runners, CUDA graphs) side by side against the
 # batch-1 goals (pi0 3 cameras / pi0.5 / GR00T <= 20 ms, OpenVLA 7B <= 60 ms).
 #
 #   bench/gpu.sh            on a GPU machine; finishes in under 8 minutes on one H100/H200
 #   bench/gpu.sh --tiny     tiny configurations on the CPU (checks the script anywhere)
+#   bench/gpu.sh --only smolvla     one family (name prefixes, comma-separated)
+#   bench/gpu.sh --only pi0-FAST   one family (pi0-FAST: time to first token / first action, eager
+#                                  and compiled, batch 1 and 8)
 #
 # Results: $OUT/gpu-bench.json when OUT is set, else bench/results/gpu-<UTC stamp>.json.
 # Extra arguments go to `python -m bench.gpu` (see --help). PYTHON overrides the interpreter

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench.fast_decode import markdown as fast_decode_markdown
+
 
 def _f(value: Any, digits: int = 2) -> str:
     if value is None:
@@ -229,14 +231,16 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["## Skipped", ""]
         lines += [f"- {t['name']}: {t['skipped']}" for t in skipped]
         lines.append("")
+    lines += fast_decode_markdown(result.get("pi0_fast", {}))
     sched = result.get("scheduling", {})
-    lines += ["## 6. Scheduling against a simulated device, and CPU per request (issue 28)", ""]
-    if sched.get("skipped"):
-        lines += [f"Not run ({sched['skipped']}).", ""]
-    elif sched:
-        from bench.scheduling import markdown as scheduling_markdown
+    if sched:
+        lines += ["## Scheduling against a simulated device, and CPU per request (issue 28)", ""]
+        if sched.get("skipped"):
+            lines += [f"Not run ({sched['skipped']}).", ""]
+        else:
+            from bench.scheduling import markdown as scheduling_markdown
 
-        lines += [scheduling_markdown(sched)]
+            lines += [scheduling_markdown(sched)]
     lines += ["## Goals (where we stand; not assertions)", ""]
     for name, g in result.get("goal_status", {}).items():
         lines.append(f"- {name}: {_goal(g)}")

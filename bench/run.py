@@ -8,8 +8,13 @@ have landed (reduced set):
   4. stream     StreamControl at a fixed control rate: per-step latency, deadlines met
   5. fleet      1..16 closed-loop robots, batching on and off: requests/s, p99, efficiency
   6. peer       the same model under Ray Serve (@serve.batch, gRPC ingress) at 8 robots
-  7. scheduling the default model's server against a simulated device, and its CPU per request
-                (bench/scheduling.py, issue 28)
+  +  pi0_fast     autoregressive decoding of a tiny pi0-FAST: tokens/s per robot and chunks/s at
+                 1 and 8 robots, in-process and through the server (bench/fast_decode.py)
+
+  +  scheduling   the default model's server against a simulated device, and its CPU per request
+                 (bench/scheduling.py, issue 28)
+
+`--phases` picks what runs: "targets" (1-6), "pi0_fast" and "scheduling", all by default.
 
 Writes bench/results/<UTC timestamp>.json and .md, copies them to latest.json / latest.md and
 prints the tables. Servers run in child processes on 127.0.0.1; every load is bounded.
@@ -29,13 +34,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import loadgen, report, scheduling
+from bench import fast_decode, loadgen, report, scheduling
 from bench.common import (
     ROOT,
     Target,
     default_targets,
     machine_facts,
-    make_request,
     package_version,
     scratch_dir,
     summary_ms,
@@ -184,7 +188,7 @@ def _serve_phases(
 
         async def off() -> None:
             info = await loadgen.model_info(srv.target)
-            request = make_request(info)
+            request = target.request(info)
             res["request_bytes"] = request.ByteSize()
             unary = await loadgen.unary(
                 srv.target, request, count=plan.unary_count, window_s=plan.unary_window_s
@@ -224,7 +228,7 @@ def _serve_phases(
 
         async def on() -> None:
             info = await loadgen.model_info(srv.target)
-            request = make_request(info)
+            request = target.request(info)
             clients = plan.clients if full else [plan.batch_size]
             res["fleet_on"] = await _fleet_series(srv.target, request, floor, plan, plan.batch_size, clients)
 
@@ -245,7 +249,7 @@ def _serve_phases(
             ):
 
                 async def stub() -> None:
-                    request = make_request(info)
+                    request = target.request(info)
                     calls = {"count": plan.stub_count, "window_s": plan.stub_window_s, "warmup": 20}
                     # floor, ours, floor: the same client and bytes; the lower floor is kept. Then
                     # the floor served by grpc's synchronous server, for the framework question.
@@ -260,7 +264,7 @@ def _serve_phases(
                 asyncio.run(stub())
 
             async def stub_stream() -> None:
-                request = make_request(info)
+                request = target.request(info)
                 res["stream_stub"] = await loadgen.stream(
                     srv.target, request, period_s=0.1, steps=int(plan.stream_window_s / 0.1 / 3), tail_s=5.0
                 )
@@ -355,7 +359,7 @@ def run_peer(target: Target, ours: dict[str, Any], plan: Plan, logs: Path) -> di
             peer["start_s"] = round(ray.started_s, 2)
 
             async def go() -> None:
-                request = make_request(await loadgen.model_info(mine.target))
+                request = target.request(await loadgen.model_info(mine.target))
                 servers = {"ours": (mine.target, ()), "ray": (ray.target, RAY_METADATA)}
                 for addr, meta in servers.values():  # warm both the same way
                     await loadgen.fleet(addr, request, clients=n, window_s=1.5, metadata=meta)
@@ -411,18 +415,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--no-peer", action="store_true", help="skip the Ray Serve comparison")
     parser.add_argument("--quick", action="store_true", help="shorter phases (smoke test)")
-    parser.add_argument("--families", default="pi0,openvla,groot", help="comma list of model types")
+    parser.add_argument(
+        "--families",
+        default="pi0,openvla,openvla-oft,groot,smolvla",
+        help="comma list of model types (and openvla-oft)",
+    )
     parser.add_argument("--clients", default="1,2,4,8,16", help="fleet sizes")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--batch-timeout-ms", type=float, default=2.0)
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument(
-        "--no-scheduling", action="store_true", help="skip the simulated device and CPU phases"
+        "--phases",
+        default="targets,pi0_fast,scheduling",
+        help="comma list: targets (phases 1-6), pi0_fast, scheduling",
     )
     parser.add_argument(
-        "--simulated-device", default="20,1.5", metavar="T1,K", help="t(b) = T1 + K (b - 1) ms (issue 28)"
+        "--simulated-device", default="20,1.5", metavar="T1,K", help="t(b) = T1 + K (b - 1) ms (scheduling)"
     )
     args = parser.parse_args(argv)
+    phases = {p.strip() for p in args.phases.split(",") if p.strip()}
 
     started = time.monotonic()
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -451,8 +462,9 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     try:
-        targets = default_targets(work, [f.strip() for f in args.families.split(",") if f.strip()])
-        for index, target in enumerate(targets):
+        families = [f.strip() for f in args.families.split(",") if f.strip()]
+        targets = default_targets(work, families) if "targets" in phases else []
+        for target in targets:
             if target.skipped:
                 print(f"[{target.name}] skipped: {target.skipped}", flush=True)
                 result["targets"].append(
@@ -460,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 continue
             try:
-                result["targets"].append(bench_target(target, plan, full=index == 0, logs=logs))
+                result["targets"].append(bench_target(target, plan, full=not target.checkpoint, logs=logs))
             except Exception as exc:
                 traceback.print_exc()
                 result["targets"].append(
@@ -471,17 +483,6 @@ def main(argv: list[str] | None = None) -> int:
                     }
                 )
         first = result["targets"][0] if result["targets"] else {}
-        if args.no_scheduling:
-            result["scheduling"] = {"skipped": "--no-scheduling"}
-        elif "fleet_on" not in first:
-            result["scheduling"] = {"skipped": "the default model did not run"}
-        else:
-            sched_plan = scheduling.Plan(
-                quick=args.quick,
-                device=scheduling.DeviceTime.parse(args.simulated_device),
-                batch_timeout_ms=args.batch_timeout_ms,
-            )
-            result["scheduling"] = scheduling.run_phases(targets[0], sched_plan, logs)
         if args.no_peer:
             result["peer"] = {"skipped": "--no-peer"}
         elif "fleet_on" not in first:
@@ -489,6 +490,28 @@ def main(argv: list[str] | None = None) -> int:
         else:
             result["peer"] = run_peer(targets[0], first, plan, logs)
         result["pytriton"] = pytriton_status()
+        if "pi0_fast" in phases:
+            try:
+                result["pi0_fast"] = fast_decode.run(plan, work, logs, server_env)
+            except Exception as exc:
+                traceback.print_exc()
+                result["pi0_fast"] = {"skipped": f"failed: {type(exc).__name__}: {exc}"}
+        if "scheduling" in phases:
+            try:
+                sched_plan = scheduling.Plan(
+                    quick=args.quick,
+                    device=scheduling.DeviceTime.parse(args.simulated_device),
+                    batch_timeout_ms=args.batch_timeout_ms,
+                )
+                default = default_targets(work, ["pi0"])[0]
+                result["scheduling"] = (
+                    {"skipped": default.skipped}
+                    if default.skipped
+                    else scheduling.run_phases(default, sched_plan, logs)
+                )
+            except Exception as exc:
+                traceback.print_exc()
+                result["scheduling"] = {"skipped": f"failed: {type(exc).__name__}: {exc}"}
     finally:
         shutil.rmtree(work, ignore_errors=True)
         result["duration_s"] = round(time.monotonic() - started, 1)

@@ -55,7 +55,7 @@ def _predict_and_stream(running, joints, *, embodiment="", cameras=None):
 
 
 def test_registry_lists_only_real_backends():
-    assert available_model_types() == ["groot", "openvla", "pi0"]
+    assert available_model_types() == ["groot", "openvla", "pi0", "smolvla"]
 
 
 def test_random_demo_model_serves_when_asked(server_factory):

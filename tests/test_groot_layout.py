@@ -20,7 +20,8 @@ import pytest
 import torch
 import transformers
 
-from tests.helpers.reference import checkpoint_shapes
+from tests.helpers.groot_head import published_head_shapes
+from tests.helpers.reference import assert_same_layout, checkpoint_shapes
 from vla_inference.models.base import ModelLoadError
 from vla_inference.models.groot.checkpoint import config_from_json, groot_names
 from vla_inference.models.groot.model import GR00TN15, SIZES
@@ -80,52 +81,6 @@ def _prefixed(
     return out
 
 
-def _action_head_fixture() -> dict[str, tuple[int, ...]]:
-    d, cats, state, act, hid, bb = 1536, 32, 64, 32, 1024, 2048
-    f: dict[str, tuple[int, ...]] = {}
-
-    def linear(name: str, i: int, o: int) -> None:
-        f[name + ".weight"], f[name + ".bias"] = (o, i), (o,)
-
-    def cat_linear(name: str, i: int, o: int) -> None:
-        f[name + ".W"], f[name + ".b"] = (cats, i, o), (cats, o)
-
-    p = "action_head.model."
-    linear(p + "timestep_encoder.timestep_embedder.linear_1", 256, d)
-    linear(p + "timestep_encoder.timestep_embedder.linear_2", d, d)
-    for i in range(16):
-        b = f"{p}transformer_blocks.{i}."
-        kv = bb if i % 2 == 0 else d  # even blocks cross-attend to the 2048-wide VL tokens
-        linear(b + "norm1.linear", d, 2 * d)  # AdaLayerNorm; norm3 has no affine params in the DiT
-        linear(b + "attn1.to_q", d, d)
-        linear(b + "attn1.to_k", kv, d)
-        linear(b + "attn1.to_v", kv, d)
-        linear(b + "attn1.to_out.0", d, d)
-        linear(b + "ff.net.0.proj", d, 4 * d)
-        linear(b + "ff.net.2", 4 * d, d)
-    linear(p + "proj_out_1", d, 2 * d)
-    linear(p + "proj_out_2", d, hid)
-    for i in range(4):
-        b = f"action_head.vl_self_attention.transformer_blocks.{i}."
-        f[b + "norm1.weight"], f[b + "norm1.bias"] = (bb,), (bb,)
-        f[b + "norm3.weight"], f[b + "norm3.bias"] = (bb,), (bb,)
-        for proj in ("to_q", "to_k", "to_v", "to_out.0"):
-            linear(b + "attn1." + proj, bb, bb)
-        linear(b + "ff.net.0.proj", bb, 4 * bb)
-        linear(b + "ff.net.2", 4 * bb, bb)
-    cat_linear("action_head.state_encoder.layer1", state, hid)
-    cat_linear("action_head.state_encoder.layer2", hid, d)
-    cat_linear("action_head.action_encoder.W1", act, d)
-    cat_linear("action_head.action_encoder.W2", 2 * d, d)
-    cat_linear("action_head.action_encoder.W3", d, d)
-    cat_linear("action_head.action_decoder.layer1", hid, hid)
-    cat_linear("action_head.action_decoder.layer2", hid, act)
-    f["action_head.future_tokens.weight"] = (32, d)
-    f["action_head.position_embedding.weight"] = (1024, d)
-    f["action_head.vlln.weight"], f["action_head.vlln.bias"] = (bb,), (bb,)
-    return f
-
-
 def _fixture() -> dict[str, tuple[int, ...]]:
     text = transformers.Qwen3Config(
         vocab_size=151680,
@@ -154,7 +109,7 @@ def _fixture() -> dict[str, tuple[int, ...]]:
     )
     fixture["backbone.eagle_model.mlp1.0.weight"] = (2048, 1152)
     fixture["backbone.eagle_model.mlp1.0.bias"] = (2048,)
-    fixture |= _action_head_fixture()
+    fixture |= published_head_shapes(64, 32, 16, 32)
     return fixture
 
 
@@ -201,10 +156,7 @@ def test_the_loader_reads_exactly_the_checkpoint_layout() -> None:
     ):
         assert names.unused(unused) and unused not in ours
     assert not names.unused("backbone.eagle_model.language_model.model.layers.11.mlp.up_proj.weight")
-    assert sorted(set(fixture) - set(ours)) == []
-    assert sorted(set(ours) - set(fixture)) == []
-    mismatched = {k: (ours[k], fixture[k]) for k in ours if ours[k] != fixture[k]}
-    assert mismatched == {}
+    assert_same_layout(ours, fixture)
 
 
 def test_parameter_count() -> None:

@@ -26,6 +26,7 @@ from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 
+from tests.helpers import groot_head as head_ref
 from tests.helpers.reference import copy_from_reference, randomise, submap
 from vla_inference.models.common import flow
 from vla_inference.models.common.transformer import Decoder
@@ -262,21 +263,11 @@ def test_action_head_matches_diffusers_modules_and_the_published_formulas() -> N
         x = layer_norm(x, None, 1e-6) * (1 + scale[:, None]) + shift[:, None]
         return linear("action_head.model.proj_out_2", x)
 
-    # --- category-specific layers: y = x W[id] + b[id]
-    def cat_linear(name: str, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("bti,bio->bto", x, w[name + ".W"][ids]) + w[name + ".b"][ids][:, None]
-
     def cat_mlp(name: str, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return cat_linear(name + ".layer2", F.relu(cat_linear(name + ".layer1", x, ids)), ids)
+        return head_ref.cat_mlp(w, name, x, ids)
 
     def encode_actions(a: torch.Tensor, bucket: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        h = cat_linear("action_head.action_encoder.W1", a, ids)
-        half = D // 2
-        freqs = torch.exp(-torch.arange(half) * math.log(10000.0) / half)
-        angle = bucket.float()[:, None, None] * freqs  # (B, 1, half), the same for every step of the chunk
-        tau = torch.cat([angle.sin(), angle.cos()], -1).expand(-1, a.shape[1], -1)
-        x = cat_linear("action_head.action_encoder.W2", torch.cat([h, tau], -1), ids)
-        return cat_linear("action_head.action_encoder.W3", x * torch.sigmoid(x), ids)
+        return head_ref.encode_actions(w, a, bucket, ids, D)
 
     def reference_sample(
         features: torch.Tensor, state: torch.Tensor, ids: torch.Tensor, noise: torch.Tensor

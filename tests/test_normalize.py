@@ -58,6 +58,25 @@ def test_groot_modes_and_their_degenerate_ranges() -> None:
     np.testing.assert_allclose(ms.unnormalize(np.array([1.0, 2.0, 7.0])), [3.0, -1.0, 0.5])
 
 
+def test_groot_n17_clips_both_ways_and_zeroes_nearly_equal_ranges() -> None:
+    """GR00T N1.7 (gr00t/data/utils.py): min / max (q01 / q99 with use_percentiles) to [-1, 1], 0
+    where np.isclose(high, low) (1e-8 absolute, 1e-5 relative: not only where they are equal),
+    clipped when clip_outliers; the inverse clips the model's side first; mean / std passes x
+    where std is 0 (both ways) and clips only when told (actions)."""
+    lo, hi = np.array([0.0, 1.0, 100.0]), np.array([4.0, 1.0 + 5e-9, 100.0005])
+    q = nz.Normalizer(nz.QUANTILE, nz.Stats(q01=lo, q99=hi), nz.GROOT17)
+    np.testing.assert_allclose(q.normalize(np.array([1.0, 3.0, 7.0])), [-0.5, 0.0, 0.0])
+    np.testing.assert_allclose(q.normalize(np.array([9.0, 0.0, 0.0])), [1.0, 0.0, 0.0])  # clipped
+    unclipped = nz.Normalizer(nz.MIN_MAX, nz.Stats(min=lo, max=hi), nz.GROOT17, clip=False)
+    assert unclipped.normalize(np.array([9.0, 0.0, 0.0]))[0] == pytest.approx(3.5)
+    np.testing.assert_allclose(q.unnormalize(np.array([3.0, 0.5, -0.5])), [4.0, 1.0 + 3.75e-9, 100.000125])
+    ms = nz.Normalizer(nz.MEAN_STD, nz.Stats(mean=MEAN, std=STD), nz.GROOT17)
+    np.testing.assert_allclose(ms.normalize(np.array([3.0, -1.0, 7.0])), [1.0, 2.0, 7.0])
+    np.testing.assert_allclose(ms.unnormalize(np.array([5.0, 2.0, 7.0])), [11.0, -1.0, 7.0])
+    clipped = nz.Normalizer(nz.MEAN_STD, nz.Stats(mean=MEAN, std=STD), nz.GROOT17, clip=True)
+    np.testing.assert_allclose(clipped.normalize(np.array([3.0, -1.0, 7.0])), [1.0, 1.0, 1.0])
+
+
 def test_openvla_bounds_honour_the_mask_and_clip_only_the_normalised_side() -> None:
     """OpenVLA: where(mask, 0.5 (y + 1) (q99 - q01) + q01, y) (eps 0); OFT's proprio:
     clip(where(mask, 2 (x - q01) / (q99 - q01 + 1e-8) - 1, x), -1, 1), and its actions un-normalised

@@ -37,6 +37,7 @@ from transformers import (
 
 from tests.helpers.reference import checkpoint_shapes
 from vla_inference.models.common.vit import FINAL, VisionTower
+from vla_inference.models.common.weights import NameMap
 from vla_inference.models.openvla.checkpoint import openvla_names, parse_config
 from vla_inference.models.openvla.model import TIMM_TOWERS, OpenVLA, OpenVLAConfig
 
@@ -115,18 +116,26 @@ def _count(shapes: Shapes) -> int:
     return total
 
 
-def test_7b_reads_the_published_layout_and_skips_only_what_it_never_runs() -> None:
-    cfg = OpenVLAConfig.named("7b")
-    with torch.device("meta"):
-        model = OpenVLA(cfg)
-    names = openvla_names(cfg)
+def reads_exactly(model: torch.nn.Module, names: NameMap, expected: Shapes) -> set[str]:
+    """Assert that `model` reads, through `names`, exactly the `expected` tensors with their shapes,
+    less those the map skips (never allocated); return the skipped keys."""
     ours = checkpoint_shapes(names, model)
-    expected = _expected()
     skipped = {k for k in expected if names.unused(k)}
     assert sorted(set(ours) - set(expected)) == []
     assert sorted(set(expected) - set(ours) - skipped) == []
     assert not skipped & set(ours)
     assert {k: v for k, v in ours.items() if expected[k] != v} == {}
+    params = sum(p.numel() for p in model.parameters())
+    assert params == _count(expected) - _count({k: expected[k] for k in skipped})
+    return skipped
+
+
+def test_7b_reads_the_published_layout_and_skips_only_what_it_never_runs() -> None:
+    cfg = OpenVLAConfig.named("7b")
+    with torch.device("meta"):
+        model = OpenVLA(cfg)
+    expected = _expected()
+    skipped = reads_exactly(model, openvla_names(cfg), expected)
     dino, siglip = "vision_backbone.featurizer.", "vision_backbone.fused_featurizer."
     assert skipped == {
         k
@@ -142,7 +151,6 @@ def test_7b_reads_the_published_layout_and_skips_only_what_it_never_runs() -> No
         )
     }
     params = sum(p.numel() for p in model.parameters())
-    assert params == _count(expected) - _count({k: expected[k] for k in skipped})
     assert 7.5e9 < _count(expected) < 7.6e9  # "OpenVLA 7B": 7.54 B with both full towers and the padded vocab
     assert params > 7.4e9  # about 0.08 B are never allocated
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from typing import Any
 
 import pytest
 import torch
@@ -190,26 +191,30 @@ def test_siglip_tower_matches_transformers() -> None:
     torch.testing.assert_close(got, expected, **TOL)
 
 
+def hf_llama_config(cfg: OpenVLAConfig, **extra: Any) -> transformers.LlamaConfig:
+    """transformers' LlamaConfig of an OpenVLA config's language model, eager attention."""
+    llm = cfg.llm
+    return transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=llm.width,
+        intermediate_size=llm.mlp_dim,
+        num_hidden_layers=llm.depth,
+        num_attention_heads=llm.num_heads,
+        num_key_value_heads=llm.num_kv_heads,
+        rms_norm_eps=llm.norm_eps,
+        rope_theta=llm.rope_theta,
+        max_position_embeddings=cfg.max_seq_len,
+        attn_implementation="eager",
+        **extra,
+    )
+
+
 def _llama_pair(kv_heads: int, seed: int) -> tuple[OpenVLA, transformers.LlamaForCausalLM]:
     llm = DecoderConfig(width=64, depth=2, mlp_dim=96, num_heads=4, num_kv_heads=kv_heads, head_dim=16)
     cfg = replace(TINY, llm=llm, vocab_size=320)
     ours = OpenVLA(cfg).eval()
     init_weights(ours, seed=seed)
-    hf = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            vocab_size=cfg.vocab_size,
-            hidden_size=llm.width,
-            intermediate_size=llm.mlp_dim,
-            num_hidden_layers=llm.depth,
-            num_attention_heads=llm.num_heads,
-            num_key_value_heads=llm.num_kv_heads,
-            rms_norm_eps=llm.norm_eps,
-            rope_theta=llm.rope_theta,
-            max_position_embeddings=cfg.max_seq_len,
-            tie_word_embeddings=False,
-            attn_implementation="eager",
-        )
-    ).eval()
+    hf = transformers.LlamaForCausalLM(hf_llama_config(cfg, tie_word_embeddings=False)).eval()
     torch.manual_seed(seed)
     for p in hf.parameters():  # random norms too, so a mis-wired weight shows
         torch.nn.init.normal_(p, std=0.2 if p.ndim == 1 else 1 / math.sqrt(p.shape[-1]))

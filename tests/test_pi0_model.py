@@ -19,8 +19,9 @@ from tests.helpers.pi0_checkpoints import write_tiny_openpi_checkpoint
 from vla_inference.config import Settings
 from vla_inference.models.base import Observation
 from vla_inference.models.common.init import init_random_weights
+from vla_inference.models.common.masks import block_causal_mask
 from vla_inference.models.common.transformer import KVCache
-from vla_inference.models.pi0.model import SIZES, Pi0Batch, Pi0Model, block_causal_mask, build
+from vla_inference.models.pi0.model import SIZES, Pi0Batch, Pi0Model, build
 from vla_inference.models.pi0.policy import Pi0Policy
 
 ATOL = 2e-5

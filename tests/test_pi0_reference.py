@@ -21,6 +21,7 @@ import transformers
 from transformers.models.gemma import modeling_gemma
 
 from tests.helpers.reference import copy_from_reference, randomise
+from vla_inference.models.common.masks import block_causal_mask, present_slots
 from vla_inference.models.common.transformer import Decoder
 from vla_inference.models.common.vit import VisionTower
 from vla_inference.models.common.weights import NameMap
@@ -31,9 +32,7 @@ from vla_inference.models.pi0.model import (
     SIZES,
     Pi0Batch,
     Pi0Model,
-    block_causal_mask,
     build,
-    present_slots,
 )
 
 _VISION = "paligemma_with_expert.paligemma.model.vision_tower.vision_model."

@@ -316,31 +316,48 @@ def test_preprocessing_threads_leave_a_core_to_the_event_loop():
 # ---- decoding at the model's input size, every family ---------------------------------------------------
 
 
-def _family_info(family: str, tmp_path: Path) -> Any:
+def _write(family: str, path: Path) -> Path:
+    """A tiny checkpoint of `family` (tests/helpers), as the other tests of each family write it."""
+    if family == "openvla":
+        from tests.helpers.openvla_checkpoints import write_tiny_openvla_checkpoint
+
+        return write_tiny_openvla_checkpoint(path)
+    if family == "openvla-oft":
+        from tests.helpers.oft_checkpoints import write_tiny_oft_checkpoint
+
+        return write_tiny_oft_checkpoint(path, convert=True)
+    if family == "groot":
+        from tests.helpers.groot_checkpoints import write_tiny_groot_checkpoint
+
+        return write_tiny_groot_checkpoint(path)
+    if family == "groot-n1.7":
+        from tests.helpers.groot17_checkpoints import write_tiny_groot17_checkpoint
+
+        return write_tiny_groot17_checkpoint(path)
+    if family == "smolvla":
+        from tests.helpers.smolvla_checkpoints import write_tiny_smolvla
+
+        return write_tiny_smolvla(path)
+    from tests.helpers.pi0_fast_checkpoints import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    "family", ["pi0", "pi0-fast", "openvla", "openvla-oft", "groot", "groot-n1.7", "smolvla"]
+)
+def test_every_family_says_what_size_its_frames_are_decoded_at(family: str, tmp_path: Path):
     from vla_inference.config import Settings
     from vla_inference.models.registry import create_model
 
     if family == "pi0":
-        settings = Settings(model_type="pi0", device="cpu")
-    elif family == "openvla":
-        from tests.helpers.openvla_checkpoints import write_tiny_openvla_checkpoint
-
-        path = write_tiny_openvla_checkpoint(tmp_path / "openvla")
-        settings = Settings(model_type="openvla", model_path=str(path), device="cpu")
+        settings = Settings(model_type="pi0", device="cpu")  # the embedded default
     else:
-        from tests.helpers.groot_checkpoints import write_tiny_groot_checkpoint
-
-        path = write_tiny_groot_checkpoint(tmp_path / "groot")
-        settings = Settings(model_type="groot", model_path=str(path), device="cpu")
+        settings = Settings(model_path=str(_write(family, tmp_path / family)), device="cpu")
     model = create_model(settings)
     model.load(settings.model_path or None, "cpu")
-    return model.model_info
-
-
-@pytest.mark.parametrize("family", ["pi0", "openvla", "groot"])
-def test_every_family_says_what_size_its_frames_are_decoded_at(family: str, tmp_path: Path):
-    info = _family_info(family, tmp_path)
-    assert info.decode_size is not None
+    info = model.model_info
+    assert info.decode_size is not None  # VLA_JPEG_SCALED_DECODE applies to every family
     if family == "groot":
         assert info.decode_size == (64, 48)  # the tiny metadata's camera resolution, resized to first
     else:

@@ -1,4 +1,4 @@
-"""The `vla-inference` command: serve, predict, info, health, config, sim.
+"""The `vla-inference` command: serve, predict, info, health, config, sim, convert.
 
 A user's mistake (a missing file, a value that is not a number, a server that is down or refuses the
 request) ends the command with one line on stderr and exit code 1, never a traceback; a usage error
@@ -133,17 +133,35 @@ def parse_joints(text: str) -> list[float]:
     return joints
 
 
+def parse_cameras(values: list[str]) -> dict[str, bytes]:
+    """--camera NAME=FILE (repeatable): further camera images by name."""
+    cameras: dict[str, bytes] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name.strip() or not path:
+            raise UserError(f"--camera {value!r}: expected NAME=FILE, e.g. --camera wrist=wrist.jpg")
+        cameras[name.strip()] = _read_file(path, f"--camera {name.strip()}")
+    return cameras
+
+
 def _predict(args: argparse.Namespace) -> int:
     from vla_inference.client import VLAError
 
     image = _read_file(args.image, "--image")
+    cameras = parse_cameras(args.camera)
     joints = parse_joints(args.joints) if args.joints else None
     with _client(args) as client:
         try:
             if joints is None:
                 joints = _default_state(client.info(), args.embodiment)
             chunk = client.predict(
-                image, joints, args.instruction, embodiment=args.embodiment, seed=args.seed, request_id="cli"
+                image,
+                joints,
+                args.instruction,
+                cameras=cameras,
+                embodiment=args.embodiment,
+                seed=args.seed,
+                request_id="cli",
             )
         except VLAError as exc:
             raise UserError(_server_failure(exc, args.target)) from None
@@ -323,6 +341,31 @@ def _sim(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    """`convert oft DIR`: OpenVLA-OFT's pickled head / projector -> safetensors beside them, once,
+    offline, through torch.load(weights_only=True) (SECURITY.md); the server reads only the result."""
+    from vla_inference.models.base import ModelLoadError
+    from vla_inference.models.openvla import oft_checkpoint as oft
+
+    path = Path(args.checkpoint_dir).expanduser()
+    try:
+        written = oft.convert_oft_checkpoint(path, overwrite=args.overwrite)
+    except ModelLoadError as exc:
+        raise UserError(str(exc)) from None
+    for file in written:
+        print(f"wrote {file}")
+    config = json.loads((path / oft.OFT_CONFIG_FILE).read_text(encoding="utf-8"))
+    unknown = [setting for key, setting, _ in oft.CHOSEN if config.get(key) is None]
+    if unknown:
+        print(
+            f"{PROG} convert: action dim {config['action_dim']} / proprio dim {config['proprio_dim']} match "
+            f"no upstream platform: serve with {', '.join(unknown)} set (or write the values into "
+            f"{path / oft.OFT_CONFIG_FILE})",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def model_input_size(settings: Settings) -> str:
     """The frame size the configured model resizes camera images to, as far as it can be known
     without loading the model: exact for the embedded models, from config.json for a checkpoint."""
@@ -402,6 +445,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the robot's state: numbers separated by commas or spaces, or @FILE (a JSON array of numbers); "
         "default: zeros of the length the model expects for the embodiment (said on stderr)",
     )
+    p.add_argument(
+        "--camera",
+        action="append",
+        default=[],
+        metavar="NAME=FILE",
+        help="a further camera's JPEG or PNG by name, e.g. wrist=wrist.jpg (repeatable)",
+    )
     p.add_argument("--embodiment", default="", help="embodiment tag (default: the model's default)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.set_defaults(fn=_predict)
@@ -443,6 +493,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(fn=_sim)
     client_parser("health", "exit 0 when the server is SERVING (container probe)").set_defaults(fn=_health)
+    p = sub.add_parser("convert", help="convert a checkpoint's pickled files to safetensors, once, offline")
+    formats = p.add_subparsers(dest="format", required=True)
+    p = formats.add_parser(
+        "oft",
+        help="OpenVLA-OFT: action_head--*_checkpoint.pt and proprio_projector--*_checkpoint.pt -> "
+        ".safetensors beside them, plus oft_config.json (read with torch.load(weights_only=True); "
+        "SECURITY.md)",
+    )
+    p.add_argument(
+        "checkpoint_dir", help="the OpenVLA-OFT checkpoint directory (the .pt files beside the merged model)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace earlier converted files")
+    p.set_defaults(fn=_convert)
     return parser
 
 

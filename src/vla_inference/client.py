@@ -193,8 +193,12 @@ def make_observation(
     request_id: str = "",
     timestamp: float = 0.0,
     seed: int | None = None,
+    history: Mapping[int, Mapping[str, Any]] | None = None,
+    past_joints: Mapping[int, Sequence[float]] | None = None,
 ) -> pb.Observation:
-    """Build an Observation; `image` is the main camera, `cameras` further named cameras."""
+    """Build an Observation; `image` is the main camera, `cameras` further named cameras; `history`
+    the frames of earlier steps by offset (< 0, e.g. -15) and camera name, `past_joints` their
+    joint positions (for models that read them: ModelInfo.image_history / state_history)."""
     observation = pb.Observation(
         joint_positions=list(joints),
         joint_velocities=list(velocities),
@@ -210,6 +214,13 @@ def make_observation(
         observation.cameras.append(pb.CameraImage(name=name, data=data, encoding=encoding))
     if seed is not None:
         observation.seed = seed
+    history, past_joints = history or {}, past_joints or {}
+    for offset in sorted(set(history) | set(past_joints)):
+        step = pb.PastStep(offset=offset, joint_positions=list(past_joints.get(offset, ())))
+        for name, frame in history.get(offset, {}).items():
+            data, encoding = encode_image(frame)
+            step.cameras.append(pb.CameraImage(name=name, data=data, encoding=encoding))
+        observation.history.append(step)
     return observation
 
 

@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "VLA_"
 # The model families (VLA_MODEL_TYPE values); models/registry.py maps each to its class.
-MODEL_TYPES = ("pi0", "openvla", "groot")
+MODEL_TYPES = ("pi0", "openvla", "groot", "smolvla")
 
 
 class ConfigError(ValueError):
@@ -31,7 +31,10 @@ class Settings(BaseSettings):
 
     # --- model -----------------------------------------------------------------------------
     model_type: str = Field(
-        "pi0", description="Model family: pi0 (pi0 and pi0.5 checkpoints), openvla, groot (docs/models.md)"
+        "pi0",
+        description="Model family: pi0 (pi0, pi0.5 and pi0-FAST checkpoints), openvla (OpenVLA and "
+        "OpenVLA-OFT), groot (GR00T N1.5 and N1.7, told apart by config.json's model_type), smolvla "
+        "(docs/models.md)",
     )
     model_path: str = Field("", description="Checkpoint directory; empty serves the embedded model")
     embedded_model: Literal["metaworld", "random"] = Field(
@@ -61,22 +64,72 @@ class Settings(BaseSettings):
     num_denoise_steps: int = Field(
         0, ge=0, le=100, description="Flow-matching steps; 0 = the model's default (pi0: 10, GR00T: 4)"
     )
-    tokenizer_path: str = Field("", description="Tokenizer file when the checkpoint has none")
+    tokenizer_path: str = Field(
+        "",
+        description="Tokenizer file when the checkpoint has none (GR00T N1.7: the directory with its "
+        "backbone's tokenizer, chat template and image processor files)",
+    )
     norm_stats_key: str = Field(
         "",
         description="Which statistics (or OpenVLA unnorm_key) to use when a checkpoint has several and the "
-        "embodiment tag does not pick one",
+        "embodiment tag does not pick one; SmolVLA: the dataset key of a checkpoint that keeps its "
+        "statistics per training dataset (the base checkpoint), which is refused without one",
     )
     groot_data_config: str = Field(
         "",
-        description="GR00T: NVIDIA data config per embodiment, tag:config[,tag:config], e.g. "
-        "new_embodiment:so100_dualcam; unnamed tags get the defaults (docs/models.md)",
+        description="GR00T N1.5: NVIDIA data config per embodiment, tag:config[,tag:config], e.g. "
+        "new_embodiment:so100_dualcam; unnamed tags get the defaults (docs/models.md; N1.7 reads its "
+        "processor_config.json)",
     )
     pi05_prompt_state: Literal["unpadded", "padded"] = Field(
         "unpadded",
         description="pi0.5: the normalised state discretised into the prompt: unpadded (openpi, LeRobot "
         "after 0.4.4) or padded with zeros to the model's 32 dims (pi0.5 fine-tuned with LeRobot "
         "0.4.0-0.4.4)",
+    )
+    openvla_variant: Literal["auto", "openvla", "oft"] = Field(
+        "auto",
+        description="openvla family: auto (OpenVLA-OFT when an action_head--*_checkpoint file lies beside "
+        "the merged weights, else OpenVLA), openvla, oft",
+    )
+    oft_chunk_size: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="OpenVLA-OFT: actions the model decodes per pass (upstream's NUM_ACTIONS_CHUNK); 0 = "
+        "oft_config.json's, else upstream's platform table by action / proprio dims (LIBERO 8)",
+    )
+    oft_num_images: int = Field(
+        0,
+        ge=0,
+        le=3,
+        description="OpenVLA-OFT: cameras the model sees (num_images_in_input: base, left_wrist, right_wrist "
+        "in that order); 0 = oft_config.json's, else upstream's table (LIBERO 2)",
+    )
+    oft_normalization: Literal["auto", "bounds_q99", "bounds"] = Field(
+        "auto",
+        description="OpenVLA-OFT: proprio / action normalisation, bounds_q99 (q01/q99) or bounds (min/max); "
+        "auto = oft_config.json's, else upstream's table",
+    )
+    fast_max_tokens: int = Field(
+        0,
+        ge=0,
+        le=4096,
+        description="pi0-FAST: most tokens one decode writes per request ('Action: ', the action tokens "
+        "and '|'); a request whose answer has no '|' by then fails alone (INTERNAL); 0 = the "
+        "checkpoint's max_decoding_steps (LeRobot: 256)",
+    )
+    fast_temperature: float | None = Field(
+        None,
+        ge=0.0,
+        le=10.0,
+        description="pi0-FAST: sampling temperature; 0 = greedy; empty = the checkpoint's (LeRobot's "
+        "default 0: greedy). Sampled requests draw from their own seed",
+    )
+    fast_tokenizer_path: str = Field(
+        "",
+        description="pi0-FAST: the FAST action tokenizer directory (processor_config.json, bpe_tokenizer/) "
+        "when the checkpoint has no action_tokenizer/; its .py file is never run",
     )
     compile: bool = Field(
         False,
@@ -105,8 +158,8 @@ class Settings(BaseSettings):
     # --- serving ---------------------------------------------------------------------------
     host: str = Field(
         "127.0.0.1",
-        description="Bind address of gRPC and the openpi endpoint (the Docker image and Helm chart set "
-        "0.0.0.0; see SECURITY.md first)",
+        description="Bind address of gRPC, the openpi and the GR00T endpoints (the Docker image and Helm "
+        "chart set 0.0.0.0; see SECURITY.md first)",
     )
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 = any free port")
     max_workers: int = Field(
@@ -190,6 +243,22 @@ class Settings(BaseSettings):
         "", description="Embodiment for openpi observations (they name none); empty = the model's default"
     )
 
+    # --- GR00T's ZeroMQ inference-service endpoint (transport/groot_zmq/) -----------------------
+    groot_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Port of the endpoint speaking Isaac-GR00T's ZeroMQ inference-service protocol on "
+        "VLA_HOST (docs/clients.md; NVIDIA's PolicyClient / RobotInferenceClient); empty = off, 0 = any "
+        "free port",
+    )
+    groot_embodiment: str = Field(
+        "",
+        description="Embodiment of the GR00T endpoint's observations and modality config (upstream's "
+        "--embodiment-tag); empty = per observation, the first embodiment (the model's default first) "
+        "whose state keys it carries",
+    )
+
     # --- input limits ----------------------------------------------------------------------
     jpeg_scaled_decode: bool = Field(
         True,
@@ -231,7 +300,8 @@ class Settings(BaseSettings):
         repr=False,
         description="Comma-separated bearer tokens (16+ characters); every RPC but the standard health "
         "service and reflection then needs `authorization: Bearer <token>`, the openpi endpoint "
-        "`Authorization: Api-Key <token>`; none = no token check",
+        "`Authorization: Api-Key <token>`, the GR00T endpoint `api_token` in each request; none = no "
+        "token check",
     )
     auth_token_file: str = Field(
         "", description="File of bearer tokens, one per line (# comments); adds to VLA_AUTH_TOKENS"
@@ -264,9 +334,9 @@ class Settings(BaseSettings):
         parse_setting(value)
         return value.strip()
 
-    @field_validator("openpi_port", mode="before")
+    @field_validator("openpi_port", "groot_port", "fast_temperature", mode="before")
     @classmethod
-    def _openpi_port_off(cls, value: Any) -> Any:
+    def _empty_is_unset(cls, value: Any) -> Any:
         if isinstance(value, str) and value.strip().lower() in ("", "off", "none"):
             return None
         return value
@@ -276,6 +346,15 @@ class Settings(BaseSettings):
     def _openpi_port_free(cls, value: int | None, info: ValidationInfo) -> int | None:
         if value and value == info.data.get("grpc_port"):
             raise ValueError("a port other than VLA_GRPC_PORT (or empty to turn the endpoint off)")
+        return value
+
+    @field_validator("groot_port")
+    @classmethod
+    def _groot_port_free(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and value in (info.data.get("grpc_port"), info.data.get("openpi_port")):
+            raise ValueError(
+                "a port other than VLA_GRPC_PORT and VLA_OPENPI_PORT (or empty to turn the endpoint off)"
+            )
         return value
 
     @field_validator("device")
@@ -436,7 +515,7 @@ def _allowed(field: str, error: Any) -> str:
 
 def describe(settings: Settings) -> list[tuple[str, str, str]]:
     """(variable, effective value, description) for `vla-inference config`: every setting but the
-    optional ones left unset (an openpi port of None: the endpoint is off); secrets masked."""
+    optional ones left unset (an openpi or GR00T port of None: the endpoint is off); secrets masked."""
     rows = []
     for name, info in Settings.model_fields.items():
         value = getattr(settings, name)
@@ -471,6 +550,7 @@ SECTIONS: dict[str, str] = {
     "host": "Serving",
     "rtc_method": "Real-time chunking",
     "openpi_port": "openpi endpoint",
+    "groot_port": "GR00T ZeroMQ endpoint",
     "jpeg_scaled_decode": "Input limits",
     "tls_cert_file": "Security (SECURITY.md)",
     "metrics_enabled": "Metrics",

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from tests.helpers.shards import write_two_shards
 from vla_inference.models.groot.checkpoint import groot_names
 from vla_inference.models.groot.model import GR00TN15, SIZES, GrootConfig
 
@@ -97,7 +98,11 @@ def tiny_statistics(tag: str, kind: str, key: str, dim: int, seed: int) -> dict[
     offset = {"gr1": 0.0, "new_embodiment": 10.0, "so100": -5.0}.get(tag, 1.0) + (
         0.5 if kind == "action" else 0.0
     )
-    offset += 0.25 * seed + len(key) * 0.01
+    return statistics_around(dim, offset + 0.25 * seed + len(key) * 0.01)
+
+
+def statistics_around(dim: int, offset: float) -> dict[str, list[float]]:
+    """min < q01 < mean < q99 < max per dimension, spreading with the index, around `offset`."""
     low = [offset - 1.0 - 0.5 * i for i in range(dim)]
     high = [offset + 2.0 + 1.0 * i for i in range(dim)]
     return {
@@ -270,11 +275,16 @@ def write_tiny_tokenizer(file: Path) -> None:
 
 
 def tiny_state_dict(seed: int, cfg: GrootConfig = TINY) -> dict[str, torch.Tensor]:
-    """Random, well-conditioned weights in the checkpoint's names: every tensor (norm gains
-    included) is random, with fan-in scaled matrices so activations stay O(1) and float32 noise
-    stays small."""
+    """Random, well-conditioned weights in the checkpoint's names (well_conditioned)."""
     torch.manual_seed(seed)
-    model = GR00TN15(cfg)
+    state = well_conditioned(GR00TN15(cfg))
+    return groot_names(cfg).to_checkpoint(state)
+
+
+def well_conditioned(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter random (norm gains included), drawn in parameter order from torch's global
+    generator, with fan-in scaled matrices so activations stay O(1) and float32 noise stays small
+    (GR00T N1.5 and N1.7 alike)."""
     state = {}
     for name, p in model.named_parameters():
         shape = tuple(p.shape)
@@ -290,7 +300,7 @@ def tiny_state_dict(seed: int, cfg: GrootConfig = TINY) -> dict[str, torch.Tenso
         else:  # biases
             value = 0.05 * torch.randn(shape)
         state[name] = value.contiguous()
-    return groot_names(cfg).to_checkpoint(state)
+    return state
 
 
 def write_tiny_groot_checkpoint(
@@ -301,8 +311,6 @@ def write_tiny_groot_checkpoint(
     metadata: dict[str, Any] | None = None,
     sizes: GrootConfig = TINY,
 ) -> Path:
-    from safetensors.torch import save_file
-
     path = Path(path)
     (path / "experiment_cfg").mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(tiny_config_json(lerobot, sizes), indent=2))
@@ -315,16 +323,5 @@ def write_tiny_groot_checkpoint(
     layer = sizes.backbone.select_layer
     extra = f"backbone.eagle_model.language_model.model.layers.{layer}.input_layernorm.weight"
     state[extra] = torch.ones(sizes.backbone.llm.width)
-    names = sorted(state)
-    half = len(names) // 2
-    shards = {
-        "model-00001-of-00002.safetensors": names[:half],
-        "model-00002-of-00002.safetensors": names[half:],
-    }
-    weight_map = {}
-    for file, keys in shards.items():
-        save_file({k: state[k] for k in keys}, str(path / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(keys, file))
-    index = {"metadata": {"total_size": sum(t.numel() * 4 for t in state.values())}, "weight_map": weight_map}
-    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    write_two_shards(path, state)
     return path

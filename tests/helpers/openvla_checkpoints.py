@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from tests.helpers.shards import write_two_shards
 from vla_inference.models.common import vit
 from vla_inference.models.openvla.checkpoint import openvla_names
 from vla_inference.models.openvla.model import OpenVLA, OpenVLAConfig
@@ -74,23 +75,31 @@ def tiny_tokenizer_model() -> bytes:
     return out.getvalue()
 
 
+def quantity_stats(rng: np.random.Generator, dim: int, spread: float, mask: bool) -> dict[str, Any]:
+    """One quantity's statistics as the RLDS pipeline writes them: q01 < 0 < q99, mean/std, min/max
+    `spread` times wider; with `mask`, the gripper (last) dimension False."""
+    q01 = -rng.uniform(0.1, 2.0, dim)
+    q99 = rng.uniform(0.1, 2.0, dim)
+    out: dict[str, Any] = {
+        "mean": ((q01 + q99) / 2).tolist(),
+        "std": ((q99 - q01) / 4).tolist(),
+        "max": (q99 * spread).tolist(),
+        "min": (q01 * spread).tolist(),
+        "q01": q01.tolist(),
+        "q99": q99.tolist(),
+    }
+    if mask:
+        out["mask"] = [True] * (dim - 1) + [False]
+    return out
+
+
 def tiny_norm_stats(datasets: tuple[str, ...], seed: int = 0, dim: int = 7) -> dict[str, Any]:
     """Per dataset: q01 < 0 < q99, mean/std/min/max, mask with the gripper (last) dimension False."""
     rng = np.random.default_rng(seed + 1000)
     stats: dict[str, Any] = {}
     for name in datasets:
-        q01 = -rng.uniform(0.1, 2.0, dim)
-        q99 = rng.uniform(0.1, 2.0, dim)
         stats[name] = {
-            "action": {
-                "mean": ((q01 + q99) / 2).tolist(),
-                "std": ((q99 - q01) / 4).tolist(),
-                "max": (q99 * 1.5).tolist(),
-                "min": (q01 * 1.5).tolist(),
-                "q01": q01.tolist(),
-                "q99": q99.tolist(),
-                "mask": [True] * (dim - 1) + [False],
-            },
+            "action": quantity_stats(rng, dim, 1.5, mask=True),
             "proprio": {k: [0.0] * dim for k in ("mean", "std", "max", "min", "q01", "q99")},
             "num_transitions": 1000,
             "num_trajectories": 10,
@@ -228,18 +237,5 @@ def write_tiny_openvla_checkpoint(
         save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
         return path
     # Like the published split: vision + projector + first LM tensors in shard 1, the rest in shard 2.
-    names = list(tensors)
-    half = len(names) // 2
-    shards = {
-        "model-00001-of-00002.safetensors": names[:half],
-        "model-00002-of-00002.safetensors": names[half:],
-    }
-    weight_map = {}
-    for file, shard_names in shards.items():
-        save_file({n: tensors[n] for n in shard_names}, str(path / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard_names, file))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (path / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-    )
+    write_two_shards(path, tensors, order=list(tensors))
     return path

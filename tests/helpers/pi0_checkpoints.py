@@ -104,6 +104,30 @@ def write_tiny_lerobot_checkpoint(
     return path
 
 
+# What every LeRobot policy config.json of the pi0 family (pi0, pi05, pi0_fast) saves: the
+# PreTrainedConfig fields, and the optimizer / scheduler presets (openpi's).
+LEROBOT_PRETRAINED_FIELDS: dict[str, Any] = {
+    "device": "cpu",
+    "use_amp": False,
+    "push_to_hub": False,
+    "repo_id": None,
+    "private": None,
+    "tags": None,
+    "license": None,
+    "pretrained_path": None,
+}
+LEROBOT_OPTIMIZER_FIELDS: dict[str, Any] = {
+    "optimizer_lr": 2.5e-05,
+    "optimizer_betas": [0.9, 0.95],
+    "optimizer_eps": 1e-08,
+    "optimizer_weight_decay": 0.01,
+    "optimizer_grad_clip_norm": 1.0,
+    "scheduler_warmup_steps": 1000,
+    "scheduler_decay_steps": 30000,
+    "scheduler_decay_lr": 2.5e-06,
+}
+
+
 def lerobot_config(cfg: Pi0Config, state_dim: int, action_dim: int) -> dict[str, Any]:
     """config.json as LeRobot (0.4, policies/pi0 and pi05 PI0Config / PI05Config) saves it: the
     PreTrainedConfig fields ("type", features, device ...) and the policy's own, with our test sizes."""
@@ -120,14 +144,7 @@ def lerobot_config(cfg: Pi0Config, state_dim: int, action_dim: int) -> dict[str,
             "observation.state": {"type": "STATE", "shape": [state_dim]},
         },
         "output_features": {"action": {"type": "ACTION", "shape": [action_dim]}},
-        "device": "cpu",
-        "use_amp": False,
-        "push_to_hub": False,
-        "repo_id": None,
-        "private": None,
-        "tags": None,
-        "license": None,
-        "pretrained_path": None,
+        **LEROBOT_PRETRAINED_FIELDS,
         "paligemma_variant": cfg.vlm_variant,
         "action_expert_variant": cfg.expert_variant,
         "dtype": "float32",
@@ -152,14 +169,7 @@ def lerobot_config(cfg: Pi0Config, state_dim: int, action_dim: int) -> dict[str,
         "compile_mode": "max-autotune",
         "freeze_vision_encoder": False,
         "train_expert_only": False,
-        "optimizer_lr": 2.5e-05,
-        "optimizer_betas": [0.9, 0.95],
-        "optimizer_eps": 1e-08,
-        "optimizer_weight_decay": 0.01,
-        "optimizer_grad_clip_norm": 1.0,
-        "scheduler_warmup_steps": 1000,
-        "scheduler_decay_steps": 30000,
-        "scheduler_decay_lr": 2.5e-06,
+        **LEROBOT_OPTIMIZER_FIELDS,
         # ours: LeRobot always uses So400m; tiny tests need a tiny tower
         "vision_variant": cfg.vision_variant,
     }

@@ -54,3 +54,10 @@ def checkpoint_shapes(names: NameMap, model: torch.nn.Module) -> dict[str, tuple
         for source in names.sources(name, tuple(tensor.shape)):
             shapes[source.key] = source_shape(source, tuple(tensor.shape))
     return shapes
+
+
+def assert_same_layout(ours: Mapping[str, tuple[int, ...]], published: Mapping[str, tuple[int, ...]]) -> None:
+    """The loader reads exactly the published tensors: the same names, each of the same shape."""
+    assert sorted(set(published) - set(ours)) == []
+    assert sorted(set(ours) - set(published)) == []
+    assert {k: (ours[k], published[k]) for k in ours if ours[k] != published[k]} == {}

@@ -20,8 +20,9 @@ Expired and cancelled samples are dropped before they reach the model. A stream'
 queued as its StreamSession decides (engine/session.py: newest wins; the losers are answered
 Skipped), and every sample that leaves the queue is reported to its session (`dequeued`). A failing
 batch is retried so that only the failing samples fail: out of memory halves it, any other error
-retries sample by sample. Futures belong to the event loop: these threads only ever answer them
-through call_soon_threadsafe.
+retries sample by sample. A model that knows which samples failed says so per sample instead
+(`finish` raises NoValidAction): only those fail, and the batch is not run again. Futures belong
+to the event loop: these threads only ever answer them through call_soon_threadsafe.
 
 `step()` forms and runs one batch on the caller's thread from what is queued now, without the
 batching window and with its postprocessing inline: tests drive an unstarted ModelThread by hand
@@ -52,7 +53,7 @@ from vla_inference.engine.errors import (
     Skipped,
 )
 from vla_inference.engine.session import StreamSession
-from vla_inference.models.base import ActionPrediction, PreparedSample, VLAModel
+from vla_inference.models.base import ActionPrediction, NoValidAction, PreparedSample, VLAModel
 from vla_inference.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -370,6 +371,10 @@ class ModelThread:
             t0 = time.monotonic()
             try:
                 prediction = self.model.finish(raw, cast(PreparedSample, item.sample))
+            except NoValidAction as exc:  # this sample's answer holds no action; the others stand
+                log.warning("no valid action for a request: %s", exc)
+                answers.append((item.future, ModelFailure(f"no valid action: {exc}")))
+                continue
             except Exception:
                 log.exception("postprocessing failed")
                 answers.append((item.future, ModelFailure("model postprocessing failed; see server log")))

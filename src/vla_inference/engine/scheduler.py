@@ -8,8 +8,9 @@ one call (engine/request.py):
   1. a stream's rate (StreamSession.allow), then admission: counted in flight, or refused at once
      (QueueFull / Draining); then `on_admitted` (gRPC sends its response headers there, so a
      refusal is known never to have run);
-  2. in the preprocessing pool (VLA_MAX_WORKERS threads): the transport's `decode`, the
-     instruction rule, `model.prepare` and a real-time chunking prefix; the sample goes straight
+  2. in the preprocessing pool (VLA_MAX_WORKERS threads): the transport's `decode`, a stream's
+     history (StreamSession.fill: the earlier steps the model reads), the instruction rule,
+     `model.prepare` and a real-time chunking prefix; the sample goes straight
      onto the model thread (model_thread.py: batching, the forward pass, failure isolation), whose
      fill window waits for requests still in this step;
   3. the caller's own future gets its answer, or DeadlineExceeded at its deadline; a stream's
@@ -26,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -41,10 +43,11 @@ from vla_inference.engine.outcome import Failed, Outcome, Outcomes
 from vla_inference.engine.pool import PreprocessPool
 from vla_inference.engine.realtime import Applied
 from vla_inference.engine.request import Answer, Decode, Decoded, Notices, Timing
-from vla_inference.engine.session import StreamSession
+from vla_inference.engine.session import HistorySpec, StreamSession
 from vla_inference.models.base import (
     InvalidObservation,
     ModelDescription,
+    NoValidAction,
     Observation,
     PreparedSample,
     VLAModel,
@@ -187,7 +190,7 @@ class InferenceEngine:
 
         def job() -> None:
             try:
-                result = self._prepare(decode, session, notices)
+                result = self._prepare(decode, session, notices, item.seq, deadline)
             except BaseException as exc:
                 self.model_thread.prepared(None)
                 item.fail(exc)
@@ -216,10 +219,21 @@ class InferenceEngine:
         )
         return Answer(done.prediction, p.sample.embodiment, timing, p.rtc, skipped)
 
-    def _prepare(self, decode: Decode, session: StreamSession | None, notices: Notices) -> _Prepared:
+    def _prepare(
+        self, decode: Decode, session: StreamSession | None, notices: Notices, seq: int, deadline: float
+    ) -> _Prepared:
         """The preprocessing pool's part of a request."""
         t0 = time.monotonic()
-        decoded = decode()
+        try:
+            decoded = decode()
+        except BaseException:
+            if session is not None:
+                session.abandon(seq)  # later observations of the stream stop waiting for it
+            raise
+        if session is not None:
+            filled = session.fill(seq, decoded.observation, deadline)
+            if filled is not decoded.observation:
+                decoded = dataclasses.replace(decoded, observation=filled)
         t1 = time.monotonic()
         sample = self.model.prepare(self._instruction(decoded, notices))
         applied = None
@@ -294,7 +308,7 @@ class InferenceEngine:
         """One stream's session for its whole life (counted in active streams)."""
         self._sessions += 1
         try:
-            yield StreamSession(self.settings.max_stream_rate_hz)
+            yield StreamSession(self.settings.max_stream_rate_hz, history=HistorySpec.of(self.model_info))
         finally:
             self._sessions -= 1
 
@@ -345,8 +359,15 @@ class InferenceEngine:
         sizes = [1, self.settings.batch_size][: max(1, batches)]
         sizes += [self.settings.batch_size] * (batches - len(sizes))
         for size in sizes:
-            await asyncio.wrap_future(self.model_thread.call(self.model.predict_batch, [sample] * size))
+            await asyncio.wrap_future(self.model_thread.call(self._warmup_batch, [sample] * size))
         log.info("warm-up done: %d batches (sizes %s)", len(sizes), sizes)
+
+    def _warmup_batch(self, samples: list[PreparedSample]) -> None:
+        """forward + finish of a dummy batch; an answer without an action (an autoregressive model
+        given a black frame) still warmed the model up."""
+        for raw, sample in zip(self.model.forward(samples), samples, strict=True):
+            with contextlib.suppress(NoValidAction):
+                self.model.finish(raw, sample)
 
     async def drain(self, grace_s: float) -> bool:
         """Refuse new requests; wait up to grace_s for admitted ones. True when all were answered."""

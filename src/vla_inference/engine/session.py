@@ -40,9 +40,11 @@ changes only from answers actually sent.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -50,6 +52,36 @@ import numpy as np
 from vla_inference.engine.errors import RateLimited, Skipped
 from vla_inference.engine.realtime import ChunkMemory
 from vla_inference.engine.request import Notices
+from vla_inference.models.base import ModelDescription, Observation
+
+
+@dataclass(frozen=True)
+class HistorySpec:
+    """What a model reads of earlier steps, per embodiment (ModelDescription)."""
+
+    images: Mapping[str, tuple[int, ...]]  # embodiment -> offsets (< 0) whose frames it reads
+    joints: Mapping[str, tuple[int, ...]]  # embodiment -> offsets whose joint positions it reads
+    default: str  # the embodiment of an observation without a tag
+
+    @classmethod
+    def of(cls, info: ModelDescription) -> HistorySpec | None:
+        """The model's history, or None when it reads none."""
+        if not any(info.image_history.values()) and not any(info.state_history.values()):
+            return None
+        return cls(dict(info.image_history), dict(info.state_history), info.default_embodiment)
+
+    @property
+    def depth(self) -> int:
+        """Observations to keep: the largest |offset|."""
+        return max(-o for offsets in (*self.images.values(), *self.joints.values()) for o in offsets)
+
+
+@dataclass(frozen=True)
+class _Step:
+    """What the stream keeps of one observation."""
+
+    images: Mapping[str, np.ndarray] | None  # None: the model reads no frame history
+    joints: np.ndarray | None
 
 
 class Queued(Protocol):
@@ -64,8 +96,19 @@ class Queued(Protocol):
 class StreamSession:
     """One stream's ordering, skipped observations, chunk memory and rate (see the module docstring)."""
 
-    def __init__(self, max_rate_hz: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        max_rate_hz: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+        history: HistorySpec | None = None,
+    ) -> None:
         self._lock = threading.Lock()
+        self._resolved_cv = threading.Condition(self._lock)
+        self._history = history
+        self._steps: dict[int, _Step] = {}  # seq -> what the history keeps of it
+        self._first: _Step | None = None  # the stream's first observation (stands in before it)
+        self._resolved = 0  # every seq <= this one was filled or abandoned
+        self._resolved_later: set[int] = set()
         self._arrivals = 0  # observations received: the last sequence number given
         self._latest_queued = 0  # the sequence number of the newest observation queued
         self._latest_answered = 0
@@ -148,8 +191,82 @@ class StreamSession:
         with self._lock:
             return self._memory.estimate_delay(control_hz)
 
+    # --- a preprocessing thread: history -----------------------------------------------------------------
+    def fill(self, seq: int, observation: Observation, deadline: float | None = None) -> Observation:
+        """Observation `seq` with the earlier steps its embodiment reads filled from the stream (what
+        it sends itself wins), remembered for the later ones (see the module docstring). Waits until
+        every earlier observation was filled or abandoned, at the latest until `deadline`
+        (time.monotonic())."""
+        spec = self._history
+        if spec is None:
+            return observation
+        tag = observation.embodiment.strip() or spec.default
+        wanted_images = [o for o in spec.images.get(tag, ()) if o not in observation.past_images]
+        wanted_joints = [o for o in spec.joints.get(tag, ()) if o not in observation.past_joint_positions]
+        own = _Step(
+            images=dict(observation.images) if any(spec.images.values()) else None,
+            joints=np.asarray(observation.joint_positions) if any(spec.joints.values()) else None,
+        )
+        with self._resolved_cv:
+            while self._resolved < seq - 1:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break  # an earlier observation never came back (shutdown): use what is there
+                self._resolved_cv.wait(remaining)
+            past_images = dict(observation.past_images)
+            past_joints = dict(observation.past_joint_positions)
+            for offset in wanted_images:
+                step = self._step_at(seq + offset, own)
+                if step.images is not None:
+                    past_images[offset] = step.images
+            for offset in wanted_joints:
+                step = self._step_at(seq + offset, own)
+                if step.joints is not None:
+                    past_joints[offset] = step.joints
+            self._remember(seq, own, spec.depth)
+        if not wanted_images and not wanted_joints:
+            return observation
+        return dataclasses.replace(observation, past_images=past_images, past_joint_positions=past_joints)
+
+    def abandon(self, seq: int) -> None:
+        """Observation `seq` will never be filled (its decoding failed): later ones stop waiting for it."""
+        if self._history is None:
+            return
+        with self._resolved_cv:
+            self._resolve(seq)
+
+    def _step_at(self, target: int, own: _Step) -> _Step:
+        """The kept observation at seq `target`, else the newest kept before it, else the stream's
+        first (before k observations came), else the observation itself. Under the lock."""
+        earlier = [s for s in self._steps if s <= target]
+        if earlier:
+            return self._steps[max(earlier)]
+        return self._first if self._first is not None else own
+
+    def _remember(self, seq: int, step: _Step, depth: int) -> None:
+        """Keep `step`, drop what no later observation can read, mark seq resolved. Under the lock."""
+        if self._first is None:
+            self._first = step
+        self._steps[seq] = step
+        for old in [s for s in self._steps if s < seq - depth]:
+            del self._steps[old]
+        self._resolve(seq)
+
+    def _resolve(self, seq: int) -> None:
+        self._resolved_later.add(seq)
+        while self._resolved + 1 in self._resolved_later:
+            self._resolved += 1
+            self._resolved_later.discard(self._resolved)
+        self._resolved_cv.notify_all()
+
     # --- for tests and gauges (a snapshot) --------------------------------------------------------
     @property
     def pending(self) -> Queued | None:
         with self._lock:
             return self._pending
+
+    @property
+    def kept(self) -> tuple[int, ...]:
+        """The sequence numbers whose frames / joint positions the history keeps."""
+        with self._lock:
+            return tuple(sorted(self._steps))

@@ -45,6 +45,12 @@ class ModelLoadError(RuntimeError):
     """The checkpoint cannot be loaded; the message says what is missing and where to put it."""
 
 
+class NoValidAction(RuntimeError):
+    """The model answered one observation with no valid action (an autoregressive decode that wrote
+    none: pi0-FAST). Raised by `finish` for that sample only: the engine fails that request alone
+    (INTERNAL, this message) and answers the other samples of its batch without running it again."""
+
+
 @dataclass(frozen=True)
 class Observation:
     """A decoded, transport-independent observation."""
@@ -85,6 +91,13 @@ class ModelSettings:
     groot_data_config: str = ""
     num_denoise_steps: int = 0
     pi05_prompt_state: str = "unpadded"  # VLA_PI05_PROMPT_STATE: pi0.5 prompt state, padded or not
+    openvla_variant: str = "auto"  # VLA_OPENVLA_VARIANT: auto | openvla | oft
+    oft_chunk_size: int = 0  # VLA_OFT_CHUNK_SIZE / _NUM_IMAGES / _NORMALIZATION: 0 / auto = the checkpoint's
+    oft_num_images: int = 0
+    oft_normalization: str = "auto"
+    fast_max_tokens: int = 0  # VLA_FAST_MAX_TOKENS: pi0-FAST's decode budget; 0 = the checkpoint's
+    fast_temperature: float | None = None  # VLA_FAST_TEMPERATURE; None = the checkpoint's
+    fast_tokenizer_path: str = ""  # VLA_FAST_TOKENIZER_PATH: the FAST tokenizer directory
     compile: bool = False  # VLA_COMPILE: the static-shape compiled path (models/common/static.py)
     batch_size: int = 1  # VLA_BATCH_SIZE: the compiled path warms the buckets up to it
     compile_backend: str = "inductor"  # VLA_COMPILE_BACKEND (models/common/static.py)
@@ -148,6 +161,10 @@ class ModelDescription:
     # besides the current ones (Observation.past_images / past_joint_positions); absent: none.
     image_history: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     state_history: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    # embodiment -> {server camera name: the checkpoint's own name of that camera} in the model's
+    # camera order (GR00T's video keys, e.g. {"base": "ego_view"}): what a transport speaking the
+    # checkpoint's own format (transport/groot_zmq) calls each camera; absent: the server's names.
+    camera_keys: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
 
 @dataclass

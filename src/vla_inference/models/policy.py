@@ -189,6 +189,12 @@ class FlowPolicy(Policy[L], Generic[L, B]):
         """The robot's action dimensions of this sample (the confidence reads those)."""
         return self.model_info.action_dim
 
+    def rtc_prefix(self, sample: PreparedSample) -> rtc.Prefix | None:
+        """The sample's real-time chunking prefix in its own model units. A family whose units
+        depend on the observation (GR00T N1.7's actions relative to the state) re-expresses it here."""
+        prefix: rtc.Prefix | None = sample.rtc
+        return prefix
+
     def eager_sampler(self) -> Sampler[B]:
         return self.loaded.network  # type: ignore[no-any-return]
 
@@ -206,7 +212,7 @@ class FlowPolicy(Policy[L], Generic[L, B]):
         batch = self.collate(samples)
         noise = torch.stack([self.noise(s.seed) for s in samples]).to(self.device)
         horizon, width = self.noise_shape()
-        chunking = rtc.Chunking.stack([s.rtc for s in samples], horizon, width, self.device)
+        chunking = rtc.Chunking.stack([self.rtc_prefix(s) for s in samples], horizon, width, self.device)
         steps = self.num_steps()
         eager = chunking is not None and chunking.needs_backward  # the Jacobian runs eagerly
         if self.static is not None and not eager and self.fits_static(batch):

@@ -37,9 +37,22 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    "pi0": Family("vla_inference.models.pi0.policy:Pi0Policy", kinds=("pi0", "pi05")),
-    "openvla": Family("vla_inference.models.openvla.policy:OpenVLAPolicy", kinds=("openvla",)),
-    "groot": Family("vla_inference.models.groot.policy:GrootPolicy", kinds=("gr00t_n1_5", "groot")),
+    "pi0": Family(
+        "vla_inference.models.pi0.policy:Pi0Policy",
+        kinds=("pi0", "pi05", "pi0_fast"),
+        variants={"pi0_fast": "vla_inference.models.pi0_fast.policy:Pi0FastPolicy"},
+    ),
+    "openvla": Family(
+        "vla_inference.models.openvla.policy:OpenVLAPolicy",
+        kinds=("openvla",),
+        detect="vla_inference.models.openvla.policy:variant_class",  # OpenVLA-OFT
+    ),
+    "groot": Family(
+        "vla_inference.models.groot.policy:GrootPolicy",
+        kinds=("gr00t_n1_5", "groot", "Gr00tN1d7"),
+        variants={"Gr00tN1d7": "vla_inference.models.groot.n17_policy:Groot17Policy"},  # GR00T N1.7
+    ),
+    "smolvla": Family("vla_inference.models.smolvla.policy:SmolVLAPolicy", kinds=("smolvla",)),
 }
 assert set(FAMILIES) == set(MODEL_TYPES), "config.MODEL_TYPES and the registry must agree"
 

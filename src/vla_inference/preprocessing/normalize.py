@@ -19,10 +19,16 @@ What each upstream does with an epsilon, a zero range and clipping (the conventi
               quantile / min_max: scale = range, eps where 0           eps from the processor, 1e-8)
     groot     scale = range; where the range is 0: min_max gives 0,   (GR00T StateActionTransform)
               quantile and mean_std pass x through; quantile clipped
+    groot_n1.7  scale = range; quantile / min_max: 0 where np.isclose(   (GR00T N1.7 StateActionProcessor,
+              high, low) (1e-8 absolute, 1e-5 relative), clipped       gr00t/data/utils.py)
+              (clip_outliers), and the model side clipped to [-1, 1]
+              before the inverse; mean_std: x passed through where
+              std is 0 (both ways), clipped only when `clip` says so
     bounds    q01 / q99 with a mask: scale = range + eps (OpenVLA's      (OpenVLA / OpenVLA-OFT)
               un-normalisation: eps 0; OFT's: 1e-8); dims whose mask is False pass through, then
               the normalised side is clipped (OFT's proprio)
 
+`clip` overrides the convention's clipping of the normalised side (None: the convention's).
 Other modes: sin_cos (n values -> n sines then n cosines; one way only), binary (x > 0.5), identity.
 Dimensions past the statistics (padding) pass through unchanged. Values are computed in float64,
 except under LeRobot's convention: float32, as its torch normaliser (`dtype` overrides).
@@ -48,10 +54,11 @@ MODES = (MEAN_STD, QUANTILE, MIN_MAX, SIN_COS, BINARY, IDENTITY)
 OPENPI = "openpi"
 LEROBOT = "lerobot"
 GROOT = "groot"
+GROOT17 = "groot_n1.7"
 BOUNDS = "bounds"
-CONVENTIONS = (OPENPI, LEROBOT, GROOT, BOUNDS)
+CONVENTIONS = (OPENPI, LEROBOT, GROOT, GROOT17, BOUNDS)
 
-DEFAULT_EPS = {OPENPI: 1e-6, LEROBOT: 1e-8, GROOT: 0.0, BOUNDS: 1e-8}
+DEFAULT_EPS = {OPENPI: 1e-6, LEROBOT: 1e-8, GROOT: 0.0, GROOT17: 0.0, BOUNDS: 1e-8}
 # The statistics each mode reads.
 NEEDED: dict[str, tuple[str, ...]] = {
     MEAN_STD: ("mean", "std"),
@@ -128,6 +135,7 @@ class Normalizer:
     # The arithmetic's precision: LeRobot normalises torch float32 tensors (a value on a pi0.5 / FAST
     # state bin's edge lands in its bin only in float32); the others compute in float64 (numpy).
     dtype: str = ""  # "" = the convention's: float32 for lerobot, float64 otherwise
+    clip: bool | None = None  # clip the normalised side to [-1, 1]; None = the convention's rule
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -162,8 +170,8 @@ class Normalizer:
                 return offset, width + eps, width, k, c
             safe = np.where(width == 0, eps, width)
             return offset, safe, safe, k, c
-        if self.convention == GROOT:
-            return offset, np.where(width == 0, self.precision(1.0), width), width, k, c
+        if self.convention in (GROOT, GROOT17):
+            return offset, np.where(self._degenerate(width), self.precision(1.0), width), width, k, c
         return offset, width + eps, width + eps, k, c  # BOUNDS
 
     def normalize(self, x: np.ndarray) -> np.ndarray:
@@ -178,8 +186,8 @@ class Normalizer:
         n = min(self.size, x.shape[-1])
         offset, scale_in, _, k, c = self._affine
         y = (x[..., :n] - offset[:n]) / scale_in[:n] * self.precision(k) + self.precision(c)
-        if self.convention == GROOT:  # a zero range: min_max gives 0, the others pass x
-            y = np.where(self._zero_range[:n], 0.0 if self.mode == MIN_MAX else x[..., :n], y)
+        if self.convention in (GROOT, GROOT17):  # a zero range: 0, or x passed (_passes_degenerate)
+            y = np.where(self._zero_range[:n], x[..., :n] if self._passes_degenerate else 0.0, y)
         if self.stats.mask is not None:
             y = np.where(self.stats.mask[:n], y, x[..., :n])
         if self._clips:
@@ -197,18 +205,41 @@ class Normalizer:
             return y.copy()
         n = min(self.size, y.shape[-1])
         offset, _, scale_out, k, c = self._affine
-        x = (y[..., :n] - self.precision(c)) / self.precision(k) * scale_out[:n] + offset[:n]
+        part = y[..., :n]
+        if self.convention == GROOT17 and self.mode != MEAN_STD:
+            part = np.clip(part, -1.0, 1.0)  # upstream's unnormalize_values_minmax
+        x = (part - self.precision(c)) / self.precision(k) * scale_out[:n] + offset[:n]
+        if self.convention == GROOT17 and self.mode == MEAN_STD:  # std 0: upstream passes y back
+            x = np.where(self._zero_range[:n], y[..., :n], x)
         if self.stats.mask is not None:
             x = np.where(self.stats.mask[:n], x, y[..., :n])
         return self._rest(y, x, n)
 
     @property
     def _clips(self) -> bool:
+        if self.clip is not None:
+            return self.clip
+        if self.convention == GROOT17:
+            return self.mode != MEAN_STD  # clip_outliers, upstream's default
         return self.convention == BOUNDS or (self.convention == GROOT and self.mode == QUANTILE)
+
+    @property
+    def _passes_degenerate(self) -> bool:
+        """Whether a degenerate dimension passes x through (else it normalises to 0)."""
+        if self.convention == GROOT17:
+            return self.mode == MEAN_STD
+        return self.mode != MIN_MAX
+
+    def _degenerate(self, width: np.ndarray) -> np.ndarray:
+        """Dimensions whose range cannot scale: 0, or for N1.7's min / max np.isclose(high, low)."""
+        if self.convention == GROOT17 and self.mode != MEAN_STD:
+            low_name, high_name, _, _ = _AFFINE[self.mode]
+            return np.isclose(getattr(self.stats, high_name), getattr(self.stats, low_name))
+        return np.asarray(width == 0)
 
     @functools.cached_property
     def _zero_range(self) -> np.ndarray:
-        return np.asarray(self._affine[2] == 0)
+        return self._degenerate(self._affine[2])
 
     def _rest(self, original: np.ndarray, part: np.ndarray, n: int) -> np.ndarray:
         """`part` over the first n dims, then the rest of `original` (the padding) as it is."""

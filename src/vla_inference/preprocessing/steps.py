@@ -1,6 +1,7 @@
 """Preprocessing and postprocessing steps the families compose (openpi's transforms, typed):
 
-    cameras   CameraMap        observation images by name -> the model's camera slots, checked
+    cameras   CameraMap        observation images by name -> the model's camera slots, checked;
+                               camera_roles: a checkpoint's camera names -> the server's names
     images    (per family)     resize / normalise pixels: preprocessing/images.py and the family
     state     StateInput       joint positions -> normalised, zero-padded model state
     prompt    (per family)     instruction (+ state) -> token ids: the family's tokenizer
@@ -94,6 +95,32 @@ class CameraMap:
                 "cameras", f"at least {self.at_least} camera image is required ({', '.join(self.names)})"
             )
         return out
+
+
+BASE_CAMERA = "base"  # the main camera: what Observation.camera_image arrives as
+
+
+def camera_roles(names: Sequence[str]) -> list[str]:
+    """The server's camera name for each of a checkpoint's camera names (short, lower-case), in order.
+
+    The server's camera vocabulary is "base", "left_wrist", "right_wrist" (the transport maps
+    "wrist" to "left_wrist") plus free names. A name naming a wrist or hand camera becomes
+    "right_wrist" when it says right, else "left_wrist"; the first other name is "base"; any
+    other name (or a second one for a taken role) keeps its own (e.g. "exterior_image_2").
+    """
+    base = next((name for name in names if _wrist_side(name) is None), None)
+    roles: list[str] = []
+    for name in names:
+        role = _wrist_side(name) or (BASE_CAMERA if name == base else name)
+        roles.append(name if role in roles else role)
+    return roles
+
+
+def _wrist_side(name: str) -> str | None:
+    """ "right_wrist" / "left_wrist" for a camera name naming a wrist or hand camera, else None."""
+    if "wrist" not in name and "hand" not in name:
+        return None
+    return "right_wrist" if "right" in name else "left_wrist"
 
 
 def check_image(image: np.ndarray, camera: str) -> np.ndarray:

@@ -41,7 +41,7 @@ class Metrics:
         self.requests = Counter(
             "vla_inference_requests",
             "Requests by outcome (gRPC status name; skipped = stale stream observation) and protocol "
-            "(grpc, openpi)",
+            "(grpc, openpi, groot_zmq)",
             ["model", "protocol", "status"],
             registry=r,
         )

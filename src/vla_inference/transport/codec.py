@@ -10,7 +10,7 @@ the model checks once, in prepare (models/base.py); an empty instruction the eng
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -327,7 +327,9 @@ def action_chunk(
     return chunk
 
 
-def model_info_message(info: ModelDescription, settings: Settings) -> pb.ModelInfo:
+def model_info_message(
+    info: ModelDescription, settings: Settings, protocol_ports: Mapping[str, int] | None = None
+) -> pb.ModelInfo:
     return pb.ModelInfo(
         model_name=info.name,
         model_version=info.version,
@@ -353,4 +355,5 @@ def model_info_message(info: ModelDescription, settings: Settings) -> pb.ModelIn
         rtc_default_method=default_method(info.rtc_methods, settings),
         image_history={k: pb.Offsets(offsets=list(v)) for k, v in info.image_history.items() if v},
         state_history={k: pb.Offsets(offsets=list(v)) for k, v in info.state_history.items() if v},
+        protocol_ports=dict(protocol_ports or {}),
     )

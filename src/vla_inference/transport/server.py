@@ -1,6 +1,6 @@
 """Server assembly and lifecycle: gRPC server, health and reflection services, metrics endpoint,
-the optional openpi websocket endpoint (VLA_OPENPI_PORT), model loading, warm-up, signals and
-graceful drain.
+the optional openpi websocket endpoint (VLA_OPENPI_PORT) and GR00T ZeroMQ endpoint (VLA_GROOT_PORT),
+model loading, warm-up, signals and graceful drain.
 
 States: LOADING (port open, health NOT_SERVING) -> SERVING -> DRAINING on SIGTERM/SIGINT
 (health NOT_SERVING, new requests UNAVAILABLE, accepted ones answered within
@@ -30,6 +30,8 @@ from vla_inference.models.registry import create_model
 from vla_inference.telemetry.gpu import GpuMonitor
 from vla_inference.telemetry.metrics import Metrics
 from vla_inference.transport import codec, security, servicer
+from vla_inference.transport.groot_zmq import GrootZmqEndpoint
+from vla_inference.transport.groot_zmq import endpoint as groot_zmq
 from vla_inference.transport.openpi import OpenpiEndpoint
 from vla_inference.transport.openpi import endpoint as openpi
 from vla_inference.transport.servicer import ServerState, VLAInferenceServicer
@@ -67,9 +69,11 @@ class VLAServer:
         self.engine: InferenceEngine | None = None
         self.health = health.aio.HealthServicer()
         self.openpi: OpenpiEndpoint | None = None
+        self.groot_zmq: GrootZmqEndpoint | None = None
         self.port = 0
         self.metrics_port = 0
         self.openpi_port = 0
+        self.groot_port = 0
         self._server: grpc.aio.Server | None = None
         self._watch: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
@@ -85,6 +89,8 @@ class VLAServer:
             _check_port_free("VLA_METRICS_PORT", s.metrics_host, s.metrics_port)
         if s.openpi_port:
             _check_port_free("VLA_OPENPI_PORT", s.host, s.openpi_port)
+        if s.groot_port:
+            _check_port_free("VLA_GROOT_PORT", s.host, s.groot_port)
         server = grpc.aio.server(
             # Without SO_REUSEPORT (gRPC's default turns it on) a second server on the same port fails
             # to bind instead of silently sharing the port with the first.
@@ -115,6 +121,7 @@ class VLAServer:
         if self.port == 0:
             raise bind_error("VLA_GRPC_PORT", self.settings.host, self.settings.grpc_port)
         self._log_exposure()
+        self.state.protocol_ports[servicer.PROTOCOL] = self.port
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
@@ -171,13 +178,19 @@ class VLAServer:
                 lambda: self.state.phase == ServerState.SERVING,
                 on_denied=lambda: self.metrics.count("UNAUTHENTICATED", openpi.PROTOCOL),
             )
-            try:
-                self.openpi_port = await self.openpi.start()
-            except (OSError, RuntimeError) as exc:
-                if _port_problem(s.host, s.openpi_port) is None:
-                    raise
-                raise bind_error("VLA_OPENPI_PORT", s.host, s.openpi_port or 0, exc) from None
+            self.openpi_port = await _open(self.openpi, "VLA_OPENPI_PORT", s.host, s.openpi_port)
             self.metrics.bind_openpi_connections(lambda: float(self.openpi.connections if self.openpi else 0))
+            self.state.protocol_ports[openpi.PROTOCOL] = self.openpi_port
+        if s.groot_port is not None:
+            # Opened once the model serves, like the openpi endpoint: a ping then means SERVING.
+            self.groot_zmq = GrootZmqEndpoint(
+                s,
+                lambda: self.engine,
+                lambda: self.state.phase == ServerState.SERVING,
+                on_denied=lambda: self.metrics.count("UNAUTHENTICATED", groot_zmq.PROTOCOL),
+            )
+            self.groot_port = await _open(self.groot_zmq, "VLA_GROOT_PORT", s.host, s.groot_port)
+            self.state.protocol_ports[groot_zmq.PROTOCOL] = self.groot_port
         log.info("SERVING %s on port %d", info.name, self.port)
 
     def _log_exposure(self) -> None:
@@ -245,6 +258,8 @@ class VLAServer:
             self._watch.cancel()
         if self.openpi is not None:
             await self.openpi.stop()
+        if self.groot_zmq is not None:
+            await self.groot_zmq.stop()
         if stopping is not None:
             await stopping
         if self.engine is not None:
@@ -306,6 +321,16 @@ def _add_service(servicer: VLAInferenceServicer, server: grpc.aio.Server) -> Non
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+async def _open(door: OpenpiEndpoint | GrootZmqEndpoint, setting: str, host: str, port: int | None) -> int:
+    """Start an extra front door; a port that cannot be bound is named with its setting."""
+    try:
+        return await door.start()
+    except (OSError, RuntimeError) as exc:
+        if _port_problem(host, port or 0) is None:
+            raise
+        raise bind_error(setting, host, port or 0, exc) from None
 
 
 def _set_torch_threads(settings: Settings) -> None:

@@ -76,6 +76,7 @@ class ServerState:
     def __init__(self) -> None:
         self.phase = self.LOADING
         self.started = time.monotonic()
+        self.protocol_ports: dict[str, int] = {}  # the front doors that are on (ModelInfo.protocol_ports)
         self._on_drain: set[Callable[[], None]] = set()
 
     def begin_drain(self) -> None:
@@ -251,7 +252,7 @@ class VLAInferenceServicer(pb_grpc.VLAInferenceServicer):
         except NotServing as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, exc.message)
             raise
-        return codec.model_info_message(engine.model_info, self.settings)
+        return codec.model_info_message(engine.model_info, self.settings, self.state.protocol_ports)
 
     async def HealthCheck(self, request: Any, context: grpc.aio.ServicerContext) -> pb.HealthStatus:
         engine = self._engine_ref()

@@ -2,9 +2,9 @@
 time chunking, the loop over the steps, and the confidence each chunk reports.
 
 A family writes one step function on top of `euler_step` (its network's velocity at one time) and
-runs it two ways with the same `integrate` loop: eagerly (dynamic shapes) and, with VLA_COMPILE,
-compiled once per batch bucket (models/common/static.py). `euler_step` never synchronises with the
-host, so torch.compile(fullgraph=True) captures it.
+runs it two ways with the same `integrate` loop: eagerly (dynamic shapes; `integrate_network`)
+and, with VLA_COMPILE, compiled once per batch bucket (models/common/static.py). `euler_step` never
+synchronises with the host, so torch.compile(fullgraph=True) captures it.
 
 Convention (models/rtc.py's): tau = 0 is noise, tau = 1 the action chunk, and the velocity points
 toward the data. A family whose network runs the other way (openpi: t = 1 - tau, v_t = -v) says so
@@ -14,7 +14,7 @@ in its StepTime's `t` and wraps its network call.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -76,6 +76,28 @@ def integrate(
     for time in times:
         x, v = step(x, time)
     return finish(x, chunking), v
+
+
+def integrate_network(
+    network: Any,
+    cache: Any,
+    context: Any,
+    batch: Any,
+    noise: Tensor,
+    steps: int,
+    chunking: rtc.Chunking | None = None,
+) -> tuple[Tensor, Tensor]:
+    """A flow network's eager loop after its prefix: `integrate` over its own `times` and
+    `euler_step(cache, context, batch, x, time, noise, chunking, dt, differentiate)` from `noise`
+    (the network's initial noise), differentiating for rows guided with the Jacobian."""
+    differentiate = chunking is not None and chunking.needs_backward
+
+    def step(x: Tensor, time: StepTime) -> tuple[Tensor, Tensor]:
+        return network.euler_step(  # type: ignore[no-any-return]
+            cache, context, batch, x, time, noise, chunking, 1.0 / steps, differentiate
+        )
+
+    return integrate(step, network.times(noise.shape[0], steps, noise.dtype, noise.device), noise, chunking)
 
 
 def finish(x: Tensor, chunking: rtc.Chunking | None) -> Tensor:

@@ -24,10 +24,10 @@ that choose what is served are read by embodiments.py / data_configs.py.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -37,6 +37,8 @@ from vla_inference.models.common.tokenizers import find_tokenizer as find_file
 from vla_inference.models.common.weights import NameMap, Source, find_weight_files, load_weights, read_json
 from vla_inference.models.groot.action_head import ActionHeadConfig
 from vla_inference.models.groot.model import GR00TN15, SIZES, EagleConfig, GrootConfig
+
+N = TypeVar("N", bound=torch.nn.Module)
 
 MODEL_TYPE = "gr00t_n1_5"
 _EAGLE = "backbone.eagle_model."
@@ -110,6 +112,8 @@ def config_from_json(raw: Mapping[str, Any], eagle: Mapping[str, Any] | None = N
             ),
         ),
     )
+    if not head.use_vlln:  # N1.5 builds the VL adapter only with the vlln (N1.7: when it has layers)
+        head = replace(head, vl_adapter=replace(head.vl_adapter, layers=0))
     cfg = GrootConfig(backbone=backbone, head=head)
     _check_config(cfg, dit_cfg)
     return cfg
@@ -156,15 +160,32 @@ def _eagle_config(backbone: EagleConfig, eagle: Mapping[str, Any]) -> EagleConfi
     )
 
 
-def _check_config(cfg: GrootConfig, dit: Mapping[str, Any]) -> None:
+def head_problems(head: ActionHeadConfig, dit: Mapping[str, Any], version: str) -> list[str]:
+    """What the action head cannot be (N1.5 and N1.7 alike): a DiT with positional embeddings or
+    another norm, widths that do not chain (VL adapter, DiT, its output)."""
     problems = []
-    backbone, head = cfg.backbone, cfg.head
     if dit.get("positional_embeddings") not in (None, ""):
         problems.append(
-            f"diffusion_model_cfg.positional_embeddings={dit['positional_embeddings']!r} (N1.5 uses null)"
+            f"diffusion_model_cfg.positional_embeddings={dit['positional_embeddings']!r} "
+            f"({version} uses null)"
         )
     if dit.get("norm_type", "ada_norm") != "ada_norm":
-        problems.append(f"diffusion_model_cfg.norm_type={dit['norm_type']!r} (N1.5 uses ada_norm)")
+        problems.append(f"diffusion_model_cfg.norm_type={dit['norm_type']!r} ({version} uses ada_norm)")
+    if head.vl_adapter.layers and head.vl_adapter.inner_dim != head.backbone_embedding_dim:
+        problems.append(
+            f"VL adapter width {head.vl_adapter.inner_dim} != backbone_embedding_dim "
+            f"{head.backbone_embedding_dim}"
+        )
+    if head.dit.inner_dim != head.input_embedding_dim:
+        problems.append(f"DiT width {head.dit.inner_dim} != input_embedding_dim {head.input_embedding_dim}")
+    if head.dit.output_dim != head.hidden_size:
+        problems.append(f"DiT output_dim {head.dit.output_dim} != hidden_size {head.hidden_size}")
+    return problems
+
+
+def _check_config(cfg: GrootConfig, dit: Mapping[str, Any]) -> None:
+    backbone, head = cfg.backbone, cfg.head
+    problems = head_problems(head, dit, "N1.5")
     if not 1 <= backbone.select_layer <= backbone.llm.depth:
         problems.append(f"backbone_cfg.select_layer={backbone.select_layer} outside 1..{backbone.llm.depth}")
     if backbone.width != head.backbone_embedding_dim:
@@ -172,13 +193,6 @@ def _check_config(cfg: GrootConfig, dit: Mapping[str, Any]) -> None:
             f"backbone width {backbone.width} != action_head_cfg.backbone_embedding_dim "
             f"{head.backbone_embedding_dim}"
         )
-    if head.use_vlln and head.vl_adapter.inner_dim != head.backbone_embedding_dim:
-        problems.append(
-            f"VL adapter width {head.vl_adapter.inner_dim} != backbone_embedding_dim "
-            f"{head.backbone_embedding_dim}"
-        )
-    if head.dit.inner_dim != head.input_embedding_dim:
-        problems.append(f"DiT width {head.dit.inner_dim} != input_embedding_dim {head.input_embedding_dim}")
     if problems:
         raise ModelLoadError("unsupported GR00T config: " + "; ".join(problems))
 
@@ -212,8 +226,8 @@ def _block_name(rest: str) -> str:
     return rest.replace("attn.", "attn1.", 1)
 
 
-def _head_name(rest: str) -> str:
-    """action_head.<rest> (ours) -> upstream's name below "action_head."."""
+def head_name(rest: str) -> str:
+    """action_head.<rest> (ours) -> upstream's name below "action_head." (N1.5 and N1.7 alike)."""
     if rest.startswith("dit.blocks."):
         _, _, index, inner = rest.split(".", 3)
         return f"model.transformer_blocks.{index}.{_block_name(inner)}"
@@ -235,7 +249,7 @@ def groot_names(cfg: GrootConfig) -> NameMap:
     def sources(name: str, shape: tuple[int, ...]) -> list[Source]:
         head, _, rest = name.partition(".")
         if head == "action_head":
-            return [Source("action_head." + _head_name(rest))]
+            return [Source("action_head." + head_name(rest))]
         part, _, rest = rest.partition(".")  # backbone.<part>.<rest>
         if part == "vision":
             return [s.under(_VISION) for s in vit.hf_siglip_names(rest, shape)]
@@ -257,21 +271,27 @@ def groot_names(cfg: GrootConfig) -> NameMap:
     return NameMap(sources, unused)
 
 
-def load_model(path: Path, cfg: GrootConfig, dtype: torch.dtype, device: str | torch.device) -> GR00TN15:
-    """Build GR00T on `meta` and stream the checkpoint into it (common/weights.py)."""
+def load_network(
+    build: Callable[[], N],
+    path: Path,
+    names: NameMap,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    what: str,
+) -> N:
+    """Build a GR00T network (N1.5 or N1.7) on `meta` and stream the checkpoint into it
+    (common/weights.py)."""
     with torch.device("meta"):
-        model = GR00TN15(cfg)
+        model = build()
     loaded = load_weights(
-        model,
-        find_weight_files(path),
-        groot_names(cfg),
-        device=device,
-        dtype=dtype,
-        where=str(path),
-        what="GR00T N1.5",
+        model, find_weight_files(path), names, device=device, dtype=dtype, where=str(path), what=what
     )
-    assert isinstance(loaded, GR00TN15)
+    assert isinstance(loaded, type(model))
     return loaded
+
+
+def load_model(path: Path, cfg: GrootConfig, dtype: torch.dtype, device: str | torch.device) -> GR00TN15:
+    return load_network(lambda: GR00TN15(cfg), path, groot_names(cfg), dtype, device, "GR00T N1.5")
 
 
 # ----------------------------------------------------------------------------------------------

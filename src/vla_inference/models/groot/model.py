@@ -30,11 +30,15 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from vla_inference.models import rtc
-from vla_inference.models.common import flow
 from vla_inference.models.common.transformer import Decoder, DecoderConfig
 from vla_inference.models.common.vit import VisionTower, ViTConfig
-from vla_inference.models.groot.action_head import ActionHead, ActionHeadConfig, DiTConfig, VLAdapterConfig
+from vla_inference.models.groot.action_head import (
+    ActionHead,
+    ActionHeadConfig,
+    DiTConfig,
+    GrootNetwork,
+    VLAdapterConfig,
+)
 
 STATIC_INSTRUCTION_TOKENS = 64  # VLA_COMPILE: instruction tokens the compiled prompt length allows
 
@@ -221,8 +225,9 @@ class EagleBackbone(nn.Module):
         return hidden if self.eagle_linear is None else self.eagle_linear(hidden)
 
 
-class GR00TN15(nn.Module):
-    """The whole policy network. `sample` is the eager inference entry point."""
+class GR00TN15(GrootNetwork):
+    """The whole policy network: the Eagle backbone and the action head, sampled as the head's
+    GrootNetwork (prefix, euler_step, sample)."""
 
     def __init__(self, cfg: GrootConfig) -> None:
         super().__init__()
@@ -230,83 +235,5 @@ class GR00TN15(nn.Module):
         self.backbone = EagleBackbone(cfg.backbone)
         self.action_head = ActionHead(cfg.head)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.action_head.future_tokens.dtype
-
-    def cross_blocks(self) -> int:
-        """C: the DiT blocks that cross-attend to the backbone features."""
-        dit = self.action_head.dit
-        return sum(not dit.is_self_attention(i) for i in range(self.cfg.head.dit.layers))
-
-    def new_context(self, batch: int, length: int) -> Tensor:
-        """A cache of the cross-attention keys/values (C, 2, B, h, L, d) in the model's dtype."""
-        dit = self.cfg.head.dit
-        like = self.action_head.future_tokens
-        shape = (self.cross_blocks(), 2, batch, dit.heads, length, dit.head_dim)
-        return torch.zeros(shape, dtype=like.dtype, device=like.device)
-
-    # ---- sampling: one context and one Euler step, run eagerly here and compiled in static.py ----
-
-    def prefix(self, batch: GrootBatch, cross_kv: Tensor, check: bool = False) -> Tensor:
-        """Backbone, VL adapter and the DiT's cross-attention keys/values of the batch, written into
-        cross_kv (C, 2, B, h, L, d) in place; returns the state features (B, 1, D) every step
-        shares. No host sync unless `check` (static.py compiles it once per batch bucket)."""
-        features = self.backbone(batch.pixels.to(self.dtype), batch.input_ids, batch.attention_mask, check)
-        vl = self.action_head.process_backbone(features, batch.attention_mask)
-        for i, (k, v) in enumerate(self.action_head.dit.cross_kv(vl)):
-            cross_kv[i, 0].copy_(k)
-            cross_kv[i, 1].copy_(v)
-        return self.action_head.state_encoder(batch.state.to(self.dtype), batch.embodiment_ids)
-
-    def euler_step(
-        self,
-        cross_kv: Tensor,
-        state_features: Tensor,
-        batch: GrootBatch,
-        x: Tensor,
-        time: flow.StepTime,
-        noise: Tensor,
-        chunking: rtc.Chunking | None,
-        dt: float,
-        differentiate: bool = False,
-    ) -> tuple[Tensor, Tensor]:
-        """One Euler step of the flow (models/common/flow.py) through the DiT against the cached
-        cross-attention keys/values, with the batch's real-time chunking. time.tau (B,) = step /
-        steps, time.t (B,) the DiT's time bucket. Returns (x after the step, velocity)."""
-        head = self.action_head
-        kv = [(cross_kv[i, 0], cross_kv[i, 1]) for i in range(cross_kv.shape[0])]
-
-        def velocity(x_in: Tensor) -> Tensor:
-            return head.velocity(kv, batch.attention_mask, state_features, x_in, time.t, batch.embodiment_ids)
-
-        return flow.euler_step(velocity, x, time.tau, dt, noise, chunking, differentiate)
-
-    def times(self, batch: int, steps: int, dtype: torch.dtype, device: torch.device) -> list[flow.StepTime]:
-        """(tau, bucket) (batch,) per step: tau = step / steps in `dtype`, the bucket a long."""
-        head = self.action_head
-        return [
-            flow.StepTime(
-                torch.full((batch,), i / steps, dtype=dtype, device=device),
-                torch.full((batch,), head.time_bucket(steps, i), device=device),
-            )
-            for i in range(steps)
-        ]
-
-    def sample(
-        self, batch: GrootBatch, noise: Tensor, steps: int, chunking: rtc.Chunking | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """Euler integration from noise (tau = 0) to actions (tau = 1), eagerly; returns (actions,
-        the last step's velocity), (B, H, action_dim) each. `chunking`: real-time chunking rows (a
-        batch guided with the Jacobian must run with gradients allowed)."""
-        B, L = batch.input_ids.shape
-        cross_kv = self.new_context(B, L)
-        state_features = self.prefix(batch, cross_kv, check=True)
-        noise = noise.to(self.dtype)
-        differentiate = chunking is not None and chunking.needs_backward
-
-        def step(x: Tensor, time: flow.StepTime) -> tuple[Tensor, Tensor]:
-            args = (cross_kv, state_features, batch, x, time, noise, chunking, 1.0 / steps, differentiate)
-            return self.euler_step(*args)
-
-        return flow.integrate(step, self.times(B, steps, noise.dtype, noise.device), noise, chunking)
+    def features(self, batch: GrootBatch, check: bool) -> Tensor:
+        return self.backbone(batch.pixels.to(self.dtype), batch.input_ids, batch.attention_mask, check)

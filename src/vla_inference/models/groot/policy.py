@@ -50,9 +50,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -71,11 +72,11 @@ from vla_inference.models.groot.model import GR00TN15, STATIC_INSTRUCTION_TOKENS
 from vla_inference.models.groot.static import GrootStatic
 from vla_inference.models.groot.video import frame_to_pixels
 from vla_inference.models.policy import FlowPolicy, Loaded
+from vla_inference.preprocessing import steps
 from vla_inference.preprocessing.steps import CameraMap, CameraSlot, pad_to
 
 DEFAULT_INSTRUCTION = "Perform the default behavior."
 SYSTEM_PROMPT = "You are a helpful assistant."
-BASE_CAMERA = "base"
 log = logging.getLogger(__name__)
 
 
@@ -106,9 +107,37 @@ def prompt_text(instruction: str, num_images: int, tokens_per_image: int) -> str
     )
 
 
-class GrootPolicy(FlowPolicy[GrootLoaded, GrootBatch]):
+L = TypeVar("L", bound=Loaded[Any])
+B = TypeVar("B", bound=tuple[Any, ...])
+C = TypeVar("C")
+
+
+class GrootVersion(FlowPolicy[L, B], Generic[L, B, C]):
+    """What the GR00T versions' policies share (N1.5 below, N1.7 in n17_policy.py): the config, the
+    embodiment lookup, the action head's step count and chunk shape, the width the confidence reads.
+    The loaded state has `embodiments`, each with its `model_action_dim`."""
+
     model_type = "groot"
 
+    @property
+    def config(self) -> C:
+        return self.loaded.network.cfg  # type: ignore[no-any-return]
+
+    def action_width(self, sample: base.PreparedSample) -> int:
+        return int(self.loaded.embodiments[sample.embodiment].model_action_dim)  # type: ignore[attr-defined]
+
+    def embodiment(self, tag: str) -> Any:
+        return self.loaded.embodiments[self.resolve_embodiment(tag)]  # type: ignore[attr-defined]
+
+    def num_steps(self) -> int:
+        return int(self.settings.num_denoise_steps or self.loaded.network.cfg.head.num_inference_timesteps)
+
+    def noise_shape(self) -> tuple[int, int]:
+        head = self.loaded.network.cfg.head
+        return int(head.action_horizon), int(head.action_dim)
+
+
+class GrootPolicy(GrootVersion[GrootLoaded, GrootBatch, GrootConfig]):
     # --- loading ---------------------------------------------------------------------------
 
     def load_checkpoint(self, path: str | None) -> GrootLoaded:
@@ -137,43 +166,24 @@ class GrootPolicy(FlowPolicy[GrootLoaded, GrootBatch]):
         tokenizer = ckpt.load_tokenizer(ckpt.find_tokenizer(where, self.settings.tokenizer_path), cfg)
         network = ckpt.load_model(where, cfg, self.dtype, self.device)
 
-        default = self.settings.norm_stats_key.strip() or next(iter(embodiments))
-        if default not in embodiments:
-            raise base.ModelLoadError(
-                f"VLA_NORM_STATS_KEY={default!r} is not a supported embodiment of {where}; "
-                f"supported: {', '.join(embodiments)}"
-            )
-        first = embodiments[default]
-        cameras: list[str] = []
-        for emb in (first, *embodiments.values()):  # the default's first, then the others'
-            cameras += [role for role, _ in camera_roles(emb) if role not in cameras]
-        description = base.ModelDescription(
-            name=where.name,
-            version="gr00t-n1.5",
-            family="groot",
-            action_dim=first.action_dim,
-            chunk_size=min(self.settings.chunk_size, cfg.action_horizon),
+        description = describe_model(
+            self,
+            where,
+            "gr00t-n1.5",
+            embodiments,
+            {tag: e.video_keys for tag, e in embodiments.items()},
+            rows=cfg.action_horizon,
             horizon=cfg.action_horizon,
-            embodiments=tuple(embodiments),
-            default_embodiment=default,
-            state_dims={tag: e.state_dim for tag, e in embodiments.items()},
-            camera_names=tuple(cameras),
-            image_size=(cfg.image_size, cfg.image_size),
-            decode_size=decode_size(embodiments.values(), cfg.image_size),
-            device=str(self.device),
-            dtype=str(self.dtype).removeprefix("torch."),
-            confidence_definition=flow.CONFIDENCE_DEFINITION,
+            image_size=cfg.image_size,
             description=describe(embodiments.values(), lerobot),
-            state_layouts={tag: e.state_names() for tag, e in embodiments.items()},
-            action_layouts={tag: e.action_names() for tag, e in embodiments.items()},
-            rtc_methods=rtc.FLOW_METHODS,
+            decode_size=decode_size(embodiments.values(), cfg.image_size),
         )
         return GrootLoaded(
             network=network,
             description=description,
             tokenizer=tokenizer,
             embodiments=embodiments,
-            cameras={tag: camera_map(emb) for tag, emb in embodiments.items()},
+            cameras={tag: camera_map(emb.video_keys, tag) for tag, emb in embodiments.items()},
         )
 
     def static_runner(self, loaded: GrootLoaded) -> GrootStatic:
@@ -195,22 +205,6 @@ class GrootPolicy(FlowPolicy[GrootLoaded, GrootBatch]):
         return GrootStatic(
             loaded.network, prompt_len=length, images_per_row=views, backend=self.settings.compile_backend
         )
-
-    @property
-    def config(self) -> GrootConfig:
-        return self.loaded.network.cfg
-
-    def embodiment(self, tag: str) -> Embodiment:
-        return self.loaded.embodiments[self.resolve_embodiment(tag)]
-
-    def num_steps(self) -> int:
-        return self.settings.num_denoise_steps or self.config.head.num_inference_timesteps
-
-    def noise_shape(self) -> tuple[int, int]:
-        return self.config.action_horizon, self.config.action_dim
-
-    def action_width(self, sample: base.PreparedSample) -> int:
-        return self.loaded.embodiments[sample.embodiment].model_action_dim
 
     def warmup_observation(self) -> base.Observation:
         info = self.model_info
@@ -310,46 +304,96 @@ def decode_size(embodiments: Iterable[Embodiment], image_size: int) -> tuple[int
     return width or image_size, height or image_size
 
 
-def camera_map(emb: Embodiment) -> CameraMap:
-    """The embodiment's cameras in data config order (camera_roles), each also taken under its
-    video key, with or without "video."; all required; other cameras are ignored."""
+class ServedEmbodiment(Protocol):
+    """What the model description reads of an embodiment (N1.5's Embodiment, N1.7's Embodiment17)."""
+
+    @property
+    def state_dim(self) -> int: ...
+
+    @property
+    def action_dim(self) -> int: ...
+
+    def state_names(self) -> tuple[str, ...]: ...
+
+    def action_names(self) -> tuple[str, ...]: ...
+
+
+def describe_model(
+    policy: FlowPolicy[Any, Any],
+    where: Path,
+    version: str,
+    embodiments: Mapping[str, ServedEmbodiment],
+    cameras: Mapping[str, Sequence[str]],  # tag -> its video keys
+    *,
+    rows: int | Mapping[str, int],  # actions per chunk before VLA_CHUNK_SIZE (per embodiment)
+    horizon: int,
+    image_size: int,
+    description: str,
+    **extra: Any,
+) -> base.ModelDescription:
+    """The ModelDescription of both GR00T versions: the default embodiment (VLA_NORM_STATS_KEY, else
+    the first) and its cameras first, then the others', the layouts per embodiment."""
+    default = policy.settings.norm_stats_key.strip() or next(iter(embodiments))
+    if default not in embodiments:
+        raise base.ModelLoadError(
+            f"VLA_NORM_STATS_KEY={default!r} is not a supported embodiment of {where}; "
+            f"supported: {', '.join(embodiments)}"
+        )
+    names: list[str] = []
+    for keys in (cameras[default], *cameras.values()):
+        names += [role for role, _ in video_roles(keys) if role not in names]
+    first = embodiments[default]
+    return base.ModelDescription(
+        name=where.name,
+        version=version,
+        family="groot",
+        action_dim=first.action_dim,
+        chunk_size=min(policy.settings.chunk_size, rows if isinstance(rows, int) else rows[default]),
+        horizon=horizon,
+        embodiments=tuple(embodiments),
+        default_embodiment=default,
+        state_dims={tag: e.state_dim for tag, e in embodiments.items()},
+        camera_names=tuple(names),
+        image_size=(image_size, image_size),
+        device=str(policy.device),
+        dtype=str(policy.dtype).removeprefix("torch."),
+        confidence_definition=flow.CONFIDENCE_DEFINITION,
+        description=description,
+        state_layouts={tag: e.state_names() for tag, e in embodiments.items()},
+        action_layouts={tag: e.action_names() for tag, e in embodiments.items()},
+        rtc_methods=rtc.FLOW_METHODS,
+        camera_keys={
+            tag: {role: _short(key) for role, key in video_roles(keys)} for tag, keys in cameras.items()
+        },
+        **extra,
+    )
+
+
+def camera_map(video_keys: Sequence[str], tag: str) -> CameraMap:
+    """An embodiment's cameras in data config order (video_roles), each also taken under its
+    video key, with or without "video."; all required; other cameras are ignored (N1.5 and N1.7)."""
     slots = []
-    for role, key in camera_roles(emb):
+    for role, key in video_roles(video_keys):
         short = _short(key).lower()
         slots.append(CameraSlot(role, aliases=(short, f"video.{short}"), required=True))
-    return CameraMap(tuple(slots), at_least=0, refuse_unknown=False, model=f"embodiment {emb.tag!r}")
+    return CameraMap(tuple(slots), at_least=0, refuse_unknown=False, model=f"embodiment {tag!r}")
 
 
 def _short(key: str) -> str:
     return key.removeprefix("video.")
 
 
-def _wrist_side(name: str) -> str | None:
-    """ "right_wrist" / "left_wrist" for a camera key naming a wrist or hand camera, else None."""
-    if "wrist" not in name and "hand" not in name:
-        return None
-    return "right_wrist" if "right" in name else "left_wrist"
+def video_roles(video_keys: Sequence[str]) -> list[tuple[str, str]]:
+    """(server camera name, video key) per video key, in order: preprocessing/steps.py
+    `camera_roles` of the keys without "video.", lower-case (e.g. "ego_view" -> "base"). A frame
+    may also be sent under the key's own name, with or without "video." (N1.5 and N1.7)."""
+    roles = steps.camera_roles([_short(key).lower() for key in video_keys])
+    return list(zip(roles, video_keys, strict=True))
 
 
 def camera_roles(emb: Embodiment) -> list[tuple[str, str]]:
-    """(server camera name, video key) per video key, in data config order.
-
-    The server's camera vocabulary is "base", "left_wrist", "right_wrist" (the transport maps
-    "wrist" to "left_wrist") plus free names. A key naming a wrist or hand camera becomes
-    "right_wrist" when it says right, else "left_wrist"; the first other key is "base"; any
-    other key (or a second one for a taken role) keeps its own lower-case name (e.g.
-    "exterior_image_2"). A frame may also be sent under the key's own name, with or without
-    "video.".
-    """
-    keys = [_short(key).lower() for key in emb.video_keys]
-    base = next((k for k in keys if _wrist_side(k) is None), None)
-    roles: list[tuple[str, str]] = []
-    for key, short in zip(emb.video_keys, keys, strict=True):
-        role = _wrist_side(short) or (BASE_CAMERA if short == base else short)
-        if role in (r for r, _ in roles):
-            role = short
-        roles.append((role, key))
-    return roles
+    """video_roles of an N1.5 embodiment's video keys, in data config order."""
+    return video_roles(emb.video_keys)
 
 
 def describe(embodiments: Iterable[Embodiment], lerobot: bool) -> str:

@@ -24,13 +24,14 @@ attention-pool head are in the files but never run: they are skipped, not alloca
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
+from torch import nn
 
 from vla_inference.models.base import ModelLoadError
 from vla_inference.models.common import vit
@@ -250,18 +251,21 @@ def read_checkpoint(path: str | Path) -> CheckpointInfo:
     )
 
 
-def load_model(info: CheckpointInfo, device: str | torch.device, dtype: torch.dtype) -> OpenVLA:
-    """Build the model on `meta` and stream the checkpoint's tensors into it (common/weights.py)."""
+M = TypeVar("M", bound=nn.Module)
+
+
+def build_and_load(
+    build: Callable[[], M], files: list[Path], names: NameMap, where: Path, what: str, device: Any, dtype: Any
+) -> M:
+    """build() on `meta`, then the checkpoint's tensors streamed into it (common/weights.py)."""
     with torch.device("meta"):
-        model = OpenVLA(info.config)
-    loaded = load_weights(
-        model,
-        info.weight_files,
-        openvla_names(info.config),
-        device=device,
-        dtype=dtype,
-        where=str(info.path),
-        what="OpenVLA",
+        model = build()
+    return cast(M, load_weights(model, files, names, device=device, dtype=dtype, where=str(where), what=what))
+
+
+def load_model(info: CheckpointInfo, device: str | torch.device, dtype: torch.dtype) -> OpenVLA:
+    """The OpenVLA network with the checkpoint's weights."""
+    cfg = info.config
+    return build_and_load(
+        lambda: OpenVLA(cfg), info.weight_files, openvla_names(cfg), info.path, "OpenVLA", device, dtype
     )
-    assert isinstance(loaded, OpenVLA)
-    return loaded

@@ -14,6 +14,9 @@ by one. checkpoint.py maps our names to the HF checkpoint's and names the towers
 Decoding is one prefill (`prefill`) and one decode step (`decode_step`, one token; its cache
 column a tensor): `generate` runs them eagerly, static.py (VLA_COMPILE) compiles the same two with
 the prompt padded to a fixed length and a KV cache per batch bucket.
+
+`Prismatic` is what OpenVLA shares with OpenVLA-OFT (oft.py): the towers, the projector, the Llama
+decoder, the batch layout and the prefix embedding; `OpenVLA` adds lm_head and greedy decoding.
 """
 
 from __future__ import annotations
@@ -162,9 +165,9 @@ class PrismaticProjector(nn.Module):
 
 
 class OpenVLABatch(NamedTuple):
-    """A batch's prompts laid out for decoding (OpenVLA.layout), every tensor with the rows first."""
+    """A batch's prompts laid out for decoding (Prismatic.layout), every tensor with the rows first."""
 
-    pixels: Tensor  # (B, 6, S, S): DINOv2-normalised then SigLIP-normalised RGB
+    pixels: Tensor  # (B, 6, S, S), or (B, I, 6, S, S) for I images: DINOv2- then SigLIP-normalised RGB
     bos: Tensor  # (B, 1) int64: each prompt's first token
     text: Tensor  # (B, Lt) int64: the prompt after BOS, left-padded (pad_token_id)
     text_valid: Tensor  # (B, Lt) bool
@@ -185,7 +188,16 @@ class DecodeOutput:
     probs: Tensor  # (B, n) float32 softmax probability of each chosen token
 
 
-class OpenVLA(nn.Module):
+def rope_positions(valid: Tensor) -> Tensor:
+    """valid (B, T) bool -> RoPE positions (B, T): each token's count of valid tokens before it, so a
+    row's padding never moves its tokens (padding columns take their neighbour's position)."""
+    return (torch.cumsum(valid.long(), dim=1) - 1).clamp(min=0)
+
+
+class Prismatic(nn.Module):
+    """The Prismatic VLM OpenVLA and OpenVLA-OFT share: the two towers, the projector, the Llama
+    decoder (without lm_head), the layout of a batch's prompts and the prefix embedding."""
+
     def __init__(self, cfg: OpenVLAConfig) -> None:
         super().__init__()
         if cfg.dino.num_patches != cfg.siglip.num_patches:
@@ -193,45 +205,63 @@ class OpenVLA(nn.Module):
                 f"the two towers must yield the same number of patches ({cfg.dino.num_patches} != "
                 f"{cfg.siglip.num_patches}): same image size / patch size grid"
             )
-        self.cfg = cfg
+        self.vla_cfg = cfg
         self.dino = VisionTower(cfg.dino)
         self.siglip = VisionTower(cfg.siglip)
         self.projector = PrismaticProjector(cfg.vision_dim, cfg.llm.width)
         self.llm = Decoder(cfg.llm, vocab_size=cfg.vocab_size)
-        self.lm_head = nn.Linear(cfg.llm.width, cfg.vocab_size, bias=False)
 
     def patch_features(self, pixels: Tensor) -> Tensor:
         """(B, 6, S, S): DINOv2-normalised then SigLIP-normalised -> (B, N, Wd + Ws)."""
         dino, siglip = pixels.split([3, 3], dim=1)
         return torch.cat([self.dino(dino), self.siglip(siglip)], dim=2)
 
+    def image_tokens(self, pixels: Tensor) -> Tensor:
+        """(B, 6, S, S) or (B, I, 6, S, S) -> projected patches (B, I*N, W): both towers on every
+        image (one tower call for all of them), the images' patches in input order."""
+        rows = pixels.shape[0]
+        tokens = self.projector(self.patch_features(pixels.reshape(-1, *pixels.shape[-3:])))  # (B*I, N, W)
+        return tokens.reshape(rows, -1, tokens.shape[-1])
+
     def layout(self, pixels: Tensor, prompts: list[Tensor], width: int | None = None) -> OpenVLABatch:
-        """pixels (B, 6, S, S) and B prompts (L_i,) starting with BOS -> the batch, each prompt's text
-        after BOS left-padded to `width` (default: the longest)."""
-        width = max(int(p.shape[0]) for p in prompts) - 1 if width is None else width
+        """pixels (B, [I,] 6, S, S) and B prompts (L_i,) starting with BOS -> the batch, each prompt's
+        text after BOS left-padded to `width` (default: the longest). Host-side, before the step."""
+        longest = max(int(p.shape[0]) for p in prompts) - 1
+        width = longest if width is None else width
+        if longest > width:
+            raise ValueError(f"a prompt of {longest} tokens after BOS exceeds the {width} columns")
         B = len(prompts)
-        text = torch.full((B, width), self.cfg.pad_token_id, dtype=torch.long)
+        text = torch.full((B, width), self.vla_cfg.pad_token_id, dtype=torch.long)
         text_valid = torch.zeros(B, width, dtype=torch.bool)
         for row, prompt in enumerate(prompts):
             n = int(prompt.shape[0]) - 1
             if n:
                 text[row, width - n :] = prompt[1:]
                 text_valid[row, width - n :] = True
-        bos = torch.stack([p[:1] for p in prompts])
+        bos = torch.stack([p[:1] for p in prompts]).long()
         device = pixels.device
         return OpenVLABatch(pixels, bos.to(device), text.to(device), text_valid.to(device))
 
-    def embed(self, batch: OpenVLABatch) -> tuple[Tensor, Tensor]:
-        """The prefix as the reference builds it, [BOS, patch_1..patch_N, text] per row, here with the
-        rows' padding between the patches and the text: embeddings (B, T0, W), valid (B, T0) with
-        T0 = 1 + N + Lt."""
-        patches = self.projector(self.patch_features(batch.pixels))  # (B, N, W)
+    def embed(self, batch: OpenVLABatch, extra: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The prefix as the reference builds it, [BOS, patch_1..patch_N, (extra,) text] per row, here
+        with the rows' padding between the patches (and `extra` (B, k, W), OFT's proprio token) and
+        the text: embeddings (B, T0, W), valid (B, T0) with T0 = 1 + I*N + k + Lt."""
         embed = self.llm.embed_tokens
-        embeds = torch.cat([embed(batch.bos), patches.to(embed.weight.dtype), embed(batch.text)], dim=1)
-        valid = torch.cat(
-            [batch.text_valid.new_ones(len(batch.bos), 1 + patches.shape[1]), batch.text_valid], 1
-        )
+        dtype = embed.weight.dtype
+        parts = [embed(batch.bos), self.image_tokens(batch.pixels).to(dtype)]  # (B, 1, W), (B, I*N, W)
+        if extra is not None:
+            parts.append(extra.to(dtype))
+        prefix = sum(int(part.shape[1]) for part in parts)
+        embeds = torch.cat([*parts, embed(batch.text)], dim=1)
+        valid = torch.cat([batch.text_valid.new_ones(len(batch.bos), prefix), batch.text_valid], 1)
         return embeds, valid
+
+
+class OpenVLA(Prismatic):
+    def __init__(self, cfg: OpenVLAConfig) -> None:
+        super().__init__(cfg)
+        self.cfg = cfg
+        self.lm_head = nn.Linear(cfg.llm.width, cfg.vocab_size, bias=False)
 
     def greedy(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
         """hidden (B, W) of the last position -> greedy token (B,) and its softmax probability (B,)."""
@@ -246,7 +276,7 @@ class OpenVLA(nn.Module):
         the first greedy token. No host synchronisation: static.py compiles it per batch bucket."""
         embeds, valid = self.embed(batch)  # (B, T0, W), (B, T0)
         B, T0, _ = embeds.shape
-        positions = (torch.cumsum(valid.long(), dim=1) - 1).clamp(min=0)  # RoPE counts valid tokens
+        positions = rope_positions(valid)
         col = torch.arange(T0, device=embeds.device)
         causal = col[:, None] >= col[None, :]
         # Padding queries see themselves too (no empty softmax row); their outputs are never read.
@@ -302,9 +332,11 @@ def decode(
 ) -> DecodeOutput:
     """The decode loop (eager and static alike): prefill, then a step per further token."""
     state = prefill(batch, cache)
-    tokens, probs = [state.token], [state.prob]
+    # Each token is copied out: a compiled step's outputs live in its CUDA graph's memory, which the
+    # next replay overwrites (the state fed back is read by that replay before it writes).
+    tokens, probs = [state.token.clone()], [state.prob.clone()]
     for column in columns[: len(columns) - 1]:
         state = step(cache, state, column)
-        tokens.append(state.token)
-        probs.append(state.prob)
-    return DecodeOutput(tokens=torch.stack(tokens, 1), probs=torch.stack(probs, 1))  # new tensors
+        tokens.append(state.token.clone())
+        probs.append(state.prob.clone())
+    return DecodeOutput(tokens=torch.stack(tokens, 1), probs=torch.stack(probs, 1))

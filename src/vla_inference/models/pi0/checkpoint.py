@@ -48,7 +48,7 @@ __all__ = ["LEROBOT", "OPENPI", "Checkpoint", "EmbodimentNorm", "load", "write_o
 OPENPI = "openpi"  # the checkpoint formats
 LEROBOT = "lerobot"
 
-_PG = "paligemma_with_expert.paligemma."
+_PG = PALIGEMMA = "paligemma_with_expert.paligemma."  # the PaliGemma's names (pi0-FAST's file too)
 _EX = "paligemma_with_expert.gemma_expert."
 _VIS = _PG + "model.vision_tower.vision_model."
 _LM = _PG + "model.language_model."
@@ -63,11 +63,14 @@ TOKENIZER_HELP = (
 )
 
 
-def openpi_names(embed_key: str = EMBED_KEY, prefix: str = "") -> NameMap:
-    """Our parameter names -> the openpi PyTorch names (LeRobot: the same under "model.").
+def openpi_names(embed_key: str = EMBED_KEY, prefix: str = "", lm_head_key: str | None = None) -> NameMap:
+    """Our parameter names -> the openpi PyTorch names (LeRobot: the same under "model."; pi0-FAST's
+    LeRobot file: under "model." with its own LM head).
 
-    `embed_key`: which of the two embedding names fills the token embedding; the other one, and the
-    expert's LM head, are skipped when present."""
+    `embed_key`: which of the two embedding names fills the token embedding; `lm_head_key`: the
+    tensor of a model's own `lm_head` (pi0-FAST as LeRobot saves it), None when it has none. The
+    other PaliGemma names, the expert's LM head and SigLIP's attention-pooling head (in files saved
+    with recent transformers) are skipped when present."""
 
     def sources(name: str, shape: tuple[int, ...]) -> list[Source]:
         head, _, rest = name.partition(".")
@@ -81,12 +84,20 @@ def openpi_names(embed_key: str = EMBED_KEY, prefix: str = "") -> NameMap:
             found = [Source(_LM + rest)]
         elif head == "expert":
             found = [Source(_EX + "model." + rest)]
+        elif name == "lm_head.weight" and lm_head_key is not None:
+            found = [Source(lm_head_key)]
         else:  # the action heads keep their names
             found = [Source(name)]
         return [s.under(prefix) for s in found]
 
-    skipped = {prefix + key for key in (EMBED_KEY, EMBED_ALIAS, EXPERT_LM_HEAD) if key != embed_key}
-    return NameMap(sources, lambda key: key in skipped)
+    used = {embed_key, lm_head_key}
+    skipped = {prefix + key for key in (EMBED_KEY, EMBED_ALIAS, EXPERT_LM_HEAD) if key not in used}
+
+    def unused(key: str) -> bool:
+        vision = prefix + _VIS
+        return key in skipped or (key.startswith(vision) and vit.hf_siglip_unused(key.removeprefix(vision)))
+
+    return NameMap(sources, unused)
 
 
 # --------------------------------------------------------------------------------------------

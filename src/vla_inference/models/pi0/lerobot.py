@@ -44,26 +44,10 @@ PREFIX = "model."
 def _norms(path: Path, config: dict, pi05: bool, norm_stats_key: str) -> dict[str, EmbodimentNorm]:
     """The checkpoint's state and action normalisers (LeRobot's processor files), as one
     embodiment named VLA_NORM_STATS_KEY or "default"; empty when it has no statistics at all."""
-    where = path / "config.json"
-    pre = lr.read_step(path, lr.PREPROCESSOR, lr.NORMALIZER)
-    post = lr.read_step(path, lr.POSTPROCESSOR, lr.UNNORMALIZER)
-    state_stats = pre.stats.get("observation.state") if pre else None
-    action_stats = (post.stats.get("action") if post else None) or (pre.stats.get("action") if pre else None)
-    if state_stats is None and action_stats is None:
+    made = lr.state_and_action(path, config, "QUANTILES" if pi05 else "MEAN_STD")
+    if made is None:
         return {}
-    default = "QUANTILES" if pi05 else "MEAN_STD"
-    source = post or pre
-    eps = source.eps if source is not None else lr.NormalizerStep({}).eps
-    made = {}
-    for label, feature_type, stats, step in (
-        ("observation.state", "STATE", state_stats, pre),
-        ("action", "ACTION", action_stats, post or pre),
-    ):
-        mode = lr.mode(config, step, feature_type, default, where)
-        if stats is None and mode != "identity":
-            raise ModelLoadError(f"{path}: no '{label}' statistics in the normalizer files")
-        made[label] = lr.normalizer(mode, stats, eps, f"{path} {label}")
-    return {norm_stats_key or "default": EmbodimentNorm(made["observation.state"], made["action"])}
+    return {norm_stats_key or "default": EmbodimentNorm(*made)}
 
 
 def load_lerobot(path: Path, *, tokenizer_path: str = "", norm_stats_key: str = "") -> Checkpoint:

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from vla_inference.models import rtc
 from vla_inference.models.common import flow
+from vla_inference.models.common.masks import block_causal_mask, present_slots
 from vla_inference.models.common.transformer import (
     Decoder,
     DecoderConfig,
@@ -200,7 +201,7 @@ SIZES: dict[str, Pi0Config] = {
 
 
 # --------------------------------------------------------------------------------------------
-# pi0's own pieces: adaptive RMSNorm, time embedding, the block-causal mask
+# pi0's own pieces: adaptive RMSNorm, time embedding
 # --------------------------------------------------------------------------------------------
 
 
@@ -254,17 +255,6 @@ def sinusoidal_time_embedding(t: Tensor, dim: int, min_period: float, max_period
     period = min_period * (max_period / min_period) ** fraction
     angle = t.double()[:, None] * (2.0 * math.pi / period)[None, :]
     return torch.cat([angle.sin(), angle.cos()], dim=-1).float()
-
-
-def block_causal_mask(ar: Tensor, pad: Tensor) -> Tensor:
-    """Reference mask rule. ar (B, T) int (1 starts a new block), pad (B, T) bool -> (B, T, T) bool.
-
-    Query i sees key j when cumsum(ar)[j] <= cumsum(ar)[i] and both are valid tokens. Every token
-    also sees itself, so padding rows are never empty (their outputs are never read).
-    """
-    c = torch.cumsum(ar, dim=1)
-    mask = (c[:, None, :] <= c[:, :, None]) & pad[:, None, :] & pad[:, :, None]
-    return mask | torch.eye(ar.shape[1], dtype=torch.bool, device=ar.device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -474,15 +464,7 @@ class Pi0Model(nn.Module):
             cfg.depth, B, cfg.num_kv_heads, self.prefix_length(slots, T), cfg.head_dim, batch.images
         )
         context = self.prefix(batch, cache, slots)
-        noise = self.initial_noise(noise)
-        differentiate = chunking is not None and chunking.needs_backward
-
-        def step(x: Tensor, time: flow.StepTime) -> tuple[Tensor, Tensor]:
-            return self.euler_step(
-                cache, context, batch, x, time, noise, chunking, 1.0 / steps, differentiate
-            )
-
-        return flow.integrate(step, self.times(B, steps, noise.dtype, noise.device), noise, chunking)
+        return flow.integrate_network(self, cache, context, batch, self.initial_noise(noise), steps, chunking)
 
     def masked(self, x: Tensor) -> Tensor:
         """x (..., A) with the action padding past `flow_dims` zeroed (the flow never moves it);
@@ -524,12 +506,6 @@ class Pi0Model(nn.Module):
             [prefix_embs, suffix_embs], block_causal_mask(ar, pad), positions, [None, cond]
         )
         return self.action_out_proj(out[:, -self.cfg.action_horizon :]).float()
-
-
-def present_slots(image_masks: Tensor) -> tuple[int, ...]:
-    """The image slots masked in at least one row (B, N) -> their indices (one host sync): a slot
-    absent from the whole batch contributes no prefix tokens (an exact shortcut)."""
-    return tuple(i for i, there in enumerate(image_masks.any(dim=0).tolist()) if there)
 
 
 def sample_flow_time(batch: int, generator: torch.Generator | None = None) -> Tensor:

@@ -87,11 +87,22 @@ class Pi0Loaded(Loaded[Pi0Model]):
 
 
 def discretize_state(state: np.ndarray) -> np.ndarray:
-    """openpi's pi0.5 rule: np.digitize over 256 equal bins of [-1, 1], minus one.
+    """openpi's pi0.5 and pi0-FAST rule (LeRobot's too): np.digitize over 256 equal bins of [-1, 1],
+    minus one. The state is normalised in the checkpoint's own precision first (LeRobot: float32,
+    where a value on a bin edge lands in the bin above; preprocessing/normalize.py).
 
     Not clipped, as in the reference: values below -1 give -1, values above 1 give 255.
     """
     return np.digitize(state, bins=np.linspace(-1, 1, 256 + 1)[:-1]) - 1
+
+
+def state_prompt(instruction: str, normalized_state: np.ndarray) -> str:
+    """The prompt text of the models that read the state as text (pi0.5, pi0-FAST; openpi and
+    LeRobot alike): "Task: <instruction>, State: <256-bin ids>;\\n", the instruction stripped, its
+    "_" and newlines as spaces (case kept)."""
+    cleaned = instruction.strip().replace("_", " ").replace("\n", " ")
+    bins = " ".join(str(int(v)) for v in discretize_state(np.asarray(normalized_state).reshape(-1)))
+    return f"Task: {cleaned}, State: {bins};\n"
 
 
 def image_to_model_input(image: np.ndarray, size: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -112,14 +123,11 @@ def tokenize_prompt(
     pi0: BOS + instruction + "\\n"; pi0.5: BOS + "Task: <instruction>, State: <bins>;\\nAction: ".
     A prompt longer than the model's max_token_len is refused, not truncated.
     """
-    cleaned = instruction.strip().replace("_", " ").replace("\n", " ")
     if cfg.pi05:
-        state_str = " ".join(
-            str(int(v))
-            for v in discretize_state(normalized_state if normalized_state is not None else np.zeros(0))
-        )
-        ids = tokenizer.encode(f"Task: {cleaned}, State: {state_str};\nAction: ", add_bos=True)
+        state = normalized_state if normalized_state is not None else np.zeros(0)
+        ids = tokenizer.encode(state_prompt(instruction, state) + "Action: ", add_bos=True)
     else:
+        cleaned = instruction.strip().replace("_", " ").replace("\n", " ")
         ids = tokenizer.encode(cleaned, add_bos=True) + tokenizer.encode("\n")
     if len(ids) > cfg.max_token_len:
         raise base.InvalidObservation(

@@ -13,15 +13,13 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from vla_inference.transport.strict_msgpack import DecodeError, refuse_ext, unpackb
+
 MAX_ARRAY_DIMS = 8
 MAX_NESTING = 16
 CONTROL_KEY = "__ctrl__"
 CONTROL_KINDS = ("episode_start", "episode_end")
 _DTYPE = re.compile(r"[<>|=]?[biuf][1-9][0-9]?")
-
-
-class DecodeError(ValueError):
-    """The bytes are not an openpi msgpack message this server accepts."""
 
 
 def _numpy_default(obj: Any) -> Any:
@@ -81,10 +79,6 @@ def _numpy_hook(obj: dict[Any, Any]) -> Any:
     return obj
 
 
-def _refuse_ext(code: int, data: bytes) -> Any:
-    raise DecodeError(f"msgpack extension type {code} is not accepted")
-
-
 def _depth(obj: Any, level: int = 0) -> int:
     if level > MAX_NESTING:
         raise DecodeError(f"the message nests deeper than {MAX_NESTING} levels")
@@ -97,15 +91,7 @@ def _depth(obj: Any, level: int = 0) -> int:
 
 def unpack(data: bytes) -> Any:
     """Decode one message; raises DecodeError with a short reason for anything else."""
-    try:
-        obj = msgpack.unpackb(
-            data, raw=False, strict_map_key=True, object_hook=_numpy_hook, ext_hook=_refuse_ext
-        )
-    except DecodeError:
-        raise
-    except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as exc:
-        reason = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
-        raise DecodeError(f"not a msgpack message ({reason})") from None
+    obj = unpackb(data, _numpy_hook)
     _depth(obj)
     return obj
 
@@ -115,7 +101,7 @@ def control_kind(data: bytes) -> str | None:
     "episode_end", or "ignored" for others; None for anything else. Reads the top-level keys only
     and skips their values, so an observation is not decoded here."""
     unpacker = msgpack.Unpacker(
-        raw=False, strict_map_key=True, ext_hook=_refuse_ext, max_buffer_size=max(1, len(data))
+        raw=False, strict_map_key=True, ext_hook=refuse_ext, max_buffer_size=max(1, len(data))
     )
     unpacker.feed(data)
     try:

@@ -31,7 +31,7 @@ import itertools
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ from vla_inference.engine import (
 )
 from vla_inference.models.base import InvalidObservation, ModelDescription
 from vla_inference.transport import security
+from vla_inference.transport.frontdoor import FrontDoor
 from vla_inference.transport.openpi import codec, layouts
 
 log = logging.getLogger(__name__)
@@ -68,31 +69,18 @@ CLOSE_TIMEOUT_S = 2.0
 _MAX_REASON = 120
 
 
-class OpenpiEndpoint:
+class OpenpiEndpoint(FrontDoor):
     """The websocket server. `start()` binds VLA_HOST:VLA_OPENPI_PORT once the engine serves."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        engine_ref: Callable[[], InferenceEngine | None],
-        serving: Callable[[], bool],
-        on_denied: Callable[[], None] | None = None,
-    ) -> None:
-        self.settings = settings
-        self._engine_ref = engine_ref
-        self._serving = serving
-        self._on_denied = on_denied
-        tokens = settings.auth_token_list()
-        self._tokens = security.TokenChecker(tokens) if tokens else None
-        self._server: Server | None = None
-        self._ids = itertools.count(1)
-        self.port = 0
-        self.connections = 0
+    _server: Server | None = None
+    _ids: Iterator[int]  # connection numbers, from start()
+    connections = 0
 
     # --- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> int:
         s = self.settings
         assert s.openpi_port is not None
+        self._ids = itertools.count(1)
         tls = _ssl_context(s)
         try:
             self._server = await serve(
@@ -145,8 +133,7 @@ class OpenpiEndpoint:
                 return connection.respond(http.HTTPStatus.OK, "OK\n")
             return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "not serving\n")
         if self._tokens is not None and not self._tokens.check(api_key(request.headers)):
-            if self._on_denied is not None:
-                self._on_denied()
+            self._denied()
             return connection.respond(
                 http.HTTPStatus.UNAUTHORIZED,
                 "missing or invalid API key (send the header 'Authorization: Api-Key <token>')\n",

@@ -1,0 +1,1 @@
+"""SmolVLA (LeRobot): the network (`model`) and LeRobot's checkpoint files (`checkpoint`)."""
