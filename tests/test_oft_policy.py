@@ -106,7 +106,9 @@ def test_model_info_reports_what_the_checkpoint_says(policy: OpenVLAOFTPolicy, c
     assert info.default_embodiment == DATASET and info.camera_names == ("base", "left_wrist")
     assert info.rtc_methods == () and "Real-time chunking does not apply" in info.description
     assert "always 1.0" in info.confidence_definition and info.image_size == (224, 224)
-    assert info.decode_size is None  # the evaluation pipeline starts from the full frame
+    # a JPEG twice the model input or larger is decoded at reduced scale (VLA_JPEG_SCALED_DECODE; false:
+    # the full frame, bit-exact with the evaluation pipeline)
+    assert info.decode_size == (224, 224)
 
     short = _policy(checkpoint, chunk_size=3, oft_num_images=1, norm_stats_key=DATASET)
     assert (short.model_info.chunk_size, short.model_info.horizon) == (3, 8)
