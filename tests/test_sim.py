@@ -15,7 +15,7 @@ import torch
 
 from vla_inference.cli import main as cli_main
 from vla_inference.models.pi0.demo import tokenizer_bytes
-from vla_inference.models.pi0.model import SIZES, Pi0Batch
+from vla_inference.models.pi0.model import SIZES
 from vla_inference.sim import demos, robot
 from vla_inference.sim import tasks as mt
 from vla_inference.training import train
@@ -129,13 +129,7 @@ def test_training_loss_falls_on_a_fixed_batch(demo_dir: Path, tokenizer) -> None
     generator = torch.Generator().manual_seed(1)
     noise = torch.randn(batch.actions.shape, generator=generator)
     t = torch.rand(8, generator=generator)
-    inputs = Pi0Batch(
-        images=torch.from_numpy(batch.images),
-        image_masks=torch.from_numpy(batch.image_masks),
-        tokens=torch.from_numpy(batch.tokens),
-        token_masks=torch.from_numpy(batch.token_masks),
-        state=torch.from_numpy(batch.state),
-    )
+    inputs = batch.inputs()
 
     def loss() -> torch.Tensor:
         return state.model.flow_matching_loss(inputs, torch.from_numpy(batch.actions), noise, t).mean()

@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 import simplejpeg
+import torch
 
-from vla_inference.models.pi0.model import Pi0Config
+from vla_inference.models.pi0.model import Pi0Batch, Pi0Config
 from vla_inference.models.pi0.policy import image_to_model_input, tokenize_prompt
 from vla_inference.preprocessing import normalize as nz
 from vla_inference.sim import demos
@@ -30,6 +31,16 @@ class Batch:
     token_masks: np.ndarray  # (B, T) bool
     state: np.ndarray  # (B, A) float32, normalised and zero-padded
     actions: np.ndarray  # (B, H, A) float32, normalised and zero-padded
+
+    def inputs(self) -> Pi0Batch:
+        """The network's inputs (everything but the actions) as tensors sharing this memory."""
+        return Pi0Batch(
+            images=torch.from_numpy(self.images),
+            image_masks=torch.from_numpy(self.image_masks),
+            tokens=torch.from_numpy(self.tokens),
+            token_masks=torch.from_numpy(self.token_masks),
+            state=torch.from_numpy(self.state),
+        )
 
 
 def norm_stats(values: np.ndarray) -> dict[str, list[float]]:

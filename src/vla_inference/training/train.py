@@ -42,7 +42,7 @@ from vla_inference.models.common.init import init_random_weights
 from vla_inference.models.common.weights import load_weights, read_json
 from vla_inference.models.pi0 import checkpoint as ckpt
 from vla_inference.models.pi0.demo import tokenizer_bytes
-from vla_inference.models.pi0.model import Pi0Batch, Pi0Config, Pi0Model, build, sample_flow_time
+from vla_inference.models.pi0.model import Pi0Config, Pi0Model, build, sample_flow_time
 from vla_inference.sim import tasks as mt
 from vla_inference.training.dataset import DemoDataset
 
@@ -138,14 +138,7 @@ def train_step(state: TrainState, data: DemoDataset, batch_size: int) -> float:
     actions = torch.from_numpy(batch.actions)
     noise = torch.randn(actions.shape, generator=state.generator)
     t = sample_flow_time(batch_size, state.generator)
-    inputs = Pi0Batch(
-        images=torch.from_numpy(batch.images),
-        image_masks=torch.from_numpy(batch.image_masks),
-        tokens=torch.from_numpy(batch.tokens),
-        token_masks=torch.from_numpy(batch.token_masks),
-        state=torch.from_numpy(batch.state),
-    )
-    errors = model.flow_matching_loss(inputs, actions, noise, t)
+    errors = model.flow_matching_loss(batch.inputs(), actions, noise, t)
     loss = errors[..., : model.cfg.flow_dims or None].mean()  # the padding's target is 0 and learnt
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
