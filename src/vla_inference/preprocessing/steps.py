@@ -182,8 +182,3 @@ class ActionOutput:
         """(N, dims) robot units -> (N, width) model units, zero-padded."""
         normalized = actions if self.normalizer is None else self.normalizer.normalize(actions)
         return pad_to(np.asarray(normalized, np.float32), self.width)
-
-
-def stack_rows(rows: Sequence[np.ndarray]) -> np.ndarray:
-    """Samples' arrays of one shape -> one (B, ...) array."""
-    return np.stack(list(rows))

@@ -36,11 +36,6 @@ class StepTime(NamedTuple):
     t: Tensor  # (B,) the same time as the family's network reads it (openpi: 1 - tau; GR00T: a bucket)
 
 
-def step_time(x: Tensor, step: int, steps: int) -> Tensor:
-    """tau (B,) = step / steps in x's dtype."""
-    return torch.full((x.shape[0],), step / steps, dtype=x.dtype, device=x.device)
-
-
 def euler_step(
     velocity: Callable[[Tensor], Tensor],
     x: Tensor,
